@@ -1,0 +1,221 @@
+//! A loaded app version and the request path: a fresh store and instance for every request.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::WasiCtx;
+use wasmtime_wasi_http::WasiHttpCtx;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use crate::guest_log::{GuestLog, Stream};
+use crate::host::{Egress, Host};
+use crate::runtime::Shared;
+use crate::{AppSettings, HandleError, Version};
+
+/// One version of one app, compiled and pre-instantiated. Cheap to clone.
+///
+/// Every call to [`App::handle`] instantiates the component afresh from the pooling allocator,
+/// so no state survives from one request to the next.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    version: Version,
+    pre: ProxyPre<Host>,
+    settings: AppSettings,
+    allowed_hosts: Arc<[String]>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("name", &self.inner.name)
+            .field("version", &self.inner.version)
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        name: &str,
+        version: Version,
+        pre: ProxyPre<Host>,
+        settings: AppSettings,
+    ) -> App {
+        let allowed_hosts = settings.allowed_hosts.clone().into();
+        App { inner: Arc::new(Inner { shared, name: name.into(), version, pre, settings, allowed_hosts }) }
+    }
+
+    /// The app's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The content hash of the component this app runs.
+    pub fn version(&self) -> &Version {
+        &self.inner.version
+    }
+
+    /// The settings the app was loaded with.
+    pub fn settings(&self) -> &AppSettings {
+        &self.inner.settings
+    }
+
+    /// Serves one request with a fresh instance of the handler.
+    ///
+    /// The request body is read (up to the app's cap) before the guest starts, so a slow client
+    /// never holds an instance. The response body is collected (up to its cap) within the app's
+    /// deadline. `request_id` tags the guest's log lines.
+    pub async fn handle<B>(
+        &self,
+        request: http::Request<B>,
+        request_id: &str,
+    ) -> Result<http::Response<Bytes>, HandleError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let limits = &self.inner.settings.limits;
+        let (parts, body) = request.into_parts();
+        let too_large = HandleError::RequestBodyTooLarge { limit: limits.max_request_body };
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limits.max_request_body as u64) {
+            return Err(too_large);
+        }
+        let body = match Limited::new(body, limits.max_request_body).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large),
+            Err(e) => return Err(HandleError::RequestBody(e.to_string())),
+        };
+        let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
+        let deadline = limits.deadline;
+        match tokio::time::timeout(deadline, self.run(request, request_id)).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(HandleError::Deadline { deadline }),
+        }
+    }
+
+    async fn run(
+        &self,
+        request: http::Request<http_body_util::Full<Bytes>>,
+        request_id: &str,
+    ) -> Result<http::Response<Bytes>, HandleError> {
+        let inner = &*self.inner;
+        let limits = &inner.settings.limits;
+        let request_id: Arc<str> = request_id.into();
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(&inner.shared.config.guest_env)
+            .stdout(GuestLog::new(inner.name.clone(), request_id.clone(), Stream::Stdout))
+            .stderr(GuestLog::new(inner.name.clone(), request_id, Stream::Stderr))
+            .allow_tcp(false)
+            .allow_udp(false);
+        let host = Host {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).build(),
+            egress: Egress { allowed_hosts: inner.allowed_hosts.clone() },
+        };
+        let mut store = Store::new(&inner.shared.engine, host);
+        store.limiter(|host| &mut host.limits);
+        let ticks = deadline_ticks(limits.deadline, inner.shared.config.epoch_tick);
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, request);
+        let outparam = store.data_mut().http().new_response_outparam(sender);
+        let (incoming, outparam) = match (incoming, outparam) {
+            (Ok(i), Ok(o)) => (i, o),
+            (Err(e), _) | (_, Err(e)) => return Err(HandleError::Internal(format!("{e:#}"))),
+        };
+
+        // The guest owns the store: when it returns or traps the store is dropped, which drops
+        // the response outparam and so ends `response` below if no response was sent.
+        let pre = inner.pre.clone();
+        let guest = async move {
+            let proxy = pre.instantiate_async(&mut store).await.map_err(instantiate_error)?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, incoming, outparam)
+                .await
+                .map_err(|e| guest_error(e, limits.deadline))
+        };
+        let max_body = limits.max_response_body;
+        let response = async move {
+            let response = match receiver.await {
+                Ok(Ok(response)) => response,
+                Ok(Err(code)) => return Err(HandleError::GuestError(format!("{code:?}"))),
+                Err(_) => return Err(HandleError::NoResponse),
+            };
+            let (parts, body) = response.into_parts();
+            match Limited::new(body, max_body).collect().await {
+                Ok(collected) => Ok(http::Response::from_parts(parts, collected.to_bytes())),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    Err(HandleError::ResponseBodyTooLarge { limit: max_body })
+                }
+                Err(e) => Err(HandleError::GuestError(format!("response body failed: {e}"))),
+            }
+        };
+        // Both halves run in this task: the guest writes the body while we read it. Whichever
+        // ends first decides; a guest failure is the better explanation of a missing response.
+        tokio::pin!(guest, response);
+        tokio::select! {
+            biased;
+            guest_result = &mut guest => match guest_result {
+                Err(e) => Err(e),
+                Ok(()) => response.await,
+            },
+            response_result = &mut response => response_result,
+        }
+    }
+}
+
+fn deadline_ticks(deadline: std::time::Duration, tick: std::time::Duration) -> u64 {
+    (deadline.as_nanos().div_ceil(tick.as_nanos().max(1))).max(1) as u64
+}
+
+fn instantiate_error(e: wasmtime::Error) -> HandleError {
+    // The pooling allocator reports exhaustion as a `PoolConcurrencyLimitError`.
+    if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+        HandleError::AtCapacity
+    } else {
+        HandleError::Trap(format!("instantiation failed: {e:#}"))
+    }
+}
+
+fn guest_error(e: wasmtime::Error, deadline: std::time::Duration) -> HandleError {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => HandleError::Deadline { deadline },
+        _ => HandleError::Trap(format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn deadline_rounds_up_to_whole_ticks() {
+        let tick = Duration::from_millis(10);
+        assert_eq!(deadline_ticks(Duration::from_millis(100), tick), 10);
+        assert_eq!(deadline_ticks(Duration::from_millis(101), tick), 11);
+        assert_eq!(deadline_ticks(Duration::from_millis(1), tick), 1);
+        assert_eq!(deadline_ticks(Duration::ZERO, tick), 1);
+    }
+}

@@ -1,0 +1,85 @@
+//! Hostile guests fail only their own request, with the documented status.
+
+use super::*;
+
+#[tokio::test]
+async fn looping_guest_hits_the_deadline_and_the_next_request_is_served() {
+    let rt = runtime();
+    let app = load(&rt, atoll_test_guests::PROBE, quick_limits());
+    let err = get(&app, "/loop").await.expect_err("loop cannot finish");
+    assert!(matches!(err, HandleError::Deadline { .. }), "{err:?}");
+    assert_eq!(err.status(), 504);
+    assert_eq!(get(&app, "/static").await.expect("served"), (200, "1\n".into()));
+}
+
+#[tokio::test]
+async fn sleeping_guest_hits_the_deadline() {
+    let rt = runtime();
+    let app = load(&rt, atoll_test_guests::PROBE, quick_limits());
+    let err = get(&app, "/sleep?ms=60000").await.expect_err("sleep outlasts deadline");
+    assert_eq!(err.status(), 504, "{err:?}");
+}
+
+#[tokio::test]
+async fn trapping_guest_gets_500_and_the_next_request_is_served() {
+    let rt = runtime();
+    let app = load(&rt, atoll_test_guests::PROBE, quick_limits());
+    let err = get(&app, "/trap").await.expect_err("trap");
+    assert!(matches!(err, HandleError::Trap(_)), "{err:?}");
+    assert_eq!(err.status(), 500);
+    assert_eq!(get(&app, "/static").await.expect("served").0, 200);
+}
+
+#[tokio::test]
+async fn memory_hungry_guest_is_capped() {
+    let rt = runtime();
+    let app = load(&rt, atoll_test_guests::PROBE, quick_limits());
+    let err = get(&app, "/oom").await.expect_err("cannot allocate forever");
+    assert!(matches!(err, HandleError::Trap(_)), "{err:?}");
+    assert_eq!(get(&app, "/static").await.expect("served").0, 200);
+}
+
+#[tokio::test]
+async fn oversized_request_body_is_refused_before_the_guest_runs() {
+    let rt = runtime();
+    let mut settings = quick_limits();
+    settings.limits.max_request_body = 1024;
+    let app = load(&rt, atoll_test_guests::PROBE, settings);
+    let request = http::Request::post("http://example.com/echo")
+        .body(http_body_util::Full::new(Bytes::from(vec![0u8; 1025])))
+        .expect("valid request");
+    let err = app.handle(request, "r").await.expect_err("too large");
+    assert!(matches!(err, HandleError::RequestBodyTooLarge { limit: 1024 }), "{err:?}");
+    assert_eq!(err.status(), 413);
+}
+
+#[tokio::test]
+async fn oversized_response_body_is_an_error() {
+    let rt = runtime();
+    let mut settings = quick_limits();
+    settings.limits.max_response_body = 1000;
+    let app = load(&rt, atoll_test_guests::PROBE, settings);
+    assert_eq!(get(&app, "/big?bytes=1000").await.expect("at the cap").1.len(), 1000);
+    let err = get(&app, "/big?bytes=1001").await.expect_err("over the cap");
+    assert!(matches!(err, HandleError::ResponseBodyTooLarge { limit: 1000 }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_full_pool_answers_at_capacity_not_a_crash() {
+    let rt = Runtime::new(RuntimeConfig { max_instances: 1, ..RuntimeConfig::default() }).expect("runtime");
+    let app = load(&rt, atoll_test_guests::PROBE, quick_limits());
+    let slow = {
+        let app = app.clone();
+        tokio::spawn(async move { get(&app, "/sleep?ms=300").await })
+    };
+    // Poll until the slow request holds the only slot, then expect AtCapacity.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match get(&app, "/static").await {
+            Err(HandleError::AtCapacity) => break,
+            Ok(_) if std::time::Instant::now() < deadline => tokio::task::yield_now().await,
+            other => panic!("expected AtCapacity while the slot is held, got {other:?}"),
+        }
+    }
+    assert_eq!(slow.await.expect("joined").expect("slow request served").0, 200);
+}
