@@ -1,0 +1,138 @@
+//! The admin API's client side: `atoll deploy`, `atoll apps`, `atoll delete`.
+//!
+//! A refusal from the site is printed as the site's reason (`{"error": ...}`), not as a trace.
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::{ClientArgs, DeleteArgs, DeployArgs};
+
+#[derive(Debug, Deserialize)]
+struct AppInfo {
+    name: String,
+    version: String,
+    size: u64,
+    uploaded_at: String,
+}
+
+struct Site {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Site {
+    fn new(args: &ClientArgs) -> Site {
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        Site { base: args.site.trim_end_matches('/').to_owned(), token: args.token.clone(), agent }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(token) => request.header("authorization", format!("Bearer {token}")),
+            None => request,
+        }
+    }
+
+    /// Turns a response into its body, or an error carrying the site's reason.
+    fn check(&self, what: &str, response: Result<http::Response<ureq::Body>, ureq::Error>) -> Result<String> {
+        let mut response = response.with_context(|| format!("cannot reach the site at {}", self.base))?;
+        let status = response.status();
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        if status.is_success() {
+            return Ok(body);
+        }
+        let reason = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+            .unwrap_or(body);
+        bail!("{what} failed: the site answered {status}: {reason}")
+    }
+}
+
+pub fn deploy(args: &DeployArgs) -> Result<()> {
+    let wasm = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let site = Site::new(&args.client);
+    let mut request = site.agent.put(site.url(&format!("/_atoll/apps/{}", args.app)));
+    if let Some(ms) = args.deadline_ms {
+        request = request.query("deadline_ms", ms.to_string());
+    }
+    if let Some(mb) = args.memory_mb {
+        request = request.query("memory_mb", mb.to_string());
+    }
+    if !args.allow_hosts.is_empty() {
+        request = request.query("allow_hosts", args.allow_hosts.join(","));
+    }
+    // With `Expect: 100-continue` a refusal (401, 413) arrives before the component is sent.
+    let request =
+        site.auth(request).header("content-type", "application/wasm").header("expect", "100-continue");
+    let body = site.check("deploy", request.send(&wasm[..]))?;
+    let info: AppInfo = serde_json::from_str(&body).context("unexpected answer from the site")?;
+    println!("deployed {} version {} ({} bytes) to {}", info.name, info.version, info.size, site.base);
+    for url in app_urls(&site.base, &info.name) {
+        println!("  curl {url}");
+    }
+    Ok(())
+}
+
+/// The ways to call `app` on the site at `base`: by path, and by Host.
+fn app_urls(base: &str, app: &str) -> Vec<String> {
+    let mut urls = vec![format!("{base}/apps/{app}/")];
+    if let Some((scheme, authority)) = base.split_once("://") {
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h, format!(":{p}")),
+            _ => (authority, String::new()),
+        };
+        let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[');
+        if local {
+            urls.push(format!("-H 'Host: {app}.localhost' {base}/"));
+        } else {
+            urls.push(format!("{scheme}://{app}.{host}{port}/"));
+        }
+    }
+    urls
+}
+
+pub fn apps(args: &ClientArgs) -> Result<()> {
+    let site = Site::new(args);
+    let body = site.check("listing apps", site.auth(site.agent.get(site.url("/_atoll/apps"))).call())?;
+    let apps: Vec<AppInfo> = serde_json::from_str(&body).context("unexpected answer from the site")?;
+    if apps.is_empty() {
+        println!("no apps deployed on {}", site.base);
+        return Ok(());
+    }
+    println!("{:<24} {:<64} {:>10}  UPLOADED", "NAME", "VERSION", "SIZE");
+    for app in apps {
+        println!("{:<24} {:<64} {:>10}  {}", app.name, app.version, app.size, app.uploaded_at);
+    }
+    Ok(())
+}
+
+pub fn delete(args: &DeleteArgs) -> Result<()> {
+    let site = Site::new(&args.client);
+    let url = site.url(&format!("/_atoll/apps/{}", args.app));
+    site.check("delete", site.auth(site.agent.delete(url)).call())?;
+    println!("deleted {} from {}", args.app, site.base);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_for_local_and_named_sites() {
+        assert_eq!(
+            app_urls("http://127.0.0.1:8080", "hello"),
+            ["http://127.0.0.1:8080/apps/hello/", "-H 'Host: hello.localhost' http://127.0.0.1:8080/"]
+        );
+        assert_eq!(
+            app_urls("https://edge.example.com", "hello"),
+            ["https://edge.example.com/apps/hello/", "https://hello.edge.example.com/"]
+        );
+    }
+}

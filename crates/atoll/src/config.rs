@@ -1,0 +1,140 @@
+//! The TOML configuration file of `atoll site` (`--config FILE`). Every field is optional;
+//! unknown fields are errors naming the field. See `examples/site.toml` for a commented example.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use atoll_runtime::{Limits, RuntimeConfig};
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[limits]`: the defaults of every app, which a deploy may override per app.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub deadline_ms: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub max_request_body_bytes: Option<u64>,
+    pub max_response_body_bytes: Option<u64>,
+}
+
+/// `[runtime]`: the instance pool.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    pub max_instances: Option<u32>,
+    pub max_memory_mb: Option<u64>,
+}
+
+/// `[admin]`: the admin API.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub max_upload_bytes: Option<u64>,
+}
+
+/// The default cap on an uploaded component.
+pub const DEFAULT_MAX_UPLOAD: u64 = 50 << 20;
+
+impl FileConfig {
+    /// Reads `path`, or the defaults when there is none.
+    pub fn load(path: Option<&Path>) -> Result<FileConfig> {
+        let Some(path) = path else { return Ok(FileConfig::default()) };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let config: FileConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("limits.deadline_ms", self.limits.deadline_ms),
+            ("limits.memory_mb", self.limits.memory_mb),
+            ("runtime.max_instances", self.runtime.max_instances.map(u64::from)),
+            ("runtime.max_memory_mb", self.runtime.max_memory_mb),
+            ("admin.max_upload_bytes", self.admin.max_upload_bytes),
+        ];
+        for (field, value) in positive {
+            if value == Some(0) {
+                bail!("config field {field} must be greater than 0");
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-app limits every app starts from.
+    pub fn default_limits(&self) -> Limits {
+        let base = Limits::default();
+        let l = &self.limits;
+        Limits {
+            deadline: l.deadline_ms.map(Duration::from_millis).unwrap_or(base.deadline),
+            max_memory_bytes: l.memory_mb.map(|mb| (mb << 20) as usize).unwrap_or(base.max_memory_bytes),
+            max_request_body: l.max_request_body_bytes.map(|b| b as usize).unwrap_or(base.max_request_body),
+            max_response_body: l
+                .max_response_body_bytes
+                .map(|b| b as usize)
+                .unwrap_or(base.max_response_body),
+        }
+    }
+
+    /// The runtime configuration, before the site adds its identity and cache dir.
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        let base = RuntimeConfig::default();
+        RuntimeConfig {
+            max_instances: self.runtime.max_instances.unwrap_or(base.max_instances),
+            max_memory_bytes: self
+                .runtime
+                .max_memory_mb
+                .map(|mb| (mb << 20) as usize)
+                .unwrap_or(base.max_memory_bytes),
+            ..base
+        }
+    }
+
+    /// The cap on uploads.
+    pub fn max_upload(&self) -> u64 {
+        self.admin.max_upload_bytes.unwrap_or(DEFAULT_MAX_UPLOAD)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = toml::from_str::<FileConfig>("[limits]\ndeadline = 5\n").expect_err("unknown field");
+        assert!(err.to_string().contains("deadline"), "{err}");
+    }
+
+    #[test]
+    fn zero_is_invalid_and_named() {
+        let config: FileConfig = toml::from_str("[runtime]\nmax_instances = 0\n").expect("parses");
+        let err = config.validate().expect_err("zero");
+        assert!(err.to_string().contains("runtime.max_instances"), "{err}");
+    }
+
+    #[test]
+    fn fields_override_defaults() {
+        let config: FileConfig =
+            toml::from_str("[limits]\ndeadline_ms = 250\nmemory_mb = 8\n").expect("parses");
+        let limits = config.default_limits();
+        assert_eq!(limits.deadline, Duration::from_millis(250));
+        assert_eq!(limits.max_memory_bytes, 8 << 20);
+        assert_eq!(limits.max_request_body, Limits::default().max_request_body);
+    }
+}

@@ -1,0 +1,144 @@
+//! `atoll`: run an edge site, deploy handlers to it, list them.
+//!
+//! `atoll site` is the server; `deploy`, `apps` and `delete` are clients of a site's admin API.
+
+mod client;
+mod config;
+mod registry;
+mod site;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+/// Atoll: WebAssembly HTTP handlers at every edge site, with replicated state.
+#[derive(Debug, Parser)]
+#[command(name = "atoll", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one site: serve deployed apps and the admin API.
+    Site(SiteArgs),
+    /// Upload a component as the new version of an app.
+    Deploy(DeployArgs),
+    /// List the apps deployed on a site.
+    Apps(ClientArgs),
+    /// Remove an app from a site.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+struct SiteArgs {
+    /// This site's name, unique among the sites (shown in `x-atoll-site`).
+    #[arg(long)]
+    name: String,
+    /// The region this site runs in (for example us-east).
+    #[arg(long)]
+    region: String,
+    /// Address to listen on; port 0 picks a free port (printed on the first line of stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for this site's data (app registry, compiled components).
+    #[arg(long)]
+    data: PathBuf,
+    /// TOML configuration file (limits, instance pool, admin settings).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve the admin API without a token when ATOLL_ADMIN_TOKEN is unset. Local development only.
+    #[arg(long)]
+    insecure_dev: bool,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The site's base URL, for example http://127.0.0.1:8080.
+    #[arg(long)]
+    site: String,
+    /// The admin token (default: $ATOLL_ADMIN_TOKEN).
+    #[arg(long, env = "ATOLL_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DeployArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The app's name: lowercase letters, digits and '-'.
+    #[arg(long)]
+    app: String,
+    /// The component (.wasm) to upload.
+    file: PathBuf,
+    /// Request deadline in milliseconds (default: the site's).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Linear memory cap in MiB (default: the site's).
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// Host (or host:port) the handler may call over wasi:http; repeat for more.
+    #[arg(long = "allow-host")]
+    allow_hosts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The app to remove.
+    #[arg(long)]
+    app: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Site(args) => run_site(args),
+        Command::Deploy(args) => client::deploy(&args),
+        Command::Apps(args) => client::apps(&args),
+        Command::Delete(args) => client::delete(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn run_site(args: SiteArgs) -> Result<()> {
+    let admin_token = std::env::var("ATOLL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    if admin_token.is_none() && !args.insecure_dev {
+        bail!(
+            "ATOLL_ADMIN_TOKEN is not set: the admin API needs a bearer token. Set it, or pass \
+             --insecure-dev to run without one on a development machine"
+        );
+    }
+    let config = config::FileConfig::load(args.config.as_deref())?;
+    let options = site::SiteOptions {
+        name: args.name,
+        region: args.region,
+        listen: args.listen,
+        data: args.data,
+        config,
+        admin_token,
+    };
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(site::run(options))
+}

@@ -1,0 +1,333 @@
+//! The admin API under `/_atoll/`: health (open), and apps (bearer token).
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/_atoll/health` | 200 `{status, site, region, apps}` |
+//! | GET | `/_atoll/apps` | 200 `[AppInfo]` |
+//! | GET | `/_atoll/apps/NAME` | 200 `AppInfo`, 404 |
+//! | PUT | `/_atoll/apps/NAME?deadline_ms=&memory_mb=&max_request_body_bytes=&max_response_body_bytes=&allow_hosts=a,b` | 201 `AppInfo` (body: the component) |
+//! | DELETE | `/_atoll/apps/NAME` | 204, 404 |
+//!
+//! Errors are `{"error": "reason"}` with 400 (bad component or parameter), 401 (token),
+//! 404, 413 (upload too large) or 500.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use atoll_runtime::{AppSettings, Version};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http_body_util::{BodyExt, Limited};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{Deployed, Site};
+use crate::registry::{AppRecord, StoredSettings};
+
+pub(super) fn routes() -> axum::Router<Arc<Site>> {
+    axum::Router::new()
+        .route("/_atoll/health", get(health))
+        .route("/_atoll/apps", get(list_apps))
+        .route("/_atoll/apps/{name}", get(get_app).put(upload).delete(delete_app))
+        .route("/_atoll/{*rest}", axum::routing::any(unknown))
+}
+
+/// An admin API error: a status and a reason for the person at the other end.
+#[derive(Debug)]
+pub(crate) struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, reason: impl Into<String>) -> ApiError {
+        ApiError(status, reason.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        tracing::error!("admin request failed: {e:#}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time (over SHA-256 digests, so neither
+/// the content nor the length of the token leaks through timing).
+fn authorize(site: &Site, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &site.admin_token else { return Ok(()) };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let matches: bool = Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())).into();
+    if given.is_empty() {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing admin token: send Authorization: Bearer $ATOLL_ADMIN_TOKEN",
+        ))
+    } else if !matches {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token"))
+    } else {
+        Ok(())
+    }
+}
+
+/// App names are DNS labels, so that `NAME.<domain>` routing works for every app.
+pub(crate) fn validate_name(name: &str) -> Result<(), ApiError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid app name {name:?}: use 1-63 lowercase letters, digits and '-', not at either end"
+            ),
+        ))
+    }
+}
+
+#[derive(Serialize)]
+struct Health<'a> {
+    status: &'static str,
+    site: &'a str,
+    region: &'a str,
+    apps: usize,
+}
+
+async fn health(State(site): State<Arc<Site>>) -> Response {
+    let apps = site.apps.read().unwrap_or_else(|e| e.into_inner()).len();
+    Json(Health { status: "ok", site: &site.name, region: &site.region, apps }).into_response()
+}
+
+/// What the admin API says about an app.
+#[derive(Serialize)]
+pub(crate) struct AppInfo {
+    name: String,
+    version: String,
+    size: u64,
+    uploaded_at: String,
+    settings: StoredSettings,
+}
+
+impl AppInfo {
+    fn new(name: &str, record: &AppRecord) -> AppInfo {
+        let at = UNIX_EPOCH + Duration::from_millis(record.uploaded_at_ms);
+        AppInfo {
+            name: name.to_owned(),
+            version: record.version.clone(),
+            size: record.size,
+            uploaded_at: humantime::format_rfc3339_millis(at).to_string(),
+            settings: record.settings.clone(),
+        }
+    }
+}
+
+async fn list_apps(State(site): State<Arc<Site>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&site, &headers)?;
+    let apps = site.apps.read().unwrap_or_else(|e| e.into_inner());
+    let mut list: Vec<AppInfo> = apps.iter().map(|(name, d)| AppInfo::new(name, &d.record)).collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(list).into_response())
+}
+
+async fn get_app(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&site, &headers)?;
+    let apps = site.apps.read().unwrap_or_else(|e| e.into_inner());
+    let deployed = apps.get(&name).ok_or_else(|| no_such_app(&name))?;
+    Ok(Json(AppInfo::new(&name, &deployed.record)).into_response())
+}
+
+fn no_such_app(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no app named {name:?} is deployed on this site"))
+}
+
+/// Per-app settings a deploy may give; anything left out takes the site's default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadParams {
+    deadline_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    max_request_body_bytes: Option<u64>,
+    max_response_body_bytes: Option<u64>,
+    /// Comma-separated `host` or `host:port` entries.
+    allow_hosts: Option<String>,
+}
+
+impl UploadParams {
+    fn settings(&self, site: &Site) -> Result<AppSettings, ApiError> {
+        let bad = |reason: &str| ApiError::new(StatusCode::BAD_REQUEST, reason.to_owned());
+        let mut limits = site.default_limits.clone();
+        if let Some(ms) = self.deadline_ms {
+            if !(1..=3_600_000).contains(&ms) {
+                return Err(bad("deadline_ms must be between 1 and 3600000"));
+            }
+            limits.deadline = Duration::from_millis(ms);
+        }
+        if let Some(mb) = self.memory_mb {
+            if mb == 0 {
+                return Err(bad("memory_mb must be greater than 0"));
+            }
+            limits.max_memory_bytes = usize::try_from(mb << 20).map_err(|_| bad("memory_mb is too large"))?;
+        }
+        if let Some(bytes) = self.max_request_body_bytes {
+            limits.max_request_body = bytes as usize;
+        }
+        if let Some(bytes) = self.max_response_body_bytes {
+            limits.max_response_body = bytes as usize;
+        }
+        let allowed_hosts = self
+            .allow_hosts
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Ok(AppSettings { limits, allowed_hosts })
+    }
+}
+
+async fn upload(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    Query(params): Query<UploadParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&site, &headers)?;
+    validate_name(&name)?;
+    let settings = params.settings(&site)?;
+    let max = site.max_upload;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("upload exceeds this site's limit of {max} bytes (admin.max_upload_bytes)"),
+        )
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(too_large());
+    }
+    let wasm = match Limited::new(body, max as usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(e) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("could not read the upload: {e}")));
+        }
+    };
+    if wasm.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty upload: send the component as the request body",
+        ));
+    }
+
+    // Compiling takes CPU time: keep it off the threads that serve requests.
+    let app = {
+        let (runtime, name, wasm, settings) =
+            (site.runtime.clone(), name.clone(), wasm.clone(), settings.clone());
+        tokio::task::spawn_blocking(move || runtime.load(&name, &wasm, settings))
+            .await
+            .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))?
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?
+    };
+    let record = AppRecord {
+        version: app.version().to_string(),
+        size: wasm.len() as u64,
+        uploaded_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+        settings: (&settings).into(),
+    };
+
+    let _guard = site.admin_lock.lock().await;
+    {
+        let (site, name, record, wasm) = (site.clone(), name.clone(), record.clone(), wasm.clone());
+        tokio::task::spawn_blocking(move || site.registry.put(&name, &record, &wasm))
+            .await
+            .map_err(|e| anyhow::anyhow!("registry task failed: {e}"))??;
+    }
+    let previous = site
+        .apps
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.clone(), Deployed { app, record: record.clone() });
+    forget_if_unused(&site, previous);
+    tracing::info!(app = %name, version = %record.version, size = record.size, "deployed");
+    Ok((StatusCode::CREATED, Json(AppInfo::new(&name, &record))).into_response())
+}
+
+async fn delete_app(
+    State(site): State<Arc<Site>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&site, &headers)?;
+    let _guard = site.admin_lock.lock().await;
+    let existed = {
+        let (site, name) = (site.clone(), name.clone());
+        tokio::task::spawn_blocking(move || site.registry.delete(&name))
+            .await
+            .map_err(|e| anyhow::anyhow!("registry task failed: {e}"))??
+    };
+    let removed = site.apps.write().unwrap_or_else(|e| e.into_inner()).remove(&name);
+    if !existed {
+        return Err(no_such_app(&name));
+    }
+    forget_if_unused(&site, removed);
+    tracing::info!(app = %name, "deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Drops a replaced or deleted version's compiled code unless another app runs it.
+fn forget_if_unused(site: &Site, gone: Option<Deployed>) {
+    let Some(gone) = gone else { return };
+    let version: &Version = gone.app.version();
+    let in_use =
+        site.apps.read().unwrap_or_else(|e| e.into_inner()).values().any(|d| d.app.version() == version);
+    if !in_use {
+        site.runtime.forget(version);
+    }
+}
+
+async fn unknown(Path(rest): Path<String>) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint /_atoll/{rest}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_names_are_dns_labels() {
+        for good in ["hello", "a", "my-app-2", &"a".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Hello", "-a", "a-", "a.b", "a_b", "ä", &"a".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `atoll site`: one edge site. It serves the deployed apps and the admin API over HTTP.
+//!
+//! The app table lives in memory (name → loaded [`App`]) and in the redb [`Registry`]; the
+//! registry is written first, so what a client saw deployed is what a restarted site serves.
+
+mod admin;
+mod routing;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use anyhow::{Context, Result};
+use atoll_runtime::{App, Limits, Runtime};
+
+use crate::config::FileConfig;
+use crate::registry::{AppRecord, Registry};
+
+/// Everything `atoll site` is started with.
+#[derive(Debug)]
+pub struct SiteOptions {
+    pub name: String,
+    pub region: String,
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub config: FileConfig,
+    /// The admin token; `None` only with `--insecure-dev`.
+    pub admin_token: Option<String>,
+}
+
+/// A running site's shared state.
+pub(crate) struct Site {
+    pub(crate) name: String,
+    pub(crate) region: String,
+    runtime: Runtime,
+    registry: Registry,
+    apps: RwLock<HashMap<String, Deployed>>,
+    /// Serialises admin changes, so the registry and the app table change in the same order.
+    admin_lock: tokio::sync::Mutex<()>,
+    admin_token: Option<String>,
+    default_limits: Limits,
+    max_upload: u64,
+}
+
+/// A deployed app: the loaded version and what the registry says about it.
+#[derive(Clone)]
+pub(crate) struct Deployed {
+    pub(crate) app: App,
+    pub(crate) record: AppRecord,
+}
+
+impl Site {
+    pub(crate) fn app(&self, name: &str) -> Option<App> {
+        self.apps.read().unwrap_or_else(|e| e.into_inner()).get(name).map(|d| d.app.clone())
+    }
+}
+
+/// Opens the data dir, loads every registered app, and serves until the process is stopped.
+pub async fn run(options: SiteOptions) -> Result<()> {
+    std::fs::create_dir_all(&options.data)
+        .with_context(|| format!("cannot create the data dir {}", options.data.display()))?;
+    let registry = Registry::open(&options.data)?;
+    let mut runtime_config = options.config.runtime_config();
+    runtime_config.guest_env =
+        vec![("ATOLL_SITE".into(), options.name.clone()), ("ATOLL_REGION".into(), options.region.clone())];
+    runtime_config.cache_dir = Some(options.data.join("compiled"));
+    let runtime = Runtime::new(runtime_config)?;
+
+    let mut apps = HashMap::new();
+    for (name, record, wasm) in registry.load_all()? {
+        match runtime.load(&name, &wasm, (&record.settings).into()) {
+            Ok(app) => {
+                tracing::info!(app = %name, version = %record.version, "loaded app");
+                apps.insert(name, Deployed { app, record });
+            }
+            Err(e) => {
+                tracing::error!(app = %name, version = %record.version, "cannot load a registered app: {e}")
+            }
+        }
+    }
+
+    let site = Arc::new(Site {
+        name: options.name,
+        region: options.region,
+        runtime,
+        registry,
+        apps: RwLock::new(apps),
+        admin_lock: tokio::sync::Mutex::new(()),
+        admin_token: options.admin_token,
+        default_limits: options.config.default_limits(),
+        max_upload: options.config.max_upload(),
+    });
+    if site.admin_token.is_none() {
+        tracing::warn!("--insecure-dev: the admin API accepts requests without a token");
+    }
+    let router = admin::routes().fallback(routing::serve_app).with_state(site.clone());
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let addr = listener.local_addr()?;
+    // The first line on stdout is for scripts and tests: where the site listens.
+    println!("atoll site {} ({}) listening on http://{addr}", site.name, site.region);
+    tracing::info!(site = %site.name, region = %site.region, %addr, "site started");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,166 @@
+//! Which app a request is for, and serving it.
+//!
+//! Rule (documented in README.md): if the Host's first label names a deployed app
+//! (`NAME.<any domain>`), that app gets the request with its path unchanged: an app on its own
+//! host owns its whole path space. Otherwise `/apps/NAME/<path>` selects `NAME` and the guest
+//! sees `/<path>`. `/_atoll/` is reserved on every host.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+use super::Site;
+
+/// Header naming the site that served a response.
+pub(crate) const SITE_HEADER: &str = "x-atoll-site";
+/// Header carrying the request id, taken from the client when valid, generated otherwise.
+pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// To app `name`, with the path and query the guest should see.
+    App { name: String, path_and_query: Option<String> },
+    /// The Host named an app that is not deployed.
+    UnknownHostApp(String),
+    /// Neither the Host nor the path names an app.
+    Nothing,
+}
+
+/// Decides the target from the Host header and the URI; `exists` says whether an app is deployed.
+pub(crate) fn target(host: Option<&str>, uri: &Uri, exists: impl Fn(&str) -> bool) -> Target {
+    let host_label = host.and_then(host_app_label);
+    if let Some(label) = &host_label
+        && exists(label)
+    {
+        return Target::App { name: label.clone(), path_and_query: None };
+    }
+    if let Some(rest) = uri.path().strip_prefix("/apps/") {
+        let (name, tail) = rest.split_once('/').map_or((rest, ""), |(n, t)| (n, t));
+        if !name.is_empty() {
+            let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+            return Target::App { name: name.to_owned(), path_and_query: Some(format!("/{tail}{query}")) };
+        }
+    }
+    match host_label {
+        Some(label) => Target::UnknownHostApp(label),
+        None => Target::Nothing,
+    }
+}
+
+/// The first label of a host name with at least two labels, lowercased
+/// (`Hello.localhost:8080` → `hello`). IP addresses and single-label hosts have none.
+fn host_app_label(host: &str) -> Option<String> {
+    if host.starts_with('[') {
+        return None; // an IPv6 literal
+    }
+    let host = host.split(':').next()?; // without IPv6, ':' only separates the port
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return None;
+    }
+    let (label, rest) = host.split_once('.')?;
+    (!label.is_empty() && !rest.is_empty()).then(|| label.to_ascii_lowercase())
+}
+
+static NEXT_REQUEST: AtomicU64 = AtomicU64::new(0);
+
+fn request_id(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            format!("{:x}-{:x}", std::process::id(), NEXT_REQUEST.fetch_add(1, Ordering::Relaxed))
+        })
+}
+
+/// The fallback handler: every request that is not for `/_atoll/`.
+pub(super) async fn serve_app(State(site): State<Arc<Site>>, request: Request) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    let target = target(host, request.uri(), |name| site.app(name).is_some());
+    let request_id = request_id(request.headers());
+    let mut response = match target {
+        Target::App { name, path_and_query } => match site.app(&name) {
+            None => text(StatusCode::NOT_FOUND, format!("no app named {name:?} is deployed on this site\n")),
+            Some(app) => {
+                let (mut parts, body) = request.into_parts();
+                if let Some(pq) = path_and_query {
+                    let mut uri = parts.uri.into_parts();
+                    uri.path_and_query = pq.parse().ok();
+                    parts.uri = Uri::from_parts(uri).unwrap_or_default();
+                }
+                match app.handle(axum::http::Request::from_parts(parts, body), &request_id).await {
+                    Ok(response) => response.map(Body::from),
+                    Err(e) => {
+                        let status = e.status();
+                        if status.is_server_error() {
+                            tracing::warn!(app = %name, request_id, %status, "{e}");
+                        }
+                        text(status, format!("{e}\n"))
+                    }
+                }
+            }
+        },
+        Target::UnknownHostApp(name) => {
+            text(StatusCode::NOT_FOUND, format!("no app named {name:?} is deployed on this site\n"))
+        }
+        Target::Nothing => text(
+            StatusCode::NOT_FOUND,
+            "no app selected: call /apps/NAME/<path>, or send Host: NAME.<any domain>\n".into(),
+        ),
+    };
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&site.name) {
+        headers.insert(SITE_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert(REQUEST_ID_HEADER, v);
+    }
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: Option<&str>, uri: &str) -> Target {
+        target(host, &uri.parse().expect("uri"), |name| name == "hello" || name == "apps")
+    }
+
+    fn app(name: &str, pq: Option<&str>) -> Target {
+        Target::App { name: name.into(), path_and_query: pq.map(Into::into) }
+    }
+
+    #[test]
+    fn host_label_selects_a_deployed_app_and_keeps_the_path() {
+        assert_eq!(route(Some("hello.localhost:8080"), "/x?y=1"), app("hello", None));
+        assert_eq!(route(Some("Hello.Example.com"), "/"), app("hello", None));
+        assert_eq!(route(Some("hello.example.com"), "/apps/other/x"), app("hello", None));
+    }
+
+    #[test]
+    fn path_prefix_selects_and_is_stripped() {
+        assert_eq!(route(Some("127.0.0.1:8080"), "/apps/hello/a/b?q=1"), app("hello", Some("/a/b?q=1")));
+        assert_eq!(route(Some("localhost"), "/apps/hello"), app("hello", Some("/")));
+        assert_eq!(route(None, "/apps/hello/"), app("hello", Some("/")));
+        // A Host label that is not an app falls through to the path.
+        assert_eq!(route(Some("www.example.com"), "/apps/hello/z"), app("hello", Some("/z")));
+    }
+
+    #[test]
+    fn nothing_or_unknown() {
+        assert_eq!(route(Some("nope.localhost"), "/"), Target::UnknownHostApp("nope".into()));
+        assert_eq!(route(Some("127.0.0.1:80"), "/"), Target::Nothing);
+        assert_eq!(route(Some("[::1]:80"), "/"), Target::Nothing);
+        assert_eq!(route(Some("localhost:80"), "/apps/"), Target::Nothing);
+    }
+}
