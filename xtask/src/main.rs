@@ -1,0 +1,262 @@
+//! `cargo xtask`: the project's tasks.
+//!
+//! - `build-guests`: build `guests/` for wasm32-wasip2 (installing the target if missing).
+//! - `demo`: build, start a site, deploy `hello`, print the curl lines; Ctrl-C stops it.
+//! - `bench`: load `hello` through a release site and a native axum route in the same run, and
+//!   print requests/s, p50/p99 latency, server CPU per request and the ratio.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build the guests/ workspace for wasm32-wasip2.
+    BuildGuests,
+    /// Start a local site with the hello handler deployed.
+    Demo {
+        /// Where the site listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Throughput of hello through a site versus a native axum route, in the same run.
+    Bench {
+        /// Seconds of load per target.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BuildGuests => build_guests().map(drop),
+        Task::Demo { listen } => demo(&listen),
+        Task::Bench { duration, connections } => bench(duration, connections),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Builds the guests and returns the directory holding the `.wasm` files.
+fn build_guests() -> Result<PathBuf> {
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
+    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-wasip2")) {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
+    }
+    let guests = root().join("guests");
+    run(Command::new("cargo")
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+        .arg(guests.join("Cargo.toml"))
+        .env_remove("CARGO_TARGET_DIR"))?;
+    Ok(guests.join("target/wasm32-wasip2/release"))
+}
+
+/// Builds the `atoll` binary (and any other bins named) and returns the target dir.
+fn build_bins(release: bool, packages: &[&str]) -> Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.arg("build").current_dir(root());
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(root().join("target").join(if release { "release" } else { "debug" }))
+}
+
+/// A child process that prints `... listening on URL` first; killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(cmd: &mut Command) -> Result<Server> {
+        let mut child =
+            cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match line.split("listening on ").nth(1) {
+                    Some(url) => {
+                        let _ = tx.send(url.trim().to_owned());
+                    }
+                    None => println!("{line}"),
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => Ok(Server { child, url }),
+            Err(_) => {
+                let _ = child.kill();
+                bail!("{cmd:?} did not start")
+            }
+        }
+    }
+
+    /// Total user+system CPU time the process has used so far.
+    fn cpu_time(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let after = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // The kernel reports in USER_HZ, which is 100 on Linux.
+        Ok(Duration::from_millis(ticks * 10))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn demo(listen: &str) -> Result<()> {
+    let wasm = build_guests()?.join("hello.wasm");
+    let atoll = build_bins(false, &["atoll"])?.join("atoll");
+    let token = std::env::var("ATOLL_ADMIN_TOKEN").unwrap_or_else(|_| "demo-token".into());
+    let data = root().join("target/demo/us-east");
+    let mut site = Server::start(
+        Command::new(&atoll)
+            .args(["site", "--name", "us-east-1", "--region", "us-east", "--listen", listen, "--data"])
+            .arg(&data)
+            .env("ATOLL_ADMIN_TOKEN", &token),
+    )?;
+    run(Command::new(&atoll)
+        .args(["deploy", "--site", &site.url, "--app", "hello"])
+        .arg(&wasm)
+        .env("ATOLL_ADMIN_TOKEN", &token))?;
+    println!(
+        "\nAtoll site us-east-1 (region us-east) is running at {}, data in {}",
+        site.url,
+        data.display()
+    );
+    println!("Try:\n  curl {}/apps/hello/", site.url);
+    println!("  curl -H 'Host: hello.localhost' {}/", site.url);
+    println!("  ATOLL_ADMIN_TOKEN={token} target/debug/atoll apps --site {}", site.url);
+    println!("Press Ctrl-C to stop.");
+    let status = site.child.wait()?;
+    println!("site stopped ({status})");
+    Ok(())
+}
+
+/// One wrk run's figures.
+#[derive(Debug)]
+struct Load {
+    requests_per_sec: f64,
+    p50: String,
+    p99: String,
+    requests: u64,
+    errors: u64,
+}
+
+fn wrk(url: &str, seconds: u64, connections: u32) -> Result<Load> {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", url])
+        .output()
+        .context("cannot run wrk: install it (Debian: apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |prefix: &str| -> Option<String> {
+        text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()))
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .context("wrk printed no request count")?;
+    let errors = ["Non-2xx or 3xx responses:", "Socket errors:"]
+        .iter()
+        .filter_map(|p| field(p))
+        .map(|v| v.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum::<u64>())
+        .sum();
+    Ok(Load {
+        requests_per_sec: field("Requests/sec:").and_then(|v| v.parse().ok()).context("no Requests/sec")?,
+        p50: field("50%").context("no p50")?,
+        p99: field("99%").context("no p99")?,
+        requests,
+        errors,
+    })
+}
+
+fn bench(seconds: u64, connections: u32) -> Result<()> {
+    let wasm = build_guests()?.join("hello.wasm");
+    let bins = build_bins(true, &["atoll", "xtask"])?;
+    let dir = tempfile::tempdir()?;
+    let quiet = |cmd: &mut Command| {
+        cmd.env_remove("RUST_BACKTRACE").env("RUST_LOG", "warn").stderr(Stdio::inherit());
+    };
+    let mut site_cmd = Command::new(bins.join("atoll"));
+    site_cmd
+        .args(["site", "--name", "bench", "--region", "local", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("ATOLL_ADMIN_TOKEN", "bench");
+    quiet(&mut site_cmd);
+    let site = Server::start(&mut site_cmd)?;
+    run(Command::new(bins.join("atoll"))
+        .args(["deploy", "--site", &site.url, "--app", "hello"])
+        .arg(&wasm)
+        .env("ATOLL_ADMIN_TOKEN", "bench")
+        .stdout(Stdio::null()))?;
+    let mut native_cmd = Command::new(bins.join("native-hello"));
+    quiet(&mut native_cmd);
+    let native = Server::start(&mut native_cmd)?;
+
+    println!(
+        "wrk -t2 -c{connections} -d{seconds}s, loopback, {} cores, RUST_LOG=warn, RUST_BACKTRACE unset",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>12} {:>8}",
+        "target", "req/s", "p50", "p99", "CPU µs/req", "errors"
+    );
+    let mut results = Vec::new();
+    for (name, server, path) in
+        [("native axum", &native, "/"), ("atoll site, hello.wasm", &site, "/apps/hello/")]
+    {
+        let url = format!("{}{path}", server.url);
+        wrk(&url, 2, connections)?; // warm-up
+        let before = server.cpu_time()?;
+        let load = wrk(&url, seconds, connections)?;
+        let cpu = server.cpu_time()? - before;
+        let us_per_req = cpu.as_secs_f64() * 1e6 / load.requests.max(1) as f64;
+        println!(
+            "{name:<28} {:>10.0} {:>10} {:>10} {:>12.1} {:>8}",
+            load.requests_per_sec, load.p50, load.p99, us_per_req, load.errors
+        );
+        results.push(load);
+    }
+    let ratio = results[1].requests_per_sec / results[0].requests_per_sec;
+    println!("atoll / native throughput: {:.1}% (target ≥ 50%)", ratio * 100.0);
+    Ok(())
+}
