@@ -35,6 +35,8 @@ pub struct LimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSection {
     pub max_instances: Option<u32>,
+    /// Threads serving requests, each with its own runtime and socket (default: one per core).
+    pub server_threads: Option<usize>,
     pub max_memory_mb: Option<u64>,
 }
 
@@ -65,6 +67,7 @@ impl FileConfig {
             ("limits.deadline_ms", self.limits.deadline_ms),
             ("limits.memory_mb", self.limits.memory_mb),
             ("runtime.max_instances", self.runtime.max_instances.map(u64::from)),
+            ("runtime.server_threads", self.runtime.server_threads.map(|n| n as u64)),
             ("runtime.max_memory_mb", self.runtime.max_memory_mb),
             ("admin.max_upload_bytes", self.admin.max_upload_bytes),
         ];
@@ -103,6 +106,11 @@ impl FileConfig {
                 .unwrap_or(base.max_memory_bytes),
             ..base
         }
+    }
+
+    /// How many server threads to run.
+    pub fn server_threads(&self) -> usize {
+        self.runtime.server_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     /// The cap on uploads.

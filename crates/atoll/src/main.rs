@@ -140,5 +140,5 @@ fn run_site(args: SiteArgs) -> Result<()> {
         config,
         admin_token,
     };
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(site::run(options))
+    site::run(options)
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi_http::WasiHttpCtx;
 use wasmtime_wasi_http::WasiHttpView;
@@ -132,9 +132,18 @@ impl App {
         };
         let mut store = Store::new(&inner.shared.engine, host);
         store.limiter(|host| &mut host.limits);
-        let ticks = deadline_ticks(limits.deadline, inner.shared.config.epoch_tick);
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // At every epoch tick a running guest yields to the executor, so a guest that computes
+        // without pause cannot starve the other requests on its thread; past the deadline it is
+        // interrupted (`Trap::Interrupt`, reported as a deadline).
+        let deadline_at = std::time::Instant::now() + limits.deadline;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if std::time::Instant::now() >= deadline_at {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, request);
@@ -185,10 +194,6 @@ impl App {
     }
 }
 
-fn deadline_ticks(deadline: std::time::Duration, tick: std::time::Duration) -> u64 {
-    (deadline.as_nanos().div_ceil(tick.as_nanos().max(1))).max(1) as u64
-}
-
 fn instantiate_error(e: wasmtime::Error) -> HandleError {
     // The pooling allocator reports exhaustion as a `PoolConcurrencyLimitError`.
     if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
@@ -202,20 +207,5 @@ fn guest_error(e: wasmtime::Error, deadline: std::time::Duration) -> HandleError
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => HandleError::Deadline { deadline },
         _ => HandleError::Trap(format!("{e:#}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn deadline_rounds_up_to_whole_ticks() {
-        let tick = Duration::from_millis(10);
-        assert_eq!(deadline_ticks(Duration::from_millis(100), tick), 10);
-        assert_eq!(deadline_ticks(Duration::from_millis(101), tick), 11);
-        assert_eq!(deadline_ticks(Duration::from_millis(1), tick), 1);
-        assert_eq!(deadline_ticks(Duration::ZERO, tick), 1);
     }
 }

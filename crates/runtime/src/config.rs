@@ -12,7 +12,8 @@ pub struct RuntimeConfig {
     /// The largest linear memory any app may be allowed, in bytes: the pool's slot size.
     /// Per-app caps ([`Limits::max_memory_bytes`]) must not exceed it.
     pub max_memory_bytes: usize,
-    /// How often the epoch ticks; deadlines are rounded up to whole ticks.
+    /// How often the epoch ticks: a running guest yields to other requests this often, and its
+    /// deadline is checked at this granularity.
     pub epoch_tick: Duration,
     /// Environment variables every guest sees through `wasi:cli/environment`.
     pub guest_env: Vec<(String, String)>,

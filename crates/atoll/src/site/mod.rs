@@ -4,6 +4,7 @@
 //! registry is written first, so what a client saw deployed is what a restarted site serves.
 
 mod admin;
+mod listen;
 mod routing;
 
 use std::collections::HashMap;
@@ -56,8 +57,12 @@ impl Site {
     }
 }
 
-/// Opens the data dir, loads every registered app, and serves until the process is stopped.
-pub async fn run(options: SiteOptions) -> Result<()> {
+/// Opens the data dir, loads every registered app, and serves until SIGINT or SIGTERM.
+///
+/// Serving runs one single-threaded tokio runtime per server thread, each accepting on its own
+/// `SO_REUSEPORT` socket of the same address: no work stealing, no cross-thread wake-ups on the
+/// request path (see ARCHITECTURE.md for the measurements behind this).
+pub fn run(options: SiteOptions) -> Result<()> {
     std::fs::create_dir_all(&options.data)
         .with_context(|| format!("cannot create the data dir {}", options.data.display()))?;
     let registry = Registry::open(&options.data)?;
@@ -74,9 +79,7 @@ pub async fn run(options: SiteOptions) -> Result<()> {
                 tracing::info!(app = %name, version = %record.version, "loaded app");
                 apps.insert(name, Deployed { app, record });
             }
-            Err(e) => {
-                tracing::error!(app = %name, version = %record.version, "cannot load a registered app: {e}")
-            }
+            Err(e) => tracing::error!(app = %name, version = %record.version, "cannot load a registered app: {e}"),
         }
     }
 
@@ -94,15 +97,40 @@ pub async fn run(options: SiteOptions) -> Result<()> {
     if site.admin_token.is_none() {
         tracing::warn!("--insecure-dev: the admin API accepts requests without a token");
     }
+    let threads = options.config.server_threads();
+    let listeners = listen::bind(options.listen, threads)?;
+    let addr = listeners[0].local_addr()?;
     let router = admin::routes().fallback(routing::serve_app).with_state(site.clone());
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", options.listen))?;
-    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (router, mut stopped) = (router.clone(), stopped.clone());
+        let worker = std::thread::Builder::new().name(format!("atoll-serve-{i}")).spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    })
+                    .await?;
+                Ok(())
+            })
+        })?;
+        workers.push(worker);
+    }
     // The first line on stdout is for scripts and tests: where the site listens.
     println!("atoll site {} ({}) listening on http://{addr}", site.name, site.region);
-    tracing::info!(site = %site.name, region = %site.region, %addr, "site started");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!(site = %site.name, region = %site.region, %addr, threads, "site started");
+
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(shutdown_signal());
+    let _ = stop.send(true);
+    for worker in workers {
+        match worker.join() {
+            Ok(result) => result?,
+            Err(_) => anyhow::bail!("a server thread panicked"),
+        }
+    }
     Ok(())
 }
 
