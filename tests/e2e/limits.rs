@@ -9,13 +9,16 @@ fn looping_guest_gets_504_while_a_concurrent_request_to_a_good_app_succeeds() {
     site.deploy("probe", atoll_test_guests::PROBE, &["--deadline-ms", "3000"]);
     let url = format!("{}/apps/probe/loop", site.url);
     let looping = std::thread::spawn(move || request("GET", &url, &[], None));
-    // Wait until the loop is surely running (the site logs nothing for it, so give the
-    // request a moment by polling hello, which must keep succeeding meanwhile).
-    for _ in 0..20 {
+    eventually(Duration::from_secs(30), "the guest to start looping", || {
+        site.stderr().contains("probe: looping").then_some(())
+    });
+    // The looping guest yields its thread at every epoch tick, so requests to other apps are
+    // served meanwhile, even when they land on the same server thread.
+    for _ in 0..3 {
         let hello = site.get("/apps/hello/");
         assert_eq!(hello.status, 200, "{hello:?}");
     }
-    assert!(!looping.is_finished(), "hello requests were served while the guest loops");
+    assert!(!looping.is_finished(), "the hello requests were served while the guest looped");
     let looped = looping.join().expect("join");
     assert_eq!(looped.status, 504, "{looped:?}");
     assert!(looped.body.contains("deadline of 3000 ms"), "{}", looped.body);

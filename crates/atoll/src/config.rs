@@ -124,6 +124,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_commented_example_parses_and_shows_the_defaults() {
+        let example: FileConfig = toml::from_str(include_str!("../../../examples/site.toml")).expect("parses");
+        example.validate().expect("valid");
+        let defaults = FileConfig::default();
+        assert_eq!(example.default_limits(), defaults.default_limits());
+        let (a, b) = (example.runtime_config(), defaults.runtime_config());
+        assert_eq!((a.max_instances, a.max_memory_bytes), (b.max_instances, b.max_memory_bytes));
+        assert_eq!(example.max_upload(), defaults.max_upload());
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let err = toml::from_str::<FileConfig>("[limits]\ndeadline = 5\n").expect_err("unknown field");
         assert!(err.to_string().contains("deadline"), "{err}");

@@ -34,6 +34,7 @@ async fn main(mut request: Request<Body>) -> Result<Response<Body>, Error> {
     };
     match path.as_str() {
         "/loop" => {
+            println!("probe: looping");
             let mut x: u64 = 0;
             loop {
                 x = std::hint::black_box(x.wrapping_add(1));
