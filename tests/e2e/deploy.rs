@@ -35,14 +35,17 @@ fn deploy_then_call_by_path_and_by_host() {
 #[test]
 fn guest_logs_reach_the_site_log_tagged_with_app_and_request_id() {
     let site = Site::start("logs");
-    site.deploy("hello", atoll_test_guests::HELLO, &[]);
-    let response =
-        request("GET", &format!("{}/apps/hello/logged", site.url), &[("x-request-id", "req-42")], None);
+    site.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let url = format!("{}/apps/probe/log?abc", site.url);
+    let response = request("GET", &url, &[("x-request-id", "req-42")], None);
+    assert_eq!(response.status, 200);
     assert_eq!(response.headers["x-request-id"], "req-42");
-    let line = eventually(Duration::from_secs(10), "guest log line", || {
-        site.stderr().lines().find(|l| l.contains("hello: serving /logged")).map(str::to_owned)
-    });
-    assert!(line.contains("req-42") && line.contains("hello"), "{line}");
+    for expected in ["probe says abc", "probe warns abc"] {
+        let line = eventually(Duration::from_secs(10), expected, || {
+            site.stderr().lines().find(|l| l.contains(expected)).map(str::to_owned)
+        });
+        assert!(line.contains("req-42") && line.contains("probe"), "{line}");
+    }
 }
 
 #[test]

@@ -110,7 +110,9 @@ impl FileConfig {
 
     /// How many server threads to run.
     pub fn server_threads(&self) -> usize {
-        self.runtime.server_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        self.runtime
+            .server_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     /// The cap on uploads.
@@ -125,7 +127,8 @@ mod tests {
 
     #[test]
     fn the_commented_example_parses_and_shows_the_defaults() {
-        let example: FileConfig = toml::from_str(include_str!("../../../examples/site.toml")).expect("parses");
+        let example: FileConfig =
+            toml::from_str(include_str!("../../../examples/site.toml")).expect("parses");
         example.validate().expect("valid");
         let defaults = FileConfig::default();
         assert_eq!(example.default_limits(), defaults.default_limits());

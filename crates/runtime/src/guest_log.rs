@@ -61,14 +61,15 @@ impl GuestLog {
 
 impl Inner {
     fn emit(&self, line: &[u8]) {
-        let text = String::from_utf8_lossy(line);
+        // The text is only decoded when the event is enabled: the macros evaluate their
+        // arguments lazily.
         let (app, request_id) = (&*self.app, &*self.request_id);
         match self.stream {
             Stream::Stdout => {
-                tracing::info!(target: "atoll::guest", app, request_id, stream = "stdout", "{text}")
+                tracing::info!(target: "atoll::guest", app, request_id, stream = "stdout", "{}", String::from_utf8_lossy(line))
             }
             Stream::Stderr => {
-                tracing::warn!(target: "atoll::guest", app, request_id, stream = "stderr", "{text}")
+                tracing::warn!(target: "atoll::guest", app, request_id, stream = "stderr", "{}", String::from_utf8_lossy(line))
             }
         }
     }

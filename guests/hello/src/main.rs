@@ -11,7 +11,6 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
     let site = std::env::var("ATOLL_SITE").unwrap_or_else(|_| "unknown".into());
     let region = std::env::var("ATOLL_REGION").unwrap_or_else(|_| "unknown".into());
     let path = request.uri().path();
-    println!("hello: serving {path}");
     let greeting = format!("Hello from Atoll site {site} in region {region}! You asked for {path}\n");
     Ok(Response::builder()
         .header("content-type", "text/plain; charset=utf-8")

@@ -79,7 +79,9 @@ pub fn run(options: SiteOptions) -> Result<()> {
                 tracing::info!(app = %name, version = %record.version, "loaded app");
                 apps.insert(name, Deployed { app, record });
             }
-            Err(e) => tracing::error!(app = %name, version = %record.version, "cannot load a registered app: {e}"),
+            Err(e) => {
+                tracing::error!(app = %name, version = %record.version, "cannot load a registered app: {e}")
+            }
         }
     }
 
@@ -105,18 +107,19 @@ pub fn run(options: SiteOptions) -> Result<()> {
     let mut workers = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let (router, mut stopped) = (router.clone(), stopped.clone());
-        let worker = std::thread::Builder::new().name(format!("atoll-serve-{i}")).spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)?;
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.wait_for(|stop| *stop).await;
-                    })
-                    .await?;
-                Ok(())
-            })
-        })?;
+        let worker =
+            std::thread::Builder::new().name(format!("atoll-serve-{i}")).spawn(move || -> Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(async move {
+                            let _ = stopped.wait_for(|stop| *stop).await;
+                        })
+                        .await?;
+                    Ok(())
+                })
+            })?;
         workers.push(worker);
     }
     // The first line on stdout is for scripts and tests: where the site listens.

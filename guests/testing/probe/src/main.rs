@@ -15,6 +15,7 @@
 //! | `/big?bytes=N` | returns a body of N bytes |
 //! | `/fetch?url=U` | makes an outbound GET to U and reports the status or the error |
 //! | `/files` | tries to read the filesystem and reports what it saw |
+//! | `/log?QUERY` | prints `probe says QUERY` to stdout and `probe warns QUERY` to stderr |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use wstd::http::{Body, Client, Error, Request, Response, StatusCode};
@@ -83,6 +84,11 @@ async fn main(mut request: Request<Body>) -> Result<Response<Body>, Error> {
                 Ok(resp) => text(StatusCode::OK, format!("fetched: {}\n", resp.status().as_u16())),
                 Err(e) => text(StatusCode::BAD_GATEWAY, format!("fetch failed: {e:?}\n")),
             }
+        }
+        "/log" => {
+            println!("probe says {query}");
+            eprintln!("probe warns {query}");
+            text(StatusCode::OK, "logged\n".into())
         }
         "/files" => {
             let seen = match std::fs::read_dir("/") {
