@@ -82,17 +82,15 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
 /// The ways to call `app` on the site at `base`: by path, and by Host.
 fn app_urls(base: &str, app: &str) -> Vec<String> {
     let mut urls = vec![format!("{base}/apps/{app}/")];
-    if let Some((scheme, authority)) = base.split_once("://") {
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h, format!(":{p}")),
-            _ => (authority, String::new()),
-        };
-        let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[');
-        if local {
-            urls.push(format!("-H 'Host: {app}.localhost' {base}/"));
-        } else {
-            urls.push(format!("{scheme}://{app}.{host}{port}/"));
-        }
+    let Ok(uri) = base.parse::<http::Uri>() else { return urls };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else { return urls };
+    let local = host == "localhost" || host.starts_with('[') || host.parse::<std::net::Ipv4Addr>().is_ok();
+    if local {
+        // `*.localhost` is loopback by definition, but not every resolver knows it: send the Host.
+        urls.push(format!("-H 'Host: {app}.localhost' {base}/"));
+    } else {
+        let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+        urls.push(format!("{scheme}://{app}.{host}{port}/"));
     }
     urls
 }
@@ -130,6 +128,11 @@ mod tests {
             app_urls("http://127.0.0.1:8080", "hello"),
             ["http://127.0.0.1:8080/apps/hello/", "-H 'Host: hello.localhost' http://127.0.0.1:8080/"]
         );
+        assert_eq!(
+            app_urls("http://[::1]:8080", "a"),
+            ["http://[::1]:8080/apps/a/", "-H 'Host: a.localhost' http://[::1]:8080/"]
+        );
+        assert_eq!(app_urls("http://edge.example.com:81", "a")[1], "http://a.edge.example.com:81/");
         assert_eq!(
             app_urls("https://edge.example.com", "hello"),
             ["https://edge.example.com/apps/hello/", "https://hello.edge.example.com/"]

@@ -1,6 +1,7 @@
 //! In-process cost of one request: fresh store + instance, the handler, teardown. No network.
 //!
-//! `cargo bench -p atoll-runtime` prints µs per request for `hello` on one thread.
+//! `cargo bench -p atoll-runtime` prints µs per request for `hello` on one thread;
+//! `ATOLL_BENCH_WASM=/abs/path.wasm` measures another component.
 
 use std::time::Instant;
 
@@ -31,7 +32,7 @@ fn main() {
                 app.handle(request(), "bench").await.expect("served");
             }
             let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
-            println!("round {round}: {per:.1} µs per request (hello, fresh instance, in-process, 1 thread)");
+            println!("round {round}: {per:.1} µs per request ({path}, fresh instance, in-process, 1 thread)");
         }
     });
 }
