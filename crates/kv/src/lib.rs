@@ -1,0 +1,15 @@
+//! `atoll-kv`: the replicated key-value state of Atoll's handlers.
+//!
+//! Every key's state is an [`Entry`]: a last-writer-wins register stamped with a hybrid logical
+//! clock ([`Hlc`]) and the writing site, plus a CRDT counter of per-site contributions. [`Entry::merge`]
+//! is the one rule by which replicas converge: deterministic, commutative, associative, idempotent.
+//!
+//! This crate knows nothing of HTTP or wasmtime.
+#![deny(missing_docs)]
+
+pub mod codec;
+pub mod entry;
+pub mod hlc;
+
+pub use entry::{Contribution, Entry, EntryError, Read, Register, SiteId, Stamp};
+pub use hlc::{Clock, Hlc};

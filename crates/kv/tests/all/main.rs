@@ -1,0 +1,3 @@
+//! Integration tests of atoll-kv.
+
+mod merge_properties;
