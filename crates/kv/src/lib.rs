@@ -4,12 +4,17 @@
 //! clock ([`Hlc`]) and the writing site, plus a CRDT counter of per-site contributions. [`Entry::merge`]
 //! is the one rule by which replicas converge: deterministic, commutative, associative, idempotent.
 //!
+//! [`Store`] keeps entries in redb, namespaced per app and bucket, with group commit (acknowledged
+//! means durable) and per-range digests maintained on every write.
+//!
 //! This crate knows nothing of HTTP or wasmtime.
 #![deny(missing_docs)]
 
 pub mod codec;
 pub mod entry;
 pub mod hlc;
+pub mod store;
 
 pub use entry::{Contribution, Entry, EntryError, Read, Register, SiteId, Stamp};
 pub use hlc::{Clock, Hlc};
+pub use store::{Bounds, KeyPage, KvError, Namespace, Store, StoreConfig, Write, Written};

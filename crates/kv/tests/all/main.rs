@@ -1,3 +1,4 @@
 //! Integration tests of atoll-kv.
 
 mod merge_properties;
+mod store;

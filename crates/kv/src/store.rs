@@ -1,0 +1,559 @@
+//! The site's key-value store on redb, with group commit and range digests.
+//!
+//! Layout (store format version 1), in one redb file:
+//! - `meta`: `"format"` → u64, `"hlc"` → the highest HLC issued (physical u64, logical u32).
+//! - `entries`: composite key → encoded [`Entry`] (see [`crate::codec`]). The composite key is
+//!   `len(app) app len(bucket) bucket key`, so one app's keys can never be named by another app,
+//!   whatever bucket or key it passes, and each (app, bucket) is one contiguous range.
+//! - `digests`: range (the first 12 bits of SHA-256 of the composite key) → 16-byte sum, over the
+//!   range's entries, of the first 16 bytes of SHA-256(composite key ‖ encoded entry). Updated in
+//!   O(1) per write (subtract the old entry's hash, add the new one's), in the write's transaction.
+//!   Two stores holding the same entries have equal digests, whatever order they were written in.
+//!
+//! Writes go through one writer thread that takes every write waiting (up to
+//! [`StoreConfig::max_batch`]) into one transaction, commits it durably, and only then answers each
+//! writer: acknowledged means durable, at the cost of one fsync per batch, not per write.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+
+use crate::codec;
+use crate::entry::{Entry, EntryError, SiteId, Stamp};
+use crate::hlc::{Clock, Hlc};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
+const DIGESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("digests");
+
+/// The store format this build reads and writes.
+pub const STORE_FORMAT: u64 = 1;
+/// How many ranges the key-hash space is cut into for digests.
+pub const DIGEST_RANGES: u32 = 4096;
+
+/// Limits on what a guest may store. Oversize requests get [`KvError::TooLarge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Longest key, in bytes.
+    pub max_key: usize,
+    /// Largest value, in bytes.
+    pub max_value: usize,
+    /// Longest bucket identifier, in bytes.
+    pub max_bucket: usize,
+    /// Most keys in one page of a listing.
+    pub max_page: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds { max_key: 1024, max_value: 1 << 20, max_bucket: 255, max_page: 1000 }
+    }
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// This site's id: in the stamps of its writes and in its counter contributions.
+    pub site: SiteId,
+    /// Limits on keys, values, buckets and pages.
+    pub bounds: Bounds,
+    /// Most writes committed in one transaction.
+    pub max_batch: usize,
+    /// Most writes waiting for the writer; beyond it writers wait for room.
+    pub queue: usize,
+}
+
+impl StoreConfig {
+    /// Defaults for site `site`.
+    pub fn new(site: impl Into<SiteId>) -> StoreConfig {
+        StoreConfig { site: site.into(), bounds: Bounds::default(), max_batch: 1024, queue: 8192 }
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// A key, value, bucket name or page size is over its bound.
+    #[error("{what} is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The operation does not apply to the key's value.
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    /// The database could not be read or written (disk full, corrupt file, ...).
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// The database has a format this build does not read.
+    #[error("the store has format version {found}, this build reads version {STORE_FORMAT}")]
+    UnknownFormat {
+        /// The version found.
+        found: u64,
+    },
+    /// The store is shut down.
+    #[error("the store is closed")]
+    Closed,
+}
+
+fn storage(e: impl std::fmt::Display) -> KvError {
+    KvError::Storage(e.to_string())
+}
+
+/// One app's bucket: where a guest's keys live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Namespace {
+    app: String,
+    bucket: String,
+}
+
+impl Namespace {
+    /// The bucket `identifier` of `app` (`""` and `"default"` are the default bucket).
+    pub fn new(app: &str, identifier: &str, bounds: &Bounds) -> Result<Namespace, KvError> {
+        let bucket = if identifier.is_empty() { "default" } else { identifier };
+        check("bucket identifier", bucket.len(), bounds.max_bucket.min(255))?;
+        check("app name", app.len(), 255)?;
+        Ok(Namespace { app: app.to_owned(), bucket: bucket.to_owned() })
+    }
+
+    fn prefix(&self) -> Vec<u8> {
+        let mut p = Vec::with_capacity(2 + self.app.len() + self.bucket.len());
+        p.push(self.app.len() as u8);
+        p.extend_from_slice(self.app.as_bytes());
+        p.push(self.bucket.len() as u8);
+        p.extend_from_slice(self.bucket.as_bytes());
+        p
+    }
+
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        let mut k = self.prefix();
+        k.extend_from_slice(key);
+        k
+    }
+}
+
+fn check(what: &'static str, size: usize, limit: usize) -> Result<(), KvError> {
+    if size > limit { Err(KvError::TooLarge { what, size, limit }) } else { Ok(()) }
+}
+
+/// A change to one key, applied by the writer.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Set a value.
+    Set(Vec<u8>),
+    /// Delete (write a tombstone).
+    Delete,
+    /// Add to the counter.
+    Increment(i64),
+    /// Set `new` if the current value equals `expected` (`None`: absent); atomic at this site.
+    CompareAndSwap {
+        /// The value expected now.
+        expected: Option<Vec<u8>>,
+        /// The value to set.
+        new: Vec<u8>,
+    },
+}
+
+/// What a write returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Set or delete done.
+    Done,
+    /// The counter's new total.
+    Total(i64),
+    /// Whether the compare-and-swap swapped.
+    Swapped(bool),
+}
+
+/// One page of a key listing: the keys, and the cursor of the next page if there is one.
+pub type KeyPage = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
+type Reply = tokio::sync::oneshot::Sender<Vec<Result<Written, KvError>>>;
+
+/// What the writer applies to one composite key.
+enum Op {
+    /// A write made here.
+    Local(Write),
+    /// An entry received from another site, merged in.
+    Merge(Entry),
+}
+
+struct Job {
+    writes: Vec<(Vec<u8>, Op)>,
+    reply: Reply,
+}
+
+/// The store. Cheap to clone; reads run on the caller's thread, writes through the writer thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    jobs: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<Job>>>,
+    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    clock: Arc<Clock>,
+    config: StoreConfig,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, checks its format, restores the clock's high-water
+    /// mark, and starts the writer thread.
+    pub fn open(path: &Path, config: StoreConfig, clock: Clock) -> Result<Store, KvError> {
+        let db = Database::create(path).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let format = meta.get("format").map_err(storage)?.map(|v| v.value().to_vec());
+            match format {
+                None => {
+                    meta.insert("format", STORE_FORMAT.to_le_bytes().as_slice()).map_err(storage)?;
+                }
+                Some(bytes) => {
+                    let found = bytes.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
+                    if found != STORE_FORMAT {
+                        return Err(KvError::UnknownFormat { found });
+                    }
+                }
+            }
+            if let Some(hlc) = meta.get("hlc").map_err(storage)? {
+                clock.observe(decode_hlc(hlc.value())?);
+            }
+            txn.open_table(ENTRIES).map_err(storage)?;
+            txn.open_table(DIGESTS).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+
+        let db = Arc::new(db);
+        let clock = Arc::new(clock);
+        let (jobs, queue) = std::sync::mpsc::sync_channel(config.queue.max(1));
+        let writer = {
+            let (db, clock, site, max_batch) =
+                (db.clone(), clock.clone(), config.site.clone(), config.max_batch.max(1));
+            std::thread::Builder::new()
+                .name("atoll-kv-writer".into())
+                .spawn(move || write_loop(&db, &clock, &site, max_batch, &queue))
+                .map_err(storage)?
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                jobs: std::sync::Mutex::new(Some(jobs)),
+                writer: std::sync::Mutex::new(Some(writer)),
+                clock,
+                config,
+            }),
+        })
+    }
+
+    /// The bounds guests are held to.
+    pub fn bounds(&self) -> &Bounds {
+        &self.inner.config.bounds
+    }
+
+    /// The clock stamping this store's writes.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// The value of `key`: its bytes, a counter's total as decimal ASCII, or `None`.
+    pub fn get(&self, ns: &Namespace, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        check("key", key.len(), self.bounds().max_key)?;
+        Ok(self.entry(&ns.key(key))?.and_then(|e| e.read().into_bytes()))
+    }
+
+    /// Whether `key` has a value.
+    pub fn exists(&self, ns: &Namespace, key: &[u8]) -> Result<bool, KvError> {
+        Ok(self.get(ns, key)?.is_some())
+    }
+
+    fn entry(&self, composite: &[u8]) -> Result<Option<Entry>, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(ENTRIES).map_err(storage)?;
+        let found = table.get(composite).map_err(storage)?;
+        found.map(|v| codec::decode(v.value()).map_err(storage)).transpose()
+    }
+
+    /// Up to `limit` keys of the bucket (tombstones skipped) after `cursor` (exclusive), in key
+    /// order, and the cursor of the next page if there is one.
+    pub fn list_keys(&self, ns: &Namespace, cursor: Option<&[u8]>, limit: usize) -> Result<KeyPage, KvError> {
+        let limit = limit.clamp(1, self.bounds().max_page);
+        let prefix = ns.prefix();
+        let start = match cursor {
+            Some(c) => {
+                let mut s = ns.key(c);
+                s.push(0); // the smallest key after the cursor
+                s
+            }
+            None => prefix.clone(),
+        };
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(ENTRIES).map_err(storage)?;
+        let mut keys = Vec::new();
+        for item in table.range(start.as_slice()..).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let Some(key) = k.value().strip_prefix(prefix.as_slice()) else { break };
+            if codec::decode(v.value()).map_err(storage)?.read().into_bytes().is_none() {
+                continue;
+            }
+            if keys.len() == limit {
+                let next = keys.last().cloned();
+                return Ok((keys, next));
+            }
+            keys.push(key.to_vec());
+        }
+        Ok((keys, None))
+    }
+
+    /// Applies one write and waits until it is durable.
+    pub async fn write(&self, ns: &Namespace, key: &[u8], write: Write) -> Result<Written, KvError> {
+        self.write_many(ns, vec![(key.to_vec(), write)]).await?.pop().unwrap_or(Err(KvError::Closed))
+    }
+
+    /// Applies several writes in one transaction and waits until they are durable; each write
+    /// has its own result (one refused write does not refuse the others).
+    pub async fn write_many(
+        &self,
+        ns: &Namespace,
+        writes: Vec<(Vec<u8>, Write)>,
+    ) -> Result<Vec<Result<Written, KvError>>, KvError> {
+        let bounds = *self.bounds();
+        let mut composite = Vec::with_capacity(writes.len());
+        for (key, write) in writes {
+            check("key", key.len(), bounds.max_key)?;
+            if let Write::Set(v) | Write::CompareAndSwap { new: v, .. } = &write {
+                check("value", v.len(), bounds.max_value)?;
+            }
+            composite.push((ns.key(&key), Op::Local(write)));
+        }
+        self.submit(composite).await
+    }
+
+    /// Merges entries received from another site (composite key, entry), as replication does;
+    /// returns how many changed this store. Order and duplication do not matter.
+    pub async fn merge(&self, items: Vec<(Vec<u8>, Entry)>) -> Result<usize, KvError> {
+        let ops = items.into_iter().map(|(k, e)| (k, Op::Merge(e))).collect();
+        let results = self.submit(ops).await?;
+        let mut changed = 0;
+        for r in results {
+            if r? == Written::Done {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Every entry with its composite key, in key order (a full scan: for full resync and tests).
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Entry)>, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(ENTRIES).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            out.push((k.value().to_vec(), codec::decode(v.value()).map_err(storage)?));
+        }
+        Ok(out)
+    }
+
+    async fn submit(&self, writes: Vec<(Vec<u8>, Op)>) -> Result<Vec<Result<Written, KvError>>, KvError> {
+        let composite = writes;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let jobs =
+            self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(KvError::Closed)?;
+        // `send` waits when the queue is full: back-pressure rather than unbounded buffering.
+        jobs.send(Job { writes: composite, reply }).map_err(|_| KvError::Closed)?;
+        answer.await.map_err(|_| KvError::Closed)
+    }
+
+    /// The digest of every range, in range order (see the module docs).
+    pub fn digests(&self) -> Result<Vec<u128>, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(DIGESTS).map_err(storage)?;
+        let mut out = vec![0u128; DIGEST_RANGES as usize];
+        for item in table.iter().map_err(storage)? {
+            let (range, sum) = item.map_err(storage)?;
+            out[range.value() as usize] = decode_u128(sum.value())?;
+        }
+        Ok(out)
+    }
+}
+
+/// The range of the key-hash space a composite key falls in.
+fn range_of(composite: &[u8]) -> u32 {
+    let h = Sha256::digest(composite);
+    (u32::from(h[0]) << 4 | u32::from(h[1]) >> 4) % DIGEST_RANGES
+}
+
+/// What an entry adds to its range's digest.
+fn entry_hash(composite: &[u8], encoded: &[u8]) -> u128 {
+    let mut h = Sha256::new();
+    h.update((composite.len() as u32).to_le_bytes());
+    h.update(composite);
+    h.update(encoded);
+    let d = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(first)
+}
+
+fn decode_u128(bytes: &[u8]) -> Result<u128, KvError> {
+    bytes.try_into().map(u128::from_le_bytes).map_err(|_| KvError::Storage("corrupt digest".into()))
+}
+
+fn encode_hlc(hlc: Hlc) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&hlc.physical_ms.to_le_bytes());
+    b[8..].copy_from_slice(&hlc.logical.to_le_bytes());
+    b
+}
+
+fn decode_hlc(bytes: &[u8]) -> Result<Hlc, KvError> {
+    let bad = || KvError::Storage("corrupt clock high-water mark".into());
+    let physical: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    let logical: [u8; 4] = bytes.get(8..12).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    Ok(Hlc { physical_ms: u64::from_le_bytes(physical), logical: u32::from_le_bytes(logical) })
+}
+
+/// The writer thread: group commit.
+fn write_loop(
+    db: &Database,
+    clock: &Clock,
+    site: &str,
+    max_batch: usize,
+    queue: &std::sync::mpsc::Receiver<Job>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        let mut pending: usize = batch[0].writes.len();
+        while pending < max_batch {
+            match queue.try_recv() {
+                Ok(job) => {
+                    pending += job.writes.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        match commit_batch(db, clock, site, &batch) {
+            Ok(results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!("kv commit failed: {e}");
+                for job in batch {
+                    let n = job.writes.len();
+                    let _ = job.reply.send(vec![Err(e.clone()); n]);
+                }
+            }
+        }
+    }
+}
+
+fn commit_batch(
+    db: &Database,
+    clock: &Clock,
+    site: &str,
+    batch: &[Job],
+) -> Result<Vec<Vec<Result<Written, KvError>>>, KvError> {
+    let txn = db.begin_write().map_err(storage)?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+        let mut digests = txn.open_table(DIGESTS).map_err(storage)?;
+        for job in batch {
+            let mut job_results = Vec::with_capacity(job.writes.len());
+            for (composite, write) in &job.writes {
+                let old = entries.get(composite.as_slice()).map_err(storage)?.map(|v| v.value().to_vec());
+                let current = match &old {
+                    Some(bytes) => codec::decode(bytes).map_err(storage)?,
+                    None => Entry::absent(),
+                };
+                let change = match write {
+                    Op::Local(write) => {
+                        apply(&current, write, Stamp { hlc: clock.now(), site: site.to_owned() })
+                    }
+                    Op::Merge(remote) => {
+                        clock.observe(remote.changed.hlc);
+                        let merged = current.merge(remote);
+                        Ok((merged != current).then_some((merged, Written::Done)))
+                    }
+                };
+                let (next, written) = match change {
+                    Ok(Some(change)) => change,
+                    // Nothing to write: a compare-and-swap that did not match, or a merge that
+                    // brought nothing new.
+                    Ok(None) => {
+                        job_results.push(Ok(Written::Swapped(false)));
+                        continue;
+                    }
+                    Err(e) => {
+                        job_results.push(Err(e));
+                        continue;
+                    }
+                };
+                let encoded = codec::encode(&next);
+                let range = range_of(composite);
+                let mut sum = match digests.get(range).map_err(storage)? {
+                    Some(v) => decode_u128(v.value())?,
+                    None => 0,
+                };
+                if let Some(old) = &old {
+                    sum = sum.wrapping_sub(entry_hash(composite, old));
+                }
+                sum = sum.wrapping_add(entry_hash(composite, &encoded));
+                digests.insert(range, sum.to_le_bytes().as_slice()).map_err(storage)?;
+                entries.insert(composite.as_slice(), encoded.as_slice()).map_err(storage)?;
+                job_results.push(Ok(written));
+            }
+            results.push(job_results);
+        }
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        meta.insert("hlc", encode_hlc(clock.last()).as_slice()).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    Ok(results)
+}
+
+/// The entry after `write`; `None` when a compare-and-swap does not match.
+fn apply(current: &Entry, write: &Write, stamp: Stamp) -> Result<Option<(Entry, Written)>, KvError> {
+    Ok(Some(match write {
+        Write::Set(v) => (Entry::set(v.clone(), stamp), Written::Done),
+        Write::Delete => (Entry::delete(stamp), Written::Done),
+        Write::Increment(delta) => {
+            let (next, total) = current.increment(*delta, stamp)?;
+            (next, Written::Total(total))
+        }
+        Write::CompareAndSwap { expected, new } => {
+            if current.read().into_bytes() != *expected {
+                return Ok(None);
+            }
+            (Entry::set(new.clone(), stamp), Written::Swapped(true))
+        }
+    }))
+}

@@ -1,0 +1,197 @@
+//! The redb store: namespaces, bounds, durability, group commit, digests.
+
+use std::path::Path;
+
+use atoll_kv::{Clock, KvError, Namespace, Store, StoreConfig, Write, Written};
+
+fn open(path: &Path, site: &str) -> Store {
+    Store::open(path, StoreConfig::new(site), Clock::system()).expect("store opens")
+}
+
+fn ns(store: &Store, app: &str, bucket: &str) -> Namespace {
+    Namespace::new(app, bucket, store.bounds()).expect("valid namespace")
+}
+
+async fn set(store: &Store, ns: &Namespace, key: &str, value: &str) {
+    let written = store.write(ns, key.as_bytes(), Write::Set(value.as_bytes().to_vec())).await;
+    assert_eq!(written, Ok(Written::Done));
+}
+
+#[tokio::test]
+async fn set_get_delete_exists_and_the_default_bucket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("kv.redb"), "a");
+    let default = ns(&store, "app", "");
+    set(&store, &default, "k", "v").await;
+    assert_eq!(
+        store.get(&ns(&store, "app", "default"), b"k"),
+        Ok(Some(b"v".to_vec())),
+        "\"\" is \"default\""
+    );
+    assert_eq!(store.exists(&default, b"k"), Ok(true));
+    assert_eq!(store.write(&default, b"k", Write::Delete).await, Ok(Written::Done));
+    assert_eq!(store.get(&default, b"k"), Ok(None));
+    assert_eq!(store.exists(&default, b"k"), Ok(false));
+    assert_eq!(store.get(&default, b"never"), Ok(None));
+}
+
+#[tokio::test]
+async fn apps_and_buckets_never_see_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("kv.redb"), "a");
+    // Names that would collide if the key were a plain concatenation.
+    let a = ns(&store, "ab", "c");
+    let b = ns(&store, "a", "bc");
+    let c = ns(&store, "ab", "c\u{1}");
+    set(&store, &a, "k", "from-a").await;
+    assert_eq!(store.get(&b, b"k"), Ok(None));
+    assert_eq!(store.get(&c, b"k"), Ok(None));
+    set(&store, &b, "k", "from-b").await;
+    assert_eq!(store.get(&a, b"k"), Ok(Some(b"from-a".to_vec())));
+    assert_eq!(store.list_keys(&b, None, 10), Ok((vec![b"k".to_vec()], None)));
+    assert_eq!(store.list_keys(&ns(&store, "a", "b"), None, 10), Ok((vec![], None)));
+}
+
+#[tokio::test]
+async fn listing_pages_with_a_cursor_and_skips_tombstones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("kv.redb"), "a");
+    let n = ns(&store, "app", "list");
+    for i in 0..25 {
+        set(&store, &n, &format!("key{i:02}"), "v").await;
+    }
+    store.write(&n, b"key03", Write::Delete).await.expect("delete");
+    let mut seen = Vec::new();
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        let (page, next) = store.list_keys(&n, cursor.as_deref(), 10).expect("list");
+        assert!(page.len() <= 10);
+        seen.extend(page);
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let expected: Vec<Vec<u8>> =
+        (0..25).filter(|i| *i != 3).map(|i| format!("key{i:02}").into_bytes()).collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn oversize_keys_values_and_buckets_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("kv.redb"), "a");
+    let bounds = *store.bounds();
+    let n = ns(&store, "app", "");
+    let long_key = vec![b'k'; bounds.max_key + 1];
+    assert!(matches!(
+        store.write(&n, &long_key, Write::Set(vec![])).await,
+        Err(KvError::TooLarge { what: "key", .. })
+    ));
+    assert!(matches!(store.get(&n, &long_key), Err(KvError::TooLarge { what: "key", .. })));
+    let big = vec![0u8; bounds.max_value + 1];
+    assert!(matches!(
+        store.write(&n, b"k", Write::Set(big)).await,
+        Err(KvError::TooLarge { what: "value", .. })
+    ));
+    let bucket = "b".repeat(bounds.max_bucket + 1);
+    assert!(matches!(Namespace::new("app", &bucket, &bounds), Err(KvError::TooLarge { .. })));
+    assert_eq!(store.get(&n, b"k"), Ok(None), "nothing was written");
+}
+
+#[tokio::test]
+async fn concurrent_increments_are_all_counted_and_survive_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kv.redb");
+    let before;
+    {
+        let store = open(&path, "a");
+        let n = ns(&store, "app", "");
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let (store, n) = (store.clone(), n.clone());
+            tasks.push(tokio::spawn(async move { store.write(&n, b"hits", Write::Increment(1)).await }));
+        }
+        let mut totals = Vec::new();
+        for t in tasks {
+            match t.await.expect("join") {
+                Ok(Written::Total(total)) => totals.push(total),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        totals.sort();
+        assert_eq!(totals, (1..=200).collect::<Vec<_>>(), "each increment saw a distinct total");
+        assert_eq!(store.get(&n, b"hits"), Ok(Some(b"200".to_vec())));
+        before = store.clock().last();
+    }
+    let store = open(&path, "a");
+    assert_eq!(store.get(&ns(&store, "app", ""), b"hits"), Ok(Some(b"200".to_vec())));
+    assert!(store.clock().now() > before, "the clock resumes after its persisted high-water mark");
+}
+
+#[tokio::test]
+async fn increment_of_a_non_number_and_compare_and_swap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("kv.redb"), "a");
+    let n = ns(&store, "app", "");
+    set(&store, &n, "word", "hello").await;
+    assert!(matches!(store.write(&n, b"word", Write::Increment(1)).await, Err(KvError::Entry(_))));
+    let cas = |expected: Option<&str>, new: &str| Write::CompareAndSwap {
+        expected: expected.map(|e| e.as_bytes().to_vec()),
+        new: new.as_bytes().to_vec(),
+    };
+    assert_eq!(store.write(&n, b"word", cas(Some("nope"), "x")).await, Ok(Written::Swapped(false)));
+    assert_eq!(store.write(&n, b"word", cas(Some("hello"), "bye")).await, Ok(Written::Swapped(true)));
+    assert_eq!(store.write(&n, b"fresh", cas(None, "new")).await, Ok(Written::Swapped(true)));
+    assert_eq!(store.get(&n, b"word"), Ok(Some(b"bye".to_vec())));
+    assert_eq!(store.get(&n, b"fresh"), Ok(Some(b"new".to_vec())));
+}
+
+#[tokio::test]
+async fn stores_with_the_same_entries_have_the_same_digests_whatever_the_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = open(&dir.path().join("a.redb"), "a");
+    let b = open(&dir.path().join("b.redb"), "b");
+    let n = ns(&a, "app", "");
+    for i in 0..100 {
+        set(&a, &n, &format!("k{i}"), &format!("v{i}")).await;
+    }
+    a.write(&n, b"k7", Write::Delete).await.expect("delete");
+    a.write(&n, b"count", Write::Increment(3)).await.expect("increment");
+    let mut entries = a.entries().expect("entries");
+    entries.reverse();
+    let mut doubled = entries.clone();
+    doubled.extend(entries.iter().step_by(3).cloned());
+    b.merge(doubled).await.expect("merge");
+    assert_eq!(a.digests(), b.digests());
+    assert_eq!(b.get(&n, b"k7"), Ok(None), "the tombstone came across");
+    assert_eq!(b.get(&n, b"count"), Ok(Some(b"3".to_vec())));
+    // One differing key changes exactly one range's digest.
+    let before = b.digests().expect("digests");
+    set(&b, &n, "k1", "changed").await;
+    let after = b.digests().expect("digests");
+    assert_eq!(before.iter().zip(&after).filter(|(x, y)| x != y).count(), 1);
+    assert_ne!(a.digests(), b.digests());
+}
+
+#[tokio::test]
+async fn an_unknown_store_format_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kv.redb");
+    drop(open(&path, "a"));
+    {
+        let db = redb::Database::create(&path).expect("db");
+        let txn = db.begin_write().expect("txn");
+        {
+            let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+            txn.open_table(def)
+                .expect("meta")
+                .insert("format", 99u64.to_le_bytes().as_slice())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let err = Store::open(&path, StoreConfig::new("a"), Clock::system()).expect_err("refused");
+    assert_eq!(err, KvError::UnknownFormat { found: 99 });
+    assert!(err.to_string().contains("format version 99"));
+}
