@@ -14,6 +14,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::guest_log::{GuestLog, Stream};
 use crate::host::{Egress, Host};
+use crate::keyvalue::{KvCtx, StorageUnavailable};
 use crate::runtime::Shared;
 use crate::{AppSettings, HandleError, Version};
 
@@ -129,6 +130,7 @@ impl App {
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).build(),
             egress: Egress { allowed_hosts: inner.allowed_hosts.clone() },
+            kv: KvCtx { store: inner.shared.config.kv.clone(), app: inner.name.clone() },
         };
         let mut store = Store::new(&inner.shared.engine, host);
         store.limiter(|host| &mut host.limits);
@@ -204,6 +206,9 @@ fn instantiate_error(e: wasmtime::Error) -> HandleError {
 }
 
 fn guest_error(e: wasmtime::Error, deadline: std::time::Duration) -> HandleError {
+    if let Some(unavailable) = e.downcast_ref::<StorageUnavailable>() {
+        return HandleError::StoreUnavailable(unavailable.0.clone());
+    }
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => HandleError::Deadline { deadline },
         _ => HandleError::Trap(format!("{e:#}")),

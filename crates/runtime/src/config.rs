@@ -19,6 +19,8 @@ pub struct RuntimeConfig {
     pub guest_env: Vec<(String, String)>,
     /// Where compiled components are cached across restarts. `None`: memory only.
     pub cache_dir: Option<PathBuf>,
+    /// The store behind `wasi:keyvalue`. `None`: `open` fails with `no-such-store`.
+    pub kv: Option<atoll_kv::Store>,
 }
 
 impl Default for RuntimeConfig {
@@ -29,6 +31,7 @@ impl Default for RuntimeConfig {
             epoch_tick: Duration::from_millis(10),
             guest_env: Vec::new(),
             cache_dir: None,
+            kv: None,
         }
     }
 }

@@ -86,6 +86,9 @@ pub enum HandleError {
         /// The cap in bytes.
         limit: usize,
     },
+    /// The key-value store failed (I/O error, corrupt file); other apps may still be served.
+    #[error("the key-value store is unavailable: {0}")]
+    StoreUnavailable(String),
     /// Every instance slot of the pool is in use.
     #[error("the site is at its instance capacity; retry shortly")]
     AtCapacity,
@@ -101,7 +104,7 @@ impl HandleError {
             HandleError::RequestBodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HandleError::RequestBody(_) => StatusCode::BAD_REQUEST,
             HandleError::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
-            HandleError::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            HandleError::AtCapacity | HandleError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             HandleError::Trap(_)
             | HandleError::NoResponse
             | HandleError::GuestError(_)

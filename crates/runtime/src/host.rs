@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use wasmtime::StoreLimits;
+
+use crate::keyvalue::{KvCtx, KvView};
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{
@@ -17,6 +19,14 @@ pub(crate) struct Host {
     pub(crate) table: ResourceTable,
     pub(crate) limits: StoreLimits,
     pub(crate) egress: Egress,
+    pub(crate) kv: KvCtx,
+}
+
+impl Host {
+    /// The `wasi:keyvalue` view of this request's state.
+    pub(crate) fn keyvalue(&mut self) -> KvView<'_> {
+        KvView { ctx: &self.kv, table: &mut self.table }
+    }
 }
 
 impl WasiView for Host {

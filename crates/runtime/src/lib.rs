@@ -35,6 +35,7 @@ mod config;
 mod error;
 mod guest_log;
 mod host;
+mod keyvalue;
 mod runtime;
 mod version;
 

@@ -57,6 +57,10 @@ impl Runtime {
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        // Both wasi:keyvalue versions guests use today, over the same store.
+        crate::keyvalue::draft::add_to_linker(&mut linker, Host::keyvalue)
+            .and_then(|()| crate::keyvalue::draft2::add_to_linker(&mut linker, Host::keyvalue))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|source| RuntimeError::Cache { path: dir.clone(), source })?;

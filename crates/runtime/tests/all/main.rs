@@ -1,5 +1,6 @@
 //! Integration tests of atoll-runtime against the real guests in `guests/`.
 
+mod keyvalue;
 mod limits;
 mod load;
 mod serve;

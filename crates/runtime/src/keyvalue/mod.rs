@@ -1,0 +1,216 @@
+//! The `wasi:keyvalue` host, bound to atoll-kv, in the two versions guests use today:
+//! `0.2.0-draft` (wasmtime, wasmCloud) in [`draft`] and `0.2.0-draft2` (Spin) in [`draft2`]. Both
+//! are thin adapters over one implementation here, so they read and write the same data.
+//!
+//! A guest sees only its own app's buckets: the namespace is built from the app name the host
+//! holds, never from anything the guest passes. Bound violations and refused operations are
+//! errors the guest can handle (`error::other`); a storage failure traps the request with
+//! [`StorageUnavailable`], which the host answers with 503.
+
+pub(crate) mod draft;
+pub(crate) mod draft2;
+
+use std::sync::Arc;
+
+use atoll_kv::{KvError, Namespace, Store, Write, Written};
+use wasmtime::component::{HasData, Resource, ResourceTable};
+
+/// The store failed (I/O error, corrupt file, shut down): the request fails with 503.
+#[derive(Debug, thiserror::Error)]
+#[error("the key-value store is unavailable: {0}")]
+pub struct StorageUnavailable(pub String);
+
+/// What a request's store data holds for `wasi:keyvalue`.
+pub(crate) struct KvCtx {
+    pub(crate) store: Option<Store>,
+    pub(crate) app: Arc<str>,
+}
+
+/// An open bucket.
+pub struct Bucket {
+    ns: Namespace,
+}
+
+/// A compare-and-swap handle (draft2): the key and the value read when it was made.
+pub struct Cas {
+    ns: Namespace,
+    key: String,
+    current: Option<Vec<u8>>,
+}
+
+/// The view the generated host traits are implemented on.
+pub(crate) struct KvView<'a> {
+    pub(crate) ctx: &'a KvCtx,
+    pub(crate) table: &'a mut ResourceTable,
+}
+
+/// Marker for `add_to_linker`.
+pub(crate) struct HasKv;
+
+impl HasData for HasKv {
+    type Data<'a> = KvView<'a>;
+}
+
+/// A failure the guest sees as its version's `error` variant.
+pub(crate) enum Fail {
+    NoSuchStore,
+    Other(String),
+}
+
+/// The outcome of an operation: `Err` traps (storage failure), `Ok(Err)` is the guest's error.
+pub(crate) type Outcome<T> = wasmtime::Result<Result<T, Fail>>;
+
+fn outcome<T>(result: Result<T, KvError>) -> Outcome<T> {
+    match result {
+        Ok(v) => Ok(Ok(v)),
+        Err(KvError::Storage(e)) => Err(StorageUnavailable(e).into()),
+        Err(KvError::Closed) => Err(StorageUnavailable("the store is closed".into()).into()),
+        Err(other) => Ok(Err(Fail::Other(other.to_string()))),
+    }
+}
+
+impl KvView<'_> {
+    fn store(&self) -> Result<&Store, Fail> {
+        self.ctx.store.as_ref().ok_or(Fail::NoSuchStore)
+    }
+
+    fn open(&mut self, identifier: &str) -> Outcome<Resource<Bucket>> {
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let ns = match outcome(Namespace::new(&self.ctx.app, identifier, store.bounds()))? {
+            Ok(ns) => ns,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(Ok(self.table.push(Bucket { ns })?))
+    }
+
+    fn ns(&self, bucket: &Resource<Bucket>) -> wasmtime::Result<Namespace> {
+        Ok(self.table.get(bucket)?.ns.clone())
+    }
+
+    fn get(&self, bucket: &Resource<Bucket>, key: &str) -> Outcome<Option<Vec<u8>>> {
+        let ns = self.ns(bucket)?;
+        match self.store() {
+            Ok(store) => outcome(store.get(&ns, key.as_bytes())),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    async fn write(&mut self, bucket: &Resource<Bucket>, key: &str, write: Write) -> Outcome<Written> {
+        let ns = self.ns(bucket)?;
+        match self.store() {
+            Ok(store) => outcome(store.write(&ns, key.as_bytes(), write).await),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    async fn set(&mut self, bucket: &Resource<Bucket>, key: &str, value: Vec<u8>) -> Outcome<()> {
+        Ok(self.write(bucket, key, Write::Set(value)).await?.map(drop))
+    }
+
+    async fn delete(&mut self, bucket: &Resource<Bucket>, key: &str) -> Outcome<()> {
+        Ok(self.write(bucket, key, Write::Delete).await?.map(drop))
+    }
+
+    async fn increment(&mut self, bucket: &Resource<Bucket>, key: &str, delta: i64) -> Outcome<i64> {
+        Ok(self.write(bucket, key, Write::Increment(delta)).await?.and_then(|w| match w {
+            Written::Total(total) => Ok(total),
+            other => Err(Fail::Other(format!("unexpected store answer {other:?}"))),
+        }))
+    }
+
+    /// One page of keys after `after` (exclusive; `None`: from the start).
+    fn list(&self, bucket: &Resource<Bucket>, after: Option<&str>) -> Outcome<(Vec<String>, Option<String>)> {
+        let ns = self.ns(bucket)?;
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let page = store.bounds().max_page;
+        Ok(outcome(store.list_keys(&ns, after.map(str::as_bytes), page))?.map(|(keys, next)| {
+            let keys = keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()).collect();
+            (keys, next.map(|c| String::from_utf8_lossy(&c).into_owned()))
+        }))
+    }
+
+    async fn set_many(&mut self, bucket: &Resource<Bucket>, pairs: Vec<(String, Vec<u8>)>) -> Outcome<()> {
+        let writes = pairs.into_iter().map(|(k, v)| (k.into_bytes(), Write::Set(v))).collect();
+        self.write_many(bucket, writes).await
+    }
+
+    async fn delete_many(&mut self, bucket: &Resource<Bucket>, keys: Vec<String>) -> Outcome<()> {
+        let writes = keys.into_iter().map(|k| (k.into_bytes(), Write::Delete)).collect();
+        self.write_many(bucket, writes).await
+    }
+
+    /// Several writes in one transaction; the first refused one is the guest's error.
+    async fn write_many(&mut self, bucket: &Resource<Bucket>, writes: Vec<(Vec<u8>, Write)>) -> Outcome<()> {
+        let ns = self.ns(bucket)?;
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let results = match outcome(store.write_many(&ns, writes).await)? {
+            Ok(results) => results,
+            Err(e) => return Ok(Err(e)),
+        };
+        for result in results {
+            if let Err(e) = outcome(result)? {
+                return Ok(Err(e));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn get_many(
+        &self,
+        bucket: &Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> Outcome<Vec<(String, Option<Vec<u8>>)>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            match self.get(bucket, &key)? {
+                Ok(value) => out.push((key, value)),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    fn new_cas(&mut self, bucket: &Resource<Bucket>, key: String) -> Outcome<Resource<Cas>> {
+        let ns = self.ns(bucket)?;
+        let current = match self.get(bucket, &key)? {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(Ok(self.table.push(Cas { ns, key, current })?))
+    }
+
+    /// Swaps if the value is still what the handle read. `Ok(Ok(Err(cas)))`: it changed; the
+    /// returned handle holds the new current value.
+    async fn swap(
+        &mut self,
+        cas: Resource<Cas>,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<Result<(), Resource<Cas>>, Fail>> {
+        let Cas { ns, key, current } = self.table.delete(cas)?;
+        let store = match self.store() {
+            Ok(s) => s.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        let write = Write::CompareAndSwap { expected: current, new: value };
+        match outcome(store.write(&ns, key.as_bytes(), write).await)? {
+            Ok(Written::Swapped(true)) => Ok(Ok(Ok(()))),
+            Ok(_) => {
+                let now = match outcome(store.get(&ns, key.as_bytes()))? {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                };
+                Ok(Ok(Err(self.table.push(Cas { ns, key, current: now })?)))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+}

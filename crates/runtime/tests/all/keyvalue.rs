@@ -1,0 +1,105 @@
+//! wasi:keyvalue from real guests: both versions, isolation between apps, bounds, no store.
+
+use super::*;
+use atoll_kv::{Bounds, Clock, Store, StoreConfig};
+
+fn runtime_with_store(dir: &std::path::Path, bounds: Bounds) -> Runtime {
+    let store = Store::open(
+        &dir.join("kv.redb"),
+        StoreConfig { bounds, ..StoreConfig::new("test-site") },
+        Clock::system(),
+    )
+    .expect("store");
+    Runtime::new(RuntimeConfig { max_instances: 50, kv: Some(store), ..RuntimeConfig::default() })
+        .expect("runtime")
+}
+
+async fn call(app: &App, method: &str, path: &str, body: &str) -> (u16, String) {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://example.com{path}"))
+        .body(http_body_util::Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
+    let response = app.handle(request, "kv-test").await.expect("served");
+    (response.status().as_u16(), String::from_utf8_lossy(response.body()).into_owned())
+}
+
+fn load_as(rt: &Runtime, name: &str, path: &str) -> App {
+    rt.load(name, &std::fs::read(path).expect("built"), AppSettings::default()).expect("loads")
+}
+
+#[tokio::test]
+async fn counter_state_outlives_the_instance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds::default());
+    let counter = load_as(&rt, "counter", atoll_test_guests::COUNTER);
+    for expected in 1..=3 {
+        assert_eq!(call(&counter, "POST", "/hits", "").await, (200, format!("{expected}\n")));
+    }
+    assert_eq!(call(&counter, "GET", "/hits", "").await, (200, "3\n".into()));
+    assert_eq!(call(&counter, "GET", "/other", "").await, (200, "0\n".into()));
+}
+
+#[tokio::test]
+async fn draft_and_draft2_guests_share_the_same_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds::default());
+    // The same app name: the same namespace, whichever interface version the guest uses.
+    let draft2 = load_as(&rt, "shared", atoll_test_guests::COUNTER);
+    let draft = load_as(&rt, "shared", atoll_test_guests::KV_DRAFT);
+    assert_eq!(call(&draft2, "POST", "/hits", "").await, (200, "1\n".into()));
+    assert_eq!(call(&draft, "POST", "/default/hits?by=2", "").await, (200, "3".into()));
+    assert_eq!(call(&draft2, "GET", "/hits", "").await, (200, "3\n".into()));
+    assert_eq!(call(&draft, "GET", "/default/hits", "").await, (200, "3".into()));
+    assert_eq!(call(&draft, "PUT", "/default/greeting", "hi").await.0, 200);
+    assert_eq!(call(&draft, "GET", "/default/greeting", "").await, (200, "hi".into()));
+}
+
+#[tokio::test]
+async fn apps_cannot_see_each_others_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds::default());
+    let a = load_as(&rt, "app-a", atoll_test_guests::KV_DRAFT);
+    let b = load_as(&rt, "app-b", atoll_test_guests::KV_DRAFT);
+    assert_eq!(call(&a, "PUT", "/default/secret", "a-only").await.0, 200);
+    assert_eq!(call(&b, "GET", "/default/secret", "").await.0, 404);
+    assert_eq!(call(&b, "GET", "/default/", "").await, (200, String::new()), "b lists nothing");
+    // Crafted bucket identifiers cannot reach another app's namespace either.
+    for bucket in ["app-a", "..", "%00app-a", "default%00"] {
+        assert_eq!(call(&b, "GET", &format!("/{bucket}/secret"), "").await.0, 404, "bucket {bucket}");
+    }
+    assert_eq!(call(&a, "GET", "/default/secret", "").await, (200, "a-only".into()));
+}
+
+#[tokio::test]
+async fn listing_follows_the_cursor_across_pages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds { max_page: 3, ..Bounds::default() });
+    let app = load_as(&rt, "lister", atoll_test_guests::KV_DRAFT);
+    let mut expected = Vec::new();
+    for i in 0..8 {
+        let key = format!("k{i}");
+        assert_eq!(call(&app, "PUT", &format!("/b/{key}"), "v").await.0, 200);
+        expected.push(key);
+    }
+    assert_eq!(call(&app, "GET", "/b/", "").await, (200, expected.join("\n")));
+}
+
+#[tokio::test]
+async fn oversized_keys_are_an_error_the_guest_handles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds { max_key: 8, ..Bounds::default() });
+    let app = load_as(&rt, "bounded", atoll_test_guests::KV_DRAFT);
+    let (status, body) = call(&app, "PUT", "/b/a-key-longer-than-eight", "v").await;
+    assert_eq!(status, 500, "the guest's own error response, not a trap");
+    assert!(body.contains("store error") && body.contains("over the limit"), "{body}");
+}
+
+#[tokio::test]
+async fn without_a_store_open_fails_in_the_guest() {
+    let rt = runtime();
+    let counter = load_as(&rt, "counter", atoll_test_guests::COUNTER);
+    let (status, body) = call(&counter, "POST", "/hits", "").await;
+    assert_eq!(status, 500);
+    assert!(body.contains("NoSuchStore"), "{body}");
+}
