@@ -5,15 +5,20 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Each guest package and the constant naming its built component.
-const GUESTS: &[(&str, &str)] =
-    &[("hello", "HELLO"), ("probe", "PROBE"), ("counter", "COUNTER"), ("kv-draft", "KV_DRAFT")];
+const GUESTS: &[(&str, &str)] = &[
+    ("hello", "HELLO"),
+    ("probe", "PROBE"),
+    ("counter", "COUNTER"),
+    ("todo", "TODO"),
+    ("kv-draft", "KV_DRAFT"),
+];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
     let manifest_dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guests = manifest_dir.join("../../guests").canonicalize().expect("the guests/ workspace exists");
-    for path in ["Cargo.toml", "Cargo.lock", "hello", "counter", "testing", "../wit"] {
+    for path in ["Cargo.toml", "Cargo.lock", "hello", "counter", "todo", "testing", "../wit"] {
         println!("cargo:rerun-if-changed={}", guests.join(path).display());
     }
     ensure_target();

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod deploy;
+mod keyvalue;
 mod limits;
 mod restart;
 

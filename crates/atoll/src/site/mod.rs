@@ -70,6 +70,14 @@ pub fn run(options: SiteOptions) -> Result<()> {
     runtime_config.guest_env =
         vec![("ATOLL_SITE".into(), options.name.clone()), ("ATOLL_REGION".into(), options.region.clone())];
     runtime_config.cache_dir = Some(options.data.join("compiled"));
+    let kv_path = options.data.join("kv.redb");
+    let kv = atoll_kv::Store::open(
+        &kv_path,
+        atoll_kv::StoreConfig::new(options.name.clone()),
+        atoll_kv::Clock::system(),
+    )
+    .with_context(|| format!("cannot open the key-value store {}", kv_path.display()))?;
+    runtime_config.kv = Some(kv);
     let runtime = Runtime::new(runtime_config)?;
 
     let mut apps = HashMap::new();
