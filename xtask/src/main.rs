@@ -140,7 +140,7 @@ impl Drop for Server {
 }
 
 fn demo(listen: &str) -> Result<()> {
-    let wasm = build_guests()?.join("hello.wasm");
+    let guests = build_guests()?;
     let atoll = build_bins(false, &["atoll"])?.join("atoll");
     let token = std::env::var("ATOLL_ADMIN_TOKEN").unwrap_or_else(|_| "demo-token".into());
     let data = root().join("target/demo/us-east");
@@ -150,17 +150,21 @@ fn demo(listen: &str) -> Result<()> {
             .arg(&data)
             .env("ATOLL_ADMIN_TOKEN", &token),
     )?;
-    run(Command::new(&atoll)
-        .args(["deploy", "--site", &site.url, "--app", "hello"])
-        .arg(&wasm)
-        .env("ATOLL_ADMIN_TOKEN", &token))?;
-    println!(
-        "\nAtoll site us-east-1 (region us-east) is running at {}, data in {}",
-        site.url,
-        data.display()
-    );
-    println!("Try:\n  curl {}/apps/hello/", site.url);
-    println!("  curl -H 'Host: hello.localhost' {}/", site.url);
+    for app in ["hello", "counter", "todo"] {
+        run(Command::new(&atoll)
+            .args(["deploy", "--site", &site.url, "--app", app])
+            .arg(guests.join(format!("{app}.wasm")))
+            .env("ATOLL_ADMIN_TOKEN", &token)
+            .stdout(Stdio::null()))?;
+    }
+    let url = &site.url;
+    println!("\nAtoll site us-east-1 (region us-east) is running at {url}, data in {}", data.display());
+    println!("Deployed hello, counter and todo. Try:");
+    println!("  curl {url}/apps/hello/");
+    println!("  curl -H 'Host: hello.localhost' {url}/");
+    println!("  curl -X POST {url}/apps/counter/visits");
+    println!("  curl -X POST {url}/apps/todo/ -d '{{\"title\":\"try atoll\"}}'");
+    println!("  curl {url}/apps/todo/");
     println!("  ATOLL_ADMIN_TOKEN={token} target/debug/atoll apps --site {}", site.url);
     println!("Press Ctrl-C to stop.");
     let status = site.child.wait()?;
