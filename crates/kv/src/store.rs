@@ -389,6 +389,40 @@ impl Store {
         answer.await.map_err(|_| KvError::Closed)
     }
 
+    /// Removes tombstones (deleted keys without increments) whose last change is older than
+    /// `before`, and returns how many went. This is the separate, explicit collection step: the
+    /// store never drops a tombstone by itself, and replication decides when `before` is safe
+    /// (every known site has seen the delete). Runs as its own transaction; digests follow.
+    pub fn collect_tombstones(&self, before: Hlc) -> Result<usize, KvError> {
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        let mut removed = 0;
+        {
+            let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
+            let mut digests = txn.open_table(DIGESTS).map_err(storage)?;
+            let mut doomed = Vec::new();
+            for item in entries.iter().map_err(storage)? {
+                let (k, v) = item.map_err(storage)?;
+                let entry = codec::decode(v.value()).map_err(storage)?;
+                if entry.is_tombstone() && entry.changed.hlc < before {
+                    doomed.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }
+            for (composite, encoded) in doomed {
+                let range = range_of(&composite);
+                let sum = match digests.get(range).map_err(storage)? {
+                    Some(v) => decode_u128(v.value())?,
+                    None => 0,
+                };
+                let sum = sum.wrapping_sub(entry_hash(&composite, &encoded));
+                digests.insert(range, sum.to_le_bytes().as_slice()).map_err(storage)?;
+                entries.remove(composite.as_slice()).map_err(storage)?;
+                removed += 1;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(removed)
+    }
+
     /// The digest of every range, in range order (see the module docs).
     pub fn digests(&self) -> Result<Vec<u128>, KvError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;

@@ -195,3 +195,24 @@ async fn an_unknown_store_format_is_refused() {
     assert_eq!(err, KvError::UnknownFormat { found: 99 });
     assert!(err.to_string().contains("format version 99"));
 }
+
+#[tokio::test]
+async fn tombstones_stay_until_collected_and_collection_keeps_digests_true() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = open(&dir.path().join("a.redb"), "a");
+    let n = ns(&a, "app", "");
+    set(&a, &n, "gone", "v").await;
+    set(&a, &n, "kept", "v").await;
+    a.write(&n, b"gone", Write::Delete).await.expect("delete");
+    let deleted_at = a.clock().last();
+    assert_eq!(a.entries().expect("entries").len(), 2, "the tombstone is kept");
+    assert_eq!(a.collect_tombstones(deleted_at), Ok(0), "not older than the horizon yet");
+    let horizon = a.clock().now();
+    assert_eq!(a.collect_tombstones(horizon), Ok(1));
+    assert_eq!(a.entries().expect("entries").len(), 1);
+    assert_eq!(a.get(&n, b"gone"), Ok(None));
+    // The digests equal those of a store that only ever held the live entry.
+    let b = open(&dir.path().join("b.redb"), "b");
+    b.merge(a.entries().expect("entries")).await.expect("merge");
+    assert_eq!(a.digests(), b.digests());
+}
