@@ -39,6 +39,12 @@ enum Task {
         #[arg(long, default_value_t = 32)]
         connections: u32,
     },
+    /// Durable key-value writes and reads through the counter guest on a release site.
+    BenchKv {
+        /// Seconds of load per case.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,6 +52,7 @@ fn main() -> Result<()> {
         Task::BuildGuests => build_guests().map(drop),
         Task::Demo { listen } => demo(&listen),
         Task::Bench { duration, connections } => bench(duration, connections),
+        Task::BenchKv { duration } => bench_kv(duration),
     }
 }
 
@@ -183,8 +190,15 @@ struct Load {
 }
 
 fn wrk(url: &str, seconds: u64, connections: u32) -> Result<Load> {
+    wrk_with(url, seconds, connections, &[])
+}
+
+fn wrk_with(url: &str, seconds: u64, connections: u32, extra: &[&str]) -> Result<Load> {
+    let threads = format!("-t{}", connections.min(2));
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", url])
+        .args([threads.as_str(), &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+        .args(extra)
+        .arg(url)
         .output()
         .context("cannot run wrk: install it (Debian: apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -213,25 +227,62 @@ fn wrk(url: &str, seconds: u64, connections: u32) -> Result<Load> {
     })
 }
 
-fn bench(seconds: u64, connections: u32) -> Result<()> {
-    let wasm = build_guests()?.join("hello.wasm");
-    let bins = build_bins(true, &["atoll", "xtask"])?;
-    let dir = tempfile::tempdir()?;
-    let quiet = |cmd: &mut Command| {
-        cmd.env_remove("RUST_BACKTRACE").env("RUST_LOG", "warn").stderr(Stdio::inherit());
-    };
+/// Quiet, comparable server processes: warnings only, no backtrace capture.
+fn quiet(cmd: &mut Command) {
+    cmd.env_remove("RUST_BACKTRACE").env("RUST_LOG", "warn").stderr(Stdio::inherit());
+}
+
+/// Starts a release site in `dir` with `app` deployed from the built guests.
+fn bench_site(bins: &Path, guests: &Path, dir: &Path, apps: &[&str]) -> Result<Server> {
     let mut site_cmd = Command::new(bins.join("atoll"));
     site_cmd
         .args(["site", "--name", "bench", "--region", "local", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
+        .arg(dir)
         .env("ATOLL_ADMIN_TOKEN", "bench");
     quiet(&mut site_cmd);
     let site = Server::start(&mut site_cmd)?;
-    run(Command::new(bins.join("atoll"))
-        .args(["deploy", "--site", &site.url, "--app", "hello"])
-        .arg(&wasm)
-        .env("ATOLL_ADMIN_TOKEN", "bench")
-        .stdout(Stdio::null()))?;
+    for app in apps {
+        run(Command::new(bins.join("atoll"))
+            .args(["deploy", "--site", &site.url, "--app", app])
+            .arg(guests.join(format!("{app}.wasm")))
+            .env("ATOLL_ADMIN_TOKEN", "bench")
+            .stdout(Stdio::null()))?;
+    }
+    Ok(site)
+}
+
+fn bench_kv(seconds: u64) -> Result<()> {
+    let guests = build_guests()?;
+    let bins = build_bins(true, &["atoll"])?;
+    let dir = tempfile::tempdir()?;
+    let site = bench_site(&bins, &guests, dir.path(), &["counter"])?;
+    let script = dir.path().join("post.lua");
+    std::fs::write(&script, "wrk.method = \"POST\"\n")?;
+    let script = script.display().to_string();
+    println!(
+        "counter guest on a release site, wrk on loopback, {seconds}s per case; every POST is an acknowledged durable increment"
+    );
+    println!("{:<34} {:>10} {:>10} {:>10} {:>8}", "case", "req/s", "p50", "p99", "errors");
+    for (name, connections, extra) in [
+        ("increment, 1 client", 1, vec!["-s", script.as_str()]),
+        ("increment, 32 clients", 32, vec!["-s", script.as_str()]),
+        ("increment, 256 clients", 256, vec!["-s", script.as_str()]),
+        ("read (GET), 32 clients", 32, vec![]),
+    ] {
+        let load = wrk_with(&format!("{}/apps/counter/hits", site.url), seconds, connections, &extra)?;
+        println!(
+            "{name:<34} {:>10.0} {:>10} {:>10} {:>8}",
+            load.requests_per_sec, load.p50, load.p99, load.errors
+        );
+    }
+    Ok(())
+}
+
+fn bench(seconds: u64, connections: u32) -> Result<()> {
+    let guests = build_guests()?;
+    let bins = build_bins(true, &["atoll", "xtask"])?;
+    let dir = tempfile::tempdir()?;
+    let site = bench_site(&bins, &guests, dir.path(), &["hello"])?;
     let mut native_cmd = Command::new(bins.join("native-hello"));
     quiet(&mut native_cmd);
     let native = Server::start(&mut native_cmd)?;
