@@ -224,7 +224,20 @@ impl Store {
     /// Opens (or creates) the store at `path`, checks its format, restores the clock's high-water
     /// mark, and starts the writer thread.
     pub fn open(path: &Path, config: StoreConfig, clock: Clock) -> Result<Store, KvError> {
-        let db = Database::create(path).map_err(storage)?;
+        Store::start(Database::create(path).map_err(storage)?, config, clock)
+    }
+
+    /// [`Store::open`] on another redb storage backend: in memory, or one that injects I/O
+    /// failures in tests.
+    pub fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        config: StoreConfig,
+        clock: Clock,
+    ) -> Result<Store, KvError> {
+        Store::start(Database::builder().create_with_backend(backend).map_err(storage)?, config, clock)
+    }
+
+    fn start(db: Database, config: StoreConfig, clock: Clock) -> Result<Store, KvError> {
         let txn = db.begin_write().map_err(storage)?;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;

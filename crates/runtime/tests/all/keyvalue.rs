@@ -103,3 +103,64 @@ async fn without_a_store_open_fails_in_the_guest() {
     assert_eq!(status, 500);
     assert!(body.contains("NoSuchStore"), "{body}");
 }
+
+/// A redb backend in memory whose writes and syncs fail once `fail` is set: a full or broken disk.
+#[derive(Debug)]
+struct FailingDisk {
+    inner: redb::backends::InMemoryBackend,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FailingDisk {
+    fn check(&self) -> std::io::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::other("injected: no space left on device"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl redb::StorageBackend for FailingDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+}
+
+#[tokio::test]
+async fn a_failing_disk_is_503_for_that_request_and_other_apps_carry_on() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let disk = FailingDisk { inner: redb::backends::InMemoryBackend::new(), fail: fail.clone() };
+    let store =
+        Store::open_with_backend(disk, StoreConfig::new("test-site"), Clock::system()).expect("store");
+    let rt = Runtime::new(RuntimeConfig { max_instances: 50, kv: Some(store), ..RuntimeConfig::default() })
+        .expect("runtime");
+    let counter = load_as(&rt, "counter", atoll_test_guests::COUNTER);
+    let hello = load_as(&rt, "hello", atoll_test_guests::HELLO);
+    assert_eq!(call(&counter, "POST", "/hits", "").await, (200, "1\n".into()));
+
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let request = http::Request::post("http://example.com/hits")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .expect("request");
+    let err = counter.handle(request, "kv-test").await.expect_err("the write cannot be made durable");
+    assert!(matches!(err, HandleError::StoreUnavailable(_)), "{err:?}");
+    assert_eq!(err.status(), 503);
+    assert!(err.to_string().contains("no space left"), "{err}");
+    assert_eq!(call(&hello, "GET", "/", "").await.0, 200, "an app without state is still served");
+}
