@@ -2,7 +2,7 @@
 //!
 //! An [`Entry`] is a last-writer-wins **register** (a value or a tombstone, with the [`Stamp`] of
 //! the `set`/`delete` that wrote it) plus a **counter**: per-site contributions (`up`, `down`) made by
-//! `increment` on top of that register. The rules, which ALGORITHM.md states with their proofs:
+//! `increment` on top of that register. The rules:
 //!
 //! - `set`/`delete` write the register with a new stamp and start the counter afresh: a `set` or
 //!   `delete` wins over every increment made before it was seen (last writer wins, by stamp).
@@ -14,6 +14,12 @@
 //!   change either side saw. Merge is commutative, associative and idempotent.
 //! - A read of a key with contributions returns base + Σup − Σdown as decimal ASCII; without, the
 //!   register's bytes (or nothing, for a tombstone).
+//!
+//! Why merge converges: the register part is a max over a total order (stamps), the counter part
+//! for the winning stamp is a per-site max of monotonic (`up`, `down`) pairs, and `changed` is a
+//! max; each is a join of a semilattice, and contributions to a losing register are dropped by
+//! every merge that sees the winner, so any order and any duplication of the same entries gives
+//! the same result (checked by `tests/all/merge_properties.rs`).
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
