@@ -37,8 +37,36 @@ fn counter_and_todo_keep_their_state_across_a_kill_and_restart() {
 fn every_acknowledged_write_survives_a_sigkill_mid_burst() {
     let site = Site::start("durable");
     site.deploy("counter", atoll_test_guests::COUNTER, &[]);
+    site.deploy("todo", atoll_test_guests::TODO, &[]);
     let url = site.url.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two todo clients: each remembers the ids the site acknowledged (201).
+    let todo_clients: Vec<_> = (0..2)
+        .map(|c| {
+            let (url, stop) = (url.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(10)))
+                    .build()
+                    .into();
+                let mut acknowledged = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let body = format!("{{\"title\":\"client {c} item {}\"}}", acknowledged.len());
+                    match agent.post(format!("{url}/apps/todo/")).send(body.as_bytes()) {
+                        Ok(mut r) if r.status() == 201 => {
+                            let created: serde_json::Value =
+                                serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+                                    .expect("json");
+                            acknowledged.push(created["id"].as_u64().expect("id"));
+                        }
+                        _ => break,
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
     let clients: Vec<_> = (0..8)
         .map(|c| {
             let (url, stop) = (url.clone(), stop.clone());
@@ -79,6 +107,12 @@ fn every_acknowledged_write_survives_a_sigkill_mid_burst() {
             present >= *acked && present <= acked + 1,
             "client{c}: acknowledged {acked}, present {present}"
         );
+    }
+    let acknowledged_ids: Vec<u64> =
+        todo_clients.into_iter().flat_map(|c| c.join().expect("client")).collect();
+    assert!(!acknowledged_ids.is_empty(), "some todo items were acknowledged before the kill");
+    for id in acknowledged_ids {
+        assert_eq!(site.get(&format!("/apps/todo/{id}")).status, 200, "acknowledged item {id} is present");
     }
 }
 
