@@ -45,11 +45,7 @@ fn every_acknowledged_write_survives_a_sigkill_mid_burst() {
         .map(|c| {
             let (url, stop) = (url.clone(), stop.clone());
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(10)))
-                    .build()
-                    .into();
+                let agent = agent(Duration::from_secs(10));
                 let mut acknowledged = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let body = format!("{{\"title\":\"client {c} item {}\"}}", acknowledged.len());
@@ -71,11 +67,7 @@ fn every_acknowledged_write_survives_a_sigkill_mid_burst() {
         .map(|c| {
             let (url, stop) = (url.clone(), stop.clone());
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(10)))
-                    .build()
-                    .into();
+                let agent = agent(Duration::from_secs(10));
                 let mut acknowledged = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     match agent.post(format!("{url}/apps/counter/client{c}")).send_empty() {

@@ -2,7 +2,7 @@
 
 use wasmtime::component::Resource;
 
-use super::{Bucket, Cas, Fail, KvView, Outcome};
+use super::{Bucket, Cas, KvView};
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -18,77 +18,28 @@ mod generated {
 
 use generated::wasi::keyvalue::{atomics, batch, store};
 
-/// Adds this version's interfaces to the linker.
-pub(crate) fn add_to_linker<T: Send + 'static>(
-    linker: &mut wasmtime::component::Linker<T>,
-    view: fn(&mut T) -> KvView<'_>,
-) -> wasmtime::Result<()> {
-    store::add_to_linker::<T, super::HasKv>(linker, view)?;
-    atomics::add_to_linker::<T, super::HasKv>(linker, view)?;
-    batch::add_to_linker::<T, super::HasKv>(linker, view)
-}
-
-fn guest<T>(outcome: Outcome<T>) -> wasmtime::Result<Result<T, store::Error>> {
-    Ok(outcome?.map_err(|fail| match fail {
-        Fail::NoSuchStore => store::Error::NoSuchStore,
-        Fail::Other(reason) => store::Error::Other(reason),
-    }))
-}
-
-impl store::Host for KvView<'_> {
-    async fn open(&mut self, identifier: String) -> wasmtime::Result<Result<Resource<Bucket>, store::Error>> {
-        guest(KvView::open(self, &identifier))
+common_host! {
+    bucket_methods: {
+        /// This version's cursor is the last key of the previous page.
+        async fn list_keys(
+            &mut self,
+            bucket: Resource<Bucket>,
+            cursor: Option<String>,
+        ) -> wasmtime::Result<Result<store::KeyResponse, store::Error>> {
+            guest(
+                self.list(&bucket, cursor.as_deref())
+                    .map(|r| r.map(|(keys, cursor)| store::KeyResponse { keys, cursor })),
+            )
+        }
     }
-}
-
-impl store::HostBucket for KvView<'_> {
-    async fn get(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key: String,
-    ) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
-        guest(KvView::get(self, &bucket, &key))
-    }
-
-    async fn set(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key: String,
-        value: Vec<u8>,
-    ) -> wasmtime::Result<Result<(), store::Error>> {
-        guest(KvView::set(self, &bucket, &key, value).await)
-    }
-
-    async fn delete(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key: String,
-    ) -> wasmtime::Result<Result<(), store::Error>> {
-        guest(KvView::delete(self, &bucket, &key).await)
-    }
-
-    async fn exists(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key: String,
-    ) -> wasmtime::Result<Result<bool, store::Error>> {
-        guest(KvView::get(self, &bucket, &key).map(|r| r.map(|v| v.is_some())))
-    }
-
-    async fn list_keys(
-        &mut self,
-        bucket: Resource<Bucket>,
-        cursor: Option<String>,
-    ) -> wasmtime::Result<Result<store::KeyResponse, store::Error>> {
-        guest(
-            self.list(&bucket, cursor.as_deref())
-                .map(|r| r.map(|(keys, cursor)| store::KeyResponse { keys, cursor })),
-        )
-    }
-
-    async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
-        self.table.delete(bucket)?;
-        Ok(())
+    batch_methods: {
+        async fn get_many(
+            &mut self,
+            bucket: Resource<Bucket>,
+            keys: Vec<String>,
+        ) -> wasmtime::Result<Result<Vec<(String, Option<Vec<u8>>)>, store::Error>> {
+            guest(KvView::get_many(self, &bucket, keys))
+        }
     }
 }
 
@@ -110,9 +61,10 @@ impl atomics::Host for KvView<'_> {
         Ok(match KvView::swap(self, cas, value).await? {
             Ok(Ok(())) => Ok(()),
             Ok(Err(cas)) => Err(atomics::CasError::CasFailed(cas)),
-            Err(fail) => Err(atomics::CasError::StoreError(
-                guest::<()>(Ok(Err(fail)))?.err().unwrap_or(store::Error::AccessDenied),
-            )),
+            Err(fail) => match guest::<()>(Ok(Err(fail)))? {
+                Err(e) => Err(atomics::CasError::StoreError(e)),
+                Ok(()) => Ok(()),
+            },
         })
     }
 }
@@ -136,31 +88,5 @@ impl atomics::HostCas for KvView<'_> {
     async fn drop(&mut self, cas: Resource<Cas>) -> wasmtime::Result<()> {
         self.table.delete(cas)?;
         Ok(())
-    }
-}
-
-impl batch::Host for KvView<'_> {
-    async fn get_many(
-        &mut self,
-        bucket: Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> wasmtime::Result<Result<Vec<(String, Option<Vec<u8>>)>, store::Error>> {
-        guest(KvView::get_many(self, &bucket, keys))
-    }
-
-    async fn set_many(
-        &mut self,
-        bucket: Resource<Bucket>,
-        key_values: Vec<(String, Vec<u8>)>,
-    ) -> wasmtime::Result<Result<(), store::Error>> {
-        guest(KvView::set_many(self, &bucket, key_values).await)
-    }
-
-    async fn delete_many(
-        &mut self,
-        bucket: Resource<Bucket>,
-        keys: Vec<String>,
-    ) -> wasmtime::Result<Result<(), store::Error>> {
-        guest(KvView::delete_many(self, &bucket, keys).await)
     }
 }

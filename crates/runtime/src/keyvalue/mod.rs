@@ -7,6 +7,76 @@
 //! errors the guest can handle (`error::other`); a storage failure traps the request with
 //! [`StorageUnavailable`], which the host answers with 503.
 
+/// The host items that are the same in both versions, written once. The generated types differ
+/// per version, so this is a macro, expanded in each version's module (where `store` and `batch`
+/// name that version's generated interfaces); each version passes the methods that differ.
+macro_rules! common_host {
+    (
+        bucket_methods: { $($bucket_methods:tt)* }
+        batch_methods: { $($batch_methods:tt)* }
+    ) => {
+        fn guest<T>(outcome: super::Outcome<T>) -> wasmtime::Result<Result<T, store::Error>> {
+            Ok(outcome?.map_err(|fail| match fail {
+                super::Fail::NoSuchStore => store::Error::NoSuchStore,
+                super::Fail::Other(reason) => store::Error::Other(reason),
+            }))
+        }
+
+        /// Adds this version's interfaces to the linker.
+        pub(crate) fn add_to_linker<T: Send + 'static>(
+            linker: &mut wasmtime::component::Linker<T>,
+            view: fn(&mut T) -> KvView<'_>,
+        ) -> wasmtime::Result<()> {
+            store::add_to_linker::<T, super::HasKv>(linker, view)?;
+            atomics::add_to_linker::<T, super::HasKv>(linker, view)?;
+            batch::add_to_linker::<T, super::HasKv>(linker, view)
+        }
+
+        impl store::Host for KvView<'_> {
+            async fn open(&mut self, identifier: String) -> wasmtime::Result<Result<Resource<Bucket>, store::Error>> {
+                guest(KvView::open(self, &identifier))
+            }
+        }
+
+        impl store::HostBucket for KvView<'_> {
+            async fn get(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+                guest(KvView::get(self, &bucket, &key))
+            }
+
+            async fn set(&mut self, bucket: Resource<Bucket>, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), store::Error>> {
+                guest(KvView::set(self, &bucket, &key, value).await)
+            }
+
+            async fn delete(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<(), store::Error>> {
+                guest(KvView::delete(self, &bucket, &key).await)
+            }
+
+            async fn exists(&mut self, bucket: Resource<Bucket>, key: String) -> wasmtime::Result<Result<bool, store::Error>> {
+                guest(KvView::get(self, &bucket, &key).map(|r| r.map(|v| v.is_some())))
+            }
+
+            async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+                self.table.delete(bucket)?;
+                Ok(())
+            }
+
+            $($bucket_methods)*
+        }
+
+        impl batch::Host for KvView<'_> {
+            async fn set_many(&mut self, bucket: Resource<Bucket>, key_values: Vec<(String, Vec<u8>)>) -> wasmtime::Result<Result<(), store::Error>> {
+                guest(KvView::set_many(self, &bucket, key_values).await)
+            }
+
+            async fn delete_many(&mut self, bucket: Resource<Bucket>, keys: Vec<String>) -> wasmtime::Result<Result<(), store::Error>> {
+                guest(KvView::delete_many(self, &bucket, keys).await)
+            }
+
+            $($batch_methods)*
+        }
+    };
+}
+
 pub(crate) mod draft;
 pub(crate) mod draft2;
 

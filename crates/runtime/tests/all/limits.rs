@@ -67,19 +67,36 @@ async fn oversized_response_body_is_an_error() {
 #[tokio::test]
 async fn a_full_pool_answers_at_capacity_not_a_crash() {
     let rt = Runtime::new(RuntimeConfig { max_instances: 1, ..RuntimeConfig::default() }).expect("runtime");
-    let app = load(&rt, atoll_test_guests::PROBE, quick_limits());
-    let slow = {
+    let mut settings = quick_limits();
+    settings.limits.deadline = Duration::from_secs(60);
+    let app = load(&rt, atoll_test_guests::PROBE, settings);
+    // A request that holds the only slot until it is cancelled. (It retries while the loop
+    // below holds the slot: a running guest yields at epoch ticks, so the two interleave.)
+    let holder = {
         let app = app.clone();
-        tokio::spawn(async move { get(&app, "/sleep?ms=300").await })
+        tokio::spawn(async move {
+            loop {
+                match get(&app, "/sleep?ms=60000").await {
+                    Err(HandleError::AtCapacity) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    other => return other,
+                }
+            }
+        })
     };
-    // Poll until the slow request holds the only slot, then expect AtCapacity.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match get(&app, "/static").await {
             Err(HandleError::AtCapacity) => break,
-            Ok(_) if std::time::Instant::now() < deadline => tokio::task::yield_now().await,
+            // The holder has not taken the slot yet: let it run.
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
             other => panic!("expected AtCapacity while the slot is held, got {other:?}"),
         }
     }
-    assert_eq!(slow.await.expect("joined").expect("slow request served").0, 200);
+    assert_eq!(HandleError::AtCapacity.status(), 503);
+    // Cancelling the holder frees its slot: the next request is served.
+    holder.abort();
+    let _ = holder.await;
+    assert_eq!(get(&app, "/static").await.expect("served once the slot is free"), (200, "1\n".into()));
 }
