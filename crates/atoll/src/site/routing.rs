@@ -22,32 +22,38 @@ pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    /// To app `name`, with the path and query the guest should see.
-    App { name: String, path_and_query: Option<String> },
-    /// The Host named an app that is not deployed.
-    UnknownHostApp(String),
+pub(crate) enum Target<A> {
+    /// To a deployed app, with the path and query the guest should see (`None`: unchanged).
+    App { app: A, name: String, path_and_query: Option<String> },
+    /// The Host or the path named an app that is not deployed.
+    Unknown(String),
     /// Neither the Host nor the path names an app.
     Nothing,
 }
 
-/// Decides the target from the Host header and the URI; `exists` says whether an app is deployed.
-pub(crate) fn target(host: Option<&str>, uri: &Uri, exists: impl Fn(&str) -> bool) -> Target {
+/// Decides the target from the Host header and the URI; `lookup` finds a deployed app by name
+/// (called at most twice: once for the Host label, once for the path).
+pub(crate) fn target<A>(host: Option<&str>, uri: &Uri, lookup: impl Fn(&str) -> Option<A>) -> Target<A> {
     let host_label = host.and_then(host_app_label);
-    if let Some(label) = &host_label
-        && exists(label)
+    if let Some(label) = host_label.as_deref()
+        && let Some(app) = lookup(label)
     {
-        return Target::App { name: label.clone(), path_and_query: None };
+        return Target::App { app, name: label.to_owned(), path_and_query: None };
     }
     if let Some(rest) = uri.path().strip_prefix("/apps/") {
-        let (name, tail) = rest.split_once('/').map_or((rest, ""), |(n, t)| (n, t));
+        let (name, tail) = rest.split_once('/').unwrap_or((rest, ""));
         if !name.is_empty() {
+            let Some(app) = lookup(name) else { return Target::Unknown(name.to_owned()) };
             let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-            return Target::App { name: name.to_owned(), path_and_query: Some(format!("/{tail}{query}")) };
+            return Target::App {
+                app,
+                name: name.to_owned(),
+                path_and_query: Some(format!("/{tail}{query}")),
+            };
         }
     }
     match host_label {
-        Some(label) => Target::UnknownHostApp(label),
+        Some(label) => Target::Unknown(label),
         None => Target::Nothing,
     }
 }
@@ -75,38 +81,41 @@ fn request_id(headers: &axum::http::HeaderMap) -> String {
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| {
-            format!("{:x}-{:x}", std::process::id(), NEXT_REQUEST.fetch_add(1, Ordering::Relaxed))
+            // A random per-process prefix (std's hasher keys are random), then a counter.
+            static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+            let prefix = PREFIX.get_or_init(|| {
+                use std::hash::BuildHasher;
+                std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
+            });
+            format!("{prefix:08x}-{:x}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed))
         })
 }
 
 /// The fallback handler: every request that is not for `/_atoll/`.
 pub(super) async fn serve_app(State(site): State<Arc<Site>>, request: Request) -> Response {
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
-    let target = target(host, request.uri(), |name| site.app(name).is_some());
+    let target = target(host, request.uri(), |name| site.app(name));
     let request_id = request_id(request.headers());
     let mut response = match target {
-        Target::App { name, path_and_query } => match site.app(&name) {
-            None => text(StatusCode::NOT_FOUND, format!("no app named {name:?} is deployed on this site\n")),
-            Some(app) => {
-                let (mut parts, body) = request.into_parts();
-                if let Some(pq) = path_and_query {
-                    let mut uri = parts.uri.into_parts();
-                    uri.path_and_query = pq.parse().ok();
-                    parts.uri = Uri::from_parts(uri).unwrap_or_default();
-                }
-                match app.handle(axum::http::Request::from_parts(parts, body), &request_id).await {
-                    Ok(response) => response.map(Body::from),
-                    Err(e) => {
-                        let status = e.status();
-                        if status.is_server_error() {
-                            tracing::warn!(app = %name, request_id, %status, "{e}");
-                        }
-                        text(status, format!("{e}\n"))
+        Target::App { app, name, path_and_query } => {
+            let (mut parts, body) = request.into_parts();
+            if let Some(pq) = path_and_query {
+                let mut uri = parts.uri.into_parts();
+                uri.path_and_query = pq.parse().ok();
+                parts.uri = Uri::from_parts(uri).unwrap_or_default();
+            }
+            match app.handle(axum::http::Request::from_parts(parts, body), &request_id).await {
+                Ok(response) => response.map(Body::from),
+                Err(e) => {
+                    let status = e.status();
+                    if status.is_server_error() {
+                        tracing::warn!(app = %name, request_id, %status, "{e}");
                     }
+                    text(status, format!("{e}\n"))
                 }
             }
-        },
-        Target::UnknownHostApp(name) => {
+        }
+        Target::Unknown(name) => {
             text(StatusCode::NOT_FOUND, format!("no app named {name:?} is deployed on this site\n"))
         }
         Target::Nothing => text(
@@ -132,12 +141,12 @@ fn text(status: StatusCode, body: String) -> Response {
 mod tests {
     use super::*;
 
-    fn route(host: Option<&str>, uri: &str) -> Target {
-        target(host, &uri.parse().expect("uri"), |name| name == "hello" || name == "apps")
+    fn route(host: Option<&str>, uri: &str) -> Target<()> {
+        target(host, &uri.parse().expect("uri"), |name| (name == "hello" || name == "apps").then_some(()))
     }
 
-    fn app(name: &str, pq: Option<&str>) -> Target {
-        Target::App { name: name.into(), path_and_query: pq.map(Into::into) }
+    fn app(name: &str, pq: Option<&str>) -> Target<()> {
+        Target::App { app: (), name: name.into(), path_and_query: pq.map(Into::into) }
     }
 
     #[test]
@@ -158,7 +167,8 @@ mod tests {
 
     #[test]
     fn nothing_or_unknown() {
-        assert_eq!(route(Some("nope.localhost"), "/"), Target::UnknownHostApp("nope".into()));
+        assert_eq!(route(Some("nope.localhost"), "/"), Target::Unknown("nope".into()));
+        assert_eq!(route(Some("127.0.0.1"), "/apps/nope/x"), Target::Unknown("nope".into()));
         assert_eq!(route(Some("127.0.0.1:80"), "/"), Target::Nothing);
         assert_eq!(route(Some("[::1]:80"), "/"), Target::Nothing);
         assert_eq!(route(Some("localhost:80"), "/apps/"), Target::Nothing);
