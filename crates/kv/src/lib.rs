@@ -17,4 +17,7 @@ pub mod store;
 
 pub use entry::{Contribution, Entry, EntryError, Read, Register, SiteId, Stamp};
 pub use hlc::{Clock, Hlc};
-pub use store::{Bounds, KeyPage, KvError, Namespace, Store, StoreConfig, Write, Written};
+pub use store::{
+    Bounds, Change, DIGEST_RANGES, KeyPage, KvError, Namespace, Origin, Store, StoreConfig, Write, Written,
+    range_of,
+};

@@ -1,6 +1,6 @@
 //! The site's key-value store on redb, with group commit and range digests.
 //!
-//! Layout (store format version 1), in one redb file:
+//! Layout (store format version 2), in one redb file:
 //! - `meta`: `"format"` → u64, `"hlc"` → the highest HLC issued (physical u64, logical u32).
 //! - `entries`: composite key → encoded [`Entry`] (see [`crate::codec`]). The composite key is
 //!   `len(app) app len(bucket) bucket key`, so one app's keys can never be named by another app,
@@ -9,6 +9,9 @@
 //!   range's entries, of the first 16 bytes of SHA-256(composite key ‖ encoded entry). Updated in
 //!   O(1) per write (subtract the old entry's hash, add the new one's), in the write's transaction.
 //!   Two stores holding the same entries have equal digests, whatever order they were written in.
+//! - `index`: range (2 bytes, big-endian) ‖ composite key → that entry's 16-byte hash: one range's
+//!   keys and hashes are one contiguous scan, which is what replication compares when a range's
+//!   digest differs.
 //!
 //! Writes go through one writer thread that takes every write waiting (up to
 //! [`StoreConfig::max_batch`]) into one transaction, commits it durably, and only then answers each
@@ -28,9 +31,10 @@ use crate::hlc::{Clock, Hlc};
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 const DIGESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("digests");
+const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
 
 /// The store format this build reads and writes.
-pub const STORE_FORMAT: u64 = 1;
+pub const STORE_FORMAT: u64 = 2;
 /// How many ranges the key-hash space is cut into for digests.
 pub const DIGEST_RANGES: u32 = 4096;
 
@@ -64,12 +68,21 @@ pub struct StoreConfig {
     pub max_batch: usize,
     /// Most writes waiting for the writer; beyond it writers wait for room.
     pub queue: usize,
+    /// Most committed batches the change feed ([`Store::changes`]) buffers for a slow reader;
+    /// a reader further behind is told how many it missed.
+    pub change_feed: usize,
 }
 
 impl StoreConfig {
     /// Defaults for site `site`.
     pub fn new(site: impl Into<SiteId>) -> StoreConfig {
-        StoreConfig { site: site.into(), bounds: Bounds::default(), max_batch: 1024, queue: 8192 }
+        StoreConfig {
+            site: site.into(),
+            bounds: Bounds::default(),
+            max_batch: 1024,
+            queue: 8192,
+            change_feed: 4096,
+        }
     }
 }
 
@@ -124,6 +137,27 @@ impl Namespace {
         Ok(Namespace { app: app.to_owned(), bucket: bucket.to_owned() })
     }
 
+    /// The app.
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Splits a composite key (as in [`Change`] and [`Store::entries`]) into its namespace and key.
+    pub fn split(composite: &[u8]) -> Option<(Namespace, &[u8])> {
+        let (&app_len, rest) = composite.split_first()?;
+        let app = std::str::from_utf8(rest.get(..app_len as usize)?).ok()?;
+        let rest = &rest[app_len as usize..];
+        let (&bucket_len, rest) = rest.split_first()?;
+        let bucket = std::str::from_utf8(rest.get(..bucket_len as usize)?).ok()?;
+        let key = &rest[bucket_len as usize..];
+        Some((Namespace { app: app.to_owned(), bucket: bucket.to_owned() }, key))
+    }
+
     fn prefix(&self) -> Vec<u8> {
         let mut p = Vec::with_capacity(2 + self.app.len() + self.bucket.len());
         p.push(self.app.len() as u8);
@@ -133,7 +167,8 @@ impl Namespace {
         p
     }
 
-    fn key(&self, key: &[u8]) -> Vec<u8> {
+    /// The composite key of `key` in this namespace.
+    pub fn key(&self, key: &[u8]) -> Vec<u8> {
         let mut k = self.prefix();
         k.extend_from_slice(key);
         k
@@ -173,6 +208,26 @@ pub enum Written {
     Swapped(bool),
 }
 
+/// Where a committed change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A write made at this site.
+    Local,
+    /// An entry received from another site that changed this store.
+    Merged,
+}
+
+/// One committed change to a key, as published on the change feed ([`Store::changes`]).
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The composite key (see [`Namespace::split`]).
+    pub key: Vec<u8>,
+    /// The entry after the change.
+    pub entry: Entry,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
 /// One page of a key listing: the keys, and the cursor of the next page if there is one.
 pub type KeyPage = (Vec<Vec<u8>>, Option<Vec<u8>>);
 
@@ -203,6 +258,7 @@ struct Inner {
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
     clock: Arc<Clock>,
     config: StoreConfig,
+    feed: tokio::sync::broadcast::Sender<Arc<Vec<Change>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -258,18 +314,20 @@ impl Store {
             }
             txn.open_table(ENTRIES).map_err(storage)?;
             txn.open_table(DIGESTS).map_err(storage)?;
+            txn.open_table(INDEX).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
 
         let db = Arc::new(db);
+        let (feed, _) = tokio::sync::broadcast::channel(config.change_feed.max(1));
         let clock = Arc::new(clock);
         let (jobs, queue) = std::sync::mpsc::sync_channel(config.queue.max(1));
         let writer = {
-            let (db, clock, site, max_batch) =
-                (db.clone(), clock.clone(), config.site.clone(), config.max_batch.max(1));
+            let (db, clock, site, max_batch, feed) =
+                (db.clone(), clock.clone(), config.site.clone(), config.max_batch.max(1), feed.clone());
             std::thread::Builder::new()
                 .name("atoll-kv-writer".into())
-                .spawn(move || write_loop(&db, &clock, &site, max_batch, &queue))
+                .spawn(move || write_loop(&db, &clock, &site, max_batch, &queue, &feed))
                 .map_err(storage)?
         };
         Ok(Store {
@@ -279,8 +337,22 @@ impl Store {
                 writer: std::sync::Mutex::new(Some(writer)),
                 clock,
                 config,
+                feed,
             }),
         })
+    }
+
+    /// This store's site id.
+    pub fn site(&self) -> &str {
+        &self.inner.config.site
+    }
+
+    /// Subscribes to the change feed: every committed change, one batch per commit, published
+    /// after the commit is durable. Publishing never waits for a reader: a reader more than
+    /// [`StoreConfig::change_feed`] batches behind gets `Lagged` and must catch up another way
+    /// (replication falls back to anti-entropy).
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Arc<Vec<Change>>> {
+        self.inner.feed.subscribe()
     }
 
     /// The bounds guests are held to.
@@ -305,10 +377,35 @@ impl Store {
     }
 
     fn entry(&self, composite: &[u8]) -> Result<Option<Entry>, KvError> {
+        Ok(self.entries_at(std::slice::from_ref(&composite))?.pop().map(|(_, e)| e))
+    }
+
+    /// The entries at these composite keys, those that exist, in one read transaction.
+    pub fn entries_at<K: AsRef<[u8]>>(&self, composites: &[K]) -> Result<Vec<(Vec<u8>, Entry)>, KvError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;
         let table = txn.open_table(ENTRIES).map_err(storage)?;
-        let found = table.get(composite).map_err(storage)?;
-        found.map(|v| codec::decode(v.value()).map_err(storage)).transpose()
+        let mut out = Vec::with_capacity(composites.len());
+        for k in composites {
+            if let Some(v) = table.get(k.as_ref()).map_err(storage)? {
+                out.push((k.as_ref().to_vec(), codec::decode(v.value()).map_err(storage)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The composite keys of range `range` with their entry hashes (what its digest sums), in key
+    /// order: one contiguous index scan.
+    pub fn range_items(&self, range: u32) -> Result<Vec<(Vec<u8>, u128)>, KvError> {
+        let start = index_key(range, &[]);
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(INDEX).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.range(start.as_slice()..).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let Some(composite) = k.value().strip_prefix(start.as_slice()) else { break };
+            out.push((composite.to_vec(), decode_u128(v.value())?));
+        }
+        Ok(out)
     }
 
     /// Up to `limit` keys of the bucket (tombstones skipped) after `cursor` (exclusive), in key
@@ -407,33 +504,52 @@ impl Store {
     /// store never drops a tombstone by itself, and replication decides when `before` is safe
     /// (every known site has seen the delete). Runs as its own transaction; digests follow.
     pub fn collect_tombstones(&self, before: Hlc) -> Result<usize, KvError> {
+        self.remove_where(|e| e.is_tombstone() && e.changed.hlc < before)
+    }
+
+    /// Removes every entry whose last change is older than `before`, tombstone or not: what a
+    /// site cut off past the replication horizon does before it resyncs from its peers (it may
+    /// hold values deleted elsewhere whose tombstones are gone). Returns how many went.
+    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
+        self.remove_where(|e| e.changed.hlc < before)
+    }
+
+    fn remove_where(&self, doomed: impl Fn(&Entry) -> bool) -> Result<usize, KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
         {
-            let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
-            let mut digests = txn.open_table(DIGESTS).map_err(storage)?;
-            let mut doomed = Vec::new();
-            for item in entries.iter().map_err(storage)? {
+            let mut tables = Tables::open(&txn)?;
+            let mut found = Vec::new();
+            for item in tables.entries.iter().map_err(storage)? {
                 let (k, v) = item.map_err(storage)?;
-                let entry = codec::decode(v.value()).map_err(storage)?;
-                if entry.is_tombstone() && entry.changed.hlc < before {
-                    doomed.push((k.value().to_vec(), v.value().to_vec()));
+                if doomed(&codec::decode(v.value()).map_err(storage)?) {
+                    found.push((k.value().to_vec(), v.value().to_vec()));
                 }
             }
-            for (composite, encoded) in doomed {
-                let range = range_of(&composite);
-                let sum = match digests.get(range).map_err(storage)? {
-                    Some(v) => decode_u128(v.value())?,
-                    None => 0,
-                };
-                let sum = sum.wrapping_sub(entry_hash(&composite, &encoded));
-                digests.insert(range, sum.to_le_bytes().as_slice()).map_err(storage)?;
-                entries.remove(composite.as_slice()).map_err(storage)?;
+            for (composite, encoded) in found {
+                tables.replace(&composite, Some(&encoded), None)?;
                 removed += 1;
             }
         }
         txn.commit().map_err(storage)?;
         Ok(removed)
+    }
+
+    /// A value replication keeps about itself in the store's meta table (under `sync/`).
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(META).map_err(storage)?;
+        Ok(table.get(format!("sync/{name}").as_str()).map_err(storage)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a [`Store::meta`] value, durably.
+    pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), KvError> {
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        txn.open_table(META)
+            .map_err(storage)?
+            .insert(format!("sync/{name}").as_str(), value)
+            .map_err(storage)?;
+        txn.commit().map_err(storage)
     }
 
     /// The digest of every range, in range order (see the module docs).
@@ -449,8 +565,60 @@ impl Store {
     }
 }
 
-/// The range of the key-hash space a composite key falls in.
-fn range_of(composite: &[u8]) -> u32 {
+/// The writable tables of one transaction, changed together by [`Tables::replace`].
+struct Tables<'t> {
+    entries: redb::Table<'t, &'static [u8], &'static [u8]>,
+    digests: redb::Table<'t, u32, &'static [u8]>,
+    index: redb::Table<'t, &'static [u8], &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Tables<'t>, KvError> {
+        Ok(Tables {
+            entries: txn.open_table(ENTRIES).map_err(storage)?,
+            digests: txn.open_table(DIGESTS).map_err(storage)?,
+            index: txn.open_table(INDEX).map_err(storage)?,
+        })
+    }
+
+    /// Replaces the encoded entry `old` at `composite` by `new` (`None`: absent), keeping the
+    /// range digest and the index true in the same transaction.
+    fn replace(&mut self, composite: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) -> Result<(), KvError> {
+        let range = range_of(composite);
+        let mut sum = match self.digests.get(range).map_err(storage)? {
+            Some(v) => decode_u128(v.value())?,
+            None => 0,
+        };
+        if let Some(old) = old {
+            sum = sum.wrapping_sub(entry_hash(composite, old));
+        }
+        let ikey = index_key(range, composite);
+        match new {
+            Some(new) => {
+                let hash = entry_hash(composite, new);
+                sum = sum.wrapping_add(hash);
+                self.entries.insert(composite, new).map_err(storage)?;
+                self.index.insert(ikey.as_slice(), hash.to_le_bytes().as_slice()).map_err(storage)?;
+            }
+            None => {
+                self.entries.remove(composite).map_err(storage)?;
+                self.index.remove(ikey.as_slice()).map_err(storage)?;
+            }
+        }
+        self.digests.insert(range, sum.to_le_bytes().as_slice()).map_err(storage)?;
+        Ok(())
+    }
+}
+
+fn index_key(range: u32, composite: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + composite.len());
+    k.extend_from_slice(&(range as u16).to_be_bytes());
+    k.extend_from_slice(composite);
+    k
+}
+
+/// The range of the key-hash space a composite key falls in (`0..DIGEST_RANGES`).
+pub fn range_of(composite: &[u8]) -> u32 {
     let h = Sha256::digest(composite);
     (u32::from(h[0]) << 4 | u32::from(h[1]) >> 4) % DIGEST_RANGES
 }
@@ -485,6 +653,9 @@ fn decode_hlc(bytes: &[u8]) -> Result<Hlc, KvError> {
     Ok(Hlc { physical_ms: u64::from_le_bytes(physical), logical: u32::from_le_bytes(logical) })
 }
 
+/// Each job's results, in order.
+type BatchResults = Vec<Vec<Result<Written, KvError>>>;
+
 /// The writer thread: group commit.
 fn write_loop(
     db: &Database,
@@ -492,6 +663,7 @@ fn write_loop(
     site: &str,
     max_batch: usize,
     queue: &std::sync::mpsc::Receiver<Job>,
+    feed: &tokio::sync::broadcast::Sender<Arc<Vec<Change>>>,
 ) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -506,7 +678,11 @@ fn write_loop(
             }
         }
         match commit_batch(db, clock, site, &batch) {
-            Ok(results) => {
+            Ok((results, changes)) => {
+                if !changes.is_empty() {
+                    // No receiver is fine; a lagging one is told by the channel.
+                    let _ = feed.send(Arc::new(changes));
+                }
                 for (job, result) in batch.into_iter().zip(results) {
                     let _ = job.reply.send(result);
                 }
@@ -527,19 +703,24 @@ fn commit_batch(
     clock: &Clock,
     site: &str,
     batch: &[Job],
-) -> Result<Vec<Vec<Result<Written, KvError>>>, KvError> {
+) -> Result<(BatchResults, Vec<Change>), KvError> {
     let txn = db.begin_write().map_err(storage)?;
     let mut results = Vec::with_capacity(batch.len());
+    let mut changes = Vec::new();
     {
-        let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
-        let mut digests = txn.open_table(DIGESTS).map_err(storage)?;
+        let mut tables = Tables::open(&txn)?;
         for job in batch {
             let mut job_results = Vec::with_capacity(job.writes.len());
             for (composite, write) in &job.writes {
-                let old = entries.get(composite.as_slice()).map_err(storage)?.map(|v| v.value().to_vec());
+                let old =
+                    tables.entries.get(composite.as_slice()).map_err(storage)?.map(|v| v.value().to_vec());
                 let current = match &old {
                     Some(bytes) => codec::decode(bytes).map_err(storage)?,
                     None => Entry::absent(),
+                };
+                let origin = match write {
+                    Op::Local(_) => Origin::Local,
+                    Op::Merge(_) => Origin::Merged,
                 };
                 let change = match write {
                     Op::Local(write) => {
@@ -565,17 +746,8 @@ fn commit_batch(
                     }
                 };
                 let encoded = codec::encode(&next);
-                let range = range_of(composite);
-                let mut sum = match digests.get(range).map_err(storage)? {
-                    Some(v) => decode_u128(v.value())?,
-                    None => 0,
-                };
-                if let Some(old) = &old {
-                    sum = sum.wrapping_sub(entry_hash(composite, old));
-                }
-                sum = sum.wrapping_add(entry_hash(composite, &encoded));
-                digests.insert(range, sum.to_le_bytes().as_slice()).map_err(storage)?;
-                entries.insert(composite.as_slice(), encoded.as_slice()).map_err(storage)?;
+                tables.replace(composite, old.as_deref(), Some(&encoded))?;
+                changes.push(Change { key: composite.clone(), entry: next, origin });
                 job_results.push(Ok(written));
             }
             results.push(job_results);
@@ -584,7 +756,7 @@ fn commit_batch(
         meta.insert("hlc", encode_hlc(clock.last()).as_slice()).map_err(storage)?;
     }
     txn.commit().map_err(storage)?;
-    Ok(results)
+    Ok((results, changes))
 }
 
 /// The entry after `write`; `None` when a compare-and-swap does not match.

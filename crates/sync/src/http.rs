@@ -1,0 +1,234 @@
+//! The HTTP transport: the client side ([`HttpTransport`]) and the `/_atoll/sync/` endpoints
+//! ([`routes`]).
+//!
+//! - `POST /_atoll/sync`: one [`Request`] in, one [`Reply`] out, both as
+//!   [`crate::message`] bytes signed with the peer secret ([`crate::auth`]). No valid proof: 401.
+//!   Oversized, malformed or unknown-version body: 400. Nothing is changed in either case.
+//! - `GET /_atoll/sync/blobs/{version}`: a deployed component's bytes by version (SHA-256 hex),
+//!   for deploy replication; signed like a request with an empty body.
+//! - `GET /_atoll/sync/status`: this site's replication as JSON: per peer the last successful
+//!   sync, entries and bytes each way, lag, pending pushes and the last error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::auth::{self, Secret};
+use crate::message::{self, MAX_MESSAGE, Reply, Request, hlc_wire};
+use crate::node::{Exchange, Node, Transport};
+use crate::store::SyncStore;
+
+/// The path of the sync endpoint.
+pub const SYNC_PATH: &str = "/_atoll/sync";
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Sends sync requests over HTTP/1.1 with pooled connections.
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    client: Client<HttpConnector, Full<Bytes>>,
+    secret: Secret,
+    timeout: Duration,
+}
+
+impl HttpTransport {
+    /// A transport proving `secret`, giving up on a request after `timeout`.
+    pub fn new(secret: Secret, timeout: Duration) -> HttpTransport {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        HttpTransport { client, secret, timeout }
+    }
+
+    async fn send(&self, request: http::Request<Full<Bytes>>) -> Result<(http::response::Parts, Bytes)> {
+        let response = tokio::time::timeout(self.timeout, self.client.request(request))
+            .await
+            .context("timed out")?
+            .context("cannot connect")?;
+        let (parts, body) = response.into_parts();
+        let limited = http_body_util::Limited::new(body, MAX_MESSAGE);
+        let body = tokio::time::timeout(self.timeout, limited.collect())
+            .await
+            .context("timed out reading the answer")?
+            .map_err(|e| anyhow::anyhow!("cannot read the answer: {e}"))?
+            .to_bytes();
+        Ok((parts, body))
+    }
+
+    /// Fetches a component by version from the site at `url`, checking its SHA-256.
+    pub async fn fetch_blob(&self, url: &str, version: &str) -> Result<Vec<u8>> {
+        use sha2::Digest;
+        let path = format!("{SYNC_PATH}/blobs/{version}");
+        let request = http::Request::get(format!("{url}{path}"))
+            .header(auth::HEADER, self.secret.sign(wall_ms(), &path, b""))
+            .body(Full::new(Bytes::new()))?;
+        let (parts, body) = self.send(request).await?;
+        if parts.status != StatusCode::OK {
+            bail!("{url} answered {} for component {version}", parts.status);
+        }
+        let hash: String = sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
+        if hash != version {
+            bail!("{url} sent bytes with SHA-256 {hash} for component {version}");
+        }
+        Ok(body.to_vec())
+    }
+}
+
+fn header_bytes(headers: &HeaderMap) -> usize {
+    headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>() + 2
+}
+
+impl Transport for HttpTransport {
+    async fn call(&self, url: &str, request: Request) -> Result<Exchange> {
+        let body = message::encode(&request);
+        let request = http::Request::post(format!("{url}{SYNC_PATH}"))
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(auth::HEADER, self.secret.sign(wall_ms(), SYNC_PATH, &body))
+            .body(Full::new(Bytes::from(body)))?;
+        let body_len = body_len_of(&request);
+        // Request line + headers (host and content-length are added by the client: ~50 bytes).
+        let sent_bytes = body_len + header_bytes(request.headers()) + url.len() + 70;
+        let (parts, bytes) = self.send(request).await.with_context(|| url.to_string())?;
+        if parts.status != StatusCode::OK {
+            bail!("{url} answered {}: {}", parts.status, String::from_utf8_lossy(&bytes).trim());
+        }
+        let proof = parts.headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
+        self.secret.verify(proof, wall_ms(), "reply", &bytes).with_context(|| format!("{url}'s answer"))?;
+        let reply: Reply = message::decode(&bytes).with_context(|| format!("{url}'s answer"))?;
+        let received_bytes = bytes.len() + header_bytes(&parts.headers) + 17;
+        Ok(Exchange { reply, sent_bytes, received_bytes })
+    }
+}
+
+fn body_len_of(request: &http::Request<Full<Bytes>>) -> usize {
+    use hyper::body::Body as _;
+    request.body().size_hint().exact().unwrap_or(0) as usize
+}
+
+/// Where the sync endpoints find a component's bytes by version.
+pub trait Blobs: Send + Sync {
+    /// The component with this version, if this site has it.
+    fn blob(&self, version: &str) -> Option<Vec<u8>>;
+}
+
+/// What the sync endpoints serve.
+pub struct Server<S> {
+    /// This site's replication.
+    pub node: Arc<Node<S>>,
+    /// The peer secret.
+    pub secret: Secret,
+    /// Components by version.
+    pub blobs: Arc<dyn Blobs>,
+}
+
+impl<S> std::fmt::Debug for Server<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
+/// The `/_atoll/sync/` routes.
+pub fn routes<S: SyncStore + 'static>(server: Arc<Server<S>>) -> axum::Router {
+    axum::Router::new()
+        .route(SYNC_PATH, post(sync::<S>))
+        .route("/_atoll/sync/blobs/{version}", get(blob::<S>))
+        .route("/_atoll/sync/status", get(status::<S>))
+        .with_state(server)
+}
+
+fn refuse(status: StatusCode, reason: impl std::fmt::Display) -> Response {
+    (status, format!("{reason}\n")).into_response()
+}
+
+async fn sync<S: SyncStore>(
+    State(server): State<Arc<Server<S>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_MESSAGE).await else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("sync message over the limit of {MAX_MESSAGE} bytes"),
+        );
+    };
+    let now = wall_ms();
+    let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
+    if let Err(e) = server.secret.verify(proof, now, SYNC_PATH, &bytes) {
+        tracing::warn!("refused a sync request: {e}");
+        return refuse(StatusCode::UNAUTHORIZED, e);
+    }
+    let request: Request = match message::decode(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("refused a sync request: {e}");
+            return refuse(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    match server.node.handle(request, now).await {
+        Ok(reply) => {
+            let body = message::encode(&reply);
+            let proof = server.secret.sign(wall_ms(), "reply", &body);
+            (
+                [(auth::HEADER, proof.as_str()), (header::CONTENT_TYPE.as_str(), "application/octet-stream")],
+                body,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!("sync request failed: {e:#}");
+            refuse(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
+        }
+    }
+}
+
+async fn blob<S: SyncStore>(
+    State(server): State<Arc<Server<S>>>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("{SYNC_PATH}/blobs/{version}");
+    let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
+    if let Err(e) = server.secret.verify(proof, wall_ms(), &path, b"") {
+        return refuse(StatusCode::UNAUTHORIZED, e);
+    }
+    match server.blobs.blob(&version) {
+        Some(bytes) => ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response(),
+        None => refuse(StatusCode::NOT_FOUND, format!("no component with version {version} here")),
+    }
+}
+
+/// This site's replication status as JSON.
+pub fn status_json<S: SyncStore>(node: &Node<S>) -> serde_json::Value {
+    let (p, l) = hlc_wire(node.store().now());
+    serde_json::json!({
+        "site": node.me().site,
+        "region": node.me().region,
+        "url": node.me().url,
+        "hlc": format!("{p}.{l}"),
+        "tombstones_collected_before": node.collected().to_string(),
+        "peers": node.peers(),
+    })
+}
+
+async fn status<S: SyncStore>(State(server): State<Arc<Server<S>>>) -> Response {
+    axum::Json(status_json(&server.node)).into_response()
+}

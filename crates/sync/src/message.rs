@@ -1,0 +1,289 @@
+//! The sync protocol's messages and their wire format.
+//!
+//! A message on the wire is one byte of protocol version ([`PROTOCOL_VERSION`]) followed by the
+//! postcard encoding of a [`Request`] or a [`Reply`]. Entries inside are kept in atoll-kv's own
+//! versioned entry codec and decoded (and so validated) before anything is merged. [`decode`]
+//! checks the size bound first and refuses trailing bytes, unknown versions and every malformed
+//! field with a [`MessageError`]; it never panics (see `fuzz/` and the decoder property test).
+
+use atoll_kv::{Entry, Hlc};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// The largest message accepted, in bytes.
+pub const MAX_MESSAGE: usize = 32 << 20;
+/// Most entries in one message.
+pub const MAX_ENTRIES: usize = 200_000;
+/// Children per node of the digest tree.
+pub const FANOUT: usize = 16;
+/// Depth of the leaves: 16^3 = 4096 leaves, one per atoll-kv digest range.
+pub const LEAF_LEVEL: u8 = 3;
+
+/// A site as peers know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The site's name (its id in stamps).
+    pub site: String,
+    /// Its region.
+    pub region: String,
+    /// The base URL its sync endpoints are reached at.
+    pub url: String,
+}
+
+/// A site introducing itself; sent by the caller and answered in kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender.
+    pub me: PeerInfo,
+    /// Every other site the sender knows (membership spreads by these lists).
+    pub peers: Vec<PeerInfo>,
+    /// The sender's clock.
+    pub hlc: (u64, u32),
+    /// The collection watermark the sender resynced from after being cut off, if ever.
+    pub resynced_from: Option<(u64, u32)>,
+}
+
+/// One key's entry on the wire: the composite key and the entry in atoll-kv's codec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// The composite key (app, bucket, key).
+    pub key: Vec<u8>,
+    /// `atoll_kv::codec::encode` of the entry.
+    pub entry: Vec<u8>,
+}
+
+impl WireEntry {
+    /// Encodes an entry.
+    pub fn new(key: Vec<u8>, entry: &Entry) -> WireEntry {
+        WireEntry { key, entry: atoll_kv::codec::encode(entry) }
+    }
+
+    /// The bytes this entry adds to a message (about).
+    pub fn size(&self) -> usize {
+        self.key.len() + self.entry.len() + 8
+    }
+}
+
+/// The sender's digests of the children of one interior node of the digest tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDigests {
+    /// The node's level (0 = root).
+    pub level: u8,
+    /// The node's index within its level.
+    pub index: u16,
+    /// The digests of its [`FANOUT`] children.
+    pub children: Vec<u64>,
+}
+
+/// The sender's fingerprints of every item in one leaf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafItems {
+    /// The leaf (an atoll-kv digest range).
+    pub leaf: u16,
+    /// One salted 32-bit fingerprint per entry.
+    pub fingerprints: Vec<u32>,
+}
+
+/// Fingerprints the sender wants the entries of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wants {
+    /// The leaf they are in.
+    pub leaf: u16,
+    /// Their fingerprints.
+    pub fingerprints: Vec<u32>,
+}
+
+/// One round of anti-entropy, either way (see ALGORITHM.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Round {
+    /// The session's fingerprint salt, chosen by the initiator.
+    pub salt: u64,
+    /// "Here are my digests of these nodes' children."
+    pub nodes: Vec<NodeDigests>,
+    /// "Here is my digest of this leaf" (a leaf the sender had no room to list).
+    pub leaves: Vec<(u16, u64)>,
+    /// "Here is everything I have in this leaf."
+    pub items: Vec<LeafItems>,
+    /// "Send me these."
+    pub wants: Vec<Wants>,
+    /// "Merge these."
+    pub entries: Vec<WireEntry>,
+}
+
+impl Round {
+    /// Whether the round asks or carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+            && self.leaves.is_empty()
+            && self.items.is_empty()
+            && self.wants.is_empty()
+            && self.entries.is_empty()
+    }
+}
+
+/// What one site asks of another, at `POST /_atoll/sync/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Introduce yourself.
+    Hello(Hello),
+    /// Fresh writes from the sender (its site name, the entries).
+    Push(String, Vec<WireEntry>),
+    /// One round of an anti-entropy session the sender (its site name) leads.
+    Reconcile(String, Round),
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The receiver introduces itself.
+    Hello(Hello),
+    /// How many pushed entries changed the receiver.
+    Pushed(u32),
+    /// The receiver's round.
+    Reconcile(Round),
+    /// The receiver will not take entries from the sender until it resyncs from this collection
+    /// watermark (it was cut off past the horizon; see ALGORITHM.md, "Tombstones").
+    ResyncRequired((u64, u32)),
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// Empty body.
+    #[error("empty sync message")]
+    Empty,
+    /// A version this build does not speak.
+    #[error("sync protocol version {0} is not supported (this site speaks version {PROTOCOL_VERSION})")]
+    UnknownVersion(u8),
+    /// Over [`MAX_MESSAGE`].
+    #[error("sync message of {0} bytes is over the limit of {MAX_MESSAGE}")]
+    TooLarge(usize),
+    /// Not a valid message.
+    #[error("malformed sync message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a message with its version byte.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut out = vec![PROTOCOL_VERSION];
+    // Serialising these plain types into a Vec cannot fail.
+    out.extend(postcard::to_stdvec(message).unwrap_or_default());
+    out
+}
+
+/// Decodes and validates a message: size, version, structure, and every entry inside.
+pub fn decode<T: for<'de> Deserialize<'de> + Validate>(bytes: &[u8]) -> Result<T, MessageError> {
+    if bytes.len() > MAX_MESSAGE {
+        return Err(MessageError::TooLarge(bytes.len()));
+    }
+    let (&version, body) = bytes.split_first().ok_or(MessageError::Empty)?;
+    if version != PROTOCOL_VERSION {
+        return Err(MessageError::UnknownVersion(version));
+    }
+    let (message, rest): (T, _) =
+        postcard::take_from_bytes(body).map_err(|e| MessageError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(MessageError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+    message.validate().map_err(MessageError::Malformed)?;
+    Ok(message)
+}
+
+/// Checks beyond the structure: bounds, tree coordinates, entries.
+pub trait Validate {
+    /// `Err(reason)` when the message must be refused.
+    fn validate(&self) -> Result<(), String>;
+}
+
+impl Validate for Request {
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Request::Hello(h) => validate_hello(h),
+            Request::Push(from, entries) => validate_site(from).and_then(|()| validate_entries(entries)),
+            Request::Reconcile(from, round) => validate_site(from).and_then(|()| validate_round(round)),
+        }
+    }
+}
+
+impl Validate for Reply {
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Reply::Hello(h) => validate_hello(h),
+            Reply::Reconcile(round) => validate_round(round),
+            Reply::Pushed(_) | Reply::ResyncRequired(_) => Ok(()),
+        }
+    }
+}
+
+fn validate_hello(h: &Hello) -> Result<(), String> {
+    if h.peers.len() > 1000 {
+        return Err("too many peers".into());
+    }
+    for p in std::iter::once(&h.me).chain(&h.peers) {
+        if p.site.is_empty() || p.site.len() > 255 || p.region.len() > 255 || p.url.len() > 2048 {
+            return Err("a peer's site, region or url is empty or too long".into());
+        }
+    }
+    Ok(())
+}
+
+fn validate_site(site: &str) -> Result<(), String> {
+    if site.is_empty() || site.len() > 255 {
+        Err("the sender's site name is empty or too long".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn validate_entries(entries: &[WireEntry]) -> Result<(), String> {
+    if entries.len() > MAX_ENTRIES {
+        return Err(format!("{} entries, over the limit of {MAX_ENTRIES}", entries.len()));
+    }
+    for e in entries {
+        if atoll_kv::Namespace::split(&e.key).is_none() {
+            return Err("an entry's key is not a valid composite key".into());
+        }
+        atoll_kv::codec::decode(&e.entry).map_err(|err| format!("an entry does not decode: {err}"))?;
+    }
+    Ok(())
+}
+
+fn validate_round(r: &Round) -> Result<(), String> {
+    let leaves = atoll_kv::DIGEST_RANGES as usize;
+    for n in &r.nodes {
+        if n.level >= LEAF_LEVEL || usize::from(n.index) >= FANOUT.pow(u32::from(n.level)) {
+            return Err(format!("no tree node at level {} index {}", n.level, n.index));
+        }
+        if n.children.len() != FANOUT {
+            return Err(format!("a node has {} child digests, not {FANOUT}", n.children.len()));
+        }
+    }
+    let leaf_ids = r
+        .leaves
+        .iter()
+        .map(|l| l.0)
+        .chain(r.items.iter().map(|i| i.leaf))
+        .chain(r.wants.iter().map(|w| w.leaf));
+    for leaf in leaf_ids {
+        if usize::from(leaf) >= leaves {
+            return Err(format!("no leaf {leaf}"));
+        }
+    }
+    validate_entries(&r.entries)
+}
+
+/// An HLC as sent on the wire.
+pub fn hlc_wire(h: Hlc) -> (u64, u32) {
+    (h.physical_ms, h.logical)
+}
+
+/// An HLC from the wire.
+pub fn hlc_from_wire((physical_ms, logical): (u64, u32)) -> Hlc {
+    Hlc { physical_ms, logical }
+}
+
+/// Decodes the entries of a validated message.
+pub fn entries(wire: Vec<WireEntry>) -> Vec<(Vec<u8>, Entry)> {
+    wire.into_iter().filter_map(|w| atoll_kv::codec::decode(&w.entry).ok().map(|e| (w.key, e))).collect()
+}
