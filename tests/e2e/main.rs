@@ -5,6 +5,7 @@ mod bad_input;
 mod deploy;
 mod keyvalue;
 mod limits;
+mod replication;
 mod restart;
 
 use std::io::{BufRead, BufReader};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 const ATOLL: &str = env!("CARGO_BIN_EXE_atoll");
 const TOKEN: &str = "e2e-admin-token";
+const PEER_SECRET: &str = "e2e-peer-secret-0123456789";
 
 /// A running `atoll site` process, killed when dropped.
 struct Site {
@@ -23,6 +25,8 @@ struct Site {
     name: String,
     data: PathBuf,
     stderr_path: PathBuf,
+    /// The arguments after `--data DIR`, kept for a restart.
+    extra: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -53,26 +57,43 @@ impl Site {
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stderr_path = logs.join(format!("{name}-{n}.stderr"));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let listen =
+            if extra.iter().any(|a| a == "--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
         let mut child = Command::new(ATOLL)
-            .args(["site", "--name", name, "--region", "us-east", "--listen", "127.0.0.1:0", "--data"])
+            .args(["site", "--name", name, "--region", "us-east"])
+            .args(listen)
+            .arg("--data")
             .arg(data)
             .args(extra)
             .env("ATOLL_ADMIN_TOKEN", TOKEN)
+            .env("ATOLL_PEER_SECRET", PEER_SECRET)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("spawn atoll site");
         let url = wait_for_listen_line(&mut child, &stderr_path);
-        Site { child, url, name: name.into(), data: data.to_owned(), stderr_path, _dir: None }
+        let extra = extra.to_vec();
+        Site { child, url, name: name.into(), data: data.to_owned(), stderr_path, extra, _dir: None }
     }
 
-    /// SIGKILLs the site and starts it again on the same data dir and name.
-    fn kill_and_restart(mut self) -> Site {
+    /// SIGKILLs the site.
+    fn kill(&mut self) {
         self.child.kill().expect("kill");
         self.child.wait().expect("wait");
+    }
+
+    /// SIGKILLs the site (if running) and starts it again on the same data dir, name, arguments
+    /// and address (as a restarted server would be).
+    fn kill_and_restart(mut self) -> Site {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let logs = self.stderr_path.parent().expect("logs dir").to_owned();
-        let mut restarted = Site::spawn(&self.name, &self.data, &[], &logs);
+        let mut extra = self.extra.clone();
+        if !extra.iter().any(|a| a == "--listen") {
+            extra.extend(["--listen".to_owned(), self.url.trim_start_matches("http://").to_owned()]);
+        }
+        let mut restarted = Site::spawn(&self.name, &self.data, &extra, &logs);
         restarted._dir = self._dir.take();
         restarted
     }

@@ -18,6 +18,27 @@ pub struct FileConfig {
     pub runtime: RuntimeSection,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+}
+
+/// `[sync]`: replication between sites.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Base URLs of peer sites (added to `--peer`).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// The URL other sites reach this one at (default: http://<listen address>).
+    pub advertise: Option<String>,
+    /// Anti-entropy with each peer at least this often (default 5000).
+    pub anti_entropy_ms: Option<u64>,
+    /// How long a push waits to batch more writes (default 2).
+    pub push_delay_ms: Option<u64>,
+    /// A site silent for this long is cut off and must resync to rejoin (default 7 days).
+    pub horizon_s: Option<u64>,
+    /// Tombstone collection interval (default 30).
+    pub collect_interval_s: Option<u64>,
 }
 
 /// `[limits]`: the defaults of every app, which a deploy may override per app.
@@ -70,6 +91,9 @@ impl FileConfig {
             ("runtime.server_threads", self.runtime.server_threads.map(|n| n as u64)),
             ("runtime.max_memory_mb", self.runtime.max_memory_mb),
             ("admin.max_upload_bytes", self.admin.max_upload_bytes),
+            ("sync.anti_entropy_ms", self.sync.anti_entropy_ms),
+            ("sync.horizon_s", self.sync.horizon_s),
+            ("sync.collect_interval_s", self.sync.collect_interval_s),
         ];
         for (field, value) in positive {
             if value == Some(0) {
@@ -113,6 +137,27 @@ impl FileConfig {
         self.runtime
             .server_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The replication timers.
+    pub fn sync_timing(&self) -> atoll_sync::driver::Timing {
+        let base = atoll_sync::driver::Timing::default();
+        let s = &self.sync;
+        atoll_sync::driver::Timing {
+            push_delay: s.push_delay_ms.map(Duration::from_millis).unwrap_or(base.push_delay),
+            anti_entropy: s.anti_entropy_ms.map(Duration::from_millis).unwrap_or(base.anti_entropy),
+            collect: s.collect_interval_s.map(Duration::from_secs).unwrap_or(base.collect),
+            ..base
+        }
+    }
+
+    /// The replication settings of this site's node.
+    pub fn node_config(&self) -> atoll_sync::NodeConfig {
+        let base = atoll_sync::NodeConfig::default();
+        atoll_sync::NodeConfig {
+            horizon_ms: self.sync.horizon_s.map(|s| s * 1000).unwrap_or(base.horizon_ms),
+            ..base
+        }
     }
 
     /// The cap on uploads.

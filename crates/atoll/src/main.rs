@@ -48,10 +48,18 @@ struct SiteArgs {
     /// Directory for this site's data (app registry, compiled components).
     #[arg(long)]
     data: PathBuf,
-    /// TOML configuration file (limits, instance pool, admin settings).
+    /// TOML configuration file (limits, instance pool, admin settings, replication).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Serve the admin API without a token when ATOLL_ADMIN_TOKEN is unset. Local development only.
+    /// Base URL of a peer site to replicate with; repeat for more. Sites learn the rest of the
+    /// membership from their peers. Listing this site's own URL is harmless.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// The URL peers reach this site at (default: http://<listen address>).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Serve the admin API without a token when ATOLL_ADMIN_TOKEN is unset, and use a fixed
+    /// development peer secret when ATOLL_PEER_SECRET is unset. Local development only.
     #[arg(long)]
     insecure_dev: bool,
 }
@@ -132,6 +140,18 @@ fn run_site(args: SiteArgs) -> Result<()> {
         );
     }
     let config = config::FileConfig::load(args.config.as_deref())?;
+    let mut peers = args.peers;
+    peers.extend(config.sync.peers.iter().cloned());
+    let peer_secret = match std::env::var("ATOLL_PEER_SECRET").ok().filter(|s| !s.is_empty()) {
+        Some(secret) => Some(atoll_sync::auth::Secret::new(&secret)?),
+        None if args.insecure_dev => Some(atoll_sync::auth::Secret::new(site::INSECURE_DEV_PEER_SECRET)?),
+        None if !peers.is_empty() => bail!(
+            "ATOLL_PEER_SECRET is not set: sites prove it to each other on every sync message. Set the \
+             same secret (16 characters or more) on every site, or pass --insecure-dev on a development machine"
+        ),
+        None => None,
+    };
+    let advertise = args.advertise.or_else(|| config.sync.advertise.clone());
     let options = site::SiteOptions {
         name: args.name,
         region: args.region,
@@ -139,6 +159,9 @@ fn run_site(args: SiteArgs) -> Result<()> {
         data: args.data,
         config,
         admin_token,
+        peers,
+        advertise,
+        peer_secret,
     };
     site::run(options)
 }

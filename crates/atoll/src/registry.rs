@@ -141,6 +141,13 @@ impl Registry {
         Ok(existed)
     }
 
+    /// The component with this version, if stored.
+    pub fn component(&self, version: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let components = txn.open_table(COMPONENTS)?;
+        Ok(components.get(version)?.map(|v| v.value().to_vec()))
+    }
+
     /// Every app with its record and component bytes.
     pub fn load_all(&self) -> Result<Vec<(String, AppRecord, Vec<u8>)>> {
         let txn = self.db.begin_read()?;

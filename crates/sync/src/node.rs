@@ -263,13 +263,17 @@ impl<S: SyncStore> Node<S> {
     fn learn(&self, url: &str, hello: &Hello, now_ms: u64) {
         let mut state = self.state();
         let collected = state.collected;
+        let url = url.trim_end_matches('/');
+        // A site that moved to another URL (restarted elsewhere) is the same site: forget the old URL.
+        state.peers.retain(|u, p| u == url || p.site.as_deref() != Some(hello.me.site.as_str()));
         for info in &hello.peers {
-            if info.url != self.me.url && info.site != self.me.site && !state.peers.contains_key(&info.url) {
+            let known = state.peers.contains_key(&info.url)
+                || state.peers.values().any(|p| p.site.as_deref() == Some(info.site.as_str()));
+            if info.url != self.me.url && info.site != self.me.site && !known {
                 tracing::info!(site = %info.site, region = %info.region, url = %info.url, "learned a peer");
                 state.peers.insert(info.url.clone(), Peer::new(info.url.clone(), now_ms));
             }
         }
-        let url = url.trim_end_matches('/');
         let peer = state.peers.entry(url.to_owned()).or_insert_with(|| Peer::new(url.to_owned(), now_ms));
         peer.site = Some(hello.me.site.clone());
         peer.region = Some(hello.me.region.clone());

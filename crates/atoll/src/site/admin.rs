@@ -276,6 +276,7 @@ async fn upload(
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.clone(), Deployed { app, record: record.clone() });
     forget_if_unused(&site, previous);
+    super::deploys::publish(&site, &name, Some(&record)).await?;
     tracing::info!(app = %name, version = %record.version, size = record.size, "deployed");
     Ok((StatusCode::CREATED, Json(AppInfo::new(&name, &record))).into_response())
 }
@@ -298,12 +299,13 @@ async fn delete_app(
         return Err(no_such_app(&name));
     }
     forget_if_unused(&site, removed);
+    super::deploys::publish(&site, &name, None).await?;
     tracing::info!(app = %name, "deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Drops a replaced or deleted version's compiled code unless another app runs it.
-fn forget_if_unused(site: &Site, gone: Option<Deployed>) {
+pub(super) fn forget_if_unused(site: &Site, gone: Option<Deployed>) {
     let Some(gone) = gone else { return };
     let version: &Version = gone.app.version();
     let in_use =

@@ -4,6 +4,7 @@
 //! registry is written first, so what a client saw deployed is what a restarted site serves.
 
 mod admin;
+mod deploys;
 mod listen;
 mod routing;
 
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use atoll_runtime::{App, Limits, Runtime};
@@ -28,7 +30,17 @@ pub struct SiteOptions {
     pub config: FileConfig,
     /// The admin token; `None` only with `--insecure-dev`.
     pub admin_token: Option<String>,
+    /// Peer base URLs (`--peer` and `[sync] peers`).
+    pub peers: Vec<String>,
+    /// The URL peers reach this site at (default: http://<listen address>).
+    pub advertise: Option<String>,
+    /// The peer secret; `None`: this site does not replicate (no sync endpoints).
+    pub peer_secret: Option<atoll_sync::auth::Secret>,
 }
+
+/// The peer secret `--insecure-dev` uses when `ATOLL_PEER_SECRET` is unset: every dev site
+/// shares it, so local sites replicate without setup. Never for production.
+pub const INSECURE_DEV_PEER_SECRET: &str = "atoll-insecure-dev-peer-secret";
 
 /// A running site's shared state.
 pub(crate) struct Site {
@@ -36,6 +48,7 @@ pub(crate) struct Site {
     pub(crate) region: String,
     runtime: Runtime,
     registry: Registry,
+    kv: atoll_kv::Store,
     apps: RwLock<HashMap<String, Deployed>>,
     /// Serialises admin changes, so the registry and the app table change in the same order.
     admin_lock: tokio::sync::Mutex<()>,
@@ -77,7 +90,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         atoll_kv::Clock::system(),
     )
     .with_context(|| format!("cannot open the key-value store {}", kv_path.display()))?;
-    runtime_config.kv = Some(kv);
+    runtime_config.kv = Some(kv.clone());
     let runtime = Runtime::new(runtime_config)?;
 
     let mut apps = HashMap::new();
@@ -98,6 +111,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         region: options.region,
         runtime,
         registry,
+        kv: kv.clone(),
         apps: RwLock::new(apps),
         admin_lock: tokio::sync::Mutex::new(()),
         admin_token: options.admin_token,
@@ -107,10 +121,46 @@ pub fn run(options: SiteOptions) -> Result<()> {
     if site.admin_token.is_none() {
         tracing::warn!("--insecure-dev: the admin API accepts requests without a token");
     }
+    let sync_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    sync_rt.block_on(deploys::startup(&site))?;
+
     let threads = options.config.server_threads();
     let listeners = listen::bind(options.listen, threads)?;
     let addr = listeners[0].local_addr()?;
-    let router = admin::routes().fallback(routing::serve_app).with_state(site.clone());
+    let mut router = admin::routes().fallback(routing::serve_app).with_state(site.clone());
+    if let Some(secret) = options.peer_secret {
+        let me = atoll_sync::message::PeerInfo {
+            site: site.name.clone(),
+            region: site.region.clone(),
+            url: options
+                .advertise
+                .unwrap_or_else(|| format!("http://{addr}"))
+                .trim_end_matches('/')
+                .to_owned(),
+        };
+        let node = Arc::new(atoll_sync::Node::new(
+            kv.clone(),
+            me,
+            options.config.node_config(),
+            &options.peers,
+            atoll_sync::http::wall_ms(),
+        ));
+        let transport =
+            Arc::new(atoll_sync::http::HttpTransport::new(secret.clone(), Duration::from_secs(10)));
+        let server = atoll_sync::http::Server {
+            node: node.clone(),
+            secret,
+            blobs: Arc::new(deploys::Blobs(site.clone())),
+        };
+        router = atoll_sync::http::routes(Arc::new(server)).merge(router);
+        let (site, timing, changes) = (site.clone(), options.config.sync_timing(), kv.changes());
+        std::thread::Builder::new().name("atoll-sync".into()).spawn(move || {
+            sync_rt.block_on(async move {
+                tokio::spawn(deploys::watch(site, node.clone(), transport.clone()));
+                atoll_sync::driver::run(node, transport, changes, timing).await;
+            })
+        })?;
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {

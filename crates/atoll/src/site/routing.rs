@@ -17,6 +17,8 @@ use super::Site;
 
 /// Header naming the site that served a response.
 pub(crate) const SITE_HEADER: &str = "x-atoll-site";
+/// Header carrying the serving site's hybrid logical clock (`physical_ms.logical`).
+pub(crate) const HLC_HEADER: &str = "x-atoll-hlc";
 /// Header carrying the request id, taken from the client when valid, generated otherwise.
 pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -129,6 +131,10 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, request: Request) -
     }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert(REQUEST_ID_HEADER, v);
+    }
+    // The serving site's clock after the request: every write it made is stamped at or before it.
+    if let Ok(v) = HeaderValue::from_str(&site.kv.clock().last().to_string()) {
+        headers.insert(HLC_HEADER, v);
     }
     response
 }

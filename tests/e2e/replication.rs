@@ -1,0 +1,224 @@
+//! Replication between real site processes: deploys, writes, conflicts, counters, a killed site
+//! catching up, an empty site joining, and sync requests without the peer secret.
+
+use std::time::Duration;
+
+use crate::{PEER_SECRET, Site, eventually, json, request};
+
+/// Anti-entropy every 300 ms, so that catching up after a kill takes well under a second.
+const FAST: &str = "[sync]\nanti_entropy_ms = 300\n";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Starts `names[0]` alone and every other site with `--peer` to it.
+fn mesh(names: &[&str]) -> Vec<Site> {
+    let first = Site::start_with(names[0], &[], Some(FAST));
+    let mut sites = vec![];
+    for name in &names[1..] {
+        sites.push(Site::start_with(name, &["--peer", &first.url], Some(FAST)));
+    }
+    sites.insert(0, first);
+    sites
+}
+
+fn put(site: &Site, key: &str, value: &str) {
+    let r = request("PUT", &format!("{}/apps/kv/b/{key}", site.url), &[], Some(value.as_bytes()));
+    assert_eq!(r.status, 200, "PUT {key} at {}: {}", site.name, r.body);
+}
+
+fn get(site: &Site, key: &str) -> Option<String> {
+    let r = site.get(&format!("/apps/kv/b/{key}"));
+    match r.status {
+        200 => Some(r.body),
+        404 => None,
+        other => panic!("GET {key} at {}: {other} {}", site.name, r.body),
+    }
+}
+
+fn increment(site: &Site, key: &str) {
+    let r = request("POST", &format!("{}/apps/kv/b/{key}", site.url), &[], Some(b""));
+    assert_eq!(r.status, 200, "increment {key} at {}: {}", site.name, r.body);
+}
+
+/// Deploys the kv-draft guest as `kv` at `sites[0]` and waits until every site serves it.
+fn deploy_kv(sites: &[Site]) -> String {
+    sites[0].deploy("kv", atoll_test_guests::KV_DRAFT, &[]);
+    let version = json(&sites[0].admin("GET", "/_atoll/apps/kv", None).body)["version"].clone();
+    for site in sites {
+        eventually(WAIT, &format!("kv deployed at {}", site.name), || {
+            let r = site.admin("GET", "/_atoll/apps/kv", None);
+            (r.status == 200 && json(&r.body)["version"] == version).then_some(())
+        });
+    }
+    version.as_str().unwrap_or_default().to_owned()
+}
+
+fn converge(sites: &[Site], key: &str, expected: Option<&str>) {
+    for site in sites {
+        eventually(WAIT, &format!("{key}={expected:?} at {}", site.name), || {
+            (get(site, key).as_deref() == expected).then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_deploy_at_one_site_is_served_everywhere_and_a_delete_replicates() {
+    let sites = mesh(&["a", "b", "c"]);
+    deploy_kv(&sites);
+    // Served by the other sites, with their own names in x-atoll-site.
+    put(&sites[0], "k", "v");
+    for site in &sites[1..] {
+        let r = eventually(WAIT, "k replicated", || {
+            let r = site.get("/apps/kv/b/k");
+            (r.status == 200).then_some(r)
+        });
+        assert_eq!((r.body.as_str(), &r.headers["x-atoll-site"]), ("v", site.name.as_str()));
+    }
+    // Delete at another site than the one that deployed it: gone everywhere.
+    assert_eq!(sites[1].admin("DELETE", "/_atoll/apps/kv", None).status, 204);
+    for site in &sites {
+        eventually(WAIT, &format!("kv deleted at {}", site.name), || {
+            (site.admin("GET", "/_atoll/apps/kv", None).status == 404).then_some(())
+        });
+    }
+}
+
+#[test]
+fn writes_conflicting_sets_and_concurrent_increments_converge() {
+    let sites = mesh(&["a", "b", "c"]);
+    deploy_kv(&sites);
+    put(&sites[0], "greeting", "hello from a");
+    converge(&sites, "greeting", Some("hello from a"));
+
+    // The same key set at a and b at the same time: one winner, the same everywhere.
+    std::thread::scope(|s| {
+        s.spawn(|| put(&sites[0], "contested", "from-a"));
+        s.spawn(|| put(&sites[1], "contested", "from-b"));
+    });
+    let winner = eventually(WAIT, "one winner", || {
+        let values: Vec<Option<String>> = sites.iter().map(|site| get(site, "contested")).collect();
+        (values.iter().all(|v| *v == values[0]) && values[0].is_some()).then(|| values[0].clone())
+    });
+    assert!(matches!(winner.as_deref(), Some("from-a" | "from-b")), "{winner:?}");
+
+    // 3 sites × 25 concurrent increments each: exactly 75 everywhere.
+    std::thread::scope(|s| {
+        for site in &sites {
+            s.spawn(move || (0..25).for_each(|_| increment(site, "hits")));
+        }
+    });
+    converge(&sites, "hits", Some("75"));
+
+    // A delete replicates, and the deleted key stays deleted.
+    let r = request("DELETE", &format!("{}/apps/kv/b/greeting", sites[2].url), &[], None);
+    assert_eq!(r.status, 200);
+    converge(&sites, "greeting", None);
+
+    // Replication is visible: each site reports its peers, their last sync and what moved.
+    let status = json(&sites[0].get("/_atoll/sync/status").body);
+    let peers = status["peers"].as_array().expect("peers");
+    for name in ["b", "c"] {
+        let peer = peers.iter().find(|p| p["site"] == name).unwrap_or_else(|| panic!("{name} in {status}"));
+        assert!(peer["last_sync_ms"].is_u64(), "{peer}");
+        assert!(peer["entries_received"].as_u64() > Some(0), "{peer}");
+        assert!(peer["bytes_sent"].as_u64() > Some(0), "{peer}");
+    }
+    assert!(sites[0].get("/apps/kv/b/hits").headers.contains_key("x-atoll-hlc"));
+}
+
+#[test]
+fn a_killed_site_catches_up_and_an_empty_site_joins_with_everything() {
+    let mut sites = mesh(&["a", "b", "c"]);
+    deploy_kv(&sites);
+    put(&sites[0], "before", "1");
+    converge(&sites, "before", Some("1"));
+
+    sites[1].kill();
+    for i in 0..20 {
+        put(&sites[0], &format!("from-a-{i}"), "a");
+        put(&sites[2], &format!("from-c-{i}"), "c");
+    }
+    let b = sites.remove(1).kill_and_restart();
+    for i in 0..20 {
+        converge(std::slice::from_ref(&b), &format!("from-a-{i}"), Some("a"));
+        converge(std::slice::from_ref(&b), &format!("from-c-{i}"), Some("c"));
+    }
+
+    // A new site with an empty data dir, knowing only c, gets the app and every key.
+    let d = Site::start_with("d", &["--peer", &sites[1].url], Some(FAST));
+    eventually(WAIT, "kv deployed at d", || {
+        (d.admin("GET", "/_atoll/apps/kv", None).status == 200).then_some(())
+    });
+    converge(std::slice::from_ref(&d), "before", Some("1"));
+    for i in 0..20 {
+        converge(std::slice::from_ref(&d), &format!("from-a-{i}"), Some("a"));
+        converge(std::slice::from_ref(&d), &format!("from-c-{i}"), Some("c"));
+    }
+    // d learned a and b through c.
+    let status = json(&d.get("/_atoll/sync/status").body);
+    for name in ["a", "b", "c"] {
+        assert!(
+            status["peers"].as_array().expect("peers").iter().any(|p| p["site"] == name),
+            "{name}: {status}"
+        );
+    }
+}
+
+/// A push of `key`=`value` for app `kv`, signed with `secret` (None: unsigned).
+fn push(
+    site: &Site,
+    key: &str,
+    value: &str,
+    secret: Option<&str>,
+    mangle: impl Fn(&mut Vec<u8>),
+) -> crate::Response {
+    use atoll_kv::{Entry, Hlc, Namespace, Stamp};
+    use atoll_sync::message::{Request, WireEntry, encode};
+    let ns = Namespace::new("kv", "b", &atoll_kv::Bounds::default()).expect("ns");
+    let stamp = Stamp { hlc: Hlc { physical_ms: u64::MAX / 2, logical: 0 }, site: "intruder".into() };
+    let entry = Entry::set(value.as_bytes().to_vec(), stamp);
+    let mut body =
+        encode(&Request::Push("intruder".into(), vec![WireEntry::new(ns.key(key.as_bytes()), &entry)]));
+    mangle(&mut body);
+    let proof = secret.map(|s| {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis()
+                as u64;
+        atoll_sync::auth::Secret::new(s).expect("secret").sign(now, "/_atoll/sync", &body)
+    });
+    let mut headers = vec![];
+    if let Some(p) = &proof {
+        headers.push(("x-atoll-sync-auth", p.as_str()));
+    }
+    request("POST", &format!("{}/_atoll/sync", site.url), &headers, Some(&body))
+}
+
+#[test]
+fn sync_requests_without_valid_proof_or_well_formed_body_are_refused_and_change_nothing() {
+    let sites = mesh(&["a"]);
+    deploy_kv(&sites);
+    let a = &sites[0];
+    put(a, "k", "original");
+
+    let unsigned = push(a, "k", "forged", None, |_| {});
+    assert_eq!(unsigned.status, 401, "{}", unsigned.body);
+    assert!(unsigned.body.contains("missing"), "{}", unsigned.body);
+    let wrong = push(a, "k", "forged", Some("not-the-peer-secret-at-all"), |_| {});
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    assert!(wrong.body.contains("signature"), "{}", wrong.body);
+    assert_eq!(get(a, "k").as_deref(), Some("original"));
+
+    // Properly signed but not a valid message: 400 with the reason.
+    let version = push(a, "k", "forged", Some(PEER_SECRET), |b| b[0] = 99);
+    assert_eq!(version.status, 400, "{}", version.body);
+    assert!(version.body.contains("version 99"), "{}", version.body);
+    let truncated = push(a, "k", "forged", Some(PEER_SECRET), |b| b.truncate(b.len() - 3));
+    assert_eq!(truncated.status, 400, "{}", truncated.body);
+    let oversized = push(a, "k", "forged", Some(PEER_SECRET), |b| b.resize(33 << 20, 0));
+    assert_eq!(oversized.status, 400, "{}", oversized.body);
+    assert_eq!(get(a, "k").as_deref(), Some("original"));
+
+    // The same push with the right secret is taken: the refusals above were the proof, not luck.
+    let signed = push(a, "k", "pushed", Some(PEER_SECRET), |_| {});
+    assert_eq!(signed.status, 200, "{}", signed.body);
+    assert_eq!(get(a, "k").as_deref(), Some("pushed"));
+}
