@@ -116,7 +116,7 @@ async fn peer_loop<S: SyncStore, T: Transport>(
             let started = std::time::Instant::now();
             let result = async {
                 node.say_hello(&*transport, &url, wall_ms()).await?;
-                node.anti_entropy(&*transport, &url, fastrand::u64(..), wall_ms()).await
+                node.anti_entropy(&*transport, &url, fastrand::u32(..), wall_ms()).await
             }
             .await;
             match result {

@@ -101,7 +101,6 @@ impl Transport for HttpTransport {
     async fn call(&self, url: &str, request: Request) -> Result<Exchange> {
         let body = message::encode(&request);
         let request = http::Request::post(format!("{url}{SYNC_PATH}"))
-            .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(auth::HEADER, self.secret.sign(wall_ms(), SYNC_PATH, &body))
             .body(Full::new(Bytes::from(body)))?;
         let body_len = body_len_of(&request);
@@ -115,7 +114,13 @@ impl Transport for HttpTransport {
         self.secret.verify(proof, wall_ms(), "reply", &bytes).with_context(|| format!("{url}'s answer"))?;
         let reply: Reply = message::decode(&bytes).with_context(|| format!("{url}'s answer"))?;
         let received_bytes = bytes.len() + header_bytes(&parts.headers) + 17;
-        Ok(Exchange { reply, sent_bytes, received_bytes })
+        Ok(Exchange {
+            reply,
+            sent_bytes,
+            received_bytes,
+            sent_payload: body_len,
+            received_payload: bytes.len(),
+        })
     }
 }
 

@@ -72,8 +72,21 @@ pub struct NodeDigests {
     pub level: u8,
     /// The node's index within its level.
     pub index: u16,
-    /// The digests of its [`FANOUT`] children.
-    pub children: Vec<u64>,
+    /// The digests of its [`FANOUT`] children, 8 bytes each, little-endian (packed: postcard
+    /// would spend 10 bytes on a random u64).
+    pub children: Vec<u8>,
+}
+
+impl NodeDigests {
+    /// A node's children digests, packed.
+    pub fn new(level: u8, index: u16, children: &[u64]) -> NodeDigests {
+        NodeDigests { level, index, children: children.iter().flat_map(|d| d.to_le_bytes()).collect() }
+    }
+
+    /// The children digests.
+    pub fn children(&self) -> impl Iterator<Item = u64> + '_ {
+        self.children.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+    }
 }
 
 /// The sender's fingerprints of every item in one leaf.
@@ -81,8 +94,8 @@ pub struct NodeDigests {
 pub struct LeafItems {
     /// The leaf (an atoll-kv digest range).
     pub leaf: u16,
-    /// One salted 32-bit fingerprint per entry.
-    pub fingerprints: Vec<u32>,
+    /// One salted 32-bit fingerprint per entry, 4 bytes each (packed).
+    pub fingerprints: Vec<u8>,
 }
 
 /// Fingerprints the sender wants the entries of.
@@ -90,15 +103,25 @@ pub struct LeafItems {
 pub struct Wants {
     /// The leaf they are in.
     pub leaf: u16,
-    /// Their fingerprints.
-    pub fingerprints: Vec<u32>,
+    /// Their fingerprints, 4 bytes each (packed).
+    pub fingerprints: Vec<u8>,
+}
+
+/// Packs 32-bit fingerprints.
+pub fn pack(fingerprints: impl IntoIterator<Item = u32>) -> Vec<u8> {
+    fingerprints.into_iter().flat_map(u32::to_le_bytes).collect()
+}
+
+/// Unpacks 32-bit fingerprints (a validated message has a multiple of 4 bytes).
+pub fn unpack(packed: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    packed.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default()))
 }
 
 /// One round of anti-entropy, either way (see ALGORITHM.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Round {
     /// The session's fingerprint salt, chosen by the initiator.
-    pub salt: u64,
+    pub salt: u32,
     /// "Here are my digests of these nodes' children."
     pub nodes: Vec<NodeDigests>,
     /// "Here is my digest of this leaf" (a leaf the sender had no room to list).
@@ -255,8 +278,18 @@ fn validate_round(r: &Round) -> Result<(), String> {
         if n.level >= LEAF_LEVEL || usize::from(n.index) >= FANOUT.pow(u32::from(n.level)) {
             return Err(format!("no tree node at level {} index {}", n.level, n.index));
         }
-        if n.children.len() != FANOUT {
-            return Err(format!("a node has {} child digests, not {FANOUT}", n.children.len()));
+        if n.children.len() != FANOUT * 8 {
+            return Err(format!(
+                "a node has {} bytes of child digests, not {}",
+                n.children.len(),
+                FANOUT * 8
+            ));
+        }
+    }
+    let lists = r.items.iter().map(|i| &i.fingerprints).chain(r.wants.iter().map(|w| &w.fingerprints));
+    for list in lists {
+        if list.len() % 4 != 0 {
+            return Err("a fingerprint list is not a whole number of 4-byte fingerprints".into());
         }
     }
     let leaf_ids = r

@@ -64,6 +64,10 @@ pub struct Exchange {
     pub sent_bytes: usize,
     /// Bytes received (body and headers).
     pub received_bytes: usize,
+    /// Of which protocol messages (bodies): sent.
+    pub sent_payload: usize,
+    /// Of which protocol messages (bodies): received.
+    pub received_payload: usize,
 }
 
 /// What this site knows about one peer.
@@ -95,6 +99,10 @@ pub struct Peer {
     pub bytes_sent: u64,
     /// Bytes received from it.
     pub bytes_received: u64,
+    /// Of `bytes_sent`, protocol messages (without HTTP framing).
+    pub payload_sent: u64,
+    /// Of `bytes_received`, protocol messages (without HTTP framing).
+    pub payload_received: u64,
     /// How old the newest entry received from it was when it arrived (ms): the replication lag
     /// from it to this site.
     pub lag_ms: Option<u64>,
@@ -107,9 +115,13 @@ pub struct Peer {
     /// Completed sessions not yet old enough to count: (HLC at the start, unix ms at the end).
     #[serde(skip)]
     acks: std::collections::VecDeque<(Hlc, u64)>,
-    /// The last acknowledgement old enough to count for collection.
+    /// The start of the second-to-last matured session: what collection counts on (see
+    /// ALGORITHM.md: a fingerprint collision in one session is caught by the next).
     #[serde(skip)]
     matured_ack: Option<Hlc>,
+    /// The start of the last matured session.
+    #[serde(skip)]
+    last_matured: Option<Hlc>,
 }
 
 impl Peer {
@@ -128,12 +140,15 @@ impl Peer {
             entries_received: 0,
             bytes_sent: 0,
             bytes_received: 0,
+            payload_sent: 0,
+            payload_received: 0,
             lag_ms: None,
             push_pending: 0,
             needs_anti_entropy: true,
             pending: BTreeSet::new(),
             acks: std::collections::VecDeque::new(),
             matured_ack: None,
+            last_matured: None,
         }
     }
 
@@ -284,6 +299,7 @@ impl<S: SyncStore> Node<S> {
             peer.cut_off = false;
             peer.acks.clear();
             peer.matured_ack = None;
+            peer.last_matured = None;
         }
     }
 
@@ -389,6 +405,8 @@ impl<S: SyncStore> Node<S> {
         self.with_peer(url, |p| {
             p.bytes_sent += exchange.sent_bytes as u64;
             p.bytes_received += exchange.received_bytes as u64;
+            p.payload_sent += exchange.sent_payload as u64;
+            p.payload_received += exchange.received_payload as u64;
             p.last_contact_ms = Some(now_ms);
             p.last_error = None;
         });
@@ -477,7 +495,7 @@ impl<S: SyncStore> Node<S> {
         &self,
         transport: &impl Transport,
         url: &str,
-        salt: u64,
+        salt: u32,
         now_ms: u64,
     ) -> Result<usize> {
         let started = self.store.now();
@@ -529,7 +547,7 @@ impl<S: SyncStore> Node<S> {
                 while let Some(&(started, ended)) = p.acks.front()
                     && now_ms >= ended + self.config.max_message_age_ms
                 {
-                    p.matured_ack = Some(started);
+                    p.matured_ack = p.last_matured.replace(started);
                     p.acks.pop_front();
                 }
                 if p.cut_off {

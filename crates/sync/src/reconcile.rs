@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
 
-use crate::message::{FANOUT, LEAF_LEVEL, LeafItems, MAX_ENTRIES, NodeDigests, Round, Wants, WireEntry};
+use crate::message::{
+    FANOUT, LEAF_LEVEL, LeafItems, MAX_ENTRIES, NodeDigests, Round, Wants, WireEntry, pack, unpack,
+};
 use crate::store::SyncStore;
 
 /// How much one round may carry.
@@ -76,8 +78,10 @@ impl Tree {
 
 /// A 32-bit fingerprint of an entry hash, salted per session so that a collision in one
 /// session is not repeated in the next.
-pub fn fingerprint(hash: u128, salt: u64) -> u32 {
-    let mut x = (hash as u64) ^ ((hash >> 64) as u64).rotate_left(29) ^ salt;
+pub fn fingerprint(hash: u128, salt: u32) -> u32 {
+    let mut x = (hash as u64)
+        ^ ((hash >> 64) as u64).rotate_left(29)
+        ^ u64::from(salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     // splitmix64's finaliser
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -86,13 +90,9 @@ pub fn fingerprint(hash: u128, salt: u64) -> u32 {
 }
 
 /// The first round of a session: the sender's digests of the root's children.
-pub fn start(store: &impl SyncStore, salt: u64) -> Result<Round> {
+pub fn start(store: &impl SyncStore, salt: u32) -> Result<Round> {
     let tree = Tree::new(&store.leaf_digests()?);
-    Ok(Round {
-        salt,
-        nodes: vec![NodeDigests { level: 0, index: 0, children: tree.children(0, 0) }],
-        ..Round::default()
-    })
+    Ok(Round { salt, nodes: vec![NodeDigests::new(0, 0, &tree.children(0, 0))], ..Round::default() })
 }
 
 /// One step: merge what `incoming` carries and answer what it asks.
@@ -113,16 +113,16 @@ pub async fn process(store: &impl SyncStore, incoming: Round, budget: Budget) ->
     };
     for node in &incoming.nodes {
         let child_level = node.level + 1;
-        for (c, theirs) in node.children.iter().enumerate() {
+        for (c, theirs) in node.children().enumerate() {
             let child = usize::from(node.index) * FANOUT + c;
-            if tree.node(child_level, child) == *theirs {
+            if tree.node(child_level, child) == theirs {
                 continue;
             }
             if child_level == LEAF_LEVEL {
                 step.offer(child as u16)?;
             } else {
                 let children = tree.children(child_level, child);
-                step.out.nodes.push(NodeDigests { level: child_level, index: child as u16, children });
+                step.out.nodes.push(NodeDigests::new(child_level, child as u16, &children));
             }
         }
     }
@@ -170,7 +170,7 @@ impl<S: SyncStore> Step<'_, S> {
         let n = self.items(leaf)?.len();
         if n <= self.budget.fingerprints {
             self.budget.fingerprints -= n;
-            let fingerprints = self.items(leaf)?.iter().map(|(_, h)| fingerprint(*h, salt)).collect();
+            let fingerprints = pack(self.items(leaf)?.iter().map(|(_, h)| fingerprint(*h, salt)));
             self.out.items.push(LeafItems { leaf, fingerprints });
         } else {
             self.out.leaves.push((leaf, self.tree.node(LEAF_LEVEL, usize::from(leaf))));
@@ -184,13 +184,13 @@ impl<S: SyncStore> Step<'_, S> {
             return self.offer(list.leaf);
         }
         let salt = self.out.salt;
-        let theirs: HashSet<u32> = list.fingerprints.iter().copied().collect();
+        let theirs: HashSet<u32> = unpack(&list.fingerprints).collect();
         let mine: Vec<(Vec<u8>, u32)> =
             self.items(list.leaf)?.iter().map(|(k, h)| (k.clone(), fingerprint(*h, salt))).collect();
         let mine_fps: HashSet<u32> = mine.iter().map(|(_, f)| *f).collect();
         let missing: Vec<u32> = theirs.iter().copied().filter(|f| !mine_fps.contains(f)).collect();
         if !missing.is_empty() {
-            self.out.wants.push(Wants { leaf: list.leaf, fingerprints: missing });
+            self.out.wants.push(Wants { leaf: list.leaf, fingerprints: pack(missing) });
         }
         let extra: Vec<Vec<u8>> =
             mine.into_iter().filter(|(_, f)| !theirs.contains(f)).map(|(k, _)| k).collect();
@@ -203,7 +203,7 @@ impl<S: SyncStore> Step<'_, S> {
             return self.offer(wants.leaf);
         }
         let salt = self.out.salt;
-        let wanted: HashSet<u32> = wants.fingerprints.iter().copied().collect();
+        let wanted: HashSet<u32> = unpack(&wants.fingerprints).collect();
         let keys: Vec<Vec<u8>> = self
             .items(wants.leaf)?
             .iter()

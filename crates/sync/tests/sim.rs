@@ -104,7 +104,13 @@ impl Transport for Link {
             bail!("reply lost");
         }
         let received_bytes = atoll_sync::message::encode(&reply).len();
-        Ok(Exchange { reply, sent_bytes, received_bytes })
+        Ok(Exchange {
+            reply,
+            sent_bytes,
+            received_bytes,
+            sent_payload: sent_bytes,
+            received_payload: received_bytes,
+        })
     }
 }
 
@@ -269,7 +275,7 @@ impl Sim {
             return;
         }
         let url = peers[self.rng.usize(..peers.len())].clone();
-        let salt = self.rng.u64(..);
+        let salt = self.rng.u32(..);
         let link = self.link(i);
         if node.say_hello(&link, &url, self.now()).await.is_ok() {
             let _ = node.anti_entropy(&link, &url, salt, self.now()).await;
@@ -336,7 +342,7 @@ impl Sim {
                 let node = self.sites[i].node.clone();
                 for url in node.active_peers() {
                     node.say_hello(&self.link(i), &url, self.now()).await?;
-                    node.anti_entropy(&self.link(i), &url, self.rng.u64(..), self.now()).await?;
+                    node.anti_entropy(&self.link(i), &url, self.rng.u32(..), self.now()).await?;
                 }
                 self.collected += node.collect(self.now())?;
             }
