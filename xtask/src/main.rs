@@ -4,6 +4,9 @@
 //! - `demo`: build, start a site, deploy `hello`, print the curl lines; Ctrl-C stops it.
 //! - `bench`: load `hello` through a release site and a native axum route in the same run, and
 //!   print requests/s, p50/p99 latency, server CPU per request and the ratio.
+//! - `bench-kv`: durable key-value writes and reads through the counter guest.
+//! - `bench-sync`: push-path replication latency between two release sites.
+//! - `sim`: the replication simulation over many seeds.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -45,6 +48,18 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         duration: u64,
     },
+    /// Replication latency: a write acknowledged at site A until it is readable at site B.
+    BenchSync {
+        /// Writes measured.
+        #[arg(long, default_value_t = 1000)]
+        writes: usize,
+    },
+    /// The deterministic replication simulation over many seeds (release build).
+    Sim {
+        /// Seeds 0..N.
+        #[arg(long, default_value_t = 10_000)]
+        seeds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -53,6 +68,11 @@ fn main() -> Result<()> {
         Task::Demo { listen } => demo(&listen),
         Task::Bench { duration, connections } => bench(duration, connections),
         Task::BenchKv { duration } => bench_kv(duration),
+        Task::BenchSync { writes } => bench_sync(writes),
+        Task::Sim { seeds } => run(Command::new("cargo")
+            .current_dir(root())
+            .args(["test", "--release", "-p", "atoll-sync", "--test", "sim", "--", "--nocapture"])
+            .env("ATOLL_SIM_SEEDS", seeds.to_string())),
     }
 }
 
@@ -275,6 +295,80 @@ fn bench_kv(seconds: u64) -> Result<()> {
             load.requests_per_sec, load.p50, load.p99, load.errors
         );
     }
+    Ok(())
+}
+
+fn bench_sync(writes: usize) -> Result<()> {
+    let guests = build_guests()?;
+    let bins = build_bins(true, &["atoll"])?;
+    let dir = tempfile::tempdir()?;
+    let secret = "bench-peer-secret-0123456789";
+    let start = |name: &str, peer: Option<&str>| -> Result<Server> {
+        let mut cmd = Command::new(bins.join("atoll"));
+        cmd.args(["site", "--name", name, "--region", "local", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path().join(name))
+            .env("ATOLL_ADMIN_TOKEN", "bench")
+            .env("ATOLL_PEER_SECRET", secret);
+        if let Some(peer) = peer {
+            cmd.args(["--peer", peer]);
+        }
+        quiet(&mut cmd);
+        Server::start(&mut cmd)
+    };
+    let a = start("a", None)?;
+    let b = start("b", Some(&a.url))?;
+    run(Command::new(bins.join("atoll"))
+        .args(["deploy", "--site", &a.url, "--app", "kv"])
+        .arg(guests.join("kv-draft.wasm"))
+        .env("ATOLL_ADMIN_TOKEN", "bench")
+        .stdout(Stdio::null()))?;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let wait = std::time::Instant::now();
+    while agent.get(format!("{}/apps/kv/b/none", b.url)).call()?.status() != 404
+        || agent.get(format!("{}/_atoll/health", b.url)).call()?.status() != 200
+        || !agent
+            .get(format!("{}/_atoll/sync/status", b.url))
+            .call()?
+            .body_mut()
+            .read_to_string()?
+            .contains("\"site\":\"a\"")
+    {
+        if wait.elapsed() > Duration::from_secs(60) {
+            bail!("site b never served the kv app");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut latencies = Vec::with_capacity(writes);
+    for i in 0..writes {
+        let value = format!("value-{i}");
+        let put = agent.put(format!("{}/apps/kv/b/key-{i}", a.url)).send(value.as_bytes())?;
+        if put.status() != 200 {
+            bail!("PUT at a answered {}", put.status());
+        }
+        let acknowledged = std::time::Instant::now();
+        loop {
+            let mut r = agent.get(format!("{}/apps/kv/b/key-{i}", b.url)).call()?;
+            if r.status() == 200 && r.body_mut().read_to_string()? == value {
+                break;
+            }
+            if acknowledged.elapsed() > Duration::from_secs(30) {
+                bail!("write {i} never reached b");
+            }
+        }
+        latencies.push(acknowledged.elapsed());
+    }
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "two release sites on loopback, kv-draft guest; a PUT acknowledged at a, then GET at b until it reads the value"
+    );
+    println!(
+        "replication latency over {writes} writes: p50 {:.2?}  p90 {:.2?}  p99 {:.2?}  max {:.2?}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
+    );
     Ok(())
 }
 
