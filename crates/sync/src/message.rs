@@ -320,3 +320,85 @@ pub fn hlc_from_wire((physical_ms, logical): (u64, u32)) -> Hlc {
 pub fn entries(wire: Vec<WireEntry>) -> Vec<(Vec<u8>, Entry)> {
     wire.into_iter().filter_map(|w| atoll_kv::codec::decode(&w.entry).ok().map(|e| (w.key, e))).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn sample() -> Request {
+        let entry = Entry::set(b"v".to_vec(), atoll_kv::Stamp { hlc: Hlc { physical_ms: 5, logical: 1 }, site: "a".into() });
+        let key = atoll_kv::Namespace::new("app", "b", &atoll_kv::Bounds::default()).expect("ns").key(b"k");
+        Request::Reconcile(
+            "a".into(),
+            Round {
+                salt: 7,
+                nodes: vec![NodeDigests::new(1, 3, &[9; FANOUT])],
+                leaves: vec![(12, 34)],
+                items: vec![LeafItems { leaf: 4095, fingerprints: pack([1, 2, 3]) }],
+                wants: vec![Wants { leaf: 0, fingerprints: pack([4]) }],
+                entries: vec![WireEntry::new(key, &entry)],
+            },
+        )
+    }
+
+    #[test]
+    fn a_message_round_trips_and_each_kind_of_bad_message_is_named() {
+        let bytes = encode(&sample());
+        assert_eq!(decode::<Request>(&bytes), Ok(sample()));
+        assert_eq!(decode::<Request>(&[]), Err(MessageError::Empty));
+        let mut future = bytes.clone();
+        future[0] = 2;
+        assert_eq!(decode::<Request>(&future), Err(MessageError::UnknownVersion(2)));
+        assert_eq!(decode::<Request>(&vec![1; MAX_MESSAGE + 1]), Err(MessageError::TooLarge(MAX_MESSAGE + 1)));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(matches!(decode::<Request>(&trailing), Err(MessageError::Malformed(m)) if m.contains("trailing")));
+        assert!(matches!(decode::<Request>(&bytes[..bytes.len() - 1]), Err(MessageError::Malformed(_))));
+    }
+
+    #[test]
+    fn out_of_tree_coordinates_and_bad_entries_are_refused() {
+        let Request::Reconcile(from, round) = sample() else { unreachable!() };
+        let refused = |round: Round| {
+            let bytes = encode(&Request::Reconcile(from.clone(), round));
+            matches!(decode::<Request>(&bytes), Err(MessageError::Malformed(_)))
+        };
+        assert!(refused(Round { nodes: vec![NodeDigests::new(3, 0, &[0; FANOUT])], ..round.clone() }));
+        assert!(refused(Round { nodes: vec![NodeDigests::new(1, 16, &[0; FANOUT])], ..round.clone() }));
+        assert!(refused(Round { nodes: vec![NodeDigests::new(0, 0, &[0; 3])], ..round.clone() }));
+        assert!(refused(Round { leaves: vec![(4096, 0)], ..round.clone() }));
+        assert!(refused(Round { items: vec![LeafItems { leaf: 1, fingerprints: vec![1, 2, 3] }], ..round.clone() }));
+        let mut bad_entry = round.clone();
+        bad_entry.entries[0].entry[0] = 99; // an entry codec version that does not exist
+        assert!(refused(bad_entry));
+        let mut bad_key = round.clone();
+        bad_key.entries[0].key = vec![200];
+        assert!(refused(bad_key));
+    }
+
+    proptest! {
+        #[test]
+        fn the_decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<Reply>(&bytes);
+        }
+
+        #[test]
+        fn the_decoder_never_panics_on_mutated_messages(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = encode(&sample());
+            for (at, value) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            let n = cut.index(bytes.len() + 1);
+            if let Ok(decoded) = decode::<Request>(&bytes[..n]) {
+                prop_assert_eq!(decode::<Request>(&encode(&decoded)), Ok(decoded));
+            }
+        }
+    }
+}

@@ -590,3 +590,32 @@ async fn a_site_cut_off_past_the_horizon_resyncs_and_nothing_deleted_comes_back(
     }
     assert!(sim.sites[0].node.peers().iter().all(|p| !p.cut_off), "site 2 is accepted again");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_difference_among_many_keys_takes_three_round_trips_and_little_data() {
+    let config = NodeConfig::default();
+    let sim = Sim::quiet(3, config);
+    let ns = sim.ns();
+    let shared: Vec<(Vec<u8>, atoll_kv::Entry)> = (0..12_000)
+        .map(|i| {
+            let stamp = atoll_kv::Stamp { hlc: atoll_kv::Hlc { physical_ms: 10 + i, logical: 0 }, site: "x".into() };
+            (ns.key(format!("k{i}").as_bytes()), atoll_kv::Entry::set(b"v".to_vec(), stamp))
+        })
+        .collect();
+    for site in &sim.sites[..2] {
+        site.store.merge(shared.clone()).await.expect("fill");
+    }
+    assert_eq!(sim.sync(0, 1).await.expect("sync"), 1, "identical stores: one round trip");
+    let mut sim = sim;
+    sim.set(0, "only-at-0", "x").await;
+    let payload = |sim: &Sim| sim.sites[0].node.peers().iter().map(|p| p.payload_sent + p.payload_received).sum::<u64>();
+    let before = payload(&sim);
+    assert_eq!(sim.sync(0, 1).await.expect("sync"), 3, "one difference: three round trips");
+    let cost = payload(&sim) - before;
+    assert!(cost < 1024, "one difference among 12,000 cost {cost} bytes of messages");
+    assert_eq!(sim.get(1, "only-at-0").as_deref(), Some("x"));
+    // And the other way round: the responder holds the difference.
+    sim.set(1, "only-at-1", "y").await;
+    assert_eq!(sim.sync(0, 1).await.expect("sync"), 3);
+    assert_eq!(sim.get(0, "only-at-1").as_deref(), Some("y"));
+}
