@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's tasks.
 //!
 //! - `build-guests`: build `guests/` for wasm32-wasip2 (installing the target if missing).
-//! - `demo`: build, start a site, deploy `hello`, print the curl lines; Ctrl-C stops it.
+//! - `demo`: build, start three replicating sites, deploy the example handlers, print the curl
+//!   lines; Ctrl-C stops them.
 //! - `bench`: load `hello` through a release site and a native axum route in the same run, and
 //!   print requests/s, p50/p99 latency, server CPU per request and the ratio.
 //! - `bench-kv`: durable key-value writes and reads through the counter guest.
@@ -27,9 +28,9 @@ struct Cli {
 enum Task {
     /// Build the guests/ workspace for wasm32-wasip2.
     BuildGuests,
-    /// Start a local site with the hello handler deployed.
+    /// Start three local replicating sites with the example handlers deployed.
     Demo {
-        /// Where the site listens.
+        /// Where the first site listens (the others take the next ports).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },
@@ -170,32 +171,76 @@ fn demo(listen: &str) -> Result<()> {
     let guests = build_guests()?;
     let atoll = build_bins(false, &["atoll"])?.join("atoll");
     let token = std::env::var("ATOLL_ADMIN_TOKEN").unwrap_or_else(|_| "demo-token".into());
-    let data = root().join("target/demo/us-east");
-    let mut site = Server::start(
-        Command::new(&atoll)
-            .args(["site", "--name", "us-east-1", "--region", "us-east", "--listen", listen, "--data"])
-            .arg(&data)
-            .env("ATOLL_ADMIN_TOKEN", &token),
-    )?;
+    let secret = std::env::var("ATOLL_PEER_SECRET").unwrap_or_else(|_| "demo-peer-secret-change-me".into());
+    let first: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen {listen}"))?;
+    let mut sites: Vec<(String, Server)> = Vec::new();
+    for (i, (name, region)) in
+        [("us-east-1", "us-east"), ("eu-west-1", "eu-west"), ("ap-south-1", "ap-south")]
+            .into_iter()
+            .enumerate()
+    {
+        let addr = std::net::SocketAddr::new(first.ip(), first.port() + i as u16);
+        let mut cmd = Command::new(&atoll);
+        cmd.args(["site", "--name", name, "--region", region, "--listen", &addr.to_string(), "--data"])
+            .arg(root().join("target/demo").join(name))
+            .env("ATOLL_ADMIN_TOKEN", &token)
+            .env("ATOLL_PEER_SECRET", &secret);
+        if let Some((_, first)) = sites.first() {
+            cmd.args(["--peer", &first.url]);
+        }
+        sites.push((name.to_owned(), Server::start(&mut cmd)?));
+    }
+    let url = sites[0].1.url.clone();
     for app in ["hello", "counter", "todo"] {
         run(Command::new(&atoll)
-            .args(["deploy", "--site", &site.url, "--app", app])
+            .args(["deploy", "--site", &url, "--app", app])
             .arg(guests.join(format!("{app}.wasm")))
             .env("ATOLL_ADMIN_TOKEN", &token)
             .stdout(Stdio::null()))?;
     }
-    let url = &site.url;
-    println!("\nAtoll site us-east-1 (region us-east) is running at {url}, data in {}", data.display());
-    println!("Deployed hello, counter and todo. Try:");
-    println!("  curl {url}/apps/hello/");
-    println!("  curl -H 'Host: hello.localhost' {url}/");
-    println!("  curl -X POST {url}/apps/counter/visits");
-    println!("  curl -X POST {url}/apps/todo/ -d '{{\"title\":\"try atoll\"}}'");
-    println!("  curl {url}/apps/todo/");
-    println!("  ATOLL_ADMIN_TOKEN={token} target/debug/atoll apps --site {}", site.url);
-    println!("Press Ctrl-C to stop.");
-    let status = site.child.wait()?;
-    println!("site stopped ({status})");
+    // Deploys replicate: wait until every site serves every app.
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for (name, site) in &sites {
+        for app in ["hello", "counter", "todo"] {
+            while agent
+                .get(format!("{}/_atoll/apps/{app}", site.url))
+                .header("authorization", format!("Bearer {token}"))
+                .call()?
+                .status()
+                != 200
+            {
+                if std::time::Instant::now() > deadline {
+                    bail!("{app} did not replicate to {name}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    println!(
+        "\nThree Atoll sites are running and replicating (data in {}):",
+        root().join("target/demo").display()
+    );
+    for (name, site) in &sites {
+        println!("  {name:<11} {}", site.url);
+    }
+    let (a, b, c) = (&sites[0].1.url, &sites[1].1.url, &sites[2].1.url);
+    println!("hello, counter and todo were deployed at us-east-1 and replicated to the others. Try:");
+    println!("  curl {a}/apps/hello/");
+    println!("  curl -H 'Host: hello.localhost' {b}/");
+    println!("  curl -X POST {a}/apps/counter/visits; curl -X POST {b}/apps/counter/visits");
+    println!(
+        "  curl {c}/apps/counter/visits                       # the total of the increments at every site"
+    );
+    println!("  curl -X POST {a}/apps/todo/ -d '{{\"title\":\"try atoll\"}}'");
+    println!("  curl {c}/apps/todo/                                # the item, replicated");
+    println!("  curl {b}/_atoll/sync/status                        # replication, per peer");
+    println!("  ATOLL_ADMIN_TOKEN={token} target/debug/atoll apps --site {a}");
+    println!("Press Ctrl-C to stop them all.");
+    for (name, mut site) in sites {
+        let status = site.child.wait()?;
+        println!("{name} stopped ({status})");
+    }
     Ok(())
 }
 

@@ -180,6 +180,8 @@ mod tests {
         let (a, b) = (example.runtime_config(), defaults.runtime_config());
         assert_eq!((a.max_instances, a.max_memory_bytes), (b.max_instances, b.max_memory_bytes));
         assert_eq!(example.max_upload(), defaults.max_upload());
+        assert_eq!(format!("{:?}", example.sync_timing()), format!("{:?}", defaults.sync_timing()));
+        assert_eq!(example.node_config().horizon_ms, defaults.node_config().horizon_ms);
     }
 
     #[test]

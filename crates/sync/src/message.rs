@@ -328,7 +328,10 @@ mod tests {
     use super::*;
 
     fn sample() -> Request {
-        let entry = Entry::set(b"v".to_vec(), atoll_kv::Stamp { hlc: Hlc { physical_ms: 5, logical: 1 }, site: "a".into() });
+        let entry = Entry::set(
+            b"v".to_vec(),
+            atoll_kv::Stamp { hlc: Hlc { physical_ms: 5, logical: 1 }, site: "a".into() },
+        );
         let key = atoll_kv::Namespace::new("app", "b", &atoll_kv::Bounds::default()).expect("ns").key(b"k");
         Request::Reconcile(
             "a".into(),
@@ -351,10 +354,15 @@ mod tests {
         let mut future = bytes.clone();
         future[0] = 2;
         assert_eq!(decode::<Request>(&future), Err(MessageError::UnknownVersion(2)));
-        assert_eq!(decode::<Request>(&vec![1; MAX_MESSAGE + 1]), Err(MessageError::TooLarge(MAX_MESSAGE + 1)));
+        assert_eq!(
+            decode::<Request>(&vec![1; MAX_MESSAGE + 1]),
+            Err(MessageError::TooLarge(MAX_MESSAGE + 1))
+        );
         let mut trailing = bytes.clone();
         trailing.push(0);
-        assert!(matches!(decode::<Request>(&trailing), Err(MessageError::Malformed(m)) if m.contains("trailing")));
+        assert!(
+            matches!(decode::<Request>(&trailing), Err(MessageError::Malformed(m)) if m.contains("trailing"))
+        );
         assert!(matches!(decode::<Request>(&bytes[..bytes.len() - 1]), Err(MessageError::Malformed(_))));
     }
 
@@ -369,7 +377,10 @@ mod tests {
         assert!(refused(Round { nodes: vec![NodeDigests::new(1, 16, &[0; FANOUT])], ..round.clone() }));
         assert!(refused(Round { nodes: vec![NodeDigests::new(0, 0, &[0; 3])], ..round.clone() }));
         assert!(refused(Round { leaves: vec![(4096, 0)], ..round.clone() }));
-        assert!(refused(Round { items: vec![LeafItems { leaf: 1, fingerprints: vec![1, 2, 3] }], ..round.clone() }));
+        assert!(refused(Round {
+            items: vec![LeafItems { leaf: 1, fingerprints: vec![1, 2, 3] }],
+            ..round.clone()
+        }));
         let mut bad_entry = round.clone();
         bad_entry.entries[0].entry[0] = 99; // an entry codec version that does not exist
         assert!(refused(bad_entry));

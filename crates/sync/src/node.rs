@@ -501,6 +501,7 @@ impl<S: SyncStore> Node<S> {
         let started = self.store.now();
         let mut round = reconcile::start(&self.store, salt)?;
         let mut rounds = 0;
+        let (mut sent, mut received, mut merged) = (0, 0, 0);
         loop {
             rounds += 1;
             if rounds > self.config.max_rounds {
@@ -515,6 +516,7 @@ impl<S: SyncStore> Node<S> {
             };
             let lag = lag(&crate::message::entries(reply.entries.clone()), now_ms);
             let (next, moved) = reconcile::process(&self.store, reply, self.config.budget).await?;
+            (sent, received, merged) = (sent + moved.sent, received + moved.received, merged + moved.merged);
             self.with_peer(url, |p| {
                 p.entries_received += moved.received as u64;
                 p.entries_sent += moved.sent as u64;
@@ -524,6 +526,11 @@ impl<S: SyncStore> Node<S> {
                 break;
             }
             round = next;
+        }
+        if sent + received > 0 {
+            tracing::info!(peer = %url, rounds, sent, received, merged, "anti-entropy repaired a difference");
+        } else {
+            tracing::debug!(peer = %url, rounds, "anti-entropy: in sync");
         }
         self.with_peer(url, |p| {
             // Bounded: when full, later sessions are simply not counted (collection waits).

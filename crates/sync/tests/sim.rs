@@ -598,7 +598,8 @@ async fn one_difference_among_many_keys_takes_three_round_trips_and_little_data(
     let ns = sim.ns();
     let shared: Vec<(Vec<u8>, atoll_kv::Entry)> = (0..12_000)
         .map(|i| {
-            let stamp = atoll_kv::Stamp { hlc: atoll_kv::Hlc { physical_ms: 10 + i, logical: 0 }, site: "x".into() };
+            let stamp =
+                atoll_kv::Stamp { hlc: atoll_kv::Hlc { physical_ms: 10 + i, logical: 0 }, site: "x".into() };
             (ns.key(format!("k{i}").as_bytes()), atoll_kv::Entry::set(b"v".to_vec(), stamp))
         })
         .collect();
@@ -608,7 +609,9 @@ async fn one_difference_among_many_keys_takes_three_round_trips_and_little_data(
     assert_eq!(sim.sync(0, 1).await.expect("sync"), 1, "identical stores: one round trip");
     let mut sim = sim;
     sim.set(0, "only-at-0", "x").await;
-    let payload = |sim: &Sim| sim.sites[0].node.peers().iter().map(|p| p.payload_sent + p.payload_received).sum::<u64>();
+    let payload = |sim: &Sim| {
+        sim.sites[0].node.peers().iter().map(|p| p.payload_sent + p.payload_received).sum::<u64>()
+    };
     let before = payload(&sim);
     assert_eq!(sim.sync(0, 1).await.expect("sync"), 3, "one difference: three round trips");
     let cost = payload(&sim) - before;
