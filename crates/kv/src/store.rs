@@ -5,18 +5,16 @@
 //! - `entries`: composite key → encoded [`Entry`] (see [`crate::codec`]). The composite key is
 //!   `len(app) app len(bucket) bucket key`, so one app's keys can never be named by another app,
 //!   whatever bucket or key it passes, and each (app, bucket) is one contiguous range.
-//! - `ranges`: the key-hash space cut into 4096 ranges (the first 12 bits of SHA-256 of the
-//!   composite key), each one contiguous run of rows keyed by the range (2 bytes, big-endian):
-//!   - `range` alone → the range's digest: the 16-byte wrapping sum, over the range's entries, of
-//!     the first 16 bytes of SHA-256(composite key ‖ encoded entry). Updated in O(1) per write
-//!     (subtract the old entry's hash, add the new one's), in the write's transaction. Two stores
-//!     holding the same entries have equal digests, whatever order they were written in.
-//!   - `range ‖ composite key` → nothing: one range's keys are one scan, which is what replication
-//!     lists when a range's digest differs (their hashes are computed from `entries` then).
-//!
-//!   An index row changes only when its key appears or is removed, so an overwrite (the common
-//!   write) changes one `entries` row and one digest row; an index row holding the hash would
-//!   change on every write, which measured ~35 % fewer acknowledged writes/s.
+//! - `digests`: range (the first 12 bits of SHA-256 of the composite key; 4096 ranges) → the
+//!   range's digest: the 16-byte wrapping sum, over the range's entries, of the first 16 bytes of
+//!   SHA-256(composite key ‖ encoded entry). Updated in O(1) per write (subtract the old entry's
+//!   hash, add the new one's), in the write's transaction. Two stores holding the same entries
+//!   have equal digests, whatever order they were written in. Small: read whole in ~1 ms.
+//! - `index`: range (2 bytes, big-endian) ‖ composite key → nothing: one range's keys are one
+//!   scan, which is what replication lists when a range's digest differs (their hashes are
+//!   computed from `entries` then). An index row changes only when its key appears or is
+//!   removed, so an overwrite (the common write) changes one `entries` row and one digest row; an
+//!   index row holding the hash would change on every write (measured: ~35 % fewer writes/s).
 //!
 //! Writes go through one writer thread that takes every write waiting (up to
 //! [`StoreConfig::max_batch`]) into one transaction, commits it durably, and only then answers each
@@ -35,7 +33,8 @@ use crate::hlc::{Clock, Hlc};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
-const RANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ranges");
+const DIGESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("digests");
+const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
 
 /// The store format this build reads and writes.
 pub const STORE_FORMAT: u64 = 2;
@@ -317,7 +316,8 @@ impl Store {
                 clock.observe(decode_hlc(hlc.value())?);
             }
             txn.open_table(ENTRIES).map_err(storage)?;
-            txn.open_table(RANGES).map_err(storage)?;
+            txn.open_table(DIGESTS).map_err(storage)?;
+            txn.open_table(INDEX).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
 
@@ -401,12 +401,10 @@ impl Store {
     pub fn range_items(&self, range: u32) -> Result<Vec<(Vec<u8>, u128)>, KvError> {
         let prefix = index_key(range, &[]);
         let txn = self.inner.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(RANGES).map_err(storage)?;
+        let table = txn.open_table(INDEX).map_err(storage)?;
         let entries = txn.open_table(ENTRIES).map_err(storage)?;
         let mut out = Vec::new();
-        // The bare range is the digest row; the keys follow it.
-        let after_digest = (std::ops::Bound::Excluded(prefix.as_slice()), std::ops::Bound::Unbounded);
-        for item in table.range::<&[u8]>(after_digest).map_err(storage)? {
+        for item in table.range(prefix.as_slice()..).map_err(storage)? {
             let (k, _) = item.map_err(storage)?;
             let Some(composite) = k.value().strip_prefix(prefix.as_slice()) else { break };
             let encoded = entries
@@ -565,12 +563,11 @@ impl Store {
     /// The digest of every range, in range order (see the module docs).
     pub fn digests(&self) -> Result<Vec<u128>, KvError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(RANGES).map_err(storage)?;
+        let table = txn.open_table(DIGESTS).map_err(storage)?;
         let mut out = vec![0u128; DIGEST_RANGES as usize];
-        for (range, digest) in out.iter_mut().enumerate() {
-            if let Some(sum) = table.get(index_key(range as u32, &[]).as_slice()).map_err(storage)? {
-                *digest = decode_u128(sum.value())?;
-            }
+        for item in table.iter().map_err(storage)? {
+            let (range, sum) = item.map_err(storage)?;
+            out[range.value() as usize] = decode_u128(sum.value())?;
         }
         Ok(out)
     }
@@ -579,14 +576,16 @@ impl Store {
 /// The writable tables of one transaction, changed together by [`Tables::replace`].
 struct Tables<'t> {
     entries: redb::Table<'t, &'static [u8], &'static [u8]>,
-    ranges: redb::Table<'t, &'static [u8], &'static [u8]>,
+    digests: redb::Table<'t, u32, &'static [u8]>,
+    index: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
     fn open(txn: &'t redb::WriteTransaction) -> Result<Tables<'t>, KvError> {
         Ok(Tables {
             entries: txn.open_table(ENTRIES).map_err(storage)?,
-            ranges: txn.open_table(RANGES).map_err(storage)?,
+            digests: txn.open_table(DIGESTS).map_err(storage)?,
+            index: txn.open_table(INDEX).map_err(storage)?,
         })
     }
 
@@ -594,8 +593,7 @@ impl<'t> Tables<'t> {
     /// range digest and the index true in the same transaction.
     fn replace(&mut self, composite: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) -> Result<(), KvError> {
         let range = range_of(composite);
-        let digest_key = index_key(range, &[]);
-        let mut sum = match self.ranges.get(digest_key.as_slice()).map_err(storage)? {
+        let mut sum = match self.digests.get(range).map_err(storage)? {
             Some(v) => decode_u128(v.value())?,
             None => 0,
         };
@@ -609,17 +607,17 @@ impl<'t> Tables<'t> {
                 sum = sum.wrapping_add(entry_hash(composite, new));
                 self.entries.insert(composite, new).map_err(storage)?;
                 if old.is_none() {
-                    self.ranges
+                    self.index
                         .insert(index_key(range, composite).as_slice(), [].as_slice())
                         .map_err(storage)?;
                 }
             }
             None => {
                 self.entries.remove(composite).map_err(storage)?;
-                self.ranges.remove(index_key(range, composite).as_slice()).map_err(storage)?;
+                self.index.remove(index_key(range, composite).as_slice()).map_err(storage)?;
             }
         }
-        self.ranges.insert(digest_key.as_slice(), sum.to_le_bytes().as_slice()).map_err(storage)?;
+        self.digests.insert(range, sum.to_le_bytes().as_slice()).map_err(storage)?;
         Ok(())
     }
 }

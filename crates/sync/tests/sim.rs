@@ -3,7 +3,7 @@
 //! duplicates and partitions messages, while sites crash and restart. Then the network heals and
 //! the sites sync until quiet, and the checkers run (see ALGORITHM.md, "Invariants").
 //!
-//! Every run is seeded. `ATOLL_SIM_SEEDS=N` runs seeds 0..N (default 150); `ATOLL_SIM_SEED=S`
+//! Every run is seeded. `ATOLL_SIM_SEEDS=N` runs seeds 0..N (default 400); `ATOLL_SIM_SEED=S`
 //! replays one seed; `cargo xtask sim --seeds 10000` is the long run. A failure prints its seed.
 #![allow(clippy::unwrap_used)] // a poisoned lock is a failed test
 
@@ -419,13 +419,13 @@ async fn run_seed(seed: u64) -> Result<usize> {
     Ok(sim.collected)
 }
 
-/// This shard's seeds: seeds `0..ATOLL_SIM_SEEDS` (default 200) split over [`SHARDS`] tests that
+/// This shard's seeds: seeds `0..ATOLL_SIM_SEEDS` (default 400) split over [`SHARDS`] tests that
 /// run in parallel, or only `ATOLL_SIM_SEED` (in shard 0).
 fn seeds(shard: u64) -> Vec<u64> {
     if let Some(seed) = std::env::var("ATOLL_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         return if shard == 0 { vec![seed] } else { vec![] };
     }
-    let n: u64 = std::env::var("ATOLL_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let n: u64 = std::env::var("ATOLL_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
     (0..n).filter(|s| s % SHARDS == shard).collect()
 }
 
