@@ -107,25 +107,27 @@ async fn fetch(
     anyhow::bail!("no peer could send app {name} version {version}: {}", errors.join("; "))
 }
 
-/// At startup: records apps deployed before deploys replicated (a registry without records), then
-/// applies every record (finishing a change a crash interrupted).
+/// At startup: once per data dir, records apps deployed before deploys replicated (a registry
+/// without records); then applies every record, and removes apps that have none (finishing what
+/// a crash interrupted, or a resync dropped).
 pub(crate) async fn startup(site: &Arc<Site>) -> Result<()> {
     let ns = namespace(site)?;
-    let registered: Vec<(String, AppRecord)> = site
-        .apps
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(n, d)| (n.clone(), d.record.clone()))
-        .collect();
-    for (name, record) in registered {
-        if site.kv.entries_at(&[ns.key(name.as_bytes())])?.is_empty() {
-            publish(site, &name, Some(&record)).await?;
+    if site.kv.meta("deploy_records")?.is_none() {
+        let registered: Vec<(String, AppRecord)> = site
+            .apps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, d)| (n.clone(), d.record.clone()))
+            .collect();
+        for (name, record) in registered {
+            if site.kv.entries_at(&[ns.key(name.as_bytes())])?.is_empty() {
+                publish(site, &name, Some(&record)).await?;
+            }
         }
+        site.kv.set_meta("deploy_records", b"1")?;
     }
-    let (names, _) = site.kv.list_keys(&ns, None, site.kv.bounds().max_page)?;
-    for name in names {
-        let name = String::from_utf8_lossy(&name).into_owned();
+    for name in all_names(site) {
         if let Err(e) = apply(site, &name, None).await {
             tracing::warn!(app = %name, "cannot apply the deploy record yet: {e:#}");
         }
@@ -143,12 +145,14 @@ impl atoll_sync::http::Blobs for Blobs {
 }
 
 /// Follows replicated changes of deploy records and applies them; a record whose component
-/// cannot be fetched yet is retried every two seconds.
+/// cannot be fetched yet is retried every two seconds, and every 30 s every app is checked
+/// against its record (a resync drops records without publishing changes).
 pub(crate) async fn watch(site: Arc<Site>, node: Arc<Node<atoll_kv::Store>>, transport: Arc<HttpTransport>) {
     let mut changes = site.kv.changes();
     // Records startup could not apply (their component was not here) are retried with peers.
     let mut pending = all_names(&site);
     let mut retry = tokio::time::interval(Duration::from_secs(2));
+    let mut sweep = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
             batch = changes.recv() => match batch {
@@ -166,6 +170,7 @@ pub(crate) async fn watch(site: Arc<Site>, node: Arc<Node<atoll_kv::Store>>, tra
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
             _ = retry.tick() => {}
+            _ = sweep.tick() => pending.extend(all_names(&site)),
         }
         for name in std::mem::take(&mut pending) {
             if let Err(e) = apply(&site, &name, Some((&node, &transport))).await {
@@ -176,7 +181,11 @@ pub(crate) async fn watch(site: Arc<Site>, node: Arc<Node<atoll_kv::Store>>, tra
     }
 }
 
+/// Every app with a record, and every app deployed here (with a record or not).
 fn all_names(site: &Site) -> BTreeSet<String> {
     let names = namespace(site).and_then(|ns| Ok(site.kv.list_keys(&ns, None, site.kv.bounds().max_page)?.0));
-    names.unwrap_or_default().into_iter().map(|n| String::from_utf8_lossy(&n).into_owned()).collect()
+    let mut all: BTreeSet<String> =
+        names.unwrap_or_default().into_iter().map(|n| String::from_utf8_lossy(&n).into_owned()).collect();
+    all.extend(site.apps.read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
+    all
 }
