@@ -108,3 +108,24 @@ fn invalid_config_is_an_error_naming_the_field() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("deadline_seconds"), "{stderr}");
 }
+
+#[test]
+fn a_site_with_peers_refuses_to_start_without_a_usable_peer_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = |secret: Option<&str>| {
+        let mut cmd = Command::new(ATOLL);
+        cmd.args(["site", "--name", "x", "--region", "r", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path().join("data"))
+            .args(["--peer", "http://127.0.0.1:9"])
+            .env("ATOLL_ADMIN_TOKEN", TOKEN)
+            .env_remove("ATOLL_PEER_SECRET");
+        if let Some(secret) = secret {
+            cmd.env("ATOLL_PEER_SECRET", secret);
+        }
+        let out = cmd.output().expect("run");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(start(None).contains("ATOLL_PEER_SECRET is not set"));
+    assert!(start(Some("short")).contains("at least 16 characters"));
+}

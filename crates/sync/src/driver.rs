@@ -2,7 +2,7 @@
 //! as they commit (after a short batching delay) and runs anti-entropy on an interval (at once
 //! when the push path lost track), plus tombstone collection.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,13 +79,16 @@ pub async fn run<S, T>(
             }
         });
     }
-    let mut running = HashSet::new();
+    // A peer's task ends when the peer stops being active (cut off, or found to be this site);
+    // it is started again if the peer becomes active again (a cut-off site that resynced).
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
+        running.retain(|_, task| !task.is_finished());
         for url in node.active_peers() {
-            if running.insert(url.clone()) {
+            if !running.contains_key(&url) {
                 let (node, transport, kicks, timing) =
                     (node.clone(), transport.clone(), kick.subscribe(), timing.clone());
-                tokio::spawn(peer_loop(node, transport, url, kicks, timing));
+                running.insert(url.clone(), tokio::spawn(peer_loop(node, transport, url, kicks, timing)));
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -622,3 +622,31 @@ async fn one_difference_among_many_keys_takes_three_round_trips_and_little_data(
     assert_eq!(sim.sync(0, 1).await.expect("sync"), 3);
     assert_eq!(sim.get(0, "only-at-1").as_deref(), Some("y"));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_push_queue_falls_back_to_anti_entropy_and_nothing_is_lost() {
+    let config = NodeConfig { push_queue: 3, ..node_config() };
+    let mut sim = Sim::quiet(3, config);
+    sim.cut(0, 1);
+    sim.cut(0, 2);
+    for i in 0..10 {
+        sim.set(0, &format!("k{i}"), "v").await;
+    }
+    // Writes never waited; the queues kept what fit and flagged the rest.
+    for peer in sim.sites[0].node.peers() {
+        assert_eq!(peer.push_pending, 3, "{peer:?}");
+        assert!(peer.needs_anti_entropy, "{peer:?}");
+    }
+    sim.net.cut.lock().unwrap().clear();
+    sim.push(0).await;
+    assert_eq!(sim.get(1, "k9"), None, "the push carried only what fit in the queue");
+    for j in 1..3 {
+        sim.sync(0, j).await.expect("anti-entropy");
+    }
+    for j in 1..3 {
+        for i in 0..10 {
+            assert_eq!(sim.get(j, &format!("k{i}")).as_deref(), Some("v"), "k{i} at site {j}");
+        }
+        assert!(!sim.sites[0].node.needs_anti_entropy(&url(j)));
+    }
+}
