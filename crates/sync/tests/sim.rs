@@ -153,6 +153,11 @@ struct Sim {
     collected: usize,
     /// Steps taken (unique key and value names).
     step: usize,
+    /// The first invariant broken during the chaos, if any.
+    failure: Option<anyhow::Error>,
+    /// (site, key): the site has held the tombstone of a deleted key; it must never read a value
+    /// for it again, not even for a while.
+    saw_delete: BTreeSet<(usize, String)>,
 }
 
 impl Sim {
@@ -187,7 +192,18 @@ impl Sim {
             net.sites.lock().unwrap()[i] = Some(node.clone());
             sites.push(Site { store, node, feed });
         }
-        Sim { rng, net, sites, model: Model::default(), n, config, collected: 0, step: 0 }
+        Sim {
+            rng,
+            net,
+            sites,
+            model: Model::default(),
+            n,
+            config,
+            collected: 0,
+            step: 0,
+            saw_delete: BTreeSet::new(),
+            failure: None,
+        }
     }
 
     fn now(&self) -> u64 {
@@ -320,7 +336,37 @@ impl Sim {
                 93 if up => self.restart(i),
                 _ => {}
             }
+            if let Err(e) = self.no_deleted_key_comes_back() {
+                self.failure.get_or_insert(e);
+            }
         }
+    }
+
+    /// Checks, at every step, that no site that has held a deleted key's tombstone reads a value
+    /// for that key again.
+    fn no_deleted_key_comes_back(&mut self) -> Result<()> {
+        let ns = self.ns();
+        for i in 0..self.n {
+            let store = &self.sites[i].store;
+            for key in &self.model.deleted {
+                let composite = ns.key(key.as_bytes());
+                let entry = store.entries_at(&[composite])?.pop().map(|(_, e)| e);
+                match entry {
+                    Some(e) if e.register == atoll_kv::Register::Tombstone => {
+                        self.saw_delete.insert((i, key.clone()));
+                    }
+                    Some(e) if self.saw_delete.contains(&(i, key.clone())) => {
+                        bail!(
+                            "site s{i}: deleted key {key} came back as {:?} at step {}",
+                            e.read(),
+                            self.step
+                        )
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Heals everything and syncs until every pair is quiet.
@@ -345,6 +391,7 @@ impl Sim {
                     node.anti_entropy(&self.link(i), &url, self.rng.u32(..), self.now()).await?;
                 }
                 self.collected += node.collect(self.now())?;
+                self.no_deleted_key_comes_back()?;
             }
             if iteration >= 8 && self.converged()? {
                 self.net.lossy.store(true, Ordering::Relaxed);
@@ -416,6 +463,9 @@ async fn run_seed(seed: u64) -> Result<usize> {
     sim.chaos(150).await;
     sim.heal().await?;
     sim.check()?;
+    if let Some(e) = sim.failure.take() {
+        return Err(e);
+    }
     Ok(sim.collected)
 }
 
@@ -649,4 +699,37 @@ async fn a_full_push_queue_falls_back_to_anti_entropy_and_nothing_is_lost() {
         }
         assert!(!sim.sites[0].node.needs_anti_entropy(&url(j)));
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_tombstone_that_arrives_late_is_kept_until_sessions_after_its_arrival() {
+    // Z (2) deletes k at once; the tombstone reaches X (0) only after X's sessions with Y (1),
+    // which still holds the value. Those sessions started after the tombstone's stamp, but not
+    // after its arrival at X: they do not show that Y has it, so X must keep it.
+    let mut sim = Sim::quiet(3, node_config());
+    sim.set(1, "k", "v").await;
+    sim.sync(1, 0).await.expect("sync");
+    sim.sync(1, 2).await.expect("sync");
+    sim.delete(2, "k").await;
+    sim.cut(1, 2);
+    sim.cut(0, 2);
+    for _ in 0..3 {
+        sim.advance(1);
+        sim.sync(0, 1).await.expect("sync");
+        sim.advance(MAX_AGE_MS + 1);
+    }
+    sim.cut(0, 1);
+    sim.net.cut.lock().unwrap().remove(&(0, 2));
+    for _ in 0..3 {
+        sim.sync(0, 2).await.expect("sync");
+        sim.advance(MAX_AGE_MS + 1);
+    }
+    assert_eq!(sim.get(0, "k"), None, "the tombstone reached X");
+    assert_eq!(sim.get(1, "k").as_deref(), Some("v"), "Y still holds the value");
+    sim.sites[0].node.collect(sim.now()).expect("collect");
+    // X and Y meet again: the value must not come back at X.
+    sim.net.cut.lock().unwrap().clear();
+    sim.sync(0, 1).await.expect("sync");
+    assert_eq!(sim.get(0, "k"), None, "k came back at X");
+    assert_eq!(sim.get(1, "k"), None, "the tombstone reached Y");
 }
