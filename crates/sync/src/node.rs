@@ -275,12 +275,28 @@ impl<S: SyncStore> Node<S> {
     }
 
     /// Learns from a hello received from (or answered by) the site at `url`.
-    fn learn(&self, url: &str, hello: &Hello, now_ms: u64) {
+    /// `reached`: this site called `url` and got the hello as the answer (so `url` works); else the
+    /// hello came in, and `url` is what the peer advertises.
+    fn learn(&self, url: &str, hello: &Hello, now_ms: u64, reached: bool) {
         let mut state = self.state();
         let collected = state.collected;
-        let url = url.trim_end_matches('/');
-        // A site that moved to another URL (restarted elsewhere) is the same site: forget the old URL.
-        state.peers.retain(|u, p| u == url || p.site.as_deref() != Some(hello.me.site.as_str()));
+        let mut url = url.trim_end_matches('/').to_owned();
+        let known_as = state
+            .peers
+            .iter()
+            .find(|(_, p)| p.site.as_deref() == Some(hello.me.site.as_str()))
+            .map(|(u, _)| u.clone());
+        match known_as {
+            // A site reached at a new URL (restarted elsewhere) is the same site: forget the old URL.
+            Some(old) if reached && old != url => {
+                state.peers.remove(&old);
+            }
+            // A known site calling in: keep the URL this site reaches it at (its advertised one may
+            // differ, e.g. a name instead of an address).
+            Some(old) if !reached => url = old,
+            _ => {}
+        }
+        let url = url.as_str();
         for info in &hello.peers {
             let known = state.peers.contains_key(&info.url)
                 || state.peers.values().any(|p| p.site.as_deref() == Some(info.site.as_str()));
@@ -333,7 +349,7 @@ impl<S: SyncStore> Node<S> {
     pub async fn handle(&self, request: Request, now_ms: u64) -> Result<Reply> {
         match request {
             Request::Hello(hello) => {
-                self.learn(&hello.me.url, &hello, now_ms);
+                self.learn(&hello.me.url, &hello, now_ms, false);
                 Ok(Reply::Hello(self.hello()?))
             }
             Request::Push(from, wire) => {
@@ -452,7 +468,7 @@ impl<S: SyncStore> Node<S> {
     pub async fn say_hello(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<()> {
         match self.call(transport, url, Request::Hello(self.hello()?), now_ms).await? {
             Reply::Hello(hello) => {
-                self.learn(url, &hello, now_ms);
+                self.learn(url, &hello, now_ms, true);
                 Ok(())
             }
             other => bail!("unexpected answer to hello: {other:?}"),
