@@ -522,6 +522,7 @@ async fn run_shard(shard: u64) {
 /// Scenario helpers: a quiet network, explicit steps.
 impl Sim {
     fn quiet(n: usize, config: NodeConfig) -> Sim {
+        assert!((3..=5).contains(&n), "simulations have 3 to 5 sites");
         let mut seed = 0;
         let sim = loop {
             // Pick a seed that gives `n` sites.
@@ -732,4 +733,37 @@ async fn a_tombstone_that_arrives_late_is_kept_until_sessions_after_its_arrival(
     sim.sync(0, 1).await.expect("sync");
     assert_eq!(sim.get(0, "k"), None, "k came back at X");
     assert_eq!(sim.get(1, "k"), None, "the tombstone reached Y");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_peer_known_by_another_url_than_it_advertises_stays_one_peer() {
+    let mut sim = Sim::quiet(3, node_config());
+    sim.cut(0, 2);
+    // Site 0 knows site 1 only as "sim://alias-1" (say, a DNS name); site 1 advertises "sim://site-1".
+    let me = PeerInfo { site: "s0".into(), region: "sim".into(), url: url(0) };
+    let node = Arc::new(Node::new(
+        sim.sites[0].store.clone(),
+        me,
+        node_config(),
+        &["sim://alias-1".into()],
+        sim.now(),
+    ));
+    sim.sites[0].node = node.clone();
+    sim.net.sites.lock().unwrap()[0] = Some(node.clone());
+    let peers = |sim: &Sim| -> Vec<(String, Option<String>)> {
+        sim.sites[0].node.peers().into_iter().map(|p| (p.url, p.site)).collect()
+    };
+    let alias = vec![("sim://alias-1".to_owned(), Some("s1".to_owned()))];
+    for round in 0..3 {
+        // Site 1 calls in (advertising its own URL), then site 0 calls it by the alias.
+        sim.sites[1].node.say_hello(&sim.link(1), &url(0), sim.now()).await.expect("hello in");
+        if round > 0 {
+            assert_eq!(peers(&sim), alias, "a hello from a known site does not add its advertised URL");
+        }
+        node.say_hello(&sim.link(0), "sim://alias-1", sim.now()).await.expect("hello out");
+        assert_eq!(peers(&sim), alias, "the URL that answered replaces the advertised one");
+    }
+    sim.set(0, "k", "v").await;
+    sim.push(0).await;
+    assert_eq!(sim.get(1, "k").as_deref(), Some("v"));
 }
