@@ -106,7 +106,7 @@ pub struct Peer {
     /// How old the newest entry received from it was when it arrived (ms): the replication lag
     /// from it to this site.
     pub lag_ms: Option<u64>,
-    /// Keys waiting to be pushed to it.
+    /// Keys waiting to be pushed to it (filled in by [`Node::peers`]).
     pub push_pending: usize,
     /// The push path lost track (queue overflow or failed push): anti-entropy must catch up.
     pub needs_anti_entropy: bool,
@@ -223,7 +223,11 @@ impl<S: SyncStore> Node<S> {
 
     /// Every peer, by URL.
     pub fn peers(&self) -> Vec<Peer> {
-        self.state().peers.values().cloned().collect()
+        let mut peers: Vec<Peer> = self.state().peers.values().cloned().collect();
+        for p in &mut peers {
+            p.push_pending = p.pending.len();
+        }
+        peers
     }
 
     /// The URLs this site should talk to now.
@@ -395,7 +399,6 @@ impl<S: SyncStore> Node<S> {
                 }
                 peer.pending.insert(change.key.clone());
             }
-            peer.push_pending = peer.pending.len();
         }
     }
 
@@ -486,7 +489,6 @@ impl<S: SyncStore> Node<S> {
                 let Some(k) = peer.pending.pop_first() else { break };
                 keys.push(k);
             }
-            peer.push_pending = peer.pending.len();
             keys
         };
         if keys.is_empty() {
@@ -530,13 +532,12 @@ impl<S: SyncStore> Node<S> {
                 Reply::Reconcile(reply) => reply,
                 other => bail!("unexpected answer to reconcile: {other:?}"),
             };
-            let lag = lag(&crate::message::entries(reply.entries.clone()), now_ms);
             let (next, moved) = reconcile::process(&self.store, reply, self.config.budget).await?;
             (sent, received, merged) = (sent + moved.sent, received + moved.received, merged + moved.merged);
             self.with_peer(url, |p| {
                 p.entries_received += moved.received as u64;
                 p.entries_sent += moved.sent as u64;
-                p.lag_ms = lag.or(p.lag_ms);
+                p.lag_ms = moved.newest_ms.map(|t| now_ms.saturating_sub(t)).or(p.lag_ms);
             });
             if next.is_empty() {
                 break;
@@ -581,7 +582,6 @@ impl<S: SyncStore> Node<S> {
                     tracing::warn!(peer = %p.url, "peer silent past the horizon: cut off; it must resync to rejoin");
                     p.cut_off = true;
                     p.pending.clear();
-                    p.push_pending = 0;
                     continue;
                 }
                 match p.matured_ack {

@@ -39,6 +39,8 @@ pub struct Moved {
     pub received: usize,
     /// Entries put in the answer.
     pub sent: usize,
+    /// The newest change among the entries received (unix ms of its HLC).
+    pub newest_ms: Option<u64>,
 }
 
 /// The digest tree over the leaf ranges: level 0 is the root, level [`LEAF_LEVEL`] the leaves;
@@ -69,11 +71,6 @@ impl Tree {
     pub fn children(&self, level: u8, index: usize) -> Vec<u64> {
         self.levels[usize::from(level) + 1][index * FANOUT..(index + 1) * FANOUT].to_vec()
     }
-
-    /// The root digest.
-    pub fn root(&self) -> u64 {
-        self.levels[0][0]
-    }
 }
 
 /// A 32-bit fingerprint of an entry hash, salted per session so that a collision in one
@@ -100,6 +97,7 @@ pub async fn process(store: &impl SyncStore, incoming: Round, budget: Budget) ->
     // Merge first, so that the answer reflects what was just received.
     let received = crate::message::entries(incoming.entries);
     let received_count = received.len();
+    let newest_ms = received.iter().map(|(_, e)| e.changed.hlc.physical_ms).max();
     let merged = store.merge(received).await?;
     let tree = Tree::new(&store.leaf_digests()?);
     let mut step = Step {
@@ -109,7 +107,7 @@ pub async fn process(store: &impl SyncStore, incoming: Round, budget: Budget) ->
         budget,
         items: HashMap::new(),
         offered: HashSet::new(),
-        moved: Moved { merged, received: received_count, sent: 0 },
+        moved: Moved { merged, received: received_count, sent: 0, newest_ms },
     };
     for node in &incoming.nodes {
         let child_level = node.level + 1;
