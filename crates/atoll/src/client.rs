@@ -95,6 +95,15 @@ fn app_urls(base: &str, app: &str) -> Vec<String> {
     urls
 }
 
+/// Whether `app` is deployed on the site at `base` (to wait for a deploy to replicate).
+pub fn is_deployed(args: &ClientArgs, app: &str) -> Result<bool> {
+    let site = Site::new(args);
+    let url = site.url(&format!("/_atoll/apps/{app}"));
+    let response =
+        site.auth(site.agent.get(url)).call().with_context(|| format!("cannot reach {}", site.base))?;
+    Ok(response.status() == 200)
+}
+
 pub fn apps(args: &ClientArgs) -> Result<()> {
     let site = Site::new(args);
     let body = site.check("listing apps", site.auth(site.agent.get(site.url("/_atoll/apps"))).call())?;

@@ -1,4 +1,5 @@
-//! The TOML configuration file of `atoll site` (`--config FILE`). Every field is optional;
+//! The TOML configuration file of `atoll site`, `atoll router` and `atoll dev` (`--config
+//! FILE`): one format, each command reads the sections it uses. Every field is optional;
 //! unknown fields are errors naming the field. See `examples/site.toml` for a commented example.
 
 use std::path::Path;
@@ -20,6 +21,35 @@ pub struct FileConfig {
     pub admin: AdminConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    #[serde(default)]
+    pub routing: atoll_router::RoutingConfig,
+    #[serde(default)]
+    pub router: RouterSection,
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// `[router]`: `atoll router`, the stand-alone front door.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// Its name, in `x-atoll-forwarded-by` and its status (default `router`).
+    pub name: Option<String>,
+    /// The sites it routes to (added to `--site`): `http://HOST:PORT` or `srv://NAME`. Each
+    /// site's name and region come from its `/_atoll/health`.
+    #[serde(default)]
+    pub sites: Vec<String>,
+}
+
+/// `[dns]`: how site and peer names are resolved (`http://NAME:PORT`, `srv://NAME`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Resolve names again this often (default 10).
+    pub interval_s: Option<u64>,
+    /// DNS servers (`IP:PORT`) to ask instead of the system's.
+    #[serde(default)]
+    pub nameservers: Vec<std::net::SocketAddr>,
 }
 
 /// `[sync]`: replication between sites.
@@ -80,6 +110,7 @@ impl FileConfig {
         let config: FileConfig =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
         config.validate()?;
+        config.routing.settings("us-east")?;
         Ok(config)
     }
 
@@ -94,6 +125,7 @@ impl FileConfig {
             ("sync.anti_entropy_ms", self.sync.anti_entropy_ms),
             ("sync.horizon_s", self.sync.horizon_s),
             ("sync.collect_interval_s", self.sync.collect_interval_s),
+            ("dns.interval_s", self.dns.interval_s),
         ];
         for (field, value) in positive {
             if value == Some(0) {
@@ -158,6 +190,21 @@ impl FileConfig {
             horizon_ms: self.sync.horizon_s.map(|s| s * 1000).unwrap_or(base.horizon_ms),
             ..base
         }
+    }
+
+    /// The routing settings, `default_region` standing in when `[routing]` names none.
+    pub fn routing(&self, default_region: &str) -> Result<atoll_router::Settings> {
+        self.routing.settings(default_region)
+    }
+
+    /// How often names are resolved again.
+    pub fn dns_interval(&self) -> Duration {
+        Duration::from_secs(self.dns.interval_s.unwrap_or(10))
+    }
+
+    /// A discovery over `urls` with this file's DNS settings.
+    pub fn discovery(&self, urls: &[String]) -> Result<atoll_router::dns::Discovery> {
+        atoll_router::dns::Discovery::new(urls, &self.dns.nameservers, self.dns_interval())
     }
 
     /// The cap on uploads.

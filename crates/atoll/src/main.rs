@@ -4,7 +4,9 @@
 
 mod client;
 mod config;
+mod dev;
 mod registry;
+mod router;
 mod site;
 
 use std::net::SocketAddr;
@@ -26,6 +28,10 @@ struct Cli {
 enum Command {
     /// Run one site: serve deployed apps and the admin API.
     Site(SiteArgs),
+    /// Run a router: send each request to the nearest live site for its region.
+    Router(RouterArgs),
+    /// Run several local sites (separate processes, peered) and a router, for development.
+    Dev(dev::DevArgs),
     /// Upload a component as the new version of an app.
     Deploy(DeployArgs),
     /// List the apps deployed on a site.
@@ -62,6 +68,22 @@ struct SiteArgs {
     /// development peer secret when ATOLL_PEER_SECRET is unset. Local development only.
     #[arg(long)]
     insecure_dev: bool,
+}
+
+#[derive(Debug, Args)]
+struct RouterArgs {
+    /// Address to listen on; port 0 picks a free port (printed on the first line of stdout).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// TOML configuration file (`[router]`, `[routing]`, `[dns]`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A site to route to: http://HOST:PORT, or srv://NAME for DNS SRV discovery; repeat for more.
+    #[arg(long = "site")]
+    sites: Vec<String>,
+    /// This router's name (default: `[router] name`, else "router").
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +130,8 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Site(args) => run_site(args),
+        Command::Router(args) => run_router(args),
+        Command::Dev(args) => dev::run(args),
         Command::Deploy(args) => client::deploy(&args),
         Command::Apps(args) => client::apps(&args),
         Command::Delete(args) => client::delete(&args),
@@ -129,6 +153,11 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn run_router(args: RouterArgs) -> Result<()> {
+    let config = config::FileConfig::load(args.config.as_deref())?;
+    router::run(router::RouterOptions { listen: args.listen, name: args.name, sites: args.sites, config })
 }
 
 fn run_site(args: SiteArgs) -> Result<()> {
@@ -164,4 +193,23 @@ fn run_site(args: SiteArgs) -> Result<()> {
         peer_secret,
     };
     site::run(options)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
 }

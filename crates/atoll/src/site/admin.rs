@@ -32,6 +32,7 @@ use crate::registry::{AppRecord, StoredSettings};
 pub(super) fn routes() -> axum::Router<Arc<Site>> {
     axum::Router::new()
         .route("/_atoll/health", get(health))
+        .route("/_atoll/router/status", get(router_status))
         .route("/_atoll/apps", get(list_apps))
         .route("/_atoll/apps/{name}", get(get_app).put(upload).delete(delete_app))
         .route("/_atoll/{*rest}", axum::routing::any(unknown))
@@ -117,6 +118,11 @@ struct Health<'a> {
 async fn health(State(site): State<Arc<Site>>) -> Response {
     let apps = site.apps.read().unwrap_or_else(|e| e.into_inner()).len();
     Json(Health { status: "ok", site: &site.name, region: &site.region, apps }).into_response()
+}
+
+/// The live routing table as this site sees it (no token, like health).
+async fn router_status(State(site): State<Arc<Site>>) -> Response {
+    Json(site.router.status_json()).into_response()
 }
 
 /// What the admin API says about an app.

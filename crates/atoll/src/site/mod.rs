@@ -50,6 +50,8 @@ pub(crate) struct Site {
     registry: Registry,
     kv: atoll_kv::Store,
     apps: RwLock<HashMap<String, Deployed>>,
+    /// Where requests go: this site, or a nearer live one.
+    pub(crate) router: Arc<atoll_router::Router>,
     /// Serialises admin changes, so the registry and the app table change in the same order.
     admin_lock: tokio::sync::Mutex<()>,
     admin_token: Option<String>,
@@ -106,9 +108,19 @@ pub fn run(options: SiteOptions) -> Result<()> {
         }
     }
 
+    let routing = options.config.routing(&options.region).or_else(|e| {
+        // A site in a region the table does not know still runs; clients without a region
+        // header then count as the default router region.
+        if options.config.routing.default_region.is_some() {
+            return Err(e);
+        }
+        options.config.routing("us-east")
+    })?;
+    let router = Arc::new(atoll_router::Router::for_site(&options.name, &options.region, routing));
     let site = Arc::new(Site {
         name: options.name,
         region: options.region,
+        router: router.clone(),
         runtime,
         registry,
         kv: kv.clone(),
@@ -138,11 +150,16 @@ pub fn run(options: SiteOptions) -> Result<()> {
                 .trim_end_matches('/')
                 .to_owned(),
         };
+        // Peers given by DNS name (`http://NAME:PORT`, `srv://NAME`) are resolved by the
+        // discovery task below; addresses are peers from the start.
+        let discovery = options.config.discovery(&options.peers)?;
+        let fixed: Vec<String> =
+            options.peers.iter().filter(|p| !atoll_router::dns::is_name(p)).cloned().collect();
         let node = Arc::new(atoll_sync::Node::new(
             kv.clone(),
             me,
             options.config.node_config(),
-            &options.peers,
+            &fixed,
             atoll_sync::http::wall_ms(),
         ));
         let transport =
@@ -154,9 +171,15 @@ pub fn run(options: SiteOptions) -> Result<()> {
         };
         router = atoll_sync::http::routes(Arc::new(server)).merge(router);
         let (site, timing, changes) = (site.clone(), options.config.sync_timing(), kv.changes());
+        let dns_interval = options.config.dns_interval();
         std::thread::Builder::new().name("atoll-sync".into()).spawn(move || {
             sync_rt.block_on(async move {
-                tokio::spawn(deploys::watch(site, node.clone(), transport.clone()));
+                tokio::spawn(deploys::watch(site.clone(), node.clone(), transport.clone()));
+                if discovery.is_dynamic() {
+                    tokio::spawn(discover_peers(discovery, node.clone(), dns_interval));
+                }
+                tokio::spawn(route_to_peers(site.router.clone(), node.clone()));
+                tokio::spawn(site.router.clone().run_health_checks());
                 atoll_sync::driver::run(node, transport, changes, timing).await;
             })
         })?;
@@ -170,7 +193,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    axum::serve(listener, router)
+                    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                         .with_graceful_shutdown(async move {
                             let _ = stopped.wait_for(|stop| *stop).await;
                         })
@@ -184,7 +207,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
     println!("atoll site {} ({}) listening on http://{addr}", site.name, site.region);
     tracing::info!(site = %site.name, region = %site.region, %addr, threads, "site started");
 
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(shutdown_signal());
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(crate::shutdown_signal());
     let _ = stop.send(true);
     for worker in workers {
         match worker.join() {
@@ -195,20 +218,32 @@ pub fn run(options: SiteOptions) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+/// Keeps the peers given by DNS name resolved: every address found becomes a peer (a site that
+/// moved is recognised by name when it says hello, and its old address dropped).
+async fn discover_peers(
+    discovery: atoll_router::dns::Discovery,
+    node: Arc<atoll_sync::Node<atoll_kv::Store>>,
+    interval: Duration,
+) {
+    loop {
+        for url in discovery.resolve().await {
+            node.add_peer(&url, atoll_sync::http::wall_ms());
         }
+        tokio::time::sleep(interval).await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
+}
+
+/// Keeps the routing table's sites the replication peers: every site this one replicates with
+/// is a site it may forward to (names and regions as they said hello, confirmed by health checks).
+async fn route_to_peers(router: Arc<atoll_router::Router>, node: Arc<atoll_sync::Node<atoll_kv::Store>>) {
+    loop {
+        let specs: Vec<atoll_router::SiteSpec> = node
+            .peers()
+            .into_iter()
+            .filter(|p| p.active())
+            .map(|p| atoll_router::SiteSpec { url: p.url, name: p.site, region: p.region })
+            .collect();
+        router.set_sites(&specs);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

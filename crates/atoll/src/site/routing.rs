@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use std::net::SocketAddr;
+
+use atoll_router::Outcome;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
@@ -93,8 +96,22 @@ fn request_id(headers: &axum::http::HeaderMap) -> String {
         })
 }
 
-/// The fallback handler: every request that is not for `/_atoll/`.
+/// The fallback handler: every request that is not for `/_atoll/`. It goes to the nearest live
+/// site for its region: here, or forwarded (one hop at most, see atoll-router).
 pub(super) async fn serve_app(State(site): State<Arc<Site>>, request: Request) -> Response {
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    match site.router.route(request, client).await {
+        Outcome::Response(response) => response,
+        Outcome::Local(request, route) => {
+            let mut response = serve_here(&site, request).await;
+            route.apply(response.headers_mut());
+            response
+        }
+    }
+}
+
+/// Serves a request with an app deployed here.
+async fn serve_here(site: &Site, request: Request) -> Response {
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target(host, request.uri(), |name| site.app(name));
     let request_id = request_id(request.headers());

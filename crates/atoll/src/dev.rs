@@ -1,0 +1,305 @@
+//! `atoll dev`: several sites and a router on this machine, each its own process with its own
+//! data dir and port, the sites peered with each other. Ctrl-C (or SIGTERM) stops them all; a
+//! child also gets SIGTERM if `atoll dev` itself dies, so nothing is left running.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::{ClientArgs, DeployArgs};
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// The regions to run a site in, comma-separated; site names are REGION-1 (REGION-2, ...).
+    #[arg(long, value_delimiter = ',', default_value = "us-east,eu-west,ap-south")]
+    sites: Vec<String>,
+    /// TOML configuration file given to every site and the router.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The router's address; the sites listen on the next ports (port 0: free ports for all).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the sites keep their data, one directory per site (kept between runs).
+    #[arg(long, default_value = ".atoll/dev")]
+    data: PathBuf,
+    /// A component to deploy once the sites are up; pair each with an --app.
+    #[arg(long = "deploy")]
+    deploy: Vec<PathBuf>,
+    /// The app name for the --deploy at the same position.
+    #[arg(long = "app")]
+    apps: Vec<String>,
+}
+
+/// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Proc {
+    label: String,
+    child: Child,
+    url: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop within 10 s: killing it", self.label);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `atoll ARGS`, forwards its log lines prefixed with `label`, and waits for the
+/// "listening on URL" line.
+fn spawn(label: &str, args: &[String]) -> Result<Proc> {
+    let exe = std::env::current_exe().context("cannot find the atoll binary")?;
+    let mut command = Command::new(exe);
+    command.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: Ctrl-C reaches `atoll dev` only, which stops the children in
+        // order (a child that exits first would look like a crash).
+        command.process_group(0);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // Stop with `atoll dev`, however it ends.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command.spawn().with_context(|| format!("cannot start {label}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    forward_lines(label.to_owned(), stderr);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = label.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            match line.split("listening on ").nth(1) {
+                Some(url) => {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+                None => println!("[{prefix}] {line}"),
+            }
+        }
+    });
+    let mut proc = Proc { label: label.to_owned(), child, url: String::new() };
+    proc.url = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(url) => url,
+        Err(_) => bail!("{label} did not start (see its log lines above)"),
+    };
+    Ok(proc)
+}
+
+fn forward_lines(label: String, from: impl Read + Send + 'static) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            eprintln!("[{label}] {line}");
+        }
+    });
+}
+
+/// `REGION-N` names for the regions, numbering repeats.
+fn site_names(regions: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, region) in regions.iter().enumerate() {
+        let n = regions[..i].iter().filter(|r| *r == region).count() + 1;
+        names.push(format!("{region}-{n}"));
+    }
+    names
+}
+
+fn address(base: SocketAddr, offset: usize) -> Result<SocketAddr> {
+    if base.port() == 0 {
+        return Ok(base);
+    }
+    let port =
+        u16::try_from(base.port() as usize + offset).ok().context("--listen port too high for the sites")?;
+    Ok(SocketAddr::new(base.ip(), port))
+}
+
+pub fn run(args: DevArgs) -> Result<()> {
+    if args.deploy.len() != args.apps.len() {
+        bail!(
+            "give each --deploy FILE an --app NAME ({} files, {} names)",
+            args.deploy.len(),
+            args.apps.len()
+        );
+    }
+    if args.sites.is_empty() || args.sites.iter().any(|r| r.trim().is_empty()) {
+        bail!("--sites needs at least one region, e.g. --sites us-east,eu-west");
+    }
+    for file in &args.deploy {
+        if !file.is_file() {
+            bail!("--deploy {}: no such file", file.display());
+        }
+    }
+    let config: Vec<String> = match &args.config {
+        Some(path) => {
+            crate::config::FileConfig::load(Some(path))?; // refuse a bad file before starting anything
+            vec!["--config".into(), path.display().to_string()]
+        }
+        None => vec![],
+    };
+
+    let names = site_names(&args.sites);
+    let mut sites: Vec<(String, String, Proc)> = Vec::new();
+    for (i, (name, region)) in names.iter().zip(&args.sites).enumerate() {
+        let data = args.data.join(name);
+        let mut site_args: Vec<String> = ["site", "--name", name, "--region", region, "--insecure-dev"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        site_args.extend(["--listen".into(), address(args.listen, i + 1)?.to_string()]);
+        site_args.extend(["--data".into(), data.display().to_string()]);
+        // Every site is given every earlier one; membership spreads the rest.
+        for (_, _, earlier) in &sites {
+            site_args.extend(["--peer".into(), earlier.url.clone()]);
+        }
+        site_args.extend(config.iter().cloned());
+        let proc = spawn(name, &site_args)?;
+        sites.push((name.clone(), region.clone(), proc));
+    }
+    let mut router_args: Vec<String> =
+        ["router", "--name", "dev-router", "--listen"].map(str::to_owned).to_vec();
+    router_args.push(args.listen.to_string());
+    for (_, _, site) in &sites {
+        router_args.extend(["--site".into(), site.url.clone()]);
+    }
+    router_args.extend(config.iter().cloned());
+    let mut router = spawn("router", &router_args)?;
+
+    let token = std::env::var("ATOLL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
+    for (file, app) in args.deploy.iter().zip(&args.apps) {
+        let client = ClientArgs { site: sites[0].2.url.clone(), token: token.clone() };
+        let deploy = DeployArgs {
+            client,
+            app: app.clone(),
+            file: file.clone(),
+            deadline_ms: None,
+            memory_mb: None,
+            allow_hosts: vec![],
+        };
+        crate::client::deploy(&deploy)?;
+    }
+    wait_until_deployed(&sites, &args.apps, token.as_deref())?;
+
+    print_table(&sites, &router, &args.apps, &args.data);
+    let stopped = wait_for_stop_or_exit(&mut sites, &mut router)?;
+    drop(router);
+    drop(sites);
+    match stopped {
+        None => {
+            println!("atoll dev stopped; every site and the router have exited");
+            Ok(())
+        }
+        Some(which) => bail!("{which} exited on its own; stopped the others"),
+    }
+}
+
+/// Waits until every site serves every app deployed at the first (deploys replicate).
+fn wait_until_deployed(sites: &[(String, String, Proc)], apps: &[String], token: Option<&str>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (name, _, site) in sites {
+        let client = ClientArgs { site: site.url.clone(), token: token.map(str::to_owned) };
+        for app in apps {
+            while !crate::client::is_deployed(&client, app)? {
+                if Instant::now() > deadline {
+                    bail!("{app} did not replicate to {name} within 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_table(sites: &[(String, String, Proc)], router: &Proc, apps: &[String], data: &Path) {
+    println!();
+    println!("  {:<14} {:<12} URL", "SITE", "REGION");
+    for (name, region, site) in sites {
+        println!("  {name:<14} {region:<12} {}", site.url);
+    }
+    println!("  {:<14} {:<12} {}", "router", "", router.url);
+    println!("\nData in {}. The router sends each request to the nearest live site:", data.display());
+    let app = apps.first().map(String::as_str).unwrap_or("NAME");
+    for (_, region, _) in sites {
+        println!("  curl -i -H 'x-atoll-region: {region}' {}/apps/{app}/", router.url);
+    }
+    println!("  curl {}/_atoll/router/status            # the live routing table", router.url);
+    if let Some((_, _, first)) = sites.first() {
+        println!(
+            "  curl -i -H 'x-atoll-region: ap-south' {}/apps/{app}/   # any site forwards too",
+            first.url
+        );
+    }
+    if apps.is_empty() {
+        println!("  atoll deploy --site {} --app NAME FILE.wasm", router.url);
+    }
+    println!("atoll dev is ready; Ctrl-C stops everything.");
+}
+
+/// Returns `None` on Ctrl-C/SIGTERM, or the label of a child that exited by itself.
+fn wait_for_stop_or_exit(sites: &mut [(String, String, Proc)], router: &mut Proc) -> Result<Option<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(crate::shutdown_signal());
+        }
+        let _ = tx.send(());
+    });
+    loop {
+        if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+            return Ok(None);
+        }
+        if let Some(status) = router.child.try_wait()? {
+            return Ok(Some(format!("the router ({status})")));
+        }
+        for (name, _, site) in sites.iter_mut() {
+            if let Some(status) = site.child.try_wait()? {
+                return Ok(Some(format!("{name} ({status})")));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_number_repeated_regions() {
+        let regions: Vec<String> = ["us-east", "eu-west", "us-east"].map(String::from).to_vec();
+        assert_eq!(site_names(&regions), ["us-east-1", "eu-west-1", "us-east-2"]);
+    }
+
+    #[test]
+    fn ports_follow_the_router_unless_zero() {
+        let base: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        assert_eq!(address(base, 2).expect("ok").port(), 8082);
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        assert_eq!(address(any, 2).expect("ok").port(), 0);
+    }
+}

@@ -1,0 +1,95 @@
+//! `atoll router`: the stateless front door. It knows the sites (from `--site`, `[router] sites`,
+//! DNS), checks their health, and proxies every request to the nearest live one for the
+//! client's region. Several can run side by side: they share nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use atoll_router::{Outcome, Router, SiteSpec};
+use axum::Json;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::config::FileConfig;
+
+/// Everything `atoll router` is started with.
+#[derive(Debug)]
+pub struct RouterOptions {
+    pub listen: SocketAddr,
+    pub name: Option<String>,
+    pub sites: Vec<String>,
+    pub config: FileConfig,
+}
+
+/// Serves until SIGINT or SIGTERM.
+pub fn run(options: RouterOptions) -> Result<()> {
+    let config = options.config;
+    let name = options.name.or_else(|| config.router.name.clone()).unwrap_or_else(|| "router".into());
+    let mut urls = options.sites;
+    urls.extend(config.router.sites.iter().cloned());
+    let discovery = config.discovery(&urls)?;
+    let settings = config.routing("us-east")?;
+    let router = Arc::new(Router::new(&name, settings));
+    let interval = config.dns_interval();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let urls = discovery.resolve().await;
+        if urls.is_empty() {
+            tracing::warn!("no sites yet: every request gets 503 until one is found");
+        }
+        router.set_sites(&urls.iter().map(SiteSpec::url).collect::<Vec<_>>());
+        if discovery.is_dynamic() {
+            let router = router.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let urls = discovery.resolve().await;
+                    router.set_sites(&urls.iter().map(SiteSpec::url).collect::<Vec<_>>());
+                }
+            });
+        }
+        tokio::spawn(router.clone().run_health_checks());
+
+        let app = axum::Router::new()
+            .route("/_atoll/health", get(health))
+            .route("/_atoll/router/status", get(status))
+            .fallback(proxy)
+            .with_state(router.clone());
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", options.listen))?;
+        let addr = listener.local_addr()?;
+        // The first line on stdout is for scripts and tests: where the router listens.
+        println!("atoll router {name} listening on http://{addr}");
+        tracing::info!(router = %name, %addr, sites = router.sites().len(), "router started");
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(crate::shutdown_signal())
+            .await?;
+        Ok(())
+    })
+}
+
+/// The router's own health: 200 while it runs, with how many sites it sees live.
+async fn health(State(router): State<Arc<Router>>) -> Response {
+    let sites = router.sites();
+    let live = sites.iter().filter(|s| s.is_live()).count();
+    Json(serde_json::json!({ "status": "ok", "router": true, "sites": sites.len(), "live_sites": live }))
+        .into_response()
+}
+
+async fn status(State(router): State<Arc<Router>>) -> Response {
+    Json(router.status_json()).into_response()
+}
+
+async fn proxy(State(router): State<Arc<Router>>, request: Request) -> Response {
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    match router.route(request, client).await {
+        Outcome::Response(response) => response,
+        // A stand-alone router is never a candidate itself.
+        Outcome::Local(..) => (StatusCode::INTERNAL_SERVER_ERROR, "router chose itself\n").into_response(),
+    }
+}

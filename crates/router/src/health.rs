@@ -1,0 +1,75 @@
+//! Active health checks: every `interval`, `GET /_atoll/health` at every known site, each within
+//! `timeout`. A 200 whose JSON names the site (`site`, `region`) passes and teaches the router
+//! the site's identity; anything else fails.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+
+use crate::Router;
+use crate::sites::{SiteState, Transition};
+
+pub(crate) async fn run(router: Arc<Router>) {
+    loop {
+        let started = Instant::now();
+        let mut checks = tokio::task::JoinSet::new();
+        for site in router.sites() {
+            let router = router.clone();
+            checks.spawn(async move { check(&router, &site).await });
+        }
+        while checks.join_next().await.is_some() {}
+        router.prune();
+        if let Some(rest) = router.settings.interval.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+    }
+}
+
+async fn check(router: &Router, site: &SiteState) {
+    let settings = &router.settings;
+    let request = http::Request::get(site.uri("/_atoll/health"))
+        .header(crate::HOP_HEADER, &router.name)
+        .body(crate::proxy::ProxyBody::empty());
+    let Ok(request) = request else { return };
+    let result = tokio::time::timeout(settings.timeout, async {
+        let response = router.client.request(request).await.map_err(|e| crate::proxy::describe(&e))?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if status != http::StatusCode::OK {
+            return Err(format!("health check answered {status}"));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| "health check answer is not JSON".to_owned())?;
+        Ok((v["site"].as_str().map(str::to_owned), v["region"].as_str().map(str::to_owned)))
+    })
+    .await;
+    let transition = match result {
+        Ok(Ok((name, region))) => {
+            let region = region.map(|r| {
+                let known = settings.regions.resolve(&r);
+                (r, known)
+            });
+            site.passed(name, region, settings.rise)
+        }
+        Ok(Err(reason)) => site.failed(reason, settings.fall),
+        Err(_) => site.failed(format!("health check timed out after {:?}", settings.timeout), settings.fall),
+    };
+    log_transition(site, transition);
+}
+
+pub(crate) fn log_transition(site: &SiteState, transition: Transition) {
+    match transition {
+        Transition::None => {}
+        Transition::WentDown => {
+            let h = site.snapshot();
+            tracing::warn!(
+                site = %site.label(), url = %site.url(),
+                "site is down: out of rotation ({})", h.last_error.unwrap_or_default()
+            );
+        }
+        Transition::CameBack => {
+            tracing::info!(site = %site.label(), url = %site.url(), "site is back in rotation")
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! Proxying a request to the nearest live site, with failover.
+//!
+//! Retry rule: a request whose connection failed *before it was sent* (connect refused, reset or
+//! timed out) goes to the next live site whatever its method: no site saw it. Once sent, only an
+//! idempotent request (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) whose body can be sent again (none,
+//! or buffered because it was small) is retried; anything else gets 502, because the site may
+//! have applied it. At most `max_attempts` sites are tried.
+//!
+//! Bodies stream both ways. A streamed request body is handed to the HTTP client through
+//! [`ProxyBody`], which takes it out of a shared slot only when the connection first polls it: if
+//! connecting failed, the body is still in the slot for the next attempt.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::health::log_transition;
+use crate::{ClientRegion, Router, Target};
+
+pub(crate) type Client = hyper_util::client::legacy::Client<HttpConnector, ProxyBody>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long connecting to a site may take before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub(crate) fn client() -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(512)
+        .build(connector)
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Answered (by another site, or with an error): send this back.
+    Response(Response<Body>),
+    /// Serve it here (the router is embedded in a site and this site is the choice); add
+    /// [`RouteInfo::apply`]'s headers to the response.
+    Local(Request<Body>, RouteInfo),
+}
+
+/// Why a request went where it went.
+#[derive(Debug, Clone)]
+pub struct RouteInfo {
+    /// `nearest`, `failover` or `forwarded` (another router or site chose this site).
+    pub reason: &'static str,
+    pub region: ClientRegion,
+}
+
+impl RouteInfo {
+    /// Adds the routing headers.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(crate::ROUTE_HEADER, HeaderValue::from_static(self.reason));
+        if let Ok(v) = HeaderValue::from_str(&self.region.region) {
+            headers.insert(crate::ROUTE_REGION_HEADER, v);
+        }
+        if let Some(why) = self.region.defaulted {
+            headers.insert(crate::DEFAULT_REGION_HEADER, HeaderValue::from_static(why));
+        }
+    }
+}
+
+/// The request body as the HTTP client sees it, one per attempt.
+#[derive(Debug)]
+pub struct ProxyBody(Kind);
+
+#[derive(Debug)]
+enum Kind {
+    Full(Option<Bytes>),
+    Stream { slot: Arc<Mutex<Option<Body>>>, taken: Option<Body>, hint: SizeHint },
+}
+
+impl ProxyBody {
+    pub(crate) fn empty() -> ProxyBody {
+        ProxyBody(Kind::Full(None))
+    }
+}
+
+impl http_body::Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream { slot, taken, .. } => {
+                if taken.is_none() {
+                    *taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+                match taken {
+                    Some(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+                    None => {
+                        Poll::Ready(Some(Err("the request body was already sent to another site".into())))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Stream { hint, .. } => hint.exact() == Some(0),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream { hint, .. } => *hint,
+        }
+    }
+}
+
+/// A request body across attempts.
+enum Prepared {
+    /// Held whole (empty, or small and idempotent): every attempt sends it.
+    Replayable(Bytes),
+    /// Streamed: the first attempt that gets connected takes it.
+    Stream { slot: Arc<Mutex<Option<Body>>>, hint: SizeHint },
+}
+
+impl Prepared {
+    async fn new(body: Body, idempotent: bool, limit: u64) -> Result<Prepared, String> {
+        let hint = http_body::Body::size_hint(&body);
+        if hint.exact() == Some(0) {
+            return Ok(Prepared::Replayable(Bytes::new()));
+        }
+        if idempotent && hint.upper().is_some_and(|n| n <= limit) {
+            let bytes = body.collect().await.map_err(|e| format!("cannot read the request body: {e}"))?;
+            return Ok(Prepared::Replayable(bytes.to_bytes()));
+        }
+        Ok(Prepared::Stream { slot: Arc::new(Mutex::new(Some(body))), hint })
+    }
+
+    /// The body for one more attempt, unless it was sent already.
+    fn attempt(&self) -> Option<ProxyBody> {
+        match self {
+            Prepared::Replayable(bytes) => {
+                Some(ProxyBody(Kind::Full((!bytes.is_empty()).then(|| bytes.clone()))))
+            }
+            Prepared::Stream { slot, hint } => {
+                let present = slot.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                present.then(|| ProxyBody(Kind::Stream { slot: slot.clone(), taken: None, hint: *hint }))
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Prepared::Replayable(_))
+    }
+
+    /// The body for serving here, unless it was sent already.
+    fn into_body(self) -> Option<Body> {
+        match self {
+            Prepared::Replayable(bytes) => Some(Body::from(bytes)),
+            Prepared::Stream { slot, .. } => slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
+        }
+    }
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// A short reason for a client error, with the underlying I/O error when there is one.
+pub(crate) fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason = format!("{reason}: {s}");
+        source = s.source();
+    }
+    reason
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+impl Router {
+    /// Decides where `request` goes and, unless that is this site, proxies it there, failing
+    /// over to the next live site as the retry rule allows. `client` is the peer address the
+    /// request came from (for `x-forwarded-for`).
+    pub async fn route(&self, request: Request<Body>, client: Option<IpAddr>) -> Outcome {
+        let region = self.client_region(request.headers());
+        if self.me.is_some() && request.headers().contains_key(crate::HOP_HEADER) {
+            return Outcome::Local(request, RouteInfo { reason: "forwarded", region });
+        }
+        let ranking = self.ranking(&region.region);
+        let is_nearest = |t: &Target| match (t, ranking.first()) {
+            (Target::Local, Some(Target::Local)) => true,
+            (Target::Site(a), Some(Target::Site(b))) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        let reason = |t: &Target| if is_nearest(t) { "nearest" } else { "failover" };
+        let live: Vec<&Target> = ranking
+            .iter()
+            .filter(|t| match t {
+                Target::Local => true,
+                Target::Site(s) => s.is_live(),
+            })
+            .collect();
+        match live.first() {
+            None => {
+                let down: Vec<String> = ranking
+                    .iter()
+                    .filter_map(|t| match t {
+                        Target::Site(s) => {
+                            Some(format!("{} ({})", s.label(), s.snapshot().last_error.unwrap_or_default()))
+                        }
+                        Target::Local => None,
+                    })
+                    .collect();
+                let mut response = if down.is_empty() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no live site: this router knows no sites yet\n".into(),
+                    )
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("no live site: every site is down: {}\n", down.join(", ")),
+                    )
+                };
+                RouteInfo { reason: "none", region }.apply(response.headers_mut());
+                return Outcome::Response(response);
+            }
+            Some(Target::Local) => {
+                let info = RouteInfo { reason: reason(&Target::Local), region };
+                return Outcome::Local(request, info);
+            }
+            Some(Target::Site(_)) => {}
+        }
+
+        let (parts, body) = request.into_parts();
+        let method = parts.method.clone();
+        let idempotent = idempotent(&method);
+        let prepared = match Prepared::new(body, idempotent, self.settings.replay_body_bytes).await {
+            Ok(p) => p,
+            Err(e) => return Outcome::Response(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+        };
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        if let Some(ip) = client {
+            let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prior) => format!("{prior}, {ip}"),
+                None => ip.to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&forwarded) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.name) {
+            headers.insert(crate::HOP_HEADER, v);
+        }
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+
+        let mut attempts = 0;
+        let mut errors: Vec<String> = Vec::new();
+        for target in live {
+            let site = match target {
+                Target::Local => {
+                    // A nearer site failed; this site is next.
+                    let Some(body) = prepared.into_body() else { break };
+                    let info = RouteInfo { reason: "failover", region };
+                    tracing::debug!(region = %info.region.region, errors = ?errors, "serving here after failover");
+                    return Outcome::Local(Request::from_parts(parts, body), info);
+                }
+                Target::Site(site) => site,
+            };
+            if attempts == self.settings.max_attempts {
+                break;
+            }
+            attempts += 1;
+            let Some(body) = prepared.attempt() else { break };
+            let mut request = Request::new(body);
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = site.uri(&path_and_query);
+            *request.headers_mut() = headers.clone();
+            let sent =
+                tokio::time::timeout(self.settings.response_timeout, self.client.request(request)).await;
+            let failure = match sent {
+                Ok(Ok(response)) => {
+                    let info = RouteInfo { reason: reason(target), region };
+                    tracing::debug!(
+                        site = %site.label(), region = %info.region.region, defaulted = ?info.region.defaulted,
+                        reason = info.reason, attempts, "routed"
+                    );
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    info.apply(&mut parts.headers);
+                    return Outcome::Response(Response::from_parts(parts, Body::new(body)));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    // Not sent: any method may go to the next site.
+                    let reason = describe(&e);
+                    log_transition(site, site.unreachable(reason.clone(), self.settings.fall));
+                    errors.push(format!("{}: {reason}", site.label()));
+                    continue;
+                }
+                Ok(Err(e)) => describe(&e),
+                Err(_) => format!("no response within {:?}", self.settings.response_timeout),
+            };
+            log_transition(site, site.failed(failure.clone(), self.settings.fall));
+            errors.push(format!("{}: {failure}", site.label()));
+            if !(idempotent && prepared.replayable()) {
+                tracing::warn!(site = %site.label(), %method, "{failure}: not retried (the site may have applied it)");
+                return Outcome::Response(text(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "site {} failed after the request was sent ({failure}); a {method} request is not \
+                         retried elsewhere because it may have been applied\n",
+                        site.label()
+                    ),
+                ));
+            }
+        }
+        let status =
+            if errors.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_GATEWAY };
+        Outcome::Response(text(status, format!("no site could serve the request: {}\n", errors.join("; "))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert("host", HeaderValue::from_static("hello.example.com"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn methods() {
+        assert!(idempotent(&Method::GET) && idempotent(&Method::PUT) && idempotent(&Method::DELETE));
+        assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_stays_for_the_next_attempt_until_polled() {
+        let prepared = Prepared::new(Body::from_stream(futures_stream()), false, 10).await.expect("prepared");
+        assert!(!prepared.replayable());
+        let first = prepared.attempt().expect("first");
+        drop(first); // connecting failed: never polled
+        let mut second = prepared.attempt().expect("still there");
+        let frame = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut second), cx)).await;
+        assert!(frame.is_some());
+        assert!(prepared.attempt().is_none(), "taken by the attempt that sent it");
+    }
+
+    fn futures_stream() -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        tokio_stream_once(Bytes::from_static(b"body"))
+    }
+
+    fn tokio_stream_once(
+        b: Bytes,
+    ) -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        struct Once(Option<Bytes>);
+        impl futures_core::Stream for Once {
+            type Item = Result<Bytes, std::io::Error>;
+            fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+                Poll::Ready(self.0.take().map(Ok))
+            }
+        }
+        Once(Some(b))
+    }
+}

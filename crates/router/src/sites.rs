@@ -1,0 +1,218 @@
+//! The sites a router knows, and whether each is live.
+//!
+//! A site is known by its base URL; its name and region come from configuration or from its
+//! own `/_atoll/health` answer. Liveness changes only here: `fall` consecutive failed checks (or
+//! one refused connection while proxying) take a site out of rotation, `rise` consecutive passed
+//! checks put it back.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One site as this router sees it.
+#[derive(Debug)]
+pub struct SiteState {
+    url: String,
+    uri_base: http::Uri,
+    live: AtomicBool,
+    state: Mutex<Health>,
+}
+
+/// What the health checks and the proxy have learned about a site.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Health {
+    /// The site's name (configured, or learned from its health answer).
+    pub name: Option<String>,
+    /// The site's region as it names it.
+    pub region: Option<String>,
+    /// That region as the router's region table knows it (`None`: unknown, ranked last).
+    pub known_region: Option<String>,
+    pub live: bool,
+    /// When `live` last changed (unix ms).
+    pub since_ms: u64,
+    pub consecutive_failures: u32,
+    pub consecutive_passes: u32,
+    /// The reason of the last failure.
+    pub last_error: Option<String>,
+    /// The last check that passed (unix ms).
+    pub last_ok_ms: Option<u64>,
+    /// Still named by the configuration or discovery; an unlisted site goes once it is dead.
+    pub listed: bool,
+}
+
+/// What a state change was, for the caller to log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    None,
+    WentDown,
+    CameBack,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl SiteState {
+    /// A site at `url` (scheme and authority, no path), assumed live until a check says otherwise.
+    pub fn new(url: &str, name: Option<String>, region: Option<String>) -> anyhow::Result<SiteState> {
+        let url = url.trim_end_matches('/').to_owned();
+        let uri_base: http::Uri =
+            url.parse().map_err(|e| anyhow::anyhow!("site URL {url:?} is not a URL: {e}"))?;
+        if uri_base.scheme_str() != Some("http") || uri_base.authority().is_none() {
+            anyhow::bail!("site URL {url:?} must be http://HOST:PORT");
+        }
+        if uri_base.path() != "/" && !uri_base.path().is_empty() {
+            anyhow::bail!("site URL {url:?} must not have a path");
+        }
+        Ok(SiteState {
+            url,
+            uri_base,
+            live: AtomicBool::new(true),
+            state: Mutex::new(Health {
+                name,
+                region,
+                known_region: None,
+                live: true,
+                since_ms: now_ms(),
+                consecutive_failures: 0,
+                consecutive_passes: 0,
+                last_error: None,
+                last_ok_ms: None,
+                listed: true,
+            }),
+        })
+    }
+
+    /// The base URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `path_and_query` at this site.
+    pub(crate) fn uri(&self, path_and_query: &str) -> http::Uri {
+        let mut parts = self.uri_base.clone().into_parts();
+        parts.path_and_query = path_and_query.parse().ok();
+        http::Uri::from_parts(parts).unwrap_or_else(|_| self.uri_base.clone())
+    }
+
+    /// Whether it takes requests now.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of its state.
+    pub fn snapshot(&self) -> Health {
+        self.health().clone()
+    }
+
+    /// The name to show: its name, else its URL.
+    pub fn label(&self) -> String {
+        self.health().name.clone().unwrap_or_else(|| self.url.clone())
+    }
+
+    /// A check passed; the site said who it is.
+    pub(crate) fn passed(
+        &self,
+        name: Option<String>,
+        region: Option<(String, Option<String>)>,
+        rise: u32,
+    ) -> Transition {
+        let mut h = self.health();
+        h.consecutive_failures = 0;
+        h.consecutive_passes = h.consecutive_passes.saturating_add(1);
+        h.last_ok_ms = Some(now_ms());
+        if name.is_some() {
+            h.name = name;
+        }
+        if let Some((region, known)) = region {
+            h.region = Some(region);
+            h.known_region = known;
+        }
+        if !h.live && h.consecutive_passes >= rise {
+            self.set_live(&mut h, true);
+            return Transition::CameBack;
+        }
+        Transition::None
+    }
+
+    /// A check failed, or a request to it failed after it was sent.
+    pub(crate) fn failed(&self, reason: String, fall: u32) -> Transition {
+        let mut h = self.health();
+        h.consecutive_passes = 0;
+        h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+        h.last_error = Some(reason);
+        if h.live && h.consecutive_failures >= fall {
+            self.set_live(&mut h, false);
+            return Transition::WentDown;
+        }
+        Transition::None
+    }
+
+    /// A connection to it was refused or reset: out of rotation at once.
+    pub(crate) fn unreachable(&self, reason: String, fall: u32) -> Transition {
+        let mut h = self.health();
+        h.consecutive_failures = h.consecutive_failures.max(fall.saturating_sub(1));
+        drop(h);
+        self.failed(reason, fall)
+    }
+
+    fn set_live(&self, h: &mut Health, live: bool) {
+        h.live = live;
+        h.since_ms = now_ms();
+        self.live.store(live, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_listed(&self, listed: bool) {
+        self.health().listed = listed;
+    }
+
+    pub(crate) fn set_identity(&self, name: Option<String>, region: Option<(String, Option<String>)>) {
+        let mut h = self.health();
+        if name.is_some() {
+            h.name = name;
+        }
+        if let Some((region, known)) = region {
+            h.region = Some(region);
+            h.known_region = known;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_and_rise_thresholds() {
+        let s = SiteState::new("http://127.0.0.1:1", None, None).expect("url");
+        assert!(s.is_live());
+        assert_eq!(s.failed("timeout".into(), 2), Transition::None);
+        assert!(s.is_live());
+        assert_eq!(s.failed("timeout".into(), 2), Transition::WentDown);
+        assert!(!s.is_live());
+        assert_eq!(s.passed(None, None, 2), Transition::None);
+        assert!(!s.is_live());
+        assert_eq!(s.failed("timeout".into(), 2), Transition::None);
+        assert_eq!(s.passed(None, None, 2), Transition::None);
+        assert_eq!(s.passed(Some("a".into()), None, 2), Transition::CameBack);
+        assert!(s.is_live());
+        assert_eq!(s.label(), "a");
+        // A refused connection is enough on its own.
+        assert_eq!(s.unreachable("connection refused".into(), 2), Transition::WentDown);
+        assert!(!s.is_live());
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(SiteState::new("http://127.0.0.1:8080/", None, None).is_ok());
+        assert!(SiteState::new("https://x:1", None, None).is_err());
+        assert!(SiteState::new("http://x:1/path", None, None).is_err());
+        assert!(SiteState::new("not a url", None, None).is_err());
+        let s = SiteState::new("http://127.0.0.1:8080", None, None).expect("url");
+        assert_eq!(s.uri("/apps/x?y=1").to_string(), "http://127.0.0.1:8080/apps/x?y=1");
+    }
+}
