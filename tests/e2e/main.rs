@@ -7,6 +7,7 @@ mod keyvalue;
 mod limits;
 mod replication;
 mod restart;
+mod routing;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -59,8 +60,11 @@ impl Site {
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let listen =
             if extra.iter().any(|a| a == "--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
+        let region =
+            if extra.iter().any(|a| a == "--region") { &[][..] } else { &["--region", "us-east"][..] };
         let mut child = Command::new(ATOLL)
-            .args(["site", "--name", name, "--region", "us-east"])
+            .args(["site", "--name", name])
+            .args(region)
             .args(listen)
             .arg("--data")
             .arg(data)
@@ -129,6 +133,62 @@ impl Site {
 }
 
 impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `atoll router` process, killed when dropped.
+struct RouterProc {
+    child: Child,
+    url: String,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RouterProc {
+    /// Starts `atoll router` on a free port with `--site` for each of `sites` and, optionally, a
+    /// config file's contents.
+    fn start(sites: &[&str], config: Option<&str>) -> RouterProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stderr_path = dir.path().join("router.stderr");
+        let mut command = Command::new(ATOLL);
+        command.args(["router", "--listen", "127.0.0.1:0"]);
+        for site in sites {
+            command.args(["--site", site]);
+        }
+        if let Some(config) = config {
+            let path = dir.path().join("router.toml");
+            std::fs::write(&path, config).expect("write config");
+            command.arg("--config").arg(path);
+        }
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn atoll router");
+        let url = wait_for_listen_line(&mut child, &stderr_path);
+        RouterProc { child, url, stderr_path, _dir: dir }
+    }
+
+    fn get(&self, path: &str, region: Option<&str>) -> Response {
+        let headers: Vec<(&str, &str)> = region.map(|r| ("x-atoll-region", r)).into_iter().collect();
+        request("GET", &format!("{}{path}", self.url), &headers, None)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        json(&self.get("/_atoll/router/status", None).body)
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for RouterProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -314,6 +314,7 @@ impl Router {
 
         let mut attempts = 0;
         let mut errors: Vec<String> = Vec::new();
+        let mut sent_somewhere = false;
         for target in live {
             let site = match target {
                 Target::Local => {
@@ -360,6 +361,7 @@ impl Router {
             };
             log_transition(site, site.failed(failure.clone(), self.settings.fall));
             errors.push(format!("{}: {failure}", site.label()));
+            sent_somewhere = true;
             if !(idempotent && prepared.replayable()) {
                 tracing::warn!(site = %site.label(), %method, "{failure}: not retried (the site may have applied it)");
                 return Outcome::Response(text(
@@ -372,9 +374,16 @@ impl Router {
                 ));
             }
         }
-        let status =
-            if errors.is_empty() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_GATEWAY };
-        Outcome::Response(text(status, format!("no site could serve the request: {}\n", errors.join("; "))))
+        let mut response = if sent_somewhere {
+            text(StatusCode::BAD_GATEWAY, format!("no site could serve the request: {}\n", errors.join("; ")))
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no live site: every site tried was unreachable: {}\n", errors.join("; ")),
+            )
+        };
+        RouteInfo { reason: "none", region }.apply(response.headers_mut());
+        Outcome::Response(response)
     }
 }
 
