@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod deploy;
+mod dev;
 mod keyvalue;
 mod limits;
 mod replication;

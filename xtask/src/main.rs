@@ -1,12 +1,13 @@
 //! `cargo xtask`: the project's tasks.
 //!
 //! - `build-guests`: build `guests/` for wasm32-wasip2 (installing the target if missing).
-//! - `demo`: build, start three replicating sites, deploy the example handlers, print the curl
-//!   lines; Ctrl-C stops them.
+//! - `demo`: build, then `atoll dev` with the example handlers deployed (three replicating sites
+//!   and a router); Ctrl-C stops them.
 //! - `bench`: load `hello` through a release site and a native axum route in the same run, and
 //!   print requests/s, p50/p99 latency, server CPU per request and the ratio.
 //! - `bench-kv`: durable key-value writes and reads through the counter guest.
 //! - `bench-sync`: push-path replication latency between two release sites.
+//! - `bench-router`: router overhead (p50/p99 added latency) and failover time over repeated kills.
 //! - `sim`: the replication simulation over many seeds.
 
 use std::io::{BufRead, BufReader};
@@ -28,9 +29,9 @@ struct Cli {
 enum Task {
     /// Build the guests/ workspace for wasm32-wasip2.
     BuildGuests,
-    /// Start three local replicating sites with the example handlers deployed.
+    /// `atoll dev` (three local sites and a router) with the example handlers deployed.
     Demo {
-        /// Where the first site listens (the others take the next ports).
+        /// Where the router listens (the sites take the next ports).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },
@@ -55,6 +56,15 @@ enum Task {
         #[arg(long, default_value_t = 1000)]
         writes: usize,
     },
+    /// Router overhead versus calling the site directly, and failover time over repeated kills.
+    BenchRouter {
+        /// Requests timed per path and target.
+        #[arg(long, default_value_t = 5000)]
+        requests: usize,
+        /// Times the nearest site is SIGKILLed.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+    },
     /// The deterministic replication simulation over many seeds (release build).
     Sim {
         /// Seeds 0..N.
@@ -70,6 +80,7 @@ fn main() -> Result<()> {
         Task::Bench { duration, connections } => bench(duration, connections),
         Task::BenchKv { duration } => bench_kv(duration),
         Task::BenchSync { writes } => bench_sync(writes),
+        Task::BenchRouter { requests, kills } => bench_router(requests, kills),
         Task::Sim { seeds } => run(Command::new("cargo")
             .current_dir(root())
             .args(["test", "--release", "-p", "atoll-sync", "--test", "sim", "--", "--nocapture"])
@@ -167,81 +178,23 @@ impl Drop for Server {
     }
 }
 
+/// Builds the guests and the binary, then becomes `atoll dev` with the example handlers
+/// deployed: three sites and a router; Ctrl-C reaches `atoll dev`, which stops them all.
 fn demo(listen: &str) -> Result<()> {
     let guests = build_guests()?;
     let atoll = build_bins(false, &["atoll"])?.join("atoll");
-    let token = std::env::var("ATOLL_ADMIN_TOKEN").unwrap_or_else(|_| "demo-token".into());
-    let secret = std::env::var("ATOLL_PEER_SECRET").unwrap_or_else(|_| "demo-peer-secret-change-me".into());
-    let first: std::net::SocketAddr = listen.parse().with_context(|| format!("--listen {listen}"))?;
-    let mut sites: Vec<(String, Server)> = Vec::new();
-    for (i, (name, region)) in
-        [("us-east-1", "us-east"), ("eu-west-1", "eu-west"), ("ap-south-1", "ap-south")]
-            .into_iter()
-            .enumerate()
-    {
-        let addr = std::net::SocketAddr::new(first.ip(), first.port() + i as u16);
-        let mut cmd = Command::new(&atoll);
-        cmd.args(["site", "--name", name, "--region", region, "--listen", &addr.to_string(), "--data"])
-            .arg(root().join("target/demo").join(name))
-            .env("ATOLL_ADMIN_TOKEN", &token)
-            .env("ATOLL_PEER_SECRET", &secret);
-        if let Some((_, first)) = sites.first() {
-            cmd.args(["--peer", &first.url]);
-        }
-        sites.push((name.to_owned(), Server::start(&mut cmd)?));
-    }
-    let url = sites[0].1.url.clone();
+    let mut cmd = Command::new(&atoll);
+    cmd.args(["dev", "--listen", listen, "--data"]).arg(root().join("target/demo"));
     for app in ["hello", "counter", "todo"] {
-        run(Command::new(&atoll)
-            .args(["deploy", "--site", &url, "--app", app])
-            .arg(guests.join(format!("{app}.wasm")))
-            .env("ATOLL_ADMIN_TOKEN", &token)
-            .stdout(Stdio::null()))?;
+        cmd.arg("--deploy").arg(guests.join(format!("{app}.wasm"))).args(["--app", app]);
     }
-    // Deploys replicate: wait until every site serves every app.
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    for (name, site) in &sites {
-        for app in ["hello", "counter", "todo"] {
-            while agent
-                .get(format!("{}/_atoll/apps/{app}", site.url))
-                .header("authorization", format!("Bearer {token}"))
-                .call()?
-                .status()
-                != 200
-            {
-                if std::time::Instant::now() > deadline {
-                    bail!("{app} did not replicate to {name}");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        Err(cmd.exec()).with_context(|| format!("cannot run {}", atoll.display()))
     }
-    println!(
-        "\nThree Atoll sites are running and replicating (data in {}):",
-        root().join("target/demo").display()
-    );
-    for (name, site) in &sites {
-        println!("  {name:<11} {}", site.url);
-    }
-    let (a, b, c) = (&sites[0].1.url, &sites[1].1.url, &sites[2].1.url);
-    println!("hello, counter and todo were deployed at us-east-1 and replicated to the others. Try:");
-    println!("  curl {a}/apps/hello/");
-    println!("  curl -H 'Host: hello.localhost' {b}/");
-    println!("  curl -X POST {a}/apps/counter/visits; curl -X POST {b}/apps/counter/visits");
-    println!(
-        "  curl {c}/apps/counter/visits                       # the total of the increments at every site"
-    );
-    println!("  curl -X POST {a}/apps/todo/ -d '{{\"title\":\"try atoll\"}}'");
-    println!("  curl {c}/apps/todo/                                # the item, replicated");
-    println!("  curl {b}/_atoll/sync/status                        # replication, per peer");
-    println!("  ATOLL_ADMIN_TOKEN={token} target/debug/atoll apps --site {a}");
-    println!("Press Ctrl-C to stop them all.");
-    for (name, mut site) in sites {
-        let status = site.child.wait()?;
-        println!("{name} stopped ({status})");
-    }
-    Ok(())
+    #[cfg(not(unix))]
+    run(&mut cmd)
 }
 
 /// One wrk run's figures.
@@ -414,6 +367,170 @@ fn bench_sync(writes: usize) -> Result<()> {
         at(0.99),
         at(1.0)
     );
+    Ok(())
+}
+
+/// Starts a release site named `name` in `region` with data in `dir/name` at `listen`, with the
+/// apps deployed (unless already there).
+fn region_site(
+    bins: &Path,
+    guests: &Path,
+    dir: &Path,
+    name: &str,
+    region: &str,
+    listen: &str,
+) -> Result<Server> {
+    let mut cmd = Command::new(bins.join("atoll"));
+    cmd.args(["site", "--name", name, "--region", region, "--listen", listen, "--data"])
+        .arg(dir.join(name))
+        .env("ATOLL_ADMIN_TOKEN", "bench");
+    quiet(&mut cmd);
+    let site = Server::start(&mut cmd)?;
+    run(Command::new(bins.join("atoll"))
+        .args(["deploy", "--site", &site.url, "--app", "hello"])
+        .arg(guests.join("hello.wasm"))
+        .env("ATOLL_ADMIN_TOKEN", "bench")
+        .stdout(Stdio::null()))?;
+    Ok(site)
+}
+
+fn start_router(bins: &Path, sites: &[&Server]) -> Result<Server> {
+    let mut cmd = Command::new(bins.join("atoll"));
+    cmd.args(["router", "--listen", "127.0.0.1:0"]);
+    for site in sites {
+        cmd.args(["--site", &site.url]);
+    }
+    quiet(&mut cmd);
+    Server::start(&mut cmd)
+}
+
+/// Whether the router at `router` sees the site named `name` live (`None`: not known yet).
+fn router_sees(agent: &ureq::Agent, router: &str, name: &str) -> Result<Option<bool>> {
+    let body = agent.get(format!("{router}/_atoll/router/status")).call()?.body_mut().read_to_string()?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let sites = status["sites"].as_array().context("no sites in the router status")?;
+    Ok(sites.iter().find(|s| s["name"] == name).and_then(|s| s["live"].as_bool()))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !f()? {
+        if std::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn bench_router(requests: usize, kills: usize) -> Result<()> {
+    let guests = build_guests()?;
+    let bins = build_bins(true, &["atoll"])?;
+    let dir = tempfile::tempdir()?;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+
+    // Overhead: the same requests to the site directly and through a router, interleaved, one
+    // keep-alive connection each, sequential (latency, not throughput).
+    let a = region_site(&bins, &guests, dir.path(), "us-east-1", "us-east", "127.0.0.1:0")?;
+    let router = start_router(&bins, &[&a])?;
+    wait_until("the router to see us-east-1", || {
+        Ok(router_sees(&agent, &router.url, "us-east-1")? == Some(true))
+    })?;
+    println!(
+        "release site and release router on loopback; {requests} sequential keep-alive GETs per case, interleaved"
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "path", "direct p50", "p99", "router p50", "p99", "added p50", "added p99"
+    );
+    for path in ["/apps/hello/", "/apps/none/"] {
+        let (mut direct, mut routed) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
+        for i in 0..requests + 500 {
+            for (url, into) in [(&a.url, &mut direct), (&router.url, &mut routed)] {
+                let started = std::time::Instant::now();
+                let mut r = agent.get(format!("{url}{path}")).header("x-atoll-region", "us-east").call()?;
+                r.body_mut().read_to_vec()?;
+                if i >= 500 {
+                    into.push(started.elapsed());
+                }
+            }
+        }
+        direct.sort();
+        routed.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let (d50, d99, r50, r99) = (
+            percentile(&direct, 0.5),
+            percentile(&direct, 0.99),
+            percentile(&routed, 0.5),
+            percentile(&routed, 0.99),
+        );
+        println!(
+            "{path:<28} {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>10.0}µs {:>10.0}µs",
+            us(d50),
+            us(d99),
+            us(r50),
+            us(r99),
+            us(r50) - us(d50),
+            us(r99) - us(d99)
+        );
+    }
+    drop(router);
+
+    // Failover: SIGKILL eu-west-1 (the nearest for eu-west clients) and time how long until the
+    // router takes it out of rotation, with no traffic (active health checks alone) and with
+    // a request right after the kill (the passive signal); then restart it and time its return.
+    let mut b = region_site(&bins, &guests, dir.path(), "eu-west-1", "eu-west", "127.0.0.1:0")?;
+    let b_listen = b.url.trim_start_matches("http://").to_owned();
+    let router = start_router(&bins, &[&a, &b])?;
+    let (mut active, mut passive, mut back) = (vec![], vec![], vec![]);
+    for k in 0..kills {
+        wait_until("eu-west-1 live", || Ok(router_sees(&agent, &router.url, "eu-west-1")? == Some(true)))?;
+        let _ = b.child.kill();
+        let _ = b.child.wait();
+        let killed = std::time::Instant::now();
+        if k % 2 == 0 {
+            wait_until("eu-west-1 down", || {
+                Ok(router_sees(&agent, &router.url, "eu-west-1")? == Some(false))
+            })?;
+            active.push(killed.elapsed());
+        } else {
+            let r = agent
+                .get(format!("{}/apps/hello/", router.url))
+                .header("x-atoll-region", "eu-west")
+                .call()?;
+            let site = r.headers().get("x-atoll-site").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            if r.status() != 200 || site != "us-east-1" {
+                bail!("the request after the kill was not failed over: {} from {site:?}", r.status());
+            }
+            passive.push(killed.elapsed());
+        }
+        b = region_site(&bins, &guests, dir.path(), "eu-west-1", "eu-west", &b_listen)?;
+        let restarted = std::time::Instant::now();
+        wait_until("eu-west-1 back", || Ok(router_sees(&agent, &router.url, "eu-west-1")? == Some(true)))?;
+        back.push(restarted.elapsed());
+    }
+    let report = |what: &str, mut v: Vec<Duration>| {
+        v.sort();
+        if !v.is_empty() {
+            println!(
+                "{what:<58} n={:<3} min {:>7.1?}  median {:>7.1?}  max {:>7.1?}",
+                v.len(),
+                v[0],
+                percentile(&v, 0.5),
+                v[v.len() - 1]
+            );
+        }
+    };
+    println!(
+        "\nfailover over {kills} SIGKILLs of the nearest site (default health checks: 200 ms, timeout 250 ms, fall 2, rise 2)"
+    );
+    report("out of rotation, no traffic (active checks)", active);
+    report("first request after the kill answered by the next site", passive);
+    report("back in rotation after the restart's listen line", back);
     Ok(())
 }
 

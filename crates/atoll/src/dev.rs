@@ -33,6 +33,10 @@ pub struct DevArgs {
     /// The app name for the --deploy at the same position.
     #[arg(long = "app")]
     apps: Vec<String>,
+    /// A site that dies (try `kill -9 PID`) is restarted after this many seconds; 0: never,
+    /// and `atoll dev` stops instead.
+    #[arg(long, default_value_t = 10)]
+    restart_after_s: u64,
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -40,6 +44,8 @@ struct Proc {
     label: String,
     child: Child,
     url: String,
+    /// The arguments it was started with, for a restart.
+    args: Vec<String>,
 }
 
 impl Drop for Proc {
@@ -105,7 +111,7 @@ fn spawn(label: &str, args: &[String]) -> Result<Proc> {
             }
         }
     });
-    let mut proc = Proc { label: label.to_owned(), child, url: String::new() };
+    let mut proc = Proc { label: label.to_owned(), child, url: String::new(), args: args.to_vec() };
     proc.url = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(url) => url,
         Err(_) => bail!("{label} did not start (see its log lines above)"),
@@ -207,7 +213,8 @@ pub fn run(args: DevArgs) -> Result<()> {
     wait_until_deployed(&sites, &args.apps, token.as_deref())?;
 
     print_table(&sites, &router, &args.apps, &args.data);
-    let stopped = wait_for_stop_or_exit(&mut sites, &mut router)?;
+    let restart_after = (args.restart_after_s > 0).then(|| Duration::from_secs(args.restart_after_s));
+    let stopped = wait_for_stop_or_exit(&mut sites, &mut router, restart_after)?;
     drop(router);
     drop(sites);
     match stopped {
@@ -238,20 +245,24 @@ fn wait_until_deployed(sites: &[(String, String, Proc)], apps: &[String], token:
 
 fn print_table(sites: &[(String, String, Proc)], router: &Proc, apps: &[String], data: &Path) {
     println!();
-    println!("  {:<14} {:<12} URL", "SITE", "REGION");
+    println!("  {:<14} {:<12} {:<8} URL", "SITE", "REGION", "PID");
     for (name, region, site) in sites {
-        println!("  {name:<14} {region:<12} {}", site.url);
+        println!("  {name:<14} {region:<12} {:<8} {}", site.child.id(), site.url);
     }
-    println!("  {:<14} {:<12} {}", "router", "", router.url);
+    println!("  {:<14} {:<12} {:<8} {}", "router", "", router.child.id(), router.url);
     println!("\nData in {}. The router sends each request to the nearest live site:", data.display());
     let app = apps.first().map(String::as_str).unwrap_or("NAME");
     for (_, region, _) in sites {
         println!("  curl -i -H 'x-atoll-region: {region}' {}/apps/{app}/", router.url);
     }
+    for other in apps.iter().skip(1) {
+        println!("  curl -i {}/apps/{other}/", router.url);
+    }
     println!("  curl {}/_atoll/router/status            # the live routing table", router.url);
     if let Some((_, _, first)) = sites.first() {
+        let far = sites.last().map_or("ap-south", |s| s.1.as_str());
         println!(
-            "  curl -i -H 'x-atoll-region: ap-south' {}/apps/{app}/   # any site forwards too",
+            "  curl -i -H 'x-atoll-region: {far}' {}/apps/{app}/   # every site forwards too",
             first.url
         );
     }
@@ -261,8 +272,14 @@ fn print_table(sites: &[(String, String, Proc)], router: &Proc, apps: &[String],
     println!("atoll dev is ready; Ctrl-C stops everything.");
 }
 
-/// Returns `None` on Ctrl-C/SIGTERM, or the label of a child that exited by itself.
-fn wait_for_stop_or_exit(sites: &mut [(String, String, Proc)], router: &mut Proc) -> Result<Option<String>> {
+/// Returns `None` on Ctrl-C/SIGTERM, or the label of a child that exited by itself and was not
+/// restarted. A site that dies is restarted after `restart_after` (on the same address and data
+/// dir: it catches up on what it missed); the router dying stops everything.
+fn wait_for_stop_or_exit(
+    sites: &mut [(String, String, Proc)],
+    router: &mut Proc,
+    restart_after: Option<Duration>,
+) -> Result<Option<String>> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -270,6 +287,7 @@ fn wait_for_stop_or_exit(sites: &mut [(String, String, Proc)], router: &mut Proc
         }
         let _ = tx.send(());
     });
+    let mut dead: Vec<Option<Instant>> = vec![None; sites.len()];
     loop {
         if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
             return Ok(None);
@@ -277,9 +295,28 @@ fn wait_for_stop_or_exit(sites: &mut [(String, String, Proc)], router: &mut Proc
         if let Some(status) = router.child.try_wait()? {
             return Ok(Some(format!("the router ({status})")));
         }
-        for (name, _, site) in sites.iter_mut() {
-            if let Some(status) = site.child.try_wait()? {
-                return Ok(Some(format!("{name} ({status})")));
+        for ((name, _, site), dead) in sites.iter_mut().zip(&mut dead) {
+            match dead {
+                None => {
+                    let Some(status) = site.child.try_wait()? else { continue };
+                    let Some(delay) = restart_after else { return Ok(Some(format!("{name} ({status})"))) };
+                    println!(
+                        "{name} exited ({status}); the router fails its traffic over; restarting it in {delay:?}"
+                    );
+                    *dead = Some(Instant::now() + delay);
+                }
+                Some(at) if Instant::now() >= *at => {
+                    // The same address, so the router and the peers find it where it was.
+                    let mut args = site.args.clone();
+                    if let Some(i) = args.iter().position(|a| a == "--listen") {
+                        args[i + 1] = site.url.trim_start_matches("http://").to_owned();
+                    }
+                    let restarted = spawn(name, &args)?;
+                    println!("{name} restarted at {}; it catches up on the writes it missed", restarted.url);
+                    *site = restarted;
+                    *dead = None;
+                }
+                Some(_) => {}
             }
         }
     }
