@@ -423,6 +423,55 @@ fn wait_until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     Ok(())
 }
 
+/// A minimal HTTP/1.1 client on one kept-alive connection, so that latency measurements show
+/// the servers' time rather than a client library's.
+struct RawClient {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    fn connect(url: &str) -> Result<RawClient> {
+        let stream = std::net::TcpStream::connect(url.trim_start_matches("http://"))?;
+        stream.set_nodelay(true)?;
+        Ok(RawClient { stream, buf: Vec::with_capacity(64 << 10) })
+    }
+
+    /// One GET, timed from the first byte sent to the last byte of the body received.
+    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Duration> {
+        use std::io::{Read, Write};
+        let mut request = format!("GET {path} HTTP/1.1\r\nhost: bench\r\n");
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        let started = std::time::Instant::now();
+        self.stream.write_all(request.as_bytes())?;
+        self.buf.clear();
+        let mut chunk = [0u8; 16 << 10];
+        loop {
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                bail!("connection closed mid-response");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&self.buf);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                    })
+                    .context("a response without content-length")?
+                    .parse()?;
+                if self.buf.len() >= end + 4 + length {
+                    return Ok(started.elapsed());
+                }
+            }
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
@@ -449,13 +498,13 @@ fn bench_router(requests: usize, kills: usize) -> Result<()> {
     );
     for path in ["/apps/hello/", "/apps/none/"] {
         let (mut direct, mut routed) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
+        let mut to_site = RawClient::connect(&a.url)?;
+        let mut to_router = RawClient::connect(&router.url)?;
         for i in 0..requests + 500 {
-            for (url, into) in [(&a.url, &mut direct), (&router.url, &mut routed)] {
-                let started = std::time::Instant::now();
-                let mut r = agent.get(format!("{url}{path}")).header("x-atoll-region", "us-east").call()?;
-                r.body_mut().read_to_vec()?;
+            for (client, into) in [(&mut to_site, &mut direct), (&mut to_router, &mut routed)] {
+                let took = client.get(path, &[("x-atoll-region", "us-east")])?;
                 if i >= 500 {
-                    into.push(started.elapsed());
+                    into.push(took);
                 }
             }
         }

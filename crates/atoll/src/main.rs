@@ -5,6 +5,7 @@
 mod client;
 mod config;
 mod dev;
+mod listen;
 mod registry;
 mod router;
 mod site;

