@@ -66,6 +66,19 @@ fn each_region_reaches_its_nearest_site_through_the_router_and_through_any_site(
         assert_eq!(header(&r, "x-atoll-route"), "nearest");
         assert_eq!(header(&r, "x-atoll-default-region"), "");
     }
+    // Method, path, Host and headers reach the site unchanged: the Host still selects the app.
+    let r = request(
+        "GET",
+        &format!("{}/", router.url),
+        &[("host", "hello.localhost"), ("x-atoll-region", "ap-south")],
+        None,
+    );
+    assert_eq!((r.status, header(&r, "x-atoll-site")), (200, "ap-south-1"), "{}", r.body);
+    // Routers share nothing: a second one routes the same way.
+    let second = router_for(&sites);
+    let r = second.get("/apps/hello/", Some("eu-west"));
+    assert_eq!(header(&r, "x-atoll-site"), "eu-west-1");
+    drop(second);
     // Unknown and missing regions: the router's default (us-east), and the response says so.
     let r = router.get("/apps/hello/", Some("mars-north"));
     assert_eq!((r.status, header(&r, "x-atoll-site")), (200, "us-east-1"));
@@ -243,6 +256,7 @@ fn a_post_during_a_kill_is_never_applied_twice() {
             sites.iter().map(|s| s.get("/apps/counter/hits").body.trim().parse().unwrap_or(0)).collect();
         (values.iter().all(|v| *v == values[0]) && values[0] >= ok).then_some(values[0])
     });
+    eprintln!("POSTs: {sent} sent, {ok} answered 200, {failed} answered 502; the counter reads {value}");
     // Every 200 was applied once; a 502 may or may not have been applied; nothing twice.
     assert!(value >= ok && value <= ok + failed, "value {value}, {ok} ok, {failed} failed, {sent} sent");
 }
@@ -375,4 +389,26 @@ fn a_router_finds_sites_by_dns_srv_and_drops_one_that_stops_resolving_once_it_is
     eventually(WAIT, "eu-west-1 removed", || entry(&router.status()).is_none().then_some(()));
     let r = router.get("/apps/hello/", Some("eu-west"));
     assert_eq!((r.status, header(&r, "x-atoll-site")), (200, "us-east-1"));
+}
+
+#[test]
+fn a_site_finds_its_peers_by_dns_srv() {
+    let a = Site::start_with("us-east-1", &["--region", "us-east"], Some(FAST));
+    let listed = Arc::new(std::sync::Mutex::new(vec![port_of(&a)]));
+    let dns = dns_server(listed);
+    let config = format!("{FAST}[dns]\nnameservers = [\"{dns}\"]\ninterval_s = 1\n");
+    let b = Site::start_with(
+        "eu-west-1",
+        &["--region", "eu-west", "--peer", "srv://_atoll._tcp.test."],
+        Some(&config),
+    );
+    a.deploy("hello", atoll_test_guests::HELLO, &[]);
+    // b found a through SRV: the deploy replicates to it, and it forwards us-east clients there.
+    eventually(WAIT, "hello replicated to eu-west-1", || {
+        (b.admin("GET", "/_atoll/apps/hello", None).status == 200).then_some(())
+    });
+    eventually(WAIT, "eu-west-1 forwards us-east to us-east-1", || {
+        let r = request("GET", &format!("{}/apps/hello/", b.url), &[("x-atoll-region", "us-east")], None);
+        (header(&r, "x-atoll-site") == "us-east-1").then_some(())
+    });
 }

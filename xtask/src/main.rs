@@ -535,7 +535,23 @@ fn bench_router(requests: usize, kills: usize) -> Result<()> {
     let mut b = region_site(&bins, &guests, dir.path(), "eu-west-1", "eu-west", "127.0.0.1:0")?;
     let b_listen = b.url.trim_start_matches("http://").to_owned();
     let router = start_router(&bins, &[&a, &b])?;
-    let (mut active, mut passive, mut back) = (vec![], vec![], vec![]);
+    // A hung site (SIGSTOP: connections are accepted by the kernel, nothing answers) is found
+    // by check timeouts only; five of those after the kills.
+    let hung = 5;
+    let (mut active, mut passive, mut back, mut stopped, mut resumed) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..hung.min(kills) {
+        wait_until("eu-west-1 live", || Ok(router_sees(&agent, &router.url, "eu-west-1")? == Some(true)))?;
+        let pid = b.child.id().to_string();
+        run(Command::new("kill").args(["-STOP", &pid]))?;
+        let paused = std::time::Instant::now();
+        wait_until("eu-west-1 down", || Ok(router_sees(&agent, &router.url, "eu-west-1")? == Some(false)))?;
+        stopped.push(paused.elapsed());
+        run(Command::new("kill").args(["-CONT", &pid]))?;
+        let continued = std::time::Instant::now();
+        wait_until("eu-west-1 back", || Ok(router_sees(&agent, &router.url, "eu-west-1")? == Some(true)))?;
+        resumed.push(continued.elapsed());
+    }
     for k in 0..kills {
         wait_until("eu-west-1 live", || Ok(router_sees(&agent, &router.url, "eu-west-1")? == Some(true)))?;
         let _ = b.child.kill();
@@ -580,6 +596,8 @@ fn bench_router(requests: usize, kills: usize) -> Result<()> {
     report("out of rotation, no traffic (active checks)", active);
     report("first request after the kill answered by the next site", passive);
     report("back in rotation after the restart's listen line", back);
+    report("hung (SIGSTOP): out of rotation, no traffic", stopped);
+    report("hung: back in rotation after SIGCONT", resumed);
     Ok(())
 }
 

@@ -282,6 +282,7 @@ impl Router {
     pub async fn route(&self, request: Request<Body>, client: Option<IpAddr>) -> Outcome {
         let region = self.client_region(request.headers());
         if self.me.is_some() && request.headers().contains_key(crate::HOP_HEADER) {
+            tracing::debug!(region = %region.region, "served here: forwarded by another router or site");
             return Outcome::Local(request, RouteInfo { reason: "forwarded", region });
         }
         let ranking = self.ranking(&region.region);
@@ -325,6 +326,10 @@ impl Router {
             }
             Some(Target::Local) => {
                 let info = RouteInfo { reason: reason(&Target::Local), region };
+                tracing::debug!(
+                    region = %info.region.region, defaulted = ?info.region.defaulted, reason = info.reason,
+                    "routed here"
+                );
                 return Outcome::Local(request, info);
             }
             Some(Target::Site(_)) => {}
