@@ -229,12 +229,29 @@ mod tests {
         assert_eq!(example.max_upload(), defaults.max_upload());
         assert_eq!(format!("{:?}", example.sync_timing()), format!("{:?}", defaults.sync_timing()));
         assert_eq!(example.node_config().horizon_ms, defaults.node_config().horizon_ms);
+        let (a, b) =
+            (example.routing("eu-west").expect("valid"), defaults.routing("eu-west").expect("valid"));
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(example.dns_interval(), defaults.dns_interval());
+        assert!(example.router.sites.is_empty() && example.dns.nameservers.is_empty());
     }
 
     #[test]
     fn unknown_field_is_named() {
         let err = toml::from_str::<FileConfig>("[limits]\ndeadline = 5\n").expect_err("unknown field");
         assert!(err.to_string().contains("deadline"), "{err}");
+    }
+
+    #[test]
+    fn routing_errors_name_the_field_when_the_file_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[routing.health]\nrise = 0\n").expect("write");
+        let err = FileConfig::load(Some(&path)).expect_err("invalid");
+        assert!(format!("{err:#}").contains("routing.health.rise"), "{err:#}");
+        std::fs::write(&path, "[dns]\nnameservers = [\"not an address\"]\n").expect("write");
+        let err = FileConfig::load(Some(&path)).expect_err("invalid");
+        assert!(format!("{err:#}").contains("nameservers"), "{err:#}");
     }
 
     #[test]
