@@ -490,7 +490,7 @@ fn bench_router(requests: usize, kills: usize) -> Result<()> {
         Ok(router_sees(&agent, &router.url, "us-east-1")? == Some(true))
     })?;
     println!(
-        "release site and release router on loopback; {requests} sequential keep-alive GETs per case, interleaved"
+        "release site and release router on loopback; {requests} sequential GETs per case, one kept-alive connection each (a minimal client), interleaved"
     );
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",

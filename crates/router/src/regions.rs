@@ -121,13 +121,16 @@ impl Regions {
         if from == to {
             return Some(0.0);
         }
-        let (f, t) = (from.to_owned(), to.to_owned());
-        if let Some(ms) = self.latency.get(&(f.clone(), t.clone())).or_else(|| self.latency.get(&(t, f))) {
-            return Some(*ms);
-        }
-        if !self.latency.is_empty() && self.in_latency_table(from) && self.in_latency_table(to) {
-            // Both are in an explicit table that does not list the pair: as far as it gets.
-            return Some(f64::MAX);
+        if !self.latency.is_empty() {
+            let (f, t) = (from.to_owned(), to.to_owned());
+            if let Some(ms) = self.latency.get(&(f.clone(), t.clone())).or_else(|| self.latency.get(&(t, f)))
+            {
+                return Some(*ms);
+            }
+            if self.in_latency_table(from) && self.in_latency_table(to) {
+                // Both are in an explicit table that does not list the pair: as far as it gets.
+                return Some(f64::MAX);
+            }
         }
         Some(great_circle_km(*self.coords.get(from)?, *self.coords.get(to)?))
     }
