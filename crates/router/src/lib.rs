@@ -102,11 +102,6 @@ impl Router {
         Router { me: Some(me), ..Router::new(name, settings) }
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// The sites known now.
     pub fn sites(&self) -> Vec<Arc<SiteState>> {
         self.sites.read().unwrap_or_else(|e| e.into_inner()).clone()

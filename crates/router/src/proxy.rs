@@ -202,21 +202,18 @@ async fn response_body(body: hyper::body::Incoming) -> Body {
     match body.collect().await {
         Ok(collected) => Body::from(collected.to_bytes()),
         // The site broke off mid-body: the client sees the same.
-        Err(e) => Body::new(http_body_util::StreamBody::new(futures_once_err(e))),
+        Err(e) => Body::new(http_body_util::StreamBody::new(Once(Some(Err::<Frame<Bytes>, _>(e))))),
     }
 }
 
-fn futures_once_err(
-    e: hyper::Error,
-) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, hyper::Error>> + Send + 'static {
-    struct Once(Option<hyper::Error>);
-    impl futures_core::Stream for Once {
-        type Item = Result<Frame<Bytes>, hyper::Error>;
-        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            Poll::Ready(self.0.take().map(Err))
-        }
+/// A stream of one item.
+struct Once<T>(Option<T>);
+
+impl<T: Unpin> futures_core::Stream for Once<T> {
+    type Item = T;
+    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<T>> {
+        Poll::Ready(self.0.take())
     }
-    Once(Some(e))
 }
 
 fn idempotent(method: &Method) -> bool {
@@ -460,7 +457,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_streamed_body_stays_for_the_next_attempt_until_polled() {
-        let prepared = Prepared::new(Body::from_stream(futures_stream()), false, 10).await.expect("prepared");
+        let prepared = Prepared::new(
+            Body::from_stream(Once(Some(Ok::<_, std::io::Error>(Bytes::from_static(b"body"))))),
+            false,
+            10,
+        )
+        .await
+        .expect("prepared");
         assert!(!prepared.replayable());
         let first = prepared.attempt().expect("first");
         drop(first); // connecting failed: never polled
@@ -468,22 +471,5 @@ mod tests {
         let frame = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut second), cx)).await;
         assert!(frame.is_some());
         assert!(prepared.attempt().is_none(), "taken by the attempt that sent it");
-    }
-
-    fn futures_stream() -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        tokio_stream_once(Bytes::from_static(b"body"))
-    }
-
-    fn tokio_stream_once(
-        b: Bytes,
-    ) -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        struct Once(Option<Bytes>);
-        impl futures_core::Stream for Once {
-            type Item = Result<Bytes, std::io::Error>;
-            fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-                Poll::Ready(self.0.take().map(Ok))
-            }
-        }
-        Once(Some(b))
     }
 }

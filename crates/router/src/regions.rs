@@ -146,11 +146,6 @@ impl Regions {
         names.dedup();
         names
     }
-
-    /// A region's coordinates, when known.
-    pub fn coord(&self, name: &str) -> Option<Coord> {
-        self.coords.get(name).copied()
-    }
 }
 
 #[cfg(test)]
