@@ -255,8 +255,8 @@ fn print_table(sites: &[(String, String, Proc)], router: &Proc, apps: &[String],
     for (_, region, _) in sites {
         println!("  curl -i -H 'x-atoll-region: {region}' {}/apps/{app}/", router.url);
     }
-    for other in apps.iter().skip(1) {
-        println!("  curl -i {}/apps/{other}/", router.url);
+    if apps.len() > 1 {
+        println!("  (also deployed: {}; call them as {}/apps/NAME/...)", apps[1..].join(", "), router.url);
     }
     println!("  curl {}/_atoll/router/status            # the live routing table", router.url);
     if let Some((_, _, first)) = sites.first() {
