@@ -6,9 +6,11 @@ mod deploy;
 mod dev;
 mod keyvalue;
 mod limits;
+mod observability;
 mod replication;
 mod restart;
 mod routing;
+mod shutdown;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

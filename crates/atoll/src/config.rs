@@ -27,6 +27,19 @@ pub struct FileConfig {
     pub router: RouterSection,
     #[serde(default)]
     pub dns: DnsConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[shutdown]`: what SIGTERM (or Ctrl-C) does.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long requests in flight may take to finish once new connections are refused
+    /// (default 10000).
+    pub drain_ms: Option<u64>,
+    /// How long pushing the last writes to the peers may take (default 5000).
+    pub flush_ms: Option<u64>,
 }
 
 /// `[router]`: `atoll router`, the stand-alone front door.
@@ -195,6 +208,16 @@ impl FileConfig {
     /// The routing settings, `default_region` standing in when `[routing]` names none.
     pub fn routing(&self, default_region: &str) -> Result<atoll_router::Settings> {
         self.routing.settings(default_region)
+    }
+
+    /// Bound on draining requests in flight at shutdown.
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown.drain_ms.unwrap_or(10_000))
+    }
+
+    /// Bound on flushing replication at shutdown.
+    pub fn flush(&self) -> Duration {
+        Duration::from_millis(self.shutdown.flush_ms.unwrap_or(5_000))
     }
 
     /// How often names are resolved again.

@@ -53,15 +53,31 @@ pub(crate) fn serve(
     Ok(workers)
 }
 
-/// Waits for the server threads to end.
-pub(crate) fn join(workers: Vec<std::thread::JoinHandle<Result<()>>>) -> Result<()> {
-    for worker in workers {
-        match worker.join() {
-            Ok(result) => result?,
-            Err(_) => anyhow::bail!("a server thread panicked"),
+/// Waits for the server threads to end, at most `limit` (their in-flight requests finish
+/// first); past it, returns with a warning and the process exits under them.
+pub(crate) fn join(
+    workers: Vec<std::thread::JoinHandle<Result<()>>>,
+    limit: std::time::Duration,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut result = Ok(());
+        for worker in workers {
+            match worker.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(anyhow::anyhow!("a server thread panicked")),
+            }
+        }
+        let _ = tx.send(result);
+    });
+    match rx.recv_timeout(limit) {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(?limit, "requests still in flight after the drain limit: stopping anyway");
+            Ok(())
         }
     }
-    Ok(())
 }
 
 fn socket(addr: SocketAddr) -> std::io::Result<TcpListener> {

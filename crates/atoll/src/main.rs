@@ -6,6 +6,7 @@ mod client;
 mod config;
 mod dev;
 mod listen;
+mod metrics;
 mod registry;
 mod router;
 mod site;

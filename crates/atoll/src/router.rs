@@ -33,7 +33,9 @@ pub fn run(options: RouterOptions) -> Result<()> {
     let discovery = config.discovery(&urls)?;
     let settings = config.routing("us-east")?;
     let router = Arc::new(Router::new(&name, settings));
+    crate::metrics::install(&[("router", &name)])?;
     let interval = config.dns_interval();
+    let config_drain = config.drain();
 
     // Discovery and health checks run on their own thread and runtime; requests are served by
     // one single-threaded runtime per core, like a site's.
@@ -63,6 +65,7 @@ pub fn run(options: RouterOptions) -> Result<()> {
     let app = axum::Router::new()
         .route("/_atoll/health", get(health))
         .route("/_atoll/router/status", get(status))
+        .route("/metrics", get(metrics))
         .fallback(proxy)
         .with_state(router.clone());
     let threads = config.server_threads();
@@ -75,7 +78,7 @@ pub fn run(options: RouterOptions) -> Result<()> {
     tracing::info!(router = %name, %addr, sites = router.sites().len(), threads, "router started");
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(crate::shutdown_signal());
     let _ = stop.send(true);
-    crate::listen::join(workers)
+    crate::listen::join(workers, config_drain)
 }
 
 /// The router's own health: 200 while it runs, with how many sites it sees live.
@@ -83,6 +86,12 @@ async fn health(State(router): State<Arc<Router>>) -> Response {
     let sites = router.sites();
     let live = sites.iter().filter(|s| s.is_live()).count();
     Json(serde_json::json!({ "status": "ok", "router": true, "sites": sites.len(), "live_sites": live }))
+        .into_response()
+}
+
+async fn metrics(State(router): State<Arc<Router>>) -> Response {
+    crate::metrics::observe_router(&router);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
         .into_response()
 }
 

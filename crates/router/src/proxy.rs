@@ -77,6 +77,10 @@ pub struct RouteInfo {
 impl RouteInfo {
     /// Adds the routing headers.
     pub fn apply(&self, headers: &mut HeaderMap) {
+        metrics::counter!("atoll_routing_decisions_total", "reason" => self.reason).increment(1);
+        if let Some(why) = self.region.defaulted {
+            metrics::counter!("atoll_routing_default_region_total", "why" => why).increment(1);
+        }
         headers.insert(crate::ROUTE_HEADER, HeaderValue::from_static(self.reason));
         if let Ok(v) = HeaderValue::from_str(&self.region.region) {
             headers.insert(crate::ROUTE_REGION_HEADER, v);

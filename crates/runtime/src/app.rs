@@ -158,8 +158,12 @@ impl App {
         // The guest owns the store: when it returns or traps the store is dropped, which drops
         // the response outparam and so ends `response` below if no response was sent.
         let pre = inner.pre.clone();
+        let app_name = inner.name.to_string();
         let guest = async move {
+            let started = std::time::Instant::now();
             let proxy = pre.instantiate_async(&mut store).await.map_err(instantiate_error)?;
+            metrics::histogram!("atoll_instantiation_seconds", "app" => app_name)
+                .record(started.elapsed().as_secs_f64());
             proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, incoming, outparam)

@@ -95,6 +95,27 @@ pub async fn run<S, T>(
     }
 }
 
+/// Pushes every queued write to every peer, within `limit`: what a site does when it stops, so
+/// that writes acknowledged just before leave with it. Returns the keys still queued.
+pub async fn flush<S: SyncStore, T: Transport>(node: &Node<S>, transport: &T, limit: Duration) -> usize {
+    // Let the change feed task take in the last commits first (it runs on this runtime).
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let _ = tokio::time::timeout(limit, async {
+        for url in node.peers_with_pushes() {
+            while node.peers_with_pushes().contains(&url) {
+                if node.push(transport, &url, wall_ms()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    node.peers().iter().filter(|p| p.active()).map(|p| p.push_pending).sum()
+}
+
 async fn peer_loop<S: SyncStore, T: Transport>(
     node: Arc<Node<S>>,
     transport: Arc<T>,

@@ -33,6 +33,7 @@ pub(super) fn routes() -> axum::Router<Arc<Site>> {
     axum::Router::new()
         .route("/_atoll/health", get(health))
         .route("/_atoll/router/status", get(router_status))
+        .route("/metrics", get(metrics))
         .route("/_atoll/apps", get(list_apps))
         .route("/_atoll/apps/{name}", get(get_app).put(upload).delete(delete_app))
         .route("/_atoll/{*rest}", axum::routing::any(unknown))
@@ -123,6 +124,22 @@ async fn health(State(site): State<Arc<Site>>) -> Response {
 /// The live routing table as this site sees it (no token, like health).
 async fn router_status(State(site): State<Arc<Site>>) -> Response {
     Json(site.router.status_json()).into_response()
+}
+
+/// Prometheus metrics (no token, like health). An app on its own host owns its whole path
+/// space, `/metrics` included: such a request goes to the app.
+async fn metrics(State(site): State<Arc<Site>>, request: axum::extract::Request) -> Response {
+    if super::routing::host_names_an_app(&site, request.headers()) {
+        return super::routing::serve_app(State(site), request).await;
+    }
+    crate::metrics::observe_router(&site.router);
+    if let Some(node) = site.sync.get() {
+        crate::metrics::observe_sync(node);
+    }
+    let apps = site.apps.read().unwrap_or_else(|e| e.into_inner()).len();
+    metrics::gauge!("atoll_apps_deployed").set(apps as f64);
+    metrics::gauge!("atoll_requests_in_flight").set(crate::metrics::in_flight() as f64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render()).into_response()
 }
 
 /// What the admin API says about an app.

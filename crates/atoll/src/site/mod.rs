@@ -51,6 +51,8 @@ pub(crate) struct Site {
     apps: RwLock<HashMap<String, Deployed>>,
     /// Where requests go: this site, or a nearer live one.
     pub(crate) router: Arc<atoll_router::Router>,
+    /// Replication, when this site has a peer secret.
+    pub(crate) sync: std::sync::OnceLock<Arc<atoll_sync::Node<atoll_kv::Store>>>,
     /// Serialises admin changes, so the registry and the app table change in the same order.
     admin_lock: tokio::sync::Mutex<()>,
     admin_token: Option<String>,
@@ -77,6 +79,7 @@ impl Site {
 /// `SO_REUSEPORT` socket of the same address: no work stealing, no cross-thread wake-ups on the
 /// request path (see ARCHITECTURE.md for the measurements behind this).
 pub fn run(options: SiteOptions) -> Result<()> {
+    crate::metrics::install(&[("site", &options.name), ("region", &options.region)])?;
     std::fs::create_dir_all(&options.data)
         .with_context(|| format!("cannot create the data dir {}", options.data.display()))?;
     let registry = Registry::open(&options.data)?;
@@ -120,6 +123,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         name: options.name,
         region: options.region,
         router: router.clone(),
+        sync: std::sync::OnceLock::new(),
         runtime,
         registry,
         kv: kv.clone(),
@@ -139,6 +143,8 @@ pub fn run(options: SiteOptions) -> Result<()> {
     let listeners = crate::listen::bind(options.listen, threads)?;
     let addr = listeners[0].local_addr()?;
     let mut router = admin::routes().fallback(routing::serve_app).with_state(site.clone());
+    // At shutdown: tell the replication thread to push what is queued, and hear how much was left.
+    let mut flush = None;
     if let Some(secret) = options.peer_secret {
         let me = atoll_sync::message::PeerInfo {
             site: site.name.clone(),
@@ -161,6 +167,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
             &fixed,
             atoll_sync::http::wall_ms(),
         ));
+        let _ = site.sync.set(node.clone());
         let transport =
             Arc::new(atoll_sync::http::HttpTransport::new(secret.clone(), Duration::from_secs(10)));
         let server = atoll_sync::http::Server {
@@ -171,6 +178,10 @@ pub fn run(options: SiteOptions) -> Result<()> {
         router = atoll_sync::http::routes(Arc::new(server)).merge(router);
         let (site, timing, changes) = (site.clone(), options.config.sync_timing(), kv.changes());
         let dns_interval = options.config.dns_interval();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<usize>();
+        let flush_limit = options.config.flush();
+        flush = Some((stop_tx, done_rx, flush_limit));
         std::thread::Builder::new().name("atoll-sync".into()).spawn(move || {
             sync_rt.block_on(async move {
                 tokio::spawn(deploys::watch(site.clone(), node.clone(), transport.clone()));
@@ -179,7 +190,13 @@ pub fn run(options: SiteOptions) -> Result<()> {
                 }
                 tokio::spawn(route_to_peers(site.router.clone(), node.clone()));
                 tokio::spawn(site.router.clone().run_health_checks());
-                atoll_sync::driver::run(node, transport, changes, timing).await;
+                tokio::select! {
+                    _ = atoll_sync::driver::run(node.clone(), transport.clone(), changes, timing) => {}
+                    _ = stop_rx => {
+                        let left = atoll_sync::driver::flush(&node, &*transport, flush_limit).await;
+                        let _ = done_tx.send(left);
+                    }
+                }
             })
         })?;
     }
@@ -190,8 +207,24 @@ pub fn run(options: SiteOptions) -> Result<()> {
     tracing::info!(site = %site.name, region = %site.region, %addr, threads, "site started");
 
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(crate::shutdown_signal());
+    // Stop accepting, let the requests in flight finish (bounded), then push the last writes
+    // to the peers (bounded). Acknowledged writes are durable already; this only makes them
+    // leave now rather than when this site next runs.
     let _ = stop.send(true);
-    crate::listen::join(workers)
+    let drained = crate::listen::join(workers, options.config.drain());
+    if let Some((stop_sync, flushed, limit)) = flush {
+        let _ = stop_sync.send(());
+        match flushed.recv_timeout(limit + Duration::from_secs(1)) {
+            Ok(0) => tracing::info!("replication flushed"),
+            Ok(left) => tracing::warn!(
+                keys = left,
+                "some writes were not pushed before stopping; peers catch up by anti-entropy when this site is back"
+            ),
+            Err(_) => tracing::warn!("replication did not flush in time"),
+        }
+    }
+    tracing::info!("stopped");
+    drained
 }
 
 /// Keeps the peers given by DNS name resolved: every address found becomes a peer (a site that

@@ -77,6 +77,12 @@ fn host_app_label(host: &str) -> Option<String> {
     (!label.is_empty() && !rest.is_empty()).then(|| label.to_ascii_lowercase())
 }
 
+/// Whether the Host header's first label names a deployed app.
+pub(super) fn host_names_an_app(site: &Site, headers: &axum::http::HeaderMap) -> bool {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    host.and_then(host_app_label).is_some_and(|label| site.app(&label).is_some())
+}
+
 static NEXT_REQUEST: AtomicU64 = AtomicU64::new(0);
 
 fn request_id(headers: &axum::http::HeaderMap) -> String {
@@ -123,10 +129,26 @@ async fn serve_here(site: &Site, request: Request) -> Response {
                 uri.path_and_query = pq.parse().ok();
                 parts.uri = Uri::from_parts(uri).unwrap_or_default();
             }
-            match app.handle(axum::http::Request::from_parts(parts, body), &request_id).await {
+            let started = std::time::Instant::now();
+            let _in_flight = crate::metrics::InFlight::start();
+            let result = app.handle(axum::http::Request::from_parts(parts, body), &request_id).await;
+            let status = result.as_ref().map_or_else(|e| e.status(), |r| r.status());
+            metrics::counter!("atoll_requests_total", "app" => name.clone(), "status" => status.as_str().to_owned())
+                .increment(1);
+            metrics::histogram!("atoll_request_duration_seconds", "app" => name.clone())
+                .record(started.elapsed().as_secs_f64());
+            match &result {
+                Err(atoll_runtime::HandleError::Trap(_)) => {
+                    metrics::counter!("atoll_guest_traps_total", "app" => name.clone()).increment(1)
+                }
+                Err(atoll_runtime::HandleError::Deadline { .. }) => {
+                    metrics::counter!("atoll_guest_timeouts_total", "app" => name.clone()).increment(1)
+                }
+                _ => {}
+            }
+            match result {
                 Ok(response) => response.map(Body::from),
                 Err(e) => {
-                    let status = e.status();
                     if status.is_server_error() {
                         tracing::warn!(app = %name, request_id, %status, "{e}");
                     }

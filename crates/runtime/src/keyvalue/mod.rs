@@ -162,6 +162,7 @@ impl KvView<'_> {
 
     fn get(&self, bucket: &Resource<Bucket>, key: &str) -> Outcome<Option<Vec<u8>>> {
         let ns = self.ns(bucket)?;
+        metrics::counter!("atoll_kv_operations_total", "op" => "get").increment(1);
         match self.store() {
             Ok(store) => outcome(store.get(&ns, key.as_bytes())),
             Err(e) => Ok(Err(e)),
@@ -170,6 +171,13 @@ impl KvView<'_> {
 
     async fn write(&mut self, bucket: &Resource<Bucket>, key: &str, write: Write) -> Outcome<Written> {
         let ns = self.ns(bucket)?;
+        let op = match write {
+            Write::Set(_) => "set",
+            Write::Delete => "delete",
+            Write::Increment(_) => "increment",
+            Write::CompareAndSwap { .. } => "compare_and_swap",
+        };
+        metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
         match self.store() {
             Ok(store) => outcome(store.write(&ns, key.as_bytes(), write).await),
             Err(e) => Ok(Err(e)),
@@ -194,6 +202,7 @@ impl KvView<'_> {
     /// One page of keys after `after` (exclusive; `None`: from the start).
     fn list(&self, bucket: &Resource<Bucket>, after: Option<&str>) -> Outcome<(Vec<String>, Option<String>)> {
         let ns = self.ns(bucket)?;
+        metrics::counter!("atoll_kv_operations_total", "op" => "list").increment(1);
         let store = match self.store() {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
