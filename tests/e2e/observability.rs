@@ -68,3 +68,38 @@ fn metrics_show_requests_guests_kv_replication_and_routing() {
     );
     assert_eq!(sample(&text, "atoll_routing_default_region_total", &["why=\"unknown\""]), Some(1.0));
 }
+
+#[test]
+fn json_logs_carry_one_request_id_across_router_site_and_forwarded_site_into_guest_lines() {
+    let json = ["--log-format", "json"];
+    let a = Site::start_with("a", &[&json[..], &["--region", "us-east"]].concat(), None);
+    let b = Site::start_with("b", &[&json[..], &["--region", "eu-west", "--peer", &a.url]].concat(), None);
+    a.deploy("probe", atoll_test_guests::PROBE, &[]);
+    eventually(WAIT, "probe at b", || {
+        (b.admin("GET", "/_atoll/apps/probe", None).status == 200).then_some(())
+    });
+    let guest_line = |id: &str| {
+        b.stderr().lines().find(|l| l.contains(id) && l.contains("probe says")).map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            v
+        })
+    };
+    // Entering at a, an eu-west request is forwarded to b with the client's id.
+    let url = format!("{}/apps/probe/log?hello", a.url);
+    eventually(WAIT, "a forwards eu-west to b", || {
+        let r = request("GET", &url, &[("x-atoll-region", "eu-west"), ("x-request-id", "trace-123")], None);
+        (r.headers.get("x-atoll-site").is_some_and(|v| v == "b")).then_some(())
+    });
+    let line = eventually(WAIT, "b's guest line with the id", || guest_line("trace-123"));
+    assert_eq!(line["fields"]["request_id"], "trace-123", "{line}");
+    // Through a router without an id: the router makes one, and it reaches the guest at b.
+    let router = RouterProc::start(&[&a.url, &b.url], None);
+    let r = eventually(WAIT, "the router routes eu-west to b", || {
+        let r = router.get("/apps/probe/log?again", Some("eu-west"));
+        (r.headers.get("x-atoll-site").is_some_and(|v| v == "b")).then_some(r)
+    });
+    let id = r.headers.get("x-request-id").and_then(|v| v.to_str().ok()).expect("an id").to_owned();
+    let line = eventually(WAIT, "b's guest line with the router's id", || guest_line(&id));
+    assert_eq!(line["fields"]["request_id"], id.as_str());
+}

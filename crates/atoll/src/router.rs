@@ -99,10 +99,17 @@ async fn status(State(router): State<Arc<Router>>) -> Response {
     Json(router.status_json()).into_response()
 }
 
-async fn proxy(State(router): State<Arc<Router>>, request: Request) -> Response {
+async fn proxy(State(router): State<Arc<Router>>, mut request: Request) -> Response {
     let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    match router.route(request, client).await {
-        Outcome::Response(response) => response,
+    let request_id = atoll_router::ensure_request_id(request.headers_mut());
+    let span = tracing::info_span!("request", request_id = %request_id);
+    match tracing::Instrument::instrument(router.route(request, client), span).await {
+        Outcome::Response(mut response) => {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert(atoll_router::REQUEST_ID_HEADER, v);
+            }
+            response
+        }
         // A stand-alone router is never a candidate itself.
         Outcome::Local(..) => (StatusCode::INTERNAL_SERVER_ERROR, "router chose itself\n").into_response(),
     }

@@ -6,7 +6,6 @@
 //! sees `/<path>`. `/_atoll/` is reserved on every host.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Body;
 use std::net::SocketAddr;
@@ -22,8 +21,7 @@ use super::Site;
 pub(crate) const SITE_HEADER: &str = "x-atoll-site";
 /// Header carrying the serving site's hybrid logical clock (`physical_ms.logical`).
 pub(crate) const HLC_HEADER: &str = "x-atoll-hlc";
-/// Header carrying the request id, taken from the client when valid, generated otherwise.
-pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
+use atoll_router::REQUEST_ID_HEADER;
 
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,30 +81,14 @@ pub(super) fn host_names_an_app(site: &Site, headers: &axum::http::HeaderMap) ->
     host.and_then(host_app_label).is_some_and(|label| site.app(&label).is_some())
 }
 
-static NEXT_REQUEST: AtomicU64 = AtomicU64::new(0);
-
-fn request_id(headers: &axum::http::HeaderMap) -> String {
-    headers
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            // A random per-process prefix (std's hasher keys are random), then a counter.
-            static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-            let prefix = PREFIX.get_or_init(|| {
-                use std::hash::BuildHasher;
-                std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
-            });
-            format!("{prefix:08x}-{:x}", NEXT_REQUEST.fetch_add(1, Ordering::Relaxed))
-        })
-}
-
 /// The fallback handler: every request that is not for `/_atoll/`. It goes to the nearest live
 /// site for its region: here, or forwarded (one hop at most, see atoll-router).
-pub(super) async fn serve_app(State(site): State<Arc<Site>>, request: Request) -> Response {
+pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Request) -> Response {
     let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    match site.router.route(request, client).await {
+    // The request id goes with the request to whichever site serves it.
+    let request_id = atoll_router::ensure_request_id(request.headers_mut());
+    let span = tracing::info_span!("request", request_id = %request_id);
+    match tracing::Instrument::instrument(site.router.route(request, client), span).await {
         Outcome::Response(response) => response,
         Outcome::Local(request, route) => {
             let mut response = serve_here(&site, request).await;
@@ -117,10 +99,10 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, request: Request) -
 }
 
 /// Serves a request with an app deployed here.
-async fn serve_here(site: &Site, request: Request) -> Response {
+async fn serve_here(site: &Site, mut request: Request) -> Response {
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target(host, request.uri(), |name| site.app(name));
-    let request_id = request_id(request.headers());
+    let request_id = atoll_router::ensure_request_id(request.headers_mut());
     let mut response = match target {
         Target::App { app, name, path_and_query } => {
             let (mut parts, body) = request.into_parts();
