@@ -11,6 +11,7 @@ mod replication;
 mod restart;
 mod routing;
 mod shutdown;
+mod ui;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@ mod metrics;
 mod registry;
 mod router;
 mod site;
+mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -66,6 +66,8 @@ pub fn run(options: RouterOptions) -> Result<()> {
         .route("/_atoll/health", get(health))
         .route("/_atoll/router/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/_atoll/ui", get(crate::ui::page))
+        .route("/_atoll/ui/state", get(ui_state))
         .fallback(proxy)
         .with_state(router.clone());
     let threads = config.server_threads();
@@ -93,6 +95,12 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
     crate::metrics::observe_router(&router);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
         .into_response()
+}
+
+async fn ui_state(State(router): State<Arc<Router>>) -> Response {
+    let name = router.name().to_owned();
+    let viewer = crate::ui::Viewer { kind: "router", name: &name, region: None, peers: vec![], apps: vec![] };
+    Json(crate::ui::state(&router, viewer)).into_response()
 }
 
 async fn status(State(router): State<Arc<Router>>) -> Response {

@@ -221,6 +221,16 @@ impl Router {
         ranked.into_iter().map(|r| r.4).collect()
     }
 
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The coordinates of a region, when the table knows it.
+    pub fn coord(&self, region: &str) -> Option<regions::Coord> {
+        self.settings.regions.coord(region)
+    }
+
     /// The live routing table: for every region a client may name, the sites in order and the
     /// one serving it now; and every site's health.
     pub fn status_json(&self) -> serde_json::Value {

@@ -135,6 +135,11 @@ impl Regions {
         Some(great_circle_km(*self.coords.get(from)?, *self.coords.get(to)?))
     }
 
+    /// A region's coordinates, for a name [`Regions::resolve`] accepts.
+    pub fn coord(&self, name: &str) -> Option<Coord> {
+        self.coords.get(&self.resolve(name)?).copied()
+    }
+
     /// Every known region name, sorted.
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.coords.keys().cloned().collect();

@@ -34,6 +34,8 @@ pub(super) fn routes() -> axum::Router<Arc<Site>> {
         .route("/_atoll/health", get(health))
         .route("/_atoll/router/status", get(router_status))
         .route("/metrics", get(metrics))
+        .route("/_atoll/ui", get(crate::ui::page))
+        .route("/_atoll/ui/state", get(ui_state))
         .route("/_atoll/apps", get(list_apps))
         .route("/_atoll/apps/{name}", get(get_app).put(upload).delete(delete_app))
         .route("/_atoll/{*rest}", axum::routing::any(unknown))
@@ -124,6 +126,22 @@ async fn health(State(site): State<Arc<Site>>) -> Response {
 /// The live routing table as this site sees it (no token, like health).
 async fn router_status(State(site): State<Arc<Site>>) -> Response {
     Json(site.router.status_json()).into_response()
+}
+
+/// What the status page shows (no token, like health: names and versions of apps are visible).
+async fn ui_state(State(site): State<Arc<Site>>) -> Response {
+    let mut apps: Vec<(String, String)> = site
+        .apps
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(name, d)| (name.clone(), d.record.version.clone()))
+        .collect();
+    apps.sort();
+    let peers = site.sync.get().map(|n| n.peers()).unwrap_or_default();
+    let viewer =
+        crate::ui::Viewer { kind: "site", name: &site.name, region: Some(&site.region), peers, apps };
+    Json(crate::ui::state(&site.router, viewer)).into_response()
 }
 
 /// Prometheus metrics (no token, like health). An app on its own host owns its whole path

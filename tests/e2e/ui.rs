@@ -1,0 +1,85 @@
+//! The status page in a real headless browser (Debian's `chromium`; `.ci/run` installs it):
+//! load it against real processes, check what it shows, kill a site, see it turn dead, and save
+//! a screenshot (`target/tmp/ui-status-*.png`).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{RouterProc, Site, eventually};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
+        .find(|p| p.is_file())
+}
+
+/// Loads `url` in headless chromium, lets its scripts run, and returns the resulting DOM; with
+/// `screenshot`, also saves a PNG there.
+fn browse(browser: &PathBuf, url: &str, screenshot: Option<&PathBuf>) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut cmd = Command::new(browser);
+    cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--virtual-time-budget=4000"])
+        .arg(format!("--user-data-dir={}", profile.path().display()));
+    match screenshot {
+        Some(path) => cmd.arg("--window-size=1100,1500").arg(format!("--screenshot={}", path.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd.arg(url).output().expect("run chromium");
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_status_page_shows_sites_routes_replication_and_apps_and_a_killed_site_turns_dead() {
+    let Some(browser) = chromium() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must install chromium (see .ci/run)");
+        eprintln!("SKIPPED: no chromium on PATH (Debian: apt-get install chromium); CI runs this test");
+        return;
+    };
+    let a = Site::start_with("us-east-1", &["--region", "us-east"], Some("[sync]\nanti_entropy_ms = 300\n"));
+    let mut b = Site::start_with("eu-west-1", &["--region", "eu-west", "--peer", &a.url], None);
+    a.deploy("hello", atoll_test_guests::HELLO, &[]);
+    eventually(WAIT, "hello at eu-west-1", || {
+        (b.admin("GET", "/_atoll/apps/hello", None).status == 200).then_some(())
+    });
+    let router = RouterProc::start(&[&a.url, &b.url], None);
+    eventually(WAIT, "the router sees both", || {
+        let sites = router.status()["sites"].as_array()?.clone();
+        (sites.len() == 2 && sites.iter().all(|s| s["live"] == true && s["name"].is_string())).then_some(())
+    });
+
+    // A site's page: itself and its peer live, the routing table, the peer's replication, the app.
+    let dom = eventually(WAIT, "a's page lists its peer and the app", || {
+        let dom = browse(&browser, &format!("{}/_atoll/ui", a.url), None);
+        (dom.contains(r#"data-site="eu-west-1""#) && dom.contains("hello")).then_some(dom)
+    });
+    assert!(dom.contains("Atoll site us-east-1"), "{dom}");
+    assert!(dom.contains(r#"<tr class="live" data-site="us-east-1">"#), "{dom}");
+    assert!(dom.contains(r#"<tr class="live" data-site="eu-west-1">"#), "{dom}");
+    assert!(dom.contains("<td>eu-central</td><td>eu-west-1</td>"), "routing table: {dom}");
+    assert!(dom.contains("eu-west-1 (live)"), "the map: {dom}");
+
+    // The router's page, then kill a site: it turns dead there.
+    let page = format!("{}/_atoll/ui", router.url);
+    let dom = browse(&browser, &page, None);
+    assert!(dom.contains(r#"<tr class="live" data-site="eu-west-1">"#), "{dom}");
+    b.kill();
+    let dom = eventually(WAIT, "eu-west-1 dead on the router's page", || {
+        let dom = browse(&browser, &page, None);
+        dom.contains(r#"<tr class="dead" data-site="eu-west-1">"#).then_some(dom)
+    });
+    assert!(dom.contains("eu-west-1 (dead)"), "the map: {dom}");
+    assert!(dom.contains("<td>eu-west</td><td>us-east-1</td>"), "eu-west fails over in the table: {dom}");
+    assert!(dom.contains(r#"<tr class="live" data-site="us-east-1">"#), "{dom}");
+
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-status-router.png");
+    browse(&browser, &page, Some(&shot));
+    let png = std::fs::read(&shot).expect("screenshot saved");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot at {}", shot.display());
+    eprintln!("screenshot: {}", shot.display());
+}
