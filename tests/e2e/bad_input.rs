@@ -107,6 +107,38 @@ fn invalid_config_is_an_error_naming_the_field() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("deadline_seconds"), "{stderr}");
+    // The same from a flag and from the environment; and a router refuses the same way.
+    for (args, env) in [
+        (vec!["site", "--name", "x", "--region", "r", "--set", "limits.deadline_seconds=3"], None),
+        (vec!["site", "--name", "x", "--region", "r"], Some(("ATOLL_LIMITS__DEADLINE_SECONDS", "3"))),
+        (vec!["router", "--set", "routing.health.fall=0"], None),
+    ] {
+        let mut cmd = Command::new(ATOLL);
+        cmd.args(&args).args(["--listen", "127.0.0.1:0", "--data"]).arg(dir.path().join("data"));
+        if args[0] == "router" {
+            cmd = Command::new(ATOLL);
+            cmd.args(&args).args(["--listen", "127.0.0.1:0"]);
+        }
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.env("ATOLL_ADMIN_TOKEN", TOKEN).output().expect("run");
+        assert!(!out.status.success(), "{args:?} started");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let field = if args[0] == "router" { "routing.health.fall" } else { "deadline_seconds" };
+        assert!(stderr.contains(field), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_config_flag_overrides_the_file() {
+    let site = crate::Site::start_with(
+        "a",
+        &["--set", "admin.max_upload_bytes=1000"],
+        Some("[admin]\nmax_upload_bytes = 100000000\n"),
+    );
+    let r = site.admin("PUT", "/_atoll/apps/hello", Some(&crate::read(atoll_test_guests::HELLO)));
+    assert_eq!(r.status, 413, "the flag's 1000-byte cap applies: {}", r.body);
 }
 
 #[test]

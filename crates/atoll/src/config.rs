@@ -111,17 +111,70 @@ pub struct AdminConfig {
     pub max_upload_bytes: Option<u64>,
 }
 
+/// Sets `a.b.c` in `table` to `raw` read as a TOML value (else a string).
+fn set_field(table: &mut toml::Table, field: &str, raw: &str) -> Result<()> {
+    let parts: Vec<&str> = field.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("{field:?} is not a field name (expected section.field)");
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let (last, sections) = parts.split_last().context("empty field name")?;
+    let mut at = table;
+    for (i, section) in sections.iter().enumerate() {
+        let entry = at.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = entry
+            .as_table_mut()
+            .with_context(|| format!("config field {} is not a section", parts[..=i].join(".")))?;
+    }
+    at.insert(last.to_string(), value);
+    Ok(())
+}
+
 /// The default cap on an uploaded component.
 pub const DEFAULT_MAX_UPLOAD: u64 = 50 << 20;
 
 impl FileConfig {
-    /// Reads `path`, or the defaults when there is none.
-    pub fn load(path: Option<&Path>) -> Result<FileConfig> {
-        let Some(path) = path else { return Ok(FileConfig::default()) };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+    /// Reads `path` (or starts from the defaults), then applies every override: environment
+    /// variables `ATOLL_SECTION__FIELD=VALUE` (sections and fields joined by `__`, so
+    /// `ATOLL_ROUTING__HEALTH__FALL=3` is `routing.health.fall`), then `--set section.field=VALUE`
+    /// flags. A VALUE is read as TOML (`5000`, `true`, `["http://a:8080"]`), else as a string.
+    /// Unknown fields and invalid values are errors naming the field and where it came from.
+    pub fn load_with(
+        path: Option<&Path>,
+        sets: &[String],
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<FileConfig> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config {}", path.display()))?;
+                toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut sources: Vec<String> = path.map(|p| p.display().to_string()).into_iter().collect();
+        let mut env: Vec<(String, String)> =
+            env.filter(|(k, _)| k.starts_with("ATOLL_") && k.contains("__")).collect();
+        env.sort();
+        for (key, value) in env {
+            let field = key["ATOLL_".len()..].to_ascii_lowercase().replace("__", ".");
+            set_field(&mut table, &field, &value).with_context(|| format!("environment variable {key}"))?;
+            sources.push(key);
+        }
+        for set in sets {
+            let (field, value) =
+                set.split_once('=').with_context(|| format!("--set {set:?}: expected FIELD=VALUE"))?;
+            set_field(&mut table, field.trim(), value).with_context(|| format!("--set {set:?}"))?;
+            sources.push(format!("--set {field}"));
+        }
+        let from = if sources.is_empty() { String::new() } else { format!(" ({})", sources.join(", ")) };
+        let text = toml::to_string(&table)?;
         let config: FileConfig =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config{from}: {e}"))?;
         config.validate()?;
         config.routing.settings("us-east")?;
         Ok(config)
@@ -270,11 +323,63 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "[routing.health]\nrise = 0\n").expect("write");
-        let err = FileConfig::load(Some(&path)).expect_err("invalid");
+        let err = FileConfig::load_with(Some(&path), &[], std::iter::empty()).expect_err("invalid");
         assert!(format!("{err:#}").contains("routing.health.rise"), "{err:#}");
         std::fs::write(&path, "[dns]\nnameservers = [\"not an address\"]\n").expect("write");
-        let err = FileConfig::load(Some(&path)).expect_err("invalid");
+        let err = FileConfig::load_with(Some(&path), &[], std::iter::empty()).expect_err("invalid");
         assert!(format!("{err:#}").contains("nameservers"), "{err:#}");
+    }
+
+    #[test]
+    fn env_and_flags_override_the_file_and_name_bad_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("site.toml");
+        std::fs::write(&path, "[limits]\ndeadline_ms = 100\nmemory_mb = 8\n").expect("write");
+        let env = |pairs: &[(&str, &str)]| {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+        };
+        let config = FileConfig::load_with(
+            Some(&path),
+            &[
+                "limits.memory_mb=16".into(),
+                "routing.health.fall=5".into(),
+                "sync.peers=[\"http://a:1\"]".into(),
+            ],
+            env(&[
+                ("ATOLL_LIMITS__DEADLINE_MS", "250"),
+                ("ATOLL_ADMIN_TOKEN", "not config"),
+                ("ATOLL_DNS__INTERVAL_S", "3"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(config.limits.deadline_ms, Some(250), "env over the file");
+        assert_eq!(config.limits.memory_mb, Some(16), "flag over the file");
+        assert_eq!(config.routing.health.fall, Some(5));
+        assert_eq!(config.sync.peers, ["http://a:1"]);
+        assert_eq!(config.dns_interval(), Duration::from_secs(3));
+        // Flags win over the environment.
+        let config = FileConfig::load_with(
+            None,
+            &["limits.deadline_ms=7".into()],
+            env(&[("ATOLL_LIMITS__DEADLINE_MS", "9")]),
+        )
+        .expect("valid");
+        assert_eq!(config.limits.deadline_ms, Some(7));
+
+        let err = |sets: &[&str], vars: &[(&str, &str)]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            format!("{:#}", FileConfig::load_with(None, &sets, env(vars)).expect_err("invalid"))
+        };
+        let e = err(&["limits.deadlin_ms=5"], &[]);
+        assert!(e.contains("deadlin_ms") && e.contains("--set limits.deadlin_ms"), "{e}");
+        let e = err(&[], &[("ATOLL_LIMITS__MEMORY_MB", "lots")]);
+        assert!(e.contains("ATOLL_LIMITS__MEMORY_MB") && e.contains("memory_mb"), "{e}");
+        let e = err(&["runtime.max_instances=0"], &[]);
+        assert!(e.contains("runtime.max_instances"), "{e}");
+        let e = err(&["limits=5", "limits.memory_mb=1"], &[]);
+        assert!(e.contains("limits is not a section"), "{e}");
+        let e = err(&["nonsense"], &[]);
+        assert!(e.contains("FIELD=VALUE"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct DevArgs {
     /// The app name for the --deploy at the same position.
     #[arg(long = "app")]
     apps: Vec<String>,
+    /// Override a config field of every site and the router, e.g. --set sync.anti_entropy_ms=1000.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    sets: Vec<String>,
     /// A site that dies (try `kill -9 PID`) is restarted after this many seconds; 0: never,
     /// and `atoll dev` stops instead.
     #[arg(long, default_value_t = 10)]
@@ -162,13 +165,15 @@ pub fn run(args: DevArgs) -> Result<()> {
             bail!("--deploy {}: no such file", file.display());
         }
     }
-    let config: Vec<String> = match &args.config {
-        Some(path) => {
-            crate::config::FileConfig::load(Some(path))?; // refuse a bad file before starting anything
-            vec!["--config".into(), path.display().to_string()]
-        }
+    // Refuse a bad file or override before starting anything; then every child gets both.
+    crate::config::FileConfig::load_with(args.config.as_deref(), &args.sets, std::env::vars())?;
+    let mut config: Vec<String> = match &args.config {
+        Some(path) => vec!["--config".into(), path.display().to_string()],
         None => vec![],
     };
+    for set in &args.sets {
+        config.extend(["--set".into(), set.clone()]);
+    }
 
     let names = site_names(&args.sites);
     let mut sites: Vec<(String, String, Proc)> = Vec::new();

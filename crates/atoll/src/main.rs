@@ -70,6 +70,10 @@ struct SiteArgs {
     /// The URL peers reach this site at (default: http://<listen address>).
     #[arg(long)]
     advertise: Option<String>,
+    /// Override a config field, e.g. --set limits.deadline_ms=2000 (repeatable; also env
+    /// ATOLL_SECTION__FIELD=VALUE).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    sets: Vec<String>,
     /// Serve the admin API without a token when ATOLL_ADMIN_TOKEN is unset, and use a fixed
     /// development peer secret when ATOLL_PEER_SECRET is unset. Local development only.
     #[arg(long)]
@@ -90,6 +94,10 @@ struct RouterArgs {
     /// This router's name (default: `[router] name`, else "router").
     #[arg(long)]
     name: Option<String>,
+    /// Override a config field, e.g. --set limits.deadline_ms=2000 (repeatable; also env
+    /// ATOLL_SECTION__FIELD=VALUE).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -163,7 +171,7 @@ fn init_tracing(format: &str) {
 }
 
 fn run_router(args: RouterArgs) -> Result<()> {
-    let config = config::FileConfig::load(args.config.as_deref())?;
+    let config = config::FileConfig::load_with(args.config.as_deref(), &args.sets, std::env::vars())?;
     router::run(router::RouterOptions { listen: args.listen, name: args.name, sites: args.sites, config })
 }
 
@@ -175,7 +183,7 @@ fn run_site(args: SiteArgs) -> Result<()> {
              --insecure-dev to run without one on a development machine"
         );
     }
-    let config = config::FileConfig::load(args.config.as_deref())?;
+    let config = config::FileConfig::load_with(args.config.as_deref(), &args.sets, std::env::vars())?;
     let mut peers = args.peers;
     peers.extend(config.sync.peers.iter().cloned());
     let peer_secret = match std::env::var("ATOLL_PEER_SECRET").ok().filter(|s| !s.is_empty()) {
