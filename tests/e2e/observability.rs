@@ -103,3 +103,27 @@ fn json_logs_carry_one_request_id_across_router_site_and_forwarded_site_into_gue
     let line = eventually(WAIT, "b's guest line with the router's id", || guest_line(&id));
     assert_eq!(line["fields"]["request_id"], id.as_str());
 }
+
+#[test]
+fn readiness_waits_for_a_first_sync_with_a_peer_or_the_timeout() {
+    // A peer that never answers: not ready until the timeout.
+    let lonely = Site::start_with(
+        "lonely",
+        &["--peer", "http://127.0.0.1:9", "--set", "sync.ready_timeout_s=2"],
+        None,
+    );
+    let r = lonely.get("/_atoll/health?ready");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(crate::json(&r.body)["ready"], false);
+    assert_eq!(lonely.get("/_atoll/health").status, 200, "alive all the same (liveness)");
+    eventually(WAIT, "ready after the timeout", || {
+        (lonely.get("/_atoll/health?ready").status == 200).then_some(())
+    });
+    // A reachable peer: ready once the first session with it completed.
+    let a = Site::start("a");
+    assert_eq!(a.get("/_atoll/health?ready").status, 200, "no peers: ready at once");
+    let b = Site::start_with("b", &["--peer", &a.url], None);
+    eventually(WAIT, "b ready after syncing with a", || {
+        (b.get("/_atoll/health?ready").status == 200).then_some(())
+    });
+}

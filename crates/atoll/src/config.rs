@@ -82,6 +82,8 @@ pub struct SyncConfig {
     pub horizon_s: Option<u64>,
     /// Tombstone collection interval (default 30).
     pub collect_interval_s: Option<u64>,
+    /// `/_atoll/health?ready` waits at most this long for a first sync with a peer (default 60).
+    pub ready_timeout_s: Option<u64>,
 }
 
 /// `[limits]`: the defaults of every app, which a deploy may override per app.
@@ -261,6 +263,11 @@ impl FileConfig {
     /// The routing settings, `default_region` standing in when `[routing]` names none.
     pub fn routing(&self, default_region: &str) -> Result<atoll_router::Settings> {
         self.routing.settings(default_region)
+    }
+
+    /// How long readiness waits for a first sync.
+    pub fn ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.sync.ready_timeout_s.unwrap_or(60))
     }
 
     /// Bound on draining requests in flight at shutdown.

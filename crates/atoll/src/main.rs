@@ -49,26 +49,26 @@ enum Command {
 #[derive(Debug, Args)]
 struct SiteArgs {
     /// This site's name, unique among the sites (shown in `x-atoll-site`).
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_SITE_NAME")]
     name: String,
     /// The region this site runs in (for example us-east).
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_SITE_REGION")]
     region: String,
     /// Address to listen on; port 0 picks a free port (printed on the first line of stdout).
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "ATOLL_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Directory for this site's data (app registry, compiled components).
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_DATA")]
     data: PathBuf,
     /// TOML configuration file (limits, instance pool, admin settings, replication).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Base URL of a peer site to replicate with; repeat for more. Sites learn the rest of the
     /// membership from their peers. Listing this site's own URL is harmless.
-    #[arg(long = "peer")]
+    #[arg(long = "peer", env = "ATOLL_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
     /// The URL peers reach this site at (default: http://<listen address>).
-    #[arg(long)]
+    #[arg(long, env = "ATOLL_ADVERTISE")]
     advertise: Option<String>,
     /// Override a config field, e.g. --set limits.deadline_ms=2000 (repeatable; also env
     /// ATOLL_SECTION__FIELD=VALUE).

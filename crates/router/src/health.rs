@@ -1,4 +1,5 @@
-//! Active health checks: every `interval`, `GET /_atoll/health` at every known site, each within
+//! Active health checks: every `interval`, `GET /_atoll/health?ready=1` at every known site (a
+//! site that has not finished its first sync with a peer is not ready: 503), each within
 //! `timeout`. A 200 whose JSON names the site (`site`, `region`) passes and teaches the router
 //! the site's identity; anything else fails.
 
@@ -28,7 +29,7 @@ pub(crate) async fn run(router: Arc<Router>) {
 
 async fn check(router: &Router, site: &SiteState) {
     let settings = &router.settings;
-    let request = http::Request::get(site.uri("/_atoll/health"))
+    let request = http::Request::get(site.uri("/_atoll/health?ready=1"))
         .header(crate::HOP_HEADER, &router.name)
         .body(crate::proxy::ProxyBody::empty());
     let Ok(request) = request else { return };

@@ -116,11 +116,32 @@ struct Health<'a> {
     site: &'a str,
     region: &'a str,
     apps: usize,
+    /// Whether it has finished a sync with a peer (or has none, or waited `[sync] ready_timeout_s`).
+    ready: bool,
 }
 
-async fn health(State(site): State<Arc<Site>>) -> Response {
+#[derive(Deserialize)]
+struct HealthQuery {
+    ready: Option<String>,
+}
+
+/// `GET /_atoll/health`: 200 while the site runs (liveness). `?ready`: 503 until the site is
+/// ready to take traffic (readiness): it has completed an anti-entropy session with a peer, so it
+/// is not serving an empty or stale store after joining or a long outage; a site with no peers is
+/// ready at once, and any site after `[sync] ready_timeout_s` (a peer may be down for good).
+async fn health(State(site): State<Arc<Site>>, Query(query): Query<HealthQuery>) -> Response {
     let apps = site.apps.read().unwrap_or_else(|e| e.into_inner()).len();
-    Json(Health { status: "ok", site: &site.name, region: &site.region, apps }).into_response()
+    let ready = site.ready();
+    let health = Health {
+        status: if ready { "ok" } else { "starting" },
+        site: &site.name,
+        region: &site.region,
+        apps,
+        ready,
+    };
+    let status =
+        if query.ready.is_some() && !ready { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, Json(health)).into_response()
 }
 
 /// The live routing table as this site sees it (no token, like health).

@@ -51,6 +51,9 @@ pub(crate) struct Site {
     apps: RwLock<HashMap<String, Deployed>>,
     /// Where requests go: this site, or a nearer live one.
     pub(crate) router: Arc<atoll_router::Router>,
+    /// When the site started, and how long readiness may wait for a first sync.
+    started: std::time::Instant,
+    ready_timeout: Duration,
     /// Replication, when this site has a peer secret.
     pub(crate) sync: std::sync::OnceLock<Arc<atoll_sync::Node<atoll_kv::Store>>>,
     /// Serialises admin changes, so the registry and the app table change in the same order.
@@ -68,6 +71,15 @@ pub(crate) struct Deployed {
 }
 
 impl Site {
+    /// Ready for traffic: no peers, or a sync with one completed, or the wait is over.
+    pub(crate) fn ready(&self) -> bool {
+        let Some(node) = self.sync.get() else { return true };
+        let peers: Vec<_> = node.peers().into_iter().filter(|p| p.active()).collect();
+        peers.is_empty()
+            || peers.iter().any(|p| p.last_sync_ms.is_some())
+            || self.started.elapsed() >= self.ready_timeout
+    }
+
     pub(crate) fn app(&self, name: &str) -> Option<App> {
         self.apps.read().unwrap_or_else(|e| e.into_inner()).get(name).map(|d| d.app.clone())
     }
@@ -124,6 +136,8 @@ pub fn run(options: SiteOptions) -> Result<()> {
         region: options.region,
         router: router.clone(),
         sync: std::sync::OnceLock::new(),
+        started: std::time::Instant::now(),
+        ready_timeout: options.config.ready_timeout(),
         runtime,
         registry,
         kv: kv.clone(),
