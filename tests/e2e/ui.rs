@@ -68,6 +68,9 @@ fn the_status_page_shows_sites_routes_replication_and_apps_and_a_killed_site_tur
     let page = format!("{}/_atoll/ui", router.url);
     let dom = browse(&browser, &page, None);
     assert!(dom.contains(r#"<tr class="live" data-site="eu-west-1">"#), "{dom}");
+    // Replication and apps as the nearest live site reports them.
+    assert!(dom.contains("(as us-east-1 reports it)") && dom.contains("<td>hello</td>"), "{dom}");
+    assert!(dom.contains("<td>eu-west-1</td>"), "a's peer in the replication table: {dom}");
     b.kill();
     let dom = eventually(WAIT, "eu-west-1 dead on the router's page", || {
         let dom = browse(&browser, &page, None);

@@ -317,6 +317,8 @@ mod tests {
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         assert_eq!(example.dns_interval(), defaults.dns_interval());
         assert!(example.router.sites.is_empty() && example.dns.nameservers.is_empty());
+        assert_eq!((example.drain(), example.flush()), (defaults.drain(), defaults.flush()));
+        assert_eq!(example.ready_timeout(), defaults.ready_timeout());
     }
 
     #[test]

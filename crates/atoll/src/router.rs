@@ -97,10 +97,22 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
         .into_response()
 }
 
+/// The router's view (sites, table), plus replication and apps as the nearest live site to the
+/// default region reports them (a router holds neither).
 async fn ui_state(State(router): State<Arc<Router>>) -> Response {
     let name = router.name().to_owned();
     let viewer = crate::ui::Viewer { kind: "router", name: &name, region: None, peers: vec![], apps: vec![] };
-    Json(crate::ui::state(&router, viewer)).into_response()
+    let mut state = crate::ui::state(&router, viewer);
+    let region = router.client_region(&axum::http::HeaderMap::new()).region;
+    match router.fetch_json(&region, "/_atoll/ui/state").await {
+        Ok((site, remote)) => {
+            state["peers"] = remote["peers"].clone();
+            state["apps"] = remote["apps"].clone();
+            state["reported_by"] = site.into();
+        }
+        Err(e) => state["reported_by_error"] = format!("{e:#}").into(),
+    }
+    Json(state).into_response()
 }
 
 async fn status(State(router): State<Arc<Router>>) -> Response {

@@ -274,6 +274,27 @@ impl Router {
         })
     }
 
+    /// `GET path` at the nearest live site for `region`, as JSON, within the health timeout ×4
+    /// (for pages that show what a site knows: replication, apps).
+    pub async fn fetch_json(&self, region: &str, path: &str) -> anyhow::Result<(String, serde_json::Value)> {
+        use http_body_util::BodyExt;
+        let site = self
+            .ranking(region)
+            .into_iter()
+            .find_map(|t| match t {
+                Target::Site(s) if s.is_live() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow::anyhow!("no live site"))?;
+        let request = http::Request::get(site.uri(path)).body(proxy::ProxyBody::empty())?;
+        let body = tokio::time::timeout(self.settings.timeout * 4, async {
+            let response = proxy::client().request(request).await?;
+            anyhow::Ok(response.into_body().collect().await?.to_bytes())
+        })
+        .await??;
+        Ok((site.label(), serde_json::from_slice(&body)?))
+    }
+
     /// Runs the active health checks until the router is dropped.
     pub async fn run_health_checks(self: Arc<Self>) {
         health::run(self).await
