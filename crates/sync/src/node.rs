@@ -222,10 +222,16 @@ impl<S: SyncStore> Node<S> {
     }
 
     /// Every peer, by URL.
+    /// Copies without their push queues (callers poll this often; a queue may hold 100k keys).
     pub fn peers(&self) -> Vec<Peer> {
-        let mut peers: Vec<Peer> = self.state().peers.values().cloned().collect();
-        for p in &mut peers {
-            p.push_pending = p.pending.len();
+        let mut state = self.state();
+        let mut peers = Vec::with_capacity(state.peers.len());
+        for p in state.peers.values_mut() {
+            let pending = std::mem::take(&mut p.pending);
+            let mut copy = p.clone();
+            copy.push_pending = pending.len();
+            p.pending = pending;
+            peers.push(copy);
         }
         peers
     }
