@@ -39,6 +39,15 @@ pub fn install(labels: &[(&str, &str)]) -> anyhow::Result<()> {
         builder = builder.add_global_label(*k, *v);
     }
     let handle = builder.install_recorder()?;
+    // Histogram samples collect in buckets until upkeep folds them in; without it they would
+    // grow with every request between scrapes.
+    let upkeep = handle.clone();
+    std::thread::Builder::new().name("atoll-metrics".into()).spawn(move || {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            upkeep.run_upkeep();
+        }
+    })?;
     let _ = HANDLE.set(handle);
     Ok(())
 }
