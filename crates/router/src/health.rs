@@ -48,10 +48,7 @@ async fn check(router: &Router, site: &SiteState) {
     .await;
     let transition = match result {
         Ok(Ok((name, region))) => {
-            let region = region.map(|r| {
-                let known = settings.regions.resolve(&r);
-                (r, known)
-            });
+            let region = region.map(|r| router.known_region(r));
             site.passed(name, region, settings.rise)
         }
         Ok(Err(reason)) => site.failed(reason, settings.fall),

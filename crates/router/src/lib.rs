@@ -79,6 +79,18 @@ impl SiteSpec {
     }
 }
 
+/// Drops the sites that are no longer listed and are dead.
+fn retain_listed_or_live(sites: &mut Vec<Arc<SiteState>>) {
+    sites.retain(|s| {
+        let h = s.health();
+        let keep = h.listed || h.live;
+        if !keep {
+            tracing::info!(url = %s.url(), "site removed from the routing table (no longer listed, and down)");
+        }
+        keep
+    });
+}
+
 /// Where a request may go, nearest first.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -148,40 +160,27 @@ impl Router {
             if sites.iter().any(|s| s.url() == spec.url.trim_end_matches('/')) {
                 continue;
             }
-            let region = spec.region.clone().map(|r| {
-                let known = self.settings.regions.resolve(&r);
-                (r, known)
-            });
-            match SiteState::new(&spec.url, spec.name.clone(), None) {
+            let region = spec.region.clone().map(|r| self.known_region(r));
+            match SiteState::new(&spec.url, spec.name.clone(), region) {
                 Ok(site) => {
-                    site.set_identity(None, region);
                     tracing::info!(url = %site.url(), "site added to the routing table");
                     sites.push(Arc::new(site));
                 }
                 Err(e) => tracing::warn!("ignoring a site: {e:#}"),
             }
         }
-        sites.retain(|s| {
-            let h = s.health();
-            let keep = h.listed || h.live;
-            if !keep {
-                tracing::info!(url = %s.url(), "site removed from the routing table (no longer listed, and down)");
-            }
-            keep
-        });
+        retain_listed_or_live(&mut sites);
     }
 
     /// Removes unlisted sites that are dead (called after health checks).
     fn prune(&self) {
-        let gone = self.sites().iter().any(|s| {
-            let h = s.health();
-            !h.listed && !h.live
-        });
-        if gone {
-            let specs: Vec<SiteSpec> =
-                self.sites().iter().filter(|s| s.health().listed).map(|s| SiteSpec::url(s.url())).collect();
-            self.set_sites(&specs);
-        }
+        retain_listed_or_live(&mut self.sites.write().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A region as a site names it, with the table's name for it (`None`: unknown).
+    pub(crate) fn known_region(&self, region: String) -> (String, Option<String>) {
+        let known = self.settings.regions.resolve(&region);
+        (region, known)
     }
 
     /// The client's region from the request headers, or the default and why.

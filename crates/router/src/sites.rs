@@ -53,8 +53,13 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl SiteState {
-    /// A site at `url` (scheme and authority, no path), assumed live until a check says otherwise.
-    pub fn new(url: &str, name: Option<String>, region: Option<String>) -> anyhow::Result<SiteState> {
+    /// A site at `url` (scheme and authority, no path), assumed live until a check says otherwise;
+    /// `region` is its region as named and as the region table knows it.
+    pub fn new(
+        url: &str,
+        name: Option<String>,
+        region: Option<(String, Option<String>)>,
+    ) -> anyhow::Result<SiteState> {
         let url = url.trim_end_matches('/').to_owned();
         let uri_base: http::Uri =
             url.parse().map_err(|e| anyhow::anyhow!("site URL {url:?} is not a URL: {e}"))?;
@@ -70,8 +75,8 @@ impl SiteState {
             live: AtomicBool::new(true),
             state: Mutex::new(Health {
                 name,
-                region,
-                known_region: None,
+                known_region: region.as_ref().and_then(|r| r.1.clone()),
+                region: region.map(|r| r.0),
                 live: true,
                 since_ms: now_ms(),
                 consecutive_failures: 0,
@@ -168,17 +173,6 @@ impl SiteState {
 
     pub(crate) fn set_listed(&self, listed: bool) {
         self.health().listed = listed;
-    }
-
-    pub(crate) fn set_identity(&self, name: Option<String>, region: Option<(String, Option<String>)>) {
-        let mut h = self.health();
-        if name.is_some() {
-            h.name = name;
-        }
-        if let Some((region, known)) = region {
-            h.region = Some(region);
-            h.known_region = known;
-        }
     }
 }
 

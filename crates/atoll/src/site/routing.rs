@@ -91,7 +91,7 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Reques
     match tracing::Instrument::instrument(site.router.route(request, client), span).await {
         Outcome::Response(response) => response,
         Outcome::Local(request, route) => {
-            let mut response = serve_here(&site, request).await;
+            let mut response = serve_here(&site, request, &request_id).await;
             route.apply(response.headers_mut());
             response
         }
@@ -99,10 +99,9 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Reques
 }
 
 /// Serves a request with an app deployed here.
-async fn serve_here(site: &Site, mut request: Request) -> Response {
+async fn serve_here(site: &Site, request: Request, request_id: &str) -> Response {
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target(host, request.uri(), |name| site.app(name));
-    let request_id = atoll_router::ensure_request_id(request.headers_mut());
     let mut response = match target {
         Target::App { app, name, path_and_query } => {
             let (mut parts, body) = request.into_parts();
@@ -113,7 +112,7 @@ async fn serve_here(site: &Site, mut request: Request) -> Response {
             }
             let started = std::time::Instant::now();
             let _in_flight = crate::metrics::InFlight::start();
-            let result = app.handle(axum::http::Request::from_parts(parts, body), &request_id).await;
+            let result = app.handle(axum::http::Request::from_parts(parts, body), request_id).await;
             let status = result.as_ref().map_or_else(|e| e.status(), |r| r.status());
             metrics::counter!("atoll_requests_total", "app" => name.clone(), "status" => status.as_str().to_owned())
                 .increment(1);
@@ -150,7 +149,7 @@ async fn serve_here(site: &Site, mut request: Request) -> Response {
     if let Ok(v) = HeaderValue::from_str(&site.name) {
         headers.insert(SITE_HEADER, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID_HEADER, v);
     }
     // The serving site's clock after the request: every write it made is stamped at or before it.
