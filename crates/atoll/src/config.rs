@@ -84,6 +84,13 @@ pub struct SyncConfig {
     pub collect_interval_s: Option<u64>,
     /// `/_atoll/health?ready` waits at most this long for a first sync with a peer (default 60).
     pub ready_timeout_s: Option<u64>,
+    /// Remote stamps further than this ahead of this site's clock are not merged, and a site
+    /// whose clock is off by more than this from most of its peers refuses guest writes
+    /// (default 500, like CockroachDB's `--max-offset`).
+    pub max_clock_offset_ms: Option<u64>,
+    /// A started site refuses guest writes until a peer confirms its identity, for at most this
+    /// long (default 10; a site whose peers are all down then writes anyway).
+    pub confirm_timeout_s: Option<u64>,
 }
 
 /// `[limits]`: the defaults of every app, which a deploy may override per app.
@@ -193,6 +200,7 @@ impl FileConfig {
             ("sync.anti_entropy_ms", self.sync.anti_entropy_ms),
             ("sync.horizon_s", self.sync.horizon_s),
             ("sync.collect_interval_s", self.sync.collect_interval_s),
+            ("sync.max_clock_offset_ms", self.sync.max_clock_offset_ms),
             ("dns.interval_s", self.dns.interval_s),
         ];
         for (field, value) in positive {
@@ -255,7 +263,13 @@ impl FileConfig {
     pub fn node_config(&self) -> atoll_sync::NodeConfig {
         let base = atoll_sync::NodeConfig::default();
         atoll_sync::NodeConfig {
-            horizon_ms: self.sync.horizon_s.map(|s| s * 1000).unwrap_or(base.horizon_ms),
+            horizon_ms: self.sync.horizon_s.map(|s| s.saturating_mul(1000)).unwrap_or(base.horizon_ms),
+            max_clock_offset_ms: self.sync.max_clock_offset_ms.unwrap_or(base.max_clock_offset_ms),
+            confirm_timeout_ms: self
+                .sync
+                .confirm_timeout_s
+                .map(|s| s.saturating_mul(1000))
+                .unwrap_or(base.confirm_timeout_ms),
             ..base
         }
     }

@@ -13,11 +13,14 @@
 pub mod codec;
 pub mod entry;
 pub mod hlc;
+mod identity;
 pub mod store;
+mod tables;
 
 pub use entry::{Contribution, Entry, EntryError, Read, Register, SiteId, Stamp};
 pub use hlc::{Clock, Hlc};
+pub use identity::Identity;
 pub use store::{
     Bounds, Change, DIGEST_RANGES, KeyPage, KvError, Namespace, Origin, Store, StoreConfig, Write, Written,
-    range_of,
 };
+pub use tables::range_of;

@@ -28,21 +28,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use sha2::{Digest, Sha256};
+use std::sync::{Mutex, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::codec;
 use crate::entry::{Entry, EntryError, SiteId, Stamp};
 use crate::hlc::{Clock, Hlc};
+use crate::identity::Identity;
+use crate::tables::{
+    DIGESTS, ENTRIES, INDEX, META, TOMBSTONES, Tables, decode_hlc, decode_u128, encode_hlc, entry_hash,
+    index_key,
+};
 
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
-const DIGESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("digests");
-const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
-const TOMBSTONES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tombstones");
-
-/// The store format this build reads and writes.
-pub const STORE_FORMAT: u64 = 2;
+/// The store format this build reads and writes (format 2, before incarnations, is upgraded in
+/// place when opened).
+pub const STORE_FORMAT: u64 = 3;
 /// How many ranges the key-hash space is cut into for digests.
 pub const DIGEST_RANGES: u32 = 4096;
 
@@ -68,7 +69,8 @@ impl Default for Bounds {
 /// How a store is opened.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// This site's id: in the stamps of its writes and in its counter contributions.
+    /// This site's name. The stamps of its writes and its counter contributions carry its
+    /// *writer id*, the name plus the data dir's incarnation ([`Identity::writer`]).
     pub site: SiteId,
     /// Limits on keys, values, buckets and pages.
     pub bounds: Bounds,
@@ -123,9 +125,13 @@ pub enum KvError {
     /// The store is shut down.
     #[error("the store is closed")]
     Closed,
+    /// Guests may not use the store now (the site is resyncing, or its clock is off); the text
+    /// names the cause.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
-fn storage(e: impl std::fmt::Display) -> KvError {
+pub(crate) fn storage(e: impl std::fmt::Display) -> KvError {
     KvError::Storage(e.to_string())
 }
 
@@ -267,6 +273,17 @@ struct Inner {
     clock: Arc<Clock>,
     config: StoreConfig,
     feed: tokio::sync::broadcast::Sender<Arc<Vec<Change>>>,
+    /// Who this store is (a cache of the meta table; changed only with it).
+    identity: RwLock<Identity>,
+    /// The writer id stamped on local writes, read by the writer thread at each batch.
+    writer_id: Arc<RwLock<String>>,
+    /// The clock's high-water mark as of the last durable commit.
+    durable: Arc<Mutex<Hlc>>,
+    /// Why guests may not use the store now, if they may not.
+    gate: RwLock<Option<String>>,
+    /// Merged tombstones stamped before this, for keys this store does not hold, are not stored
+    /// ([`Store::set_tombstone_floor`]).
+    floor: Arc<Mutex<Hlc>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -303,23 +320,23 @@ impl Store {
 
     fn start(db: Database, config: StoreConfig, clock: Clock) -> Result<Store, KvError> {
         let txn = db.begin_write().map_err(storage)?;
+        let identity;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let format = meta.get("format").map_err(storage)?.map(|v| v.value().to_vec());
-            match format {
-                None => {
-                    meta.insert("format", STORE_FORMAT.to_le_bytes().as_slice()).map_err(storage)?;
-                }
-                Some(bytes) => {
-                    let found = bytes.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
-                    if found != STORE_FORMAT {
-                        return Err(KvError::UnknownFormat { found });
-                    }
+            let fresh = format.is_none();
+            if let Some(bytes) = format {
+                let found = bytes.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
+                // Format 2 differs only by having no identity: it gets one below.
+                if found != STORE_FORMAT && found != 2 {
+                    return Err(KvError::UnknownFormat { found });
                 }
             }
+            meta.insert("format", STORE_FORMAT.to_le_bytes().as_slice()).map_err(storage)?;
             if let Some(hlc) = meta.get("hlc").map_err(storage)? {
                 clock.observe(decode_hlc(hlc.value())?);
             }
+            identity = Identity::open(&mut meta, &config.site, fresh, &clock)?;
             txn.open_table(ENTRIES).map_err(storage)?;
             txn.open_table(DIGESTS).map_err(storage)?;
             txn.open_table(INDEX).map_err(storage)?;
@@ -331,12 +348,16 @@ impl Store {
         let (feed, _) = tokio::sync::broadcast::channel(config.change_feed.max(1));
         let clock = Arc::new(clock);
         let (jobs, queue) = std::sync::mpsc::sync_channel(config.queue.max(1));
+        let writer_id = Arc::new(RwLock::new(identity.writer()));
+        let durable = Arc::new(Mutex::new(identity.opened_at));
+        let floor = Arc::new(Mutex::new(Hlc::ZERO));
         let writer = {
-            let (db, clock, site, max_batch, feed) =
-                (db.clone(), clock.clone(), config.site.clone(), config.max_batch.max(1), feed.clone());
+            let shared = Shared { site: writer_id.clone(), durable: durable.clone(), floor: floor.clone() };
+            let (db, clock, max_batch, feed) =
+                (db.clone(), clock.clone(), config.max_batch.max(1), feed.clone());
             std::thread::Builder::new()
                 .name("atoll-kv-writer".into())
-                .spawn(move || write_loop(&db, &clock, &site, max_batch, &queue, &feed))
+                .spawn(move || write_loop(&db, &clock, &shared, max_batch, &queue, &feed))
                 .map_err(storage)?
         };
         Ok(Store {
@@ -347,13 +368,70 @@ impl Store {
                 clock,
                 config,
                 feed,
+                identity: RwLock::new(identity),
+                writer_id,
+                durable,
+                gate: RwLock::new(None),
+                floor,
             }),
         })
     }
 
-    /// This store's site id.
+    /// This store's site name.
     pub fn site(&self) -> &str {
         &self.inner.config.site
+    }
+
+    /// Who this store is: name, incarnation, boot count, and how far its data reaches back.
+    pub fn identity(&self) -> Identity {
+        self.inner.identity.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The clock's high-water mark as of the last durable commit: every stamp this store ever
+    /// sent anywhere is at most this (changes are published after their commit).
+    pub fn durable_hlc(&self) -> Hlc {
+        *self.inner.durable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a new random incarnation, durably, and stamps every later write with it: what a site
+    /// does when it learns that its data dir is an older copy of itself (a restore), so that it
+    /// never reuses a stamp or a counter contribution it made before. Returns the new identity.
+    pub fn reincarnate(&self) -> Result<Identity, KvError> {
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        let next = {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut next = self.identity();
+            next.previous = next.incarnation;
+            next.incarnation = Identity::random_incarnation(next.incarnation);
+            next.save(&mut meta)?;
+            next
+        };
+        txn.commit().map_err(storage)?;
+        *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = next.writer();
+        *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        Ok(next)
+    }
+
+    /// Tombstones merged from other sites for keys this store does not hold are not stored when
+    /// stamped before `floor`: replication sets it below its collection watermark, where every
+    /// site is known to have held such a tombstone, so storing it again would only make sites
+    /// that collect at different moments echo it back and forth (see atoll-sync's ALGORITHM.md).
+    pub fn set_tombstone_floor(&self, floor: Hlc) {
+        *self.inner.floor.lock().unwrap_or_else(|e| e.into_inner()) = floor;
+    }
+
+    /// Closes the store to guests (`Some(reason)`) or opens it again (`None`). Replication and
+    /// the host's own records are not affected; a guest sees [`KvError::Unavailable`].
+    pub fn set_gate(&self, reason: Option<String>) {
+        *self.inner.gate.write().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// `Err(Unavailable(reason))` while guests may not use the store.
+    pub fn gate(&self) -> Result<(), KvError> {
+        match &*self.inner.gate.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(reason) => Err(KvError::Unavailable(reason.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Subscribes to the change feed: every committed change, one batch per commit, published
@@ -517,10 +595,19 @@ impl Store {
     /// the HLC reading `before`, and returns how many went. This is the separate, explicit
     /// collection step: the store never drops a tombstone by itself, and replication decides when
     /// `before` is safe (every known site completed a session with this site that started after
-    /// the tombstone arrived here). Runs as its own transaction; digests follow.
+    /// the tombstone arrived here). Runs as its own transaction; digests follow, and so does the
+    /// collection watermark ([`Store::collected`]): it can never be behind what was removed.
     pub fn collect_tombstones(&self, before: Hlc) -> Result<usize, KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let collected = match meta.get(COLLECTED).map_err(storage)? {
+                Some(v) => decode_hlc(v.value())?,
+                None => Hlc::ZERO,
+            };
+            meta.insert(COLLECTED, encode_hlc(collected.max(before)).as_slice()).map_err(storage)?;
+        }
         {
             let mut tables = Tables::open(&txn)?;
             let mut found = Vec::new();
@@ -546,17 +633,37 @@ impl Store {
         Ok(removed)
     }
 
-    /// Removes every entry whose last change (its own stamp) is older than `before`, tombstone or not: what a
-    /// site cut off past the replication horizon does before it resyncs from its peers (it may
-    /// hold values deleted elsewhere whose tombstones are gone). Returns how many went.
-    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
-        self.remove_where(|e| e.changed.hlc < before)
+    /// The tombstone collection watermark: tombstones that arrived before it are gone.
+    pub fn collected(&self) -> Result<Hlc, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(META).map_err(storage)?;
+        match table.get(COLLECTED).map_err(storage)? {
+            Some(v) => decode_hlc(v.value()),
+            None => Ok(Hlc::ZERO),
+        }
     }
 
-    fn remove_where(&self, doomed: impl Fn(&Entry) -> bool) -> Result<usize, KvError> {
+    /// Starts a resync from the collection watermark `before` of a peer that cut this site off:
+    /// removes every entry whose register was written before `before` (its increments with it),
+    /// tombstone or not, since it may be a value deleted elsewhere whose tombstone is gone; and,
+    /// in the same transaction, records that the data now reaches back only to `before`
+    /// ([`Identity::since`]) and that a resync is under way ([`Store::resyncing`]). Returns how
+    /// many entries went.
+    ///
+    /// By the register's stamp, not the entry's last change: an increment made recently on top
+    /// of a register deleted (and collected) elsewhere would otherwise bring the deleted value back.
+    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
         // A full scan: only for resync after being cut off.
+        let doomed = |e: &Entry| e.stamp.hlc < before;
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
+        let mut identity = self.identity();
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            identity.since = identity.since.max(before);
+            identity.save(&mut meta)?;
+            meta.insert(RESYNCING, [1u8].as_slice()).map_err(storage)?;
+        }
         {
             let mut tables = Tables::open(&txn)?;
             let mut found = Vec::new();
@@ -573,7 +680,40 @@ impl Store {
             }
         }
         txn.commit().map_err(storage)?;
+        *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         Ok(removed)
+    }
+
+    /// Whether a resync started by [`Store::discard_before`] has not been finished.
+    pub fn resyncing(&self) -> Result<bool, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(META).map_err(storage)?;
+        Ok(table.get(RESYNCING).map_err(storage)?.is_some())
+    }
+
+    /// Records that the resync is finished (a full anti-entropy session with a peer that accepts
+    /// this site completed after it started).
+    pub fn finish_resync(&self) -> Result<(), KvError> {
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        txn.open_table(META).map_err(storage)?.remove(RESYNCING).map_err(storage)?;
+        txn.commit().map_err(storage)
+    }
+
+    /// Every [`Store::meta`] value whose name starts with `prefix`, by name (without `sync/`).
+    pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(META).map_err(storage)?;
+        let start = format!("sync/{prefix}");
+        let mut out = Vec::new();
+        for item in table.range(start.as_str()..).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let Some(name) = k.value().strip_prefix("sync/") else { break };
+            if !name.starts_with(prefix) {
+                break;
+            }
+            out.push((name.to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// A value replication keeps about itself in the store's meta table (under `sync/`).
@@ -606,108 +746,27 @@ impl Store {
     }
 }
 
-/// The writable tables of one transaction, changed together by [`Tables::replace`].
-struct Tables<'t> {
-    entries: redb::Table<'t, &'static [u8], &'static [u8]>,
-    digests: redb::Table<'t, u32, &'static [u8]>,
-    index: redb::Table<'t, &'static [u8], &'static [u8]>,
-    tombstones: redb::Table<'t, &'static [u8], &'static [u8]>,
-}
-
-impl<'t> Tables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Result<Tables<'t>, KvError> {
-        Ok(Tables {
-            entries: txn.open_table(ENTRIES).map_err(storage)?,
-            digests: txn.open_table(DIGESTS).map_err(storage)?,
-            index: txn.open_table(INDEX).map_err(storage)?,
-            tombstones: txn.open_table(TOMBSTONES).map_err(storage)?,
-        })
-    }
-
-    /// Replaces the encoded entry `old` at `composite` by `new` (`None`: absent), keeping the
-    /// range digest and the index true in the same transaction.
-    fn replace(&mut self, composite: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) -> Result<(), KvError> {
-        let range = range_of(composite);
-        let mut sum = match self.digests.get(range).map_err(storage)? {
-            Some(v) => decode_u128(v.value())?,
-            None => 0,
-        };
-        if let Some(old) = old {
-            sum = sum.wrapping_sub(entry_hash(composite, old));
-        }
-        // The index row changes only when the key appears or goes: an overwrite (the common
-        // write) touches the entry and the range's digest row, nothing else.
-        match new {
-            Some(new) => {
-                sum = sum.wrapping_add(entry_hash(composite, new));
-                self.entries.insert(composite, new).map_err(storage)?;
-                if old.is_none() {
-                    self.index
-                        .insert(index_key(range, composite).as_slice(), [].as_slice())
-                        .map_err(storage)?;
-                }
-            }
-            None => {
-                self.entries.remove(composite).map_err(storage)?;
-                self.index.remove(index_key(range, composite).as_slice()).map_err(storage)?;
-            }
-        }
-        self.digests.insert(range, sum.to_le_bytes().as_slice()).map_err(storage)?;
-        Ok(())
-    }
-}
-
-fn index_key(range: u32, composite: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + composite.len());
-    k.extend_from_slice(&(range as u16).to_be_bytes());
-    k.extend_from_slice(composite);
-    k
-}
-
-/// The range of the key-hash space a composite key falls in (`0..DIGEST_RANGES`).
-pub fn range_of(composite: &[u8]) -> u32 {
-    let h = Sha256::digest(composite);
-    (u32::from(h[0]) << 4 | u32::from(h[1]) >> 4) % DIGEST_RANGES
-}
-
-/// What an entry adds to its range's digest.
-fn entry_hash(composite: &[u8], encoded: &[u8]) -> u128 {
-    let mut h = Sha256::new();
-    h.update((composite.len() as u32).to_le_bytes());
-    h.update(composite);
-    h.update(encoded);
-    let d = h.finalize();
-    let mut first = [0u8; 16];
-    first.copy_from_slice(&d[..16]);
-    u128::from_le_bytes(first)
-}
-
-fn decode_u128(bytes: &[u8]) -> Result<u128, KvError> {
-    bytes.try_into().map(u128::from_le_bytes).map_err(|_| KvError::Storage("corrupt digest".into()))
-}
-
-fn encode_hlc(hlc: Hlc) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    b[..8].copy_from_slice(&hlc.physical_ms.to_le_bytes());
-    b[8..].copy_from_slice(&hlc.logical.to_le_bytes());
-    b
-}
-
-fn decode_hlc(bytes: &[u8]) -> Result<Hlc, KvError> {
-    let bad = || KvError::Storage("corrupt clock high-water mark".into());
-    let physical: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
-    let logical: [u8; 4] = bytes.get(8..12).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
-    Ok(Hlc { physical_ms: u64::from_le_bytes(physical), logical: u32::from_le_bytes(logical) })
-}
+const COLLECTED: &str = "collected";
+const RESYNCING: &str = "resyncing";
 
 /// Each job's results, in order.
 type BatchResults = Vec<Vec<Result<Written, KvError>>>;
 
 /// The writer thread: group commit.
+/// What the writer thread shares with the store.
+struct Shared {
+    /// The writer id to stamp local writes with.
+    site: Arc<RwLock<String>>,
+    /// The clock as of the last durable commit.
+    durable: Arc<Mutex<Hlc>>,
+    /// See [`Store::set_tombstone_floor`].
+    floor: Arc<Mutex<Hlc>>,
+}
+
 fn write_loop(
     db: &Database,
     clock: &Clock,
-    site: &str,
+    shared: &Shared,
     max_batch: usize,
     queue: &std::sync::mpsc::Receiver<Job>,
     feed: &tokio::sync::broadcast::Sender<Arc<Vec<Change>>>,
@@ -724,8 +783,11 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        match commit_batch(db, clock, site, &batch) {
-            Ok((results, changes)) => {
+        let writer_id = shared.site.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let floor = *shared.floor.lock().unwrap_or_else(|e| e.into_inner());
+        match commit_batch(db, clock, &writer_id, floor, &batch) {
+            Ok((results, changes, persisted)) => {
+                *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
                 if !changes.is_empty() {
                     // No receiver is fine; a lagging one is told by the channel.
                     let _ = feed.send(Arc::new(changes));
@@ -749,9 +811,11 @@ fn commit_batch(
     db: &Database,
     clock: &Clock,
     site: &str,
+    floor: Hlc,
     batch: &[Job],
-) -> Result<(BatchResults, Vec<Change>), KvError> {
+) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
     let txn = db.begin_write().map_err(storage)?;
+    let persisted;
     let mut results = Vec::with_capacity(batch.len());
     let mut changes = Vec::new();
     {
@@ -772,6 +836,12 @@ fn commit_batch(
                 let change = match write {
                     Op::Local(write) => {
                         apply(&current, write, Stamp { hlc: clock.now(), site: site.to_owned() })
+                    }
+                    // A tombstone every site held, for a key collected here: nothing to store.
+                    Op::Merge(remote)
+                        if old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>
+                    {
+                        Ok(None)
                     }
                     Op::Merge(remote) => {
                         clock.observe(remote.changed.hlc);
@@ -807,10 +877,11 @@ fn commit_batch(
             results.push(job_results);
         }
         let mut meta = txn.open_table(META).map_err(storage)?;
-        meta.insert("hlc", encode_hlc(clock.last()).as_slice()).map_err(storage)?;
+        persisted = clock.last();
+        meta.insert("hlc", encode_hlc(persisted).as_slice()).map_err(storage)?;
     }
     txn.commit().map_err(storage)?;
-    Ok((results, changes))
+    Ok((results, changes, persisted))
 }
 
 /// The entry after `write`; `None` when a compare-and-swap does not match.

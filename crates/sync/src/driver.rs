@@ -69,6 +69,16 @@ pub async fn run<S, T>(
         });
     }
     {
+        // Whether guests may use the store follows resyncs, confirmations and clock offsets.
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                node.update_gate(wall_ms());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    {
         let (node, every) = (node.clone(), timing.collect);
         tokio::spawn(async move {
             loop {
@@ -136,7 +146,10 @@ async fn peer_loop<S: SyncStore, T: Transport>(
             }
         }
         let now = tokio::time::Instant::now();
-        if !failed && (now >= next_anti_entropy || node.needs_anti_entropy(&url)) {
+        // A failed push marks the peer for anti-entropy, which runs at once: the push path
+        // failing never delays the repair.
+        if now >= next_anti_entropy || node.needs_anti_entropy(&url) {
+            failed = false;
             let started = std::time::Instant::now();
             let result = async {
                 node.say_hello(&*transport, &url, wall_ms()).await?;

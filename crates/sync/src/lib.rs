@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod driver;
 pub mod http;
+pub mod membership;
 pub mod message;
 pub mod node;
 pub mod reconcile;

@@ -10,7 +10,7 @@ use atoll_kv::{Entry, Hlc};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The largest message accepted, in bytes.
 pub const MAX_MESSAGE: usize = 32 << 20;
 /// Most entries in one message.
@@ -31,7 +31,9 @@ pub struct PeerInfo {
     pub url: String,
 }
 
-/// A site introducing itself; sent by the caller and answered in kind.
+/// A site introducing itself; sent by the caller and answered in kind (or refused: see
+/// [`Reply`]). Besides names and addresses it carries what peers need to tell a restart from a
+/// restore and to bound clocks (see ALGORITHM.md, "Identity" and "Clocks").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// The sender.
@@ -40,8 +42,32 @@ pub struct Hello {
     pub peers: Vec<PeerInfo>,
     /// The sender's clock.
     pub hlc: (u64, u32),
-    /// The collection watermark the sender resynced from after being cut off, if ever.
-    pub resynced_from: Option<(u64, u32)>,
+    /// The sender's wall clock (unix ms) when it sent this: peers measure their offset to it.
+    pub wall_ms: u64,
+    /// The sender's data dir incarnation.
+    pub incarnation: u64,
+    /// The incarnation it replaced after learning it ran on an older copy of its data dir (0: none).
+    pub previous_incarnation: u64,
+    /// How many times the sender's store was opened.
+    pub boot: u64,
+    /// The sender's durable clock when this boot opened its store.
+    pub opened_at: (u64, u32),
+    /// The sender's durable clock now: at least every stamp it has sent.
+    pub durable: (u64, u32),
+    /// How far back the sender's data reaches (its creation, or the watermark it resynced from).
+    pub since: (u64, u32),
+}
+
+/// Who sent a push or a reconcile round: a site name and its incarnation, with its durable clock
+/// (what peers remember to recognise an older copy of it later).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    /// The site's name.
+    pub site: String,
+    /// Its data dir incarnation.
+    pub incarnation: u64,
+    /// Its durable clock when it sent this.
+    pub durable: (u64, u32),
 }
 
 /// One key's entry on the wire: the composite key and the entry in atoll-kv's codec.
@@ -150,10 +176,10 @@ impl Round {
 pub enum Request {
     /// Introduce yourself.
     Hello(Hello),
-    /// Fresh writes from the sender (its site name, the entries).
-    Push(String, Vec<WireEntry>),
-    /// One round of an anti-entropy session the sender (its site name) leads.
-    Reconcile(String, Round),
+    /// Fresh writes from the sender.
+    Push(Sender, Vec<WireEntry>),
+    /// One round of an anti-entropy session the sender leads.
+    Reconcile(Sender, Round),
 }
 
 /// The answer to a [`Request`].
@@ -168,6 +194,14 @@ pub enum Reply {
     /// The receiver will not take entries from the sender until it resyncs from this collection
     /// watermark (it was cut off past the horizon; see ALGORITHM.md, "Tombstones").
     ResyncRequired((u64, u32)),
+    /// The receiver does not know the sender (or this incarnation of it): say hello first.
+    Introduce,
+    /// The receiver has seen a newer state of the sender's incarnation than the sender holds: the
+    /// sender runs on an older copy of its data dir and must take a new incarnation.
+    Reincarnate,
+    /// The receiver refuses the sender, for the reason given (two live sites with one name, a
+    /// retired incarnation, a clock past the bound).
+    Refused(String),
 }
 
 /// Why a message was refused.
@@ -223,8 +257,10 @@ impl Validate for Request {
     fn validate(&self) -> Result<(), String> {
         match self {
             Request::Hello(h) => validate_hello(h),
-            Request::Push(from, entries) => validate_site(from).and_then(|()| validate_entries(entries)),
-            Request::Reconcile(from, round) => validate_site(from).and_then(|()| validate_round(round)),
+            Request::Push(from, entries) => {
+                validate_site(&from.site).and_then(|()| validate_entries(entries))
+            }
+            Request::Reconcile(from, round) => validate_site(&from.site).and_then(|()| validate_round(round)),
         }
     }
 }
@@ -234,7 +270,12 @@ impl Validate for Reply {
         match self {
             Reply::Hello(h) => validate_hello(h),
             Reply::Reconcile(round) => validate_round(round),
-            Reply::Pushed(_) | Reply::ResyncRequired(_) => Ok(()),
+            Reply::Refused(reason) if reason.len() > 4096 => Err("a refusal's reason is too long".into()),
+            Reply::Pushed(_)
+            | Reply::ResyncRequired(_)
+            | Reply::Introduce
+            | Reply::Reincarnate
+            | Reply::Refused(_) => Ok(()),
         }
     }
 }
@@ -334,7 +375,7 @@ mod tests {
         );
         let key = atoll_kv::Namespace::new("app", "b", &atoll_kv::Bounds::default()).expect("ns").key(b"k");
         Request::Reconcile(
-            "a".into(),
+            Sender { site: "a".into(), incarnation: 1, durable: (5, 1) },
             Round {
                 salt: 7,
                 nodes: vec![NodeDigests::new(1, 3, &[9; FANOUT])],
@@ -352,8 +393,8 @@ mod tests {
         assert_eq!(decode::<Request>(&bytes), Ok(sample()));
         assert_eq!(decode::<Request>(&[]), Err(MessageError::Empty));
         let mut future = bytes.clone();
-        future[0] = 2;
-        assert_eq!(decode::<Request>(&future), Err(MessageError::UnknownVersion(2)));
+        future[0] = 1;
+        assert_eq!(decode::<Request>(&future), Err(MessageError::UnknownVersion(1)));
         assert_eq!(
             decode::<Request>(&vec![1; MAX_MESSAGE + 1]),
             Err(MessageError::TooLarge(MAX_MESSAGE + 1))

@@ -1,10 +1,13 @@
 //! One site's replication state and the steps that change it, independent of sockets and timers.
 //!
-//! A [`Node`] knows its peers (membership), queues fresh local writes per peer (the push path),
-//! answers other sites' requests ([`Node::handle`]), runs its side of pushes, hellos and
-//! anti-entropy sessions over any [`Transport`], and collects tombstones when every known site has
-//! acknowledged them ([`Node::collect`]). The site's driver (`crate::driver`) calls these on
-//! timers over HTTP; the simulation tests call them over a lossy in-memory network.
+//! A [`Node`] knows its peers (by URL, for talking to them) and the sites behind them (by name,
+//! durably: [`crate::membership`]), queues fresh local writes per peer (the push path), answers
+//! other sites' requests ([`Node::handle`]), runs its side of pushes, hellos and anti-entropy
+//! sessions over any [`Transport`], and collects tombstones when every known site has
+//! acknowledged them ([`Node::collect`]). It also decides when guests may not use the store
+//! ([`Node::guest_gate`]: resyncing, identity unconfirmed, clock off, refused by peers). The
+//! site's driver (`crate::driver`) calls these on timers over HTTP; the simulation tests call them
+//! over a lossy in-memory network.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -13,7 +16,8 @@ use std::sync::Mutex;
 use anyhow::{Result, bail};
 use atoll_kv::{Change, Hlc, Origin};
 
-use crate::message::{Hello, PeerInfo, Reply, Request, WireEntry, hlc_from_wire, hlc_wire};
+use crate::membership::{self, Member, Record, Rules, Verdict};
+use crate::message::{Hello, PeerInfo, Reply, Request, Sender, WireEntry, hlc_from_wire, hlc_wire};
 use crate::reconcile::{self, Budget};
 use crate::store::SyncStore;
 
@@ -34,6 +38,17 @@ pub struct NodeConfig {
     pub budget: Budget,
     /// Most rounds in one session.
     pub max_rounds: usize,
+    /// Most bytes of entries in one push (the rest waits for the next push).
+    pub push_bytes: usize,
+    /// Remote stamps further than this ahead of this site's wall clock are not merged; a site
+    /// whose clock is off by more than this from most of its peers refuses guest writes.
+    pub max_clock_offset_ms: u64,
+    /// A new incarnation of a site heard from less than this long ago is refused as a second
+    /// live site with the same name.
+    pub replace_after_ms: u64,
+    /// How long a started site waits for a peer to confirm its identity before it lets guests
+    /// write anyway (a site alone).
+    pub confirm_timeout_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -45,6 +60,10 @@ impl Default for NodeConfig {
             push_batch: 2000,
             budget: Budget::default(),
             max_rounds: 10_000,
+            push_bytes: 8 << 20,
+            max_clock_offset_ms: 500,
+            replace_after_ms: 30_000,
+            confirm_timeout_ms: 10_000,
         }
     }
 }
@@ -70,19 +89,28 @@ pub struct Exchange {
     pub received_payload: usize,
 }
 
-/// What this site knows about one peer.
+/// What this site knows about one peer URL (statistics, push queue); the site behind it, once it
+/// said hello, is a [`Member`] (by name, durable).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Peer {
     /// Where it is reached.
     pub url: String,
-    /// Its name and region, once it said hello.
+    /// Its name, once it said hello.
     pub site: Option<String>,
     /// Its region.
     pub region: Option<String>,
+    /// Its data dir incarnation (16 hex digits), once it said hello.
+    pub incarnation: Option<String>,
     /// The URL is this site itself (a shared peer list).
     pub is_self: bool,
     /// Cut off past the horizon: its entries are refused until it resyncs.
     pub cut_off: bool,
+    /// Told it runs on an older copy of its data dir: refused until it takes a new incarnation.
+    pub must_reincarnate: bool,
+    /// Its wall clock minus this site's (ms), as last measured.
+    pub clock_offset_ms: Option<i64>,
+    /// Why this site refused its messages last (a clock past the bound, a duplicate name).
+    pub flag: Option<String>,
     /// When this site first heard of it (unix ms).
     pub first_seen_ms: u64,
     /// The last successful exchange either way (unix ms).
@@ -110,18 +138,11 @@ pub struct Peer {
     pub push_pending: usize,
     /// The push path lost track (queue overflow or failed push): anti-entropy must catch up.
     pub needs_anti_entropy: bool,
+    /// A hello with it succeeded since this process started (pushes and sessions wait for one).
+    #[serde(skip)]
+    introduced: bool,
     #[serde(skip)]
     pending: BTreeSet<Vec<u8>>,
-    /// Completed sessions not yet old enough to count: (HLC at the start, unix ms at the end).
-    #[serde(skip)]
-    acks: std::collections::VecDeque<(Hlc, u64)>,
-    /// The start of the second-to-last matured session: what collection counts on (see
-    /// ALGORITHM.md: a fingerprint collision in one session is caught by the next).
-    #[serde(skip)]
-    matured_ack: Option<Hlc>,
-    /// The start of the last matured session.
-    #[serde(skip)]
-    last_matured: Option<Hlc>,
 }
 
 impl Peer {
@@ -130,8 +151,12 @@ impl Peer {
             url,
             site: None,
             region: None,
+            incarnation: None,
             is_self: false,
             cut_off: false,
+            must_reincarnate: false,
+            clock_offset_ms: None,
+            flag: None,
             first_seen_ms: now_ms,
             last_contact_ms: None,
             last_sync_ms: None,
@@ -145,23 +170,40 @@ impl Peer {
             lag_ms: None,
             push_pending: 0,
             needs_anti_entropy: true,
+            introduced: false,
             pending: BTreeSet::new(),
-            acks: std::collections::VecDeque::new(),
-            matured_ack: None,
-            last_matured: None,
         }
     }
 
-    /// Whether this site talks to it at all.
+    /// Whether this site talks to it at all (as of the copy [`Node::peers`] made).
     pub fn active(&self) -> bool {
-        !self.is_self && !self.cut_off
+        !self.is_self && !self.cut_off && !self.must_reincarnate
     }
 }
 
 struct State {
     peers: BTreeMap<String, Peer>,
-    /// Tombstones older than this are collected here.
+    /// Every site this site was introduced to, by name (durable records, loaded at start).
+    members: BTreeMap<String, Member>,
+    /// Tombstones that arrived before this are collected here (durable, in the store).
     collected: Hlc,
+    /// Counts resyncs started; a session that began before the last one does not finish it.
+    resync_epoch: u64,
+    /// The sites that accepted this site's hello since it started (or since it reincarnated):
+    /// its identity is confirmed when every admitted member has.
+    confirmed: BTreeSet<String>,
+    /// A peer refused this site (duplicate name, retired incarnation): its URL and reason.
+    refused: Option<(String, String)>,
+    /// What guests are told while they may not use the store.
+    gate: Option<String>,
+    /// The gate is closed for a reason that makes the site unready (not only starting up).
+    gate_unready: bool,
+}
+
+impl State {
+    fn active(&self, peer: &Peer) -> bool {
+        !peer.is_self && peer.site.as_ref().and_then(|s| self.members.get(s)).is_none_or(Member::admitted)
+    }
 }
 
 /// One site's replication.
@@ -170,6 +212,7 @@ pub struct Node<S> {
     me: PeerInfo,
     config: NodeConfig,
     state: Mutex<State>,
+    started_ms: u64,
 }
 
 impl<S> std::fmt::Debug for Node<S> {
@@ -179,18 +222,66 @@ impl<S> std::fmt::Debug for Node<S> {
 }
 
 impl<S: SyncStore> Node<S> {
-    /// A node for site `me` over `store`, with the peers at `seeds` (URLs).
+    /// A node for site `me` over `store`, with the peers at `seeds` (URLs). What this site knew
+    /// of other sites before (members, cut-offs, acknowledgements, the collection watermark) is
+    /// read back from the store.
     pub fn new(store: S, me: PeerInfo, config: NodeConfig, seeds: &[String], now_ms: u64) -> Node<S> {
+        let mut members = BTreeMap::new();
+        match store.records("member/") {
+            Ok(records) => {
+                for (name, bytes) in records {
+                    match Record::decode(&bytes) {
+                        Ok(r) => {
+                            members.insert(r.site.clone(), Member::from_record(r));
+                        }
+                        Err(e) => tracing::error!(record = %name, "cannot read a member record: {e:#}"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!("cannot read the member records: {e:#}"),
+        }
+        let collected = store.collected().unwrap_or_else(|e| {
+            tracing::error!("cannot read the collection watermark: {e:#}");
+            Hlc::ZERO
+        });
+        let mut peers = BTreeMap::new();
+        // Known sites are peers from the start, at the URL they advertised last.
+        for m in members.values() {
+            let mut p = Peer::new(m.record.url.clone(), now_ms);
+            p.site = Some(m.record.site.clone());
+            p.region = Some(m.record.region.clone());
+            peers.insert(m.record.url.clone(), p);
+        }
         let node = Node {
             store,
             me,
             config,
-            state: Mutex::new(State { peers: BTreeMap::new(), collected: Hlc::ZERO }),
+            state: Mutex::new(State {
+                peers,
+                members,
+                collected,
+                resync_epoch: 0,
+                confirmed: BTreeSet::new(),
+                refused: None,
+                gate: None,
+                gate_unready: false,
+            }),
+            started_ms: now_ms,
         };
         for url in seeds {
             node.add_peer(url, now_ms);
         }
+        node.store.set_tombstone_floor(node.tombstone_floor(collected));
+        node.update_gate(now_ms);
         node
+    }
+
+    /// Below the collection watermark by three clock bounds: a tombstone stamped before this,
+    /// for a key this site does not hold, was held by every site when this site collected, and
+    /// no write made since can be stamped before it (ALGORITHM.md, "Tombstones go away").
+    fn tombstone_floor(&self, collected: Hlc) -> Hlc {
+        let margin = self.config.max_clock_offset_ms.saturating_mul(3);
+        Hlc { physical_ms: collected.physical_ms.saturating_sub(margin), logical: 0 }
     }
 
     /// The store.
@@ -221,16 +312,24 @@ impl<S: SyncStore> Node<S> {
         self.state().peers.entry(url.clone()).or_insert_with(|| Peer::new(url, now_ms));
     }
 
-    /// Every peer, by URL.
+    /// Every peer, by URL, with what is known of the site behind it.
     /// Copies without their push queues (callers poll this often; a queue may hold 100k keys).
     pub fn peers(&self) -> Vec<Peer> {
         let mut state = self.state();
+        let state = &mut *state;
         let mut peers = Vec::with_capacity(state.peers.len());
         for p in state.peers.values_mut() {
             let pending = std::mem::take(&mut p.pending);
             let mut copy = p.clone();
             copy.push_pending = pending.len();
             p.pending = pending;
+            if let Some(m) = copy.site.as_ref().and_then(|s| state.members.get(s)) {
+                copy.cut_off = m.record.cut_off;
+                copy.must_reincarnate = m.record.reincarnate;
+                copy.incarnation = Some(format!("{:016x}", m.record.incarnation));
+                copy.clock_offset_ms = m.offset_ms;
+                copy.flag = m.flag.clone();
+            }
             peers.push(copy);
         }
         peers
@@ -238,15 +337,17 @@ impl<S: SyncStore> Node<S> {
 
     /// The URLs this site should talk to now.
     pub fn active_peers(&self) -> Vec<String> {
-        self.state().peers.values().filter(|p| p.active()).map(|p| p.url.clone()).collect()
+        let state = self.state();
+        state.peers.values().filter(|p| state.active(p)).map(|p| p.url.clone()).collect()
     }
 
     /// The URLs of peers whose push queue holds keys.
     pub fn peers_with_pushes(&self) -> Vec<String> {
-        self.state()
+        let state = self.state();
+        state
             .peers
             .values()
-            .filter(|p| p.active() && !p.pending.is_empty())
+            .filter(|p| state.active(p) && !p.pending.is_empty())
             .map(|p| p.url.clone())
             .collect()
     }
@@ -261,86 +362,158 @@ impl<S: SyncStore> Node<S> {
         self.state().collected
     }
 
+    /// The bound on remote stamps: entries changed at or after it are not merged.
+    fn clock_bound(&self, now_ms: u64) -> Hlc {
+        Hlc { physical_ms: now_ms.saturating_add(self.config.max_clock_offset_ms), logical: 0 }
+    }
+
     /// This site's hello.
-    pub fn hello(&self) -> Result<Hello> {
-        let peers = self
-            .state()
-            .peers
-            .values()
-            .filter(|p| !p.is_self)
-            .filter_map(|p| {
-                Some(PeerInfo {
-                    site: p.site.clone()?,
-                    region: p.region.clone().unwrap_or_default(),
-                    url: p.url.clone(),
+    pub fn hello(&self, now_ms: u64) -> Result<Hello> {
+        let id = self.store.identity();
+        let peers = {
+            let state = self.state();
+            state
+                .peers
+                .values()
+                .filter(|p| !p.is_self)
+                .filter_map(|p| {
+                    Some(PeerInfo {
+                        site: p.site.clone()?,
+                        region: p.region.clone().unwrap_or_default(),
+                        url: p.url.clone(),
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
         Ok(Hello {
             me: self.me.clone(),
             peers,
             hlc: hlc_wire(self.store.now()),
-            resynced_from: self.store.resynced_from()?.map(hlc_wire),
+            wall_ms: now_ms,
+            incarnation: id.incarnation,
+            previous_incarnation: id.previous,
+            boot: id.boot,
+            opened_at: hlc_wire(id.opened_at),
+            durable: hlc_wire(self.store.durable_hlc()),
+            since: hlc_wire(id.since),
         })
     }
 
-    /// Learns from a hello received from (or answered by) the site at `url`.
-    /// `reached`: this site called `url` and got the hello as the answer (so `url` works); else the
-    /// hello came in, and `url` is what the peer advertises.
-    fn learn(&self, url: &str, hello: &Hello, now_ms: u64, reached: bool) {
-        let mut state = self.state();
-        let collected = state.collected;
-        let mut url = url.trim_end_matches('/').to_owned();
-        let known_as = state
-            .peers
-            .iter()
-            .find(|(_, p)| p.site.as_deref() == Some(hello.me.site.as_str()))
-            .map(|(u, _)| u.clone());
-        match known_as {
-            // A site reached at a new URL (restarted elsewhere) is the same site: forget the old URL.
-            Some(old) if reached && old != url => {
-                state.peers.remove(&old);
-            }
-            // A known site calling in: keep the URL this site reaches it at (its advertised one may
-            // differ, e.g. a name instead of an address).
-            Some(old) if !reached => url = old,
-            _ => {}
-        }
-        let url = url.as_str();
-        for info in &hello.peers {
-            let known = state.peers.contains_key(&info.url)
-                || state.peers.values().any(|p| p.site.as_deref() == Some(info.site.as_str()));
-            if info.url != self.me.url && info.site != self.me.site && !known {
-                tracing::info!(site = %info.site, region = %info.region, url = %info.url, "learned a peer");
-                state.peers.insert(info.url.clone(), Peer::new(info.url.clone(), now_ms));
-            }
-        }
-        let peer = state.peers.entry(url.to_owned()).or_insert_with(|| Peer::new(url.to_owned(), now_ms));
-        peer.site = Some(hello.me.site.clone());
-        peer.region = Some(hello.me.region.clone());
-        peer.is_self = hello.me.site == self.me.site;
-        peer.last_contact_ms = Some(now_ms);
-        if peer.cut_off && hello.resynced_from.map(hlc_from_wire).is_some_and(|r| r >= collected) {
-            tracing::info!(site = %hello.me.site, "a cut-off peer resynced; accepting its entries again");
-            peer.cut_off = false;
-            peer.acks.clear();
-            peer.matured_ack = None;
-            peer.last_matured = None;
+    fn sender(&self) -> Sender {
+        Sender {
+            site: self.me.site.clone(),
+            incarnation: self.store.identity().incarnation,
+            durable: hlc_wire(self.store.durable_hlc()),
         }
     }
 
-    /// The peer with site name `site`, if known: updates its contact time; `Err` with the
-    /// collection watermark if it is cut off.
-    fn contact(&self, site: &str, now_ms: u64) -> std::result::Result<(), Hlc> {
+    /// Learns from a hello received from (or answered by) the site at `url`, and says what this
+    /// site makes of its sender. `reached`: this site called `url` and got the hello as the
+    /// answer (so `url` works); else the hello came in, and `url` is what the peer advertises.
+    fn learn(&self, url: &str, hello: &Hello, now_ms: u64, reached: bool) -> Verdict {
+        let mut url = url.trim_end_matches('/').to_owned();
+        if hello.me.site == self.me.site {
+            if hello.incarnation == self.store.identity().incarnation {
+                // This site itself, listed in a shared peer list.
+                if let Some(p) = self.state().peers.get_mut(&url) {
+                    p.is_self = true;
+                }
+                return Verdict::Accept;
+            }
+            let reason = format!(
+                "site {} (incarnation {:016x}, at {}) has this site's name: two live sites with one name",
+                hello.me.site, hello.incarnation, hello.me.url
+            );
+            tracing::error!("{reason}; refusing it");
+            return Verdict::Refused(reason);
+        }
+        let (verdict, record) = {
+            let mut state = self.state();
+            let state = &mut *state;
+            let known_as = state
+                .peers
+                .iter()
+                .find(|(_, p)| p.site.as_deref() == Some(hello.me.site.as_str()))
+                .map(|(u, _)| u.clone());
+            match known_as {
+                // A site reached at a new URL (restarted elsewhere) is the same site: forget the old URL.
+                Some(old) if reached && old != url => {
+                    state.peers.remove(&old);
+                }
+                // A known site calling in: keep the URL this site reaches it at (its advertised one
+                // may differ, e.g. a name instead of an address).
+                Some(old) if !reached => url = old,
+                _ => {}
+            }
+            for info in &hello.peers {
+                let known = state.peers.contains_key(&info.url)
+                    || state.peers.values().any(|p| p.site.as_deref() == Some(info.site.as_str()));
+                if info.url != self.me.url && info.site != self.me.site && !known {
+                    tracing::info!(site = %info.site, region = %info.region, url = %info.url, "learned a peer");
+                    state.peers.insert(info.url.clone(), Peer::new(info.url.clone(), now_ms));
+                }
+            }
+            let rules =
+                Rules { collected: state.collected, replace_after_ms: self.config.replace_after_ms, now_ms };
+            let before = state.members.remove(&hello.me.site);
+            let was_admitted = before.as_ref().map(Member::admitted);
+            let (mut member, verdict) = membership::learn(before, hello, rules);
+            member.offset_ms = Some(
+                i64::try_from(hello.wall_ms)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(i64::try_from(now_ms).unwrap_or(i64::MAX)),
+            );
+            member.offset_at_ms = now_ms;
+            match &verdict {
+                Verdict::Reincarnate if was_admitted != Some(false) => tracing::warn!(
+                    site = %hello.me.site,
+                    "this site has seen a newer state of that site than it now holds: it runs on an older copy of its data dir and must take a new incarnation"
+                ),
+                Verdict::Resync(w) if was_admitted != Some(false) => tracing::warn!(
+                    site = %hello.me.site, watermark = %w,
+                    "site holds data older than what was collected here: it must resync before its entries are accepted"
+                ),
+                Verdict::Refused(reason) => tracing::error!(site = %hello.me.site, "refused: {reason}"),
+                _ => {}
+            }
+            let record = member.record.clone();
+            member.dirty = false;
+            state.members.insert(hello.me.site.clone(), member);
+            let peer = state.peers.entry(url.clone()).or_insert_with(|| Peer::new(url.clone(), now_ms));
+            peer.site = Some(hello.me.site.clone());
+            peer.region = Some(hello.me.region.clone());
+            peer.is_self = false;
+            peer.last_contact_ms = Some(now_ms);
+            (verdict, record)
+        };
+        self.save(&record);
+        verdict
+    }
+
+    fn save(&self, record: &Record) {
+        if let Err(e) = self.store.save_record(&format!("member/{}", record.site), &record.encode()) {
+            tracing::error!(site = %record.site, "cannot save a member record: {e:#}");
+        }
+    }
+
+    /// The verdict on a push or reconcile round from `from`.
+    fn admit(&self, from: &Sender, now_ms: u64) -> Verdict {
         let mut state = self.state();
         let collected = state.collected;
-        for p in state.peers.values_mut().filter(|p| p.site.as_deref() == Some(site)) {
-            if p.cut_off {
-                return Err(collected);
-            }
-            p.last_contact_ms = Some(now_ms);
+        match state.members.get_mut(&from.site) {
+            Some(m) => m.admit(from, collected, now_ms),
+            None => Verdict::Introduce,
         }
-        Ok(())
+    }
+
+    fn refusal(verdict: Verdict) -> Option<Reply> {
+        match verdict {
+            Verdict::Accept => None,
+            Verdict::Introduce => Some(Reply::Introduce),
+            Verdict::Reincarnate => Some(Reply::Reincarnate),
+            Verdict::Resync(w) => Some(Reply::ResyncRequired(hlc_wire(w))),
+            Verdict::Refused(reason) => Some(Reply::Refused(reason)),
+        }
     }
 
     fn with_site(&self, site: &str, f: impl Fn(&mut Peer)) {
@@ -355,35 +528,84 @@ impl<S: SyncStore> Node<S> {
         }
     }
 
+    /// Flags the member `site` with `reason` (shown in the status), logging it once.
+    fn flag(&self, site: &str, reason: String) {
+        if let Some(m) = self.state().members.get_mut(site) {
+            if m.flag.as_deref() != Some(reason.as_str()) {
+                tracing::warn!(site, "{reason}");
+            }
+            m.flag = Some(reason);
+        }
+    }
+
+    /// Merges entries from `site` unless one is past the clock bound (then the peer is flagged).
+    async fn merge_from(
+        &self,
+        site: &str,
+        entries: Vec<(Vec<u8>, atoll_kv::Entry)>,
+        now_ms: u64,
+    ) -> Result<usize> {
+        match self.store.merge(entries, self.clock_bound(now_ms)).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                if let Some(ahead) = e.downcast_ref::<crate::store::AheadOfClock>() {
+                    self.flag(site, format!("refused entries from {site}: {ahead}"));
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Answers a request from another site (already authenticated and decoded).
     pub async fn handle(&self, request: Request, now_ms: u64) -> Result<Reply> {
         match request {
             Request::Hello(hello) => {
-                self.learn(&hello.me.url, &hello, now_ms, false);
-                Ok(Reply::Hello(self.hello()?))
+                let verdict = self.learn(&hello.me.url, &hello, now_ms, false);
+                if let Some(refusal) = Self::refusal(verdict) {
+                    return Ok(refusal);
+                }
+                Ok(Reply::Hello(self.hello(now_ms)?))
             }
             Request::Push(from, wire) => {
-                if let Err(w) = self.contact(&from, now_ms) {
-                    return Ok(Reply::ResyncRequired(hlc_wire(w)));
+                if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
+                    return Ok(refusal);
                 }
                 let entries = crate::message::entries(wire);
                 let lag = lag(&entries, now_ms);
                 let n = entries.len() as u64;
-                let changed = self.store.merge(entries).await?;
-                self.with_site(&from, |p| {
+                let changed = match self.merge_from(&from.site, entries, now_ms).await {
+                    Ok(changed) => changed,
+                    Err(e) if e.is::<crate::store::AheadOfClock>() => {
+                        return Ok(Reply::Refused(format!("{e:#}")));
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.with_site(&from.site, |p| {
                     p.entries_received += n;
                     p.lag_ms = lag.or(p.lag_ms);
+                    p.last_contact_ms = Some(now_ms);
                 });
                 Ok(Reply::Pushed(changed as u32))
             }
             Request::Reconcile(from, round) => {
-                if let Err(w) = self.contact(&from, now_ms) {
-                    return Ok(Reply::ResyncRequired(hlc_wire(w)));
+                if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
+                    return Ok(refusal);
                 }
-                let (out, moved) = reconcile::process(&self.store, round, self.config.budget).await?;
-                self.with_site(&from, |p| {
+                let processed =
+                    reconcile::process(&self.store, round, self.config.budget, self.clock_bound(now_ms))
+                        .await;
+                let (out, moved) = match processed {
+                    Ok(done) => done,
+                    Err(e) if e.is::<crate::store::AheadOfClock>() => {
+                        self.flag(&from.site, format!("refused entries from {}: {e:#}", from.site));
+                        return Ok(Reply::Refused(format!("{e:#}")));
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.with_site(&from.site, |p| {
                     p.entries_received += moved.received as u64;
                     p.entries_sent += moved.sent as u64;
+                    p.last_contact_ms = Some(now_ms);
                 });
                 Ok(Reply::Reconcile(out))
             }
@@ -393,8 +615,13 @@ impl<S: SyncStore> Node<S> {
     /// Queues this site's own committed writes for every active peer.
     pub fn note_changes(&self, changes: &[Change]) {
         let mut state = self.state();
+        let state = &mut *state;
         let cap = self.config.push_queue;
-        for peer in state.peers.values_mut().filter(|p| p.active()) {
+        let members = &state.members;
+        let active = |p: &Peer| {
+            !p.is_self && p.site.as_ref().and_then(|s| members.get(s)).is_none_or(Member::admitted)
+        };
+        for peer in state.peers.values_mut().filter(|p| active(p)) {
             for change in changes.iter().filter(|c| c.origin == Origin::Local) {
                 if peer.pending.len() >= cap {
                     if !peer.needs_anti_entropy {
@@ -427,14 +654,19 @@ impl<S: SyncStore> Node<S> {
     }
 
     fn exchanged(&self, url: &str, exchange: &Exchange, now_ms: u64) {
-        self.with_peer(url, |p| {
-            p.bytes_sent += exchange.sent_bytes as u64;
-            p.bytes_received += exchange.received_bytes as u64;
-            p.payload_sent += exchange.sent_payload as u64;
-            p.payload_received += exchange.received_payload as u64;
-            p.last_contact_ms = Some(now_ms);
-            p.last_error = None;
-        });
+        let mut state = self.state();
+        let Some(p) = state.peers.get_mut(url) else { return };
+        p.bytes_sent += exchange.sent_bytes as u64;
+        p.bytes_received += exchange.received_bytes as u64;
+        p.payload_sent += exchange.sent_payload as u64;
+        p.payload_received += exchange.received_payload as u64;
+        p.last_contact_ms = Some(now_ms);
+        p.last_error = None;
+        if let Some(site) = p.site.clone()
+            && let Some(m) = state.members.get_mut(&site)
+        {
+            m.record.last_contact_ms = now_ms;
+        }
     }
 
     async fn call(
@@ -444,49 +676,119 @@ impl<S: SyncStore> Node<S> {
         request: Request,
         now_ms: u64,
     ) -> Result<Reply> {
-        match transport.call(url, request).await {
+        let result = match transport.call(url, request).await {
             Ok(exchange) => {
                 self.exchanged(url, &exchange, now_ms);
-                if let Reply::ResyncRequired(w) = exchange.reply {
-                    self.resync(hlc_from_wire(w))?;
-                    bail!("{url} requires a resync");
+                match exchange.reply {
+                    Reply::ResyncRequired(w) => self.resync(url, hlc_from_wire(w), now_ms),
+                    Reply::Introduce => {
+                        self.with_peer(url, |p| p.introduced = false);
+                        Err(anyhow::anyhow!("{url} does not know this site (or this incarnation) yet"))
+                    }
+                    Reply::Reincarnate => self.reincarnate(url),
+                    Reply::Refused(reason) => {
+                        self.state().refused = Some((url.to_owned(), reason.clone()));
+                        tracing::error!(peer = %url, "refused by a peer: {reason}");
+                        Err(anyhow::anyhow!("{url} refused this site: {reason}"))
+                    }
+                    reply => return Ok(reply),
                 }
-                Ok(exchange.reply)
             }
-            Err(e) => {
-                self.failed(url, &e);
-                Err(e)
-            }
-        }
+            Err(e) => Err(e),
+        };
+        let e = result.err().unwrap_or_else(|| anyhow::anyhow!("{url}: no answer"));
+        self.failed(url, &e);
+        Err(e)
     }
 
-    /// This site was cut off by a peer past the horizon: drop every entry older than the peer's
-    /// collection watermark (it may be a value whose tombstone is gone) and pull the rest again.
-    fn resync(&self, watermark: Hlc) -> Result<()> {
-        if self.store.resynced_from()?.is_some_and(|r| r >= watermark) {
-            return Ok(());
+    /// A peer says this site runs on an older copy of its data dir: take a new incarnation, so
+    /// that no stamp or counter contribution is ever reused, then say hello again.
+    fn reincarnate(&self, url: &str) -> Result<()> {
+        let old = self.store.identity();
+        let new = self.store.reincarnate()?;
+        tracing::warn!(
+            peer = %url,
+            old = format!("{:016x}", old.incarnation),
+            new = format!("{:016x}", new.incarnation),
+            "a peer has seen a newer state of this site than its data dir holds (restored from an older copy?): took a new incarnation"
+        );
+        let mut state = self.state();
+        state.confirmed.clear();
+        for p in state.peers.values_mut() {
+            p.introduced = false;
+            p.needs_anti_entropy = true;
+        }
+        bail!("{url}: this site took a new incarnation; saying hello again")
+    }
+
+    /// This site was cut off by the peer at `url` past the horizon: drop every entry older than
+    /// its collection watermark (it may be a value whose tombstone is gone) and pull the rest
+    /// again. The watermark is checked first: it cannot be from the future, and a resync this
+    /// site already did from a later watermark is not repeated.
+    fn resync(&self, url: &str, watermark: Hlc, now_ms: u64) -> Result<()> {
+        if watermark > self.clock_bound(now_ms) {
+            bail!("{url} asked for a resync from a watermark in the future ({watermark}): refused");
+        }
+        if self.store.identity().since >= watermark {
+            bail!(
+                "{url} requires a resync from {watermark}; this site's data reaches back no further: saying hello again"
+            );
         }
         let dropped = self.store.discard_before(watermark)?;
-        self.store.set_resynced_from(watermark)?;
-        tracing::warn!(%watermark, dropped, "this site was cut off past the replication horizon; resyncing");
+        tracing::warn!(peer = %url, %watermark, dropped, "this site was cut off past the replication horizon; resyncing");
+        {
+            let mut state = self.state();
+            state.resync_epoch += 1;
+            for p in state.peers.values_mut() {
+                p.introduced = false;
+            }
+        }
         self.note_lost_changes();
-        Ok(())
+        self.update_gate(now_ms);
+        bail!(
+            "{url} requires a resync: dropped {dropped} entries older than {watermark}, pulling the rest again"
+        )
     }
 
     /// Says hello to `url` and learns the peers it knows.
     pub async fn say_hello(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<()> {
-        match self.call(transport, url, Request::Hello(self.hello()?), now_ms).await? {
+        match self.call(transport, url, Request::Hello(self.hello(now_ms)?), now_ms).await? {
             Reply::Hello(hello) => {
-                self.learn(url, &hello, now_ms, true);
-                Ok(())
+                let verdict = self.learn(url, &hello, now_ms, true);
+                let mut state = self.state();
+                if let Some(p) = state.peers.get_mut(url) {
+                    p.introduced = verdict == Verdict::Accept;
+                }
+                if state.refused.as_ref().is_some_and(|(by, _)| by == url) {
+                    state.refused = None;
+                }
+                if hello.me.site != self.me.site {
+                    // The peer answered in kind: it accepts this site as it is.
+                    state.confirmed.insert(hello.me.site.clone());
+                }
+                drop(state);
+                match verdict {
+                    Verdict::Accept => Ok(()),
+                    other => bail!("{url} ({}) is not accepted here: {other:?}", hello.me.site),
+                }
             }
             other => bail!("unexpected answer to hello: {other:?}"),
         }
     }
 
-    /// Sends the keys waiting for `url` (their current entries) in one push. A failed push is
-    /// not retried as such: the peer is marked for anti-entropy, which carries the same entries.
+    async fn introduce(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<()> {
+        let introduced = self.state().peers.get(url).is_some_and(|p| p.introduced);
+        if !introduced {
+            self.say_hello(transport, url, now_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the keys waiting for `url` (their current entries) in one push, up to the push
+    /// budget (count and bytes; the rest stays queued). A failed push is not retried as such:
+    /// the peer is marked for anti-entropy, which carries the same entries.
     pub async fn push(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<usize> {
+        self.introduce(transport, url, now_ms).await?;
         let keys: Vec<Vec<u8>> = {
             let mut state = self.state();
             let Some(peer) = state.peers.get_mut(url) else { return Ok(0) };
@@ -501,10 +803,29 @@ impl<S: SyncStore> Node<S> {
             return Ok(0);
         }
         // The entries as they are now: a push never carries a state older than its signature.
-        let wire: Vec<WireEntry> =
-            self.store.entries_at(&keys)?.into_iter().map(|(k, e)| WireEntry::new(k, &e)).collect();
+        // Read in small chunks so that the byte budget holds while the message is assembled.
+        let mut wire: Vec<WireEntry> = Vec::new();
+        let mut bytes = 0;
+        let mut taken = 0;
+        for chunk in keys.chunks(16) {
+            if bytes >= self.config.push_bytes && !wire.is_empty() {
+                break;
+            }
+            for (k, e) in self.store.entries_at(chunk)? {
+                let w = WireEntry::new(k, &e);
+                bytes += w.size();
+                wire.push(w);
+            }
+            taken += chunk.len();
+        }
+        if taken < keys.len() {
+            let mut state = self.state();
+            if let Some(peer) = state.peers.get_mut(url) {
+                peer.pending.extend(keys[taken..].iter().cloned());
+            }
+        }
         let n = wire.len();
-        match self.call(transport, url, Request::Push(self.me.site.clone(), wire), now_ms).await? {
+        match self.call(transport, url, Request::Push(self.sender(), wire), now_ms).await? {
             Reply::Pushed(_) => {
                 self.with_peer(url, |p| p.entries_sent += n as u64);
                 Ok(n)
@@ -522,23 +843,35 @@ impl<S: SyncStore> Node<S> {
         salt: u32,
         now_ms: u64,
     ) -> Result<usize> {
+        self.introduce(transport, url, now_ms).await?;
+        let epoch = self.state().resync_epoch;
         let started = self.store.now();
         let mut round = reconcile::start(&self.store, salt)?;
         let mut rounds = 0;
         let (mut sent, mut received, mut merged) = (0, 0, 0);
+        let site = self.state().peers.get(url).and_then(|p| p.site.clone()).unwrap_or_default();
         loop {
             rounds += 1;
             if rounds > self.config.max_rounds {
                 bail!("anti-entropy with {url} did not finish in {} rounds", self.config.max_rounds);
             }
-            let reply = match self
-                .call(transport, url, Request::Reconcile(self.me.site.clone(), round), now_ms)
-                .await?
-            {
-                Reply::Reconcile(reply) => reply,
-                other => bail!("unexpected answer to reconcile: {other:?}"),
+            let reply =
+                match self.call(transport, url, Request::Reconcile(self.sender(), round), now_ms).await? {
+                    Reply::Reconcile(reply) => reply,
+                    other => bail!("unexpected answer to reconcile: {other:?}"),
+                };
+            let processed =
+                reconcile::process(&self.store, reply, self.config.budget, self.clock_bound(now_ms)).await;
+            let (next, moved) = match processed {
+                Ok(done) => done,
+                Err(e) => {
+                    if e.is::<crate::store::AheadOfClock>() {
+                        self.flag(&site, format!("refused entries from {site}: {e:#}"));
+                    }
+                    self.failed(url, &e);
+                    return Err(e);
+                }
             };
-            let (next, moved) = reconcile::process(&self.store, reply, self.config.budget).await?;
             (sent, received, merged) = (sent + moved.sent, received + moved.received, merged + moved.merged);
             self.with_peer(url, |p| {
                 p.entries_received += moved.received as u64;
@@ -555,53 +888,155 @@ impl<S: SyncStore> Node<S> {
         } else {
             tracing::debug!(peer = %url, rounds, "anti-entropy: in sync");
         }
-        self.with_peer(url, |p| {
-            // Bounded: when full, later sessions are simply not counted (collection waits).
-            if p.acks.len() < 64 {
-                p.acks.push_back((started, now_ms));
+        let finished_resync = {
+            let mut state = self.state();
+            if let Some(m) = state.members.get_mut(&site) {
+                m.acknowledged(started, now_ms);
+                m.flag = None;
             }
-            p.last_sync_ms = Some(now_ms);
-            p.needs_anti_entropy = false;
-        });
+            if let Some(p) = state.peers.get_mut(url) {
+                p.last_sync_ms = Some(now_ms);
+                p.needs_anti_entropy = false;
+            }
+            state.resync_epoch == epoch
+        };
+        if finished_resync && self.store.resyncing()? {
+            self.store.finish_resync()?;
+            tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
+            self.update_gate(now_ms);
+        }
         Ok(rounds)
     }
 
+    /// Why guests may not use the store now, if they may not (as last computed by
+    /// [`Node::update_gate`]).
+    pub fn guest_gate(&self) -> Option<String> {
+        self.state().gate.clone()
+    }
+
+    /// Whether the gate is closed for a reason that makes the site unready: resyncing, clock
+    /// off, refused (not merely waiting for a first confirmation at startup).
+    pub fn blocks_readiness(&self) -> bool {
+        self.state().gate_unready
+    }
+
+    /// Recomputes [`Node::guest_gate`] and applies it to the store: closed while this site
+    /// resyncs, while no peer has confirmed its identity since it started (up to
+    /// `confirm_timeout_ms`), while a peer refuses it, and while its clock is off by more than
+    /// the bound from most of its peers (at least two measured).
+    pub fn update_gate(&self, now_ms: u64) -> Option<String> {
+        let resyncing = self.store.resyncing().unwrap_or(true);
+        let mut state = self.state();
+        let bound = i64::try_from(self.config.max_clock_offset_ms).unwrap_or(i64::MAX);
+        let measured: Vec<i64> = state
+            .members
+            .values()
+            .filter(|m| now_ms.saturating_sub(m.offset_at_ms) < 60_000)
+            .filter_map(|m| m.offset_ms)
+            .collect();
+        let off = measured.iter().filter(|o| o.unsigned_abs() > bound.unsigned_abs()).count();
+        let has_peers = state.peers.values().any(|p| !p.is_self);
+        // Every site that may have seen a newer state of this one must have had its say.
+        let unconfirmed =
+            state.members.values().any(|m| m.admitted() && !state.confirmed.contains(&m.record.site))
+                || (state.confirmed.is_empty() && has_peers);
+        let mut unready = true;
+        let gate = if resyncing {
+            Some(
+                "this site is resyncing after being cut off from its peers past the replication horizon"
+                    .to_owned(),
+            )
+        } else if let Some((url, reason)) = &state.refused {
+            Some(format!("this site is refused by its peer {url}: {reason}"))
+        } else if measured.len() >= 2 && off * 2 > measured.len() {
+            let median = {
+                let mut m = measured.clone();
+                m.sort_unstable();
+                m[m.len() / 2]
+            };
+            Some(format!(
+                "this site's clock is off by about {} ms from most of its peers (the bound is {} ms): fix the clock",
+                -median, self.config.max_clock_offset_ms
+            ))
+        } else if unconfirmed && now_ms.saturating_sub(self.started_ms) < self.config.confirm_timeout_ms {
+            unready = false;
+            Some("this site is starting: no peer has confirmed its identity yet".to_owned())
+        } else {
+            None
+        };
+        if gate != state.gate {
+            match &gate {
+                Some(reason) => tracing::warn!("guests may not use the store: {reason}"),
+                None => tracing::info!("guests may use the store again"),
+            }
+            state.gate = gate.clone();
+        }
+        state.gate_unready = unready && gate.is_some();
+        drop(state);
+        self.store.set_gate(gate.clone());
+        gate
+    }
+
     /// Collects the tombstones every known site has acknowledged (see ALGORITHM.md,
-    /// "Tombstones"), cutting off sites silent past the horizon; returns how many went.
+    /// "Tombstones"), cutting off sites silent past the horizon; returns how many went. Every
+    /// site this site was ever introduced to counts (the records are durable), whatever URL it
+    /// has and whether this process has heard from it yet.
     pub fn collect(&self, now_ms: u64) -> Result<usize> {
-        let watermark = {
+        let (watermark, changed) = {
             let mut state = self.state();
             let mut watermark: Option<Hlc> = None;
             let mut blocked = false;
-            for p in state.peers.values_mut().filter(|p| !p.is_self) {
-                while let Some(&(started, ended)) = p.acks.front()
-                    && now_ms >= ended + self.config.max_message_age_ms
-                {
-                    p.matured_ack = p.last_matured.replace(started);
-                    p.acks.pop_front();
+            let mut changed = Vec::new();
+            for m in state.members.values_mut() {
+                m.mature(now_ms, self.config.max_message_age_ms);
+                if !m.record.cut_off {
+                    let silent = now_ms.saturating_sub(m.record.last_contact_ms);
+                    if silent > self.config.horizon_ms {
+                        tracing::warn!(site = %m.record.site, "peer silent past the horizon: cut off; it must resync to rejoin");
+                        m.record.cut_off = true;
+                        m.dirty = true;
+                    } else {
+                        match m.watermark() {
+                            Some(a) => watermark = Some(watermark.map_or(a, |w| w.min(a))),
+                            None => blocked = true,
+                        }
+                    }
                 }
-                if p.cut_off {
-                    continue;
+                if m.dirty {
+                    m.dirty = false;
+                    changed.push(m.record.clone());
                 }
-                let heard = p.last_contact_ms.unwrap_or(p.first_seen_ms);
-                if now_ms.saturating_sub(heard) > self.config.horizon_ms {
-                    tracing::warn!(peer = %p.url, "peer silent past the horizon: cut off; it must resync to rejoin");
-                    p.cut_off = true;
+            }
+            // A peer known only by URL (never introduced) could be any site: it blocks
+            // collection until it says hello, or until it is silent past the horizon.
+            if state.peers.values().any(|p| {
+                !p.is_self
+                    && p.site.is_none()
+                    && now_ms.saturating_sub(p.last_contact_ms.unwrap_or(p.first_seen_ms))
+                        <= self.config.horizon_ms
+            }) {
+                blocked = true;
+            }
+            let cut: Vec<String> =
+                state.members.values().filter(|m| m.record.cut_off).map(|m| m.record.site.clone()).collect();
+            for p in state.peers.values_mut() {
+                if p.site.as_ref().is_some_and(|s| cut.contains(s)) {
                     p.pending.clear();
-                    continue;
-                }
-                match p.matured_ack {
-                    Some(a) => watermark = Some(watermark.map_or(a, |w| w.min(a))),
-                    None => blocked = true,
                 }
             }
-            match watermark {
-                Some(w) if !blocked && w > state.collected => w,
-                _ => return Ok(0),
-            }
+            let watermark = match watermark {
+                Some(w) if !blocked && w > state.collected => Some(w),
+                _ => None,
+            };
+            (watermark, changed)
         };
+        for record in &changed {
+            self.save(record);
+        }
+        let Some(watermark) = watermark else { return Ok(0) };
         let removed = self.store.collect_tombstones(watermark)?;
         self.state().collected = watermark;
+        self.store.set_tombstone_floor(self.tombstone_floor(watermark));
         if removed > 0 {
             tracing::info!(removed, %watermark, "collected tombstones every site has acknowledged");
         }

@@ -92,13 +92,19 @@ pub fn start(store: &impl SyncStore, salt: u32) -> Result<Round> {
     Ok(Round { salt, nodes: vec![NodeDigests::new(0, 0, &tree.children(0, 0))], ..Round::default() })
 }
 
-/// One step: merge what `incoming` carries and answer what it asks.
-pub async fn process(store: &impl SyncStore, incoming: Round, budget: Budget) -> Result<(Round, Moved)> {
+/// One step: merge what `incoming` carries and answer what it asks. Entries changed at or after
+/// `refuse_from` (past this site's clock bound) fail the step, merging nothing.
+pub async fn process(
+    store: &impl SyncStore,
+    incoming: Round,
+    budget: Budget,
+    refuse_from: atoll_kv::Hlc,
+) -> Result<(Round, Moved)> {
     // Merge first, so that the answer reflects what was just received.
     let received = crate::message::entries(incoming.entries);
     let received_count = received.len();
     let newest_ms = received.iter().map(|(_, e)| e.changed.hlc.physical_ms).max();
-    let merged = store.merge(received).await?;
+    let merged = store.merge(received, refuse_from).await?;
     let tree = Tree::new(&store.leaf_digests()?);
     let mut step = Step {
         store,

@@ -4,39 +4,73 @@
 use std::future::Future;
 
 use anyhow::Result;
-use atoll_kv::{Entry, Hlc, Store};
+use atoll_kv::{Entry, Hlc, Identity, Store};
 
 /// The storage side of replication.
 pub trait SyncStore: Send + Sync {
-    /// This site's id.
-    fn site(&self) -> &str;
+    /// Who this store is (name, incarnation, boot, how far back its data reaches).
+    fn identity(&self) -> Identity;
     /// A fresh HLC reading (greater than every stamp in the store).
     fn now(&self) -> Hlc;
+    /// The clock's high-water mark as of the last durable commit.
+    fn durable_hlc(&self) -> Hlc;
     /// The digest of every leaf range, in order ([`atoll_kv::DIGEST_RANGES`] of them).
     fn leaf_digests(&self) -> Result<Vec<u128>>;
     /// The composite keys in one leaf range with their entry hashes.
     fn leaf_items(&self, leaf: u32) -> Result<Vec<(Vec<u8>, u128)>>;
     /// The entries at these keys (those that exist).
     fn entries_at(&self, keys: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Entry)>>;
-    /// Merges entries from another site; how many changed this store.
-    fn merge(&self, entries: Vec<(Vec<u8>, Entry)>) -> impl Future<Output = Result<usize>> + Send;
-    /// Removes tombstones last changed before `before`; how many went.
+    /// Merges entries from another site; how many changed this store. Refuses the whole batch,
+    /// merging nothing, if an entry was changed at or after `refuse_from` (a clock past the bound).
+    fn merge(
+        &self,
+        entries: Vec<(Vec<u8>, Entry)>,
+        refuse_from: Hlc,
+    ) -> impl Future<Output = Result<usize>> + Send;
+    /// Removes tombstones that arrived before `before`, recording the watermark; how many went.
     fn collect_tombstones(&self, before: Hlc) -> Result<usize>;
-    /// Removes every entry last changed before `before` (resync after being cut off).
+    /// The collection watermark reached so far (durable).
+    fn collected(&self) -> Result<Hlc>;
+    /// Starts a resync from `before`: removes every entry whose register is older (see
+    /// `atoll_kv::Store::discard_before`).
     fn discard_before(&self, before: Hlc) -> Result<usize>;
-    /// The watermark this site last resynced from, if it ever had to.
-    fn resynced_from(&self) -> Result<Option<Hlc>>;
-    /// Records [`SyncStore::resynced_from`], durably.
-    fn set_resynced_from(&self, at: Hlc) -> Result<()>;
+    /// Whether a resync is under way.
+    fn resyncing(&self) -> Result<bool>;
+    /// Records that the resync is finished.
+    fn finish_resync(&self) -> Result<()>;
+    /// Takes a new incarnation (this data dir is an older copy of itself).
+    fn reincarnate(&self) -> Result<Identity>;
+    /// Replication's durable records whose names start with `prefix`.
+    fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Writes one durable record.
+    fn save_record(&self, name: &str, value: &[u8]) -> Result<()>;
+    /// Closes the store to guests (`Some(reason)`) or opens it again.
+    fn set_gate(&self, reason: Option<String>);
+    /// Merged tombstones stamped before `floor`, for keys the store does not hold, are not stored.
+    fn set_tombstone_floor(&self, floor: Hlc);
+}
+
+/// Why a merge was refused: an entry stamped past the clock bound.
+#[derive(Debug, thiserror::Error)]
+#[error("an entry changed at {stamp} is past this site's clock bound ({bound})")]
+pub struct AheadOfClock {
+    /// The entry's last change.
+    pub stamp: Hlc,
+    /// The bound.
+    pub bound: Hlc,
 }
 
 impl SyncStore for Store {
-    fn site(&self) -> &str {
-        Store::site(self)
+    fn identity(&self) -> Identity {
+        Store::identity(self)
     }
 
     fn now(&self) -> Hlc {
         self.clock().now()
+    }
+
+    fn durable_hlc(&self) -> Hlc {
+        Store::durable_hlc(self)
     }
 
     fn leaf_digests(&self) -> Result<Vec<u128>> {
@@ -51,9 +85,12 @@ impl SyncStore for Store {
         Ok(Store::entries_at(self, keys)?)
     }
 
-    async fn merge(&self, entries: Vec<(Vec<u8>, Entry)>) -> Result<usize> {
+    async fn merge(&self, entries: Vec<(Vec<u8>, Entry)>, refuse_from: Hlc) -> Result<usize> {
         if entries.is_empty() {
             return Ok(0);
+        }
+        if let Some((_, e)) = entries.iter().find(|(_, e)| e.changed.hlc >= refuse_from) {
+            return Err(AheadOfClock { stamp: e.changed.hlc, bound: refuse_from }.into());
         }
         Ok(Store::merge(self, entries).await?)
     }
@@ -62,23 +99,39 @@ impl SyncStore for Store {
         Ok(Store::collect_tombstones(self, before)?)
     }
 
+    fn collected(&self) -> Result<Hlc> {
+        Ok(Store::collected(self)?)
+    }
+
     fn discard_before(&self, before: Hlc) -> Result<usize> {
         Ok(Store::discard_before(self, before)?)
     }
 
-    fn resynced_from(&self) -> Result<Option<Hlc>> {
-        let Some(bytes) = self.meta("resynced_from")? else { return Ok(None) };
-        let bytes: [u8; 12] = bytes.try_into().map_err(|_| anyhow::anyhow!("corrupt resynced_from"))?;
-        let (p, l) = bytes.split_at(8);
-        Ok(Some(Hlc {
-            physical_ms: u64::from_le_bytes(p.try_into()?),
-            logical: u32::from_le_bytes(l.try_into()?),
-        }))
+    fn resyncing(&self) -> Result<bool> {
+        Ok(Store::resyncing(self)?)
     }
 
-    fn set_resynced_from(&self, at: Hlc) -> Result<()> {
-        let mut bytes = at.physical_ms.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&at.logical.to_le_bytes());
-        Ok(self.set_meta("resynced_from", &bytes)?)
+    fn finish_resync(&self) -> Result<()> {
+        Ok(Store::finish_resync(self)?)
+    }
+
+    fn reincarnate(&self) -> Result<Identity> {
+        Ok(Store::reincarnate(self)?)
+    }
+
+    fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self.meta_list(prefix)?)
+    }
+
+    fn save_record(&self, name: &str, value: &[u8]) -> Result<()> {
+        Ok(self.set_meta(name, value)?)
+    }
+
+    fn set_gate(&self, reason: Option<String>) {
+        Store::set_gate(self, reason)
+    }
+
+    fn set_tombstone_floor(&self, floor: Hlc) {
+        Store::set_tombstone_floor(self, floor)
     }
 }

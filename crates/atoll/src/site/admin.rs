@@ -118,6 +118,9 @@ struct Health<'a> {
     apps: usize,
     /// Whether it has finished a sync with a peer (or has none, or waited `[sync] ready_timeout_s`).
     ready: bool,
+    /// Why guests may not use the store now (resyncing, clock off, refused by peers), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_closed: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -132,12 +135,20 @@ struct HealthQuery {
 async fn health(State(site): State<Arc<Site>>, Query(query): Query<HealthQuery>) -> Response {
     let apps = site.apps.read().unwrap_or_else(|e| e.into_inner()).len();
     let ready = site.ready();
+    let store_closed = site.sync.get().and_then(|n| n.guest_gate());
     let health = Health {
-        status: if ready { "ok" } else { "starting" },
+        status: if ready {
+            "ok"
+        } else if store_closed.is_some() {
+            "degraded"
+        } else {
+            "starting"
+        },
         site: &site.name,
         region: &site.region,
         apps,
         ready,
+        store_closed,
     };
     let status =
         if query.ready.is_some() && !ready { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };

@@ -71,9 +71,13 @@ pub(crate) struct Deployed {
 }
 
 impl Site {
-    /// Ready for traffic: no peers, or a sync with one completed, or the wait is over.
+    /// Ready for traffic: guests may use the store (not resyncing, clock within the bound, not
+    /// refused), and no peers, or a sync with one completed, or the wait is over.
     pub(crate) fn ready(&self) -> bool {
         let Some(node) = self.sync.get() else { return true };
+        if node.blocks_readiness() {
+            return false;
+        }
         let peers: Vec<_> = node.peers().into_iter().filter(|p| p.active()).collect();
         peers.is_empty()
             || peers.iter().any(|p| p.last_sync_ms.is_some())

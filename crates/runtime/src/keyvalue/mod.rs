@@ -135,6 +135,7 @@ fn outcome<T>(result: Result<T, KvError>) -> Outcome<T> {
         Ok(v) => Ok(Ok(v)),
         Err(KvError::Storage(e)) => Err(StorageUnavailable(e).into()),
         Err(KvError::Closed) => Err(StorageUnavailable("the store is closed".into()).into()),
+        Err(KvError::Unavailable(reason)) => Err(StorageUnavailable(reason).into()),
         Err(other) => Ok(Err(Fail::Other(other.to_string()))),
     }
 }
@@ -149,6 +150,8 @@ impl KvView<'_> {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
+        // Closed to guests while the site resyncs, has a bad clock, or is refused by its peers.
+        outcome(store.gate())?.ok();
         let ns = match outcome(Namespace::new(&self.ctx.app, identifier, store.bounds()))? {
             Ok(ns) => ns,
             Err(e) => return Ok(Err(e)),

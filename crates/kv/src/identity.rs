@@ -1,0 +1,130 @@
+//! Who a store is: the site's name plus the data dir's **incarnation**, a random id taken when the
+//! data dir is created and again whenever the site learns that its data dir is an older copy of
+//! itself (a restored backup, a VM snapshot, a disk that lost its last writes).
+//!
+//! Stamps and counter contributions carry the *writer id* `name~incarnation`, so a restored site
+//! never reuses a stamp it used before, and its new increments are never absorbed by a max-merge
+//! with its own older contributions. The boot count and the clock reading at open let peers tell
+//! a restart (boot up, clock at open not behind anything they saw) from a restore (see
+//! atoll-sync's ALGORITHM.md, "Identity").
+//!
+//! Stored in the meta table under `"identity"`: version byte 1, then the name's length (u16 LE)
+//! and bytes, incarnation (u64 LE), boot count (u64 LE), `since` (HLC, 12 bytes), previous
+//! incarnation (u64 LE).
+
+use redb::{ReadableTable, Table};
+
+use crate::hlc::{Clock, Hlc};
+use crate::store::{KvError, storage};
+use crate::tables::{decode_hlc, encode_hlc};
+
+const KEY: &str = "identity";
+const VERSION: u8 = 1;
+
+/// A store's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Identity {
+    /// The site's name.
+    pub name: String,
+    /// The data dir's incarnation.
+    pub incarnation: u64,
+    /// The incarnation it replaced when the site learned it ran on an older copy of its data
+    /// dir (0: none). Peers accept the successor of the incarnation they know at once.
+    pub previous: u64,
+    /// How many times the store was opened (this opening included).
+    pub boot: u64,
+    /// The clock's durable high-water mark when this boot opened the store: at least every
+    /// stamp the previous boots sent anywhere, unless the data dir is an older copy.
+    pub opened_at: Hlc,
+    /// How far back the data reaches: the clock when the data dir was created, or the
+    /// collection watermark it last resynced from. Nothing deleted before it can be in it.
+    pub since: Hlc,
+}
+
+impl Identity {
+    /// The id in this store's stamps and counter contributions: `name~incarnation` (16 hex digits).
+    pub fn writer(&self) -> String {
+        format!("{}~{:016x}", self.name, self.incarnation)
+    }
+
+    /// A fresh random incarnation, different from `old`.
+    pub(crate) fn random_incarnation(old: u64) -> u64 {
+        loop {
+            let next = fastrand::u64(1..);
+            if next != old {
+                return next;
+            }
+        }
+    }
+
+    /// Reads the identity at open (creating it for a new or pre-identity store), counts the boot,
+    /// and saves it. `fresh`: the store was created by this opening.
+    pub(crate) fn open(
+        meta: &mut Table<&str, &[u8]>,
+        name: &str,
+        fresh: bool,
+        clock: &Clock,
+    ) -> Result<Identity, KvError> {
+        let stored = match meta.get(KEY).map_err(storage)? {
+            Some(v) => Some(Identity::decode(v.value())?),
+            None => None,
+        };
+        let mut identity = match stored {
+            Some(i) if i.name == name => i,
+            // A new data dir reaches back to now; an upgraded one (format 2) to the beginning;
+            // a data dir renamed to another site is a new incarnation of that site.
+            other => Identity {
+                name: name.to_owned(),
+                incarnation: Identity::random_incarnation(0),
+                previous: 0,
+                boot: 0,
+                opened_at: Hlc::ZERO,
+                since: if fresh { clock.now() } else { other.map_or(Hlc::ZERO, |o| o.since) },
+            },
+        };
+        identity.boot = identity.boot.saturating_add(1);
+        identity.opened_at = clock.last();
+        identity.save(meta)?;
+        Ok(identity)
+    }
+
+    pub(crate) fn save(&self, meta: &mut Table<&str, &[u8]>) -> Result<(), KvError> {
+        meta.insert(KEY, self.encode().as_slice()).map_err(storage)?;
+        Ok(())
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![VERSION];
+        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(&self.incarnation.to_le_bytes());
+        out.extend_from_slice(&self.boot.to_le_bytes());
+        out.extend_from_slice(&encode_hlc(self.since));
+        out.extend_from_slice(&self.previous.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Identity, KvError> {
+        let bad = || KvError::Storage("corrupt store identity".into());
+        let (&version, rest) = bytes.split_first().ok_or_else(bad)?;
+        if version != VERSION {
+            return Err(bad());
+        }
+        let len = u16::from_le_bytes(rest.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+        let rest = &rest[2..];
+        let name = std::str::from_utf8(rest.get(..len).ok_or_else(bad)?).map_err(|_| bad())?.to_owned();
+        let rest = &rest[len..];
+        let u64_at = |at: usize| -> Result<u64, KvError> {
+            Ok(u64::from_le_bytes(rest.get(at..at + 8).ok_or_else(bad)?.try_into().map_err(|_| bad())?))
+        };
+        Ok(Identity {
+            name,
+            incarnation: u64_at(0)?,
+            boot: u64_at(8)?,
+            opened_at: Hlc::ZERO,
+            since: decode_hlc(rest.get(16..28).ok_or_else(bad)?)?,
+            previous: u64_at(28)?,
+        })
+    }
+}

@@ -1,0 +1,345 @@
+//! Membership: what this site knows about every other site, by **name**, durably.
+//!
+//! A site's identity is its name plus its data dir's incarnation, never its URL. For every site it
+//! was ever introduced to, a site keeps a [`Member`] record in its own store (the meta table,
+//! `sync/member/NAME`): the incarnation it accepts, what it has seen of that incarnation (boot
+//! count, clock at open, highest durable clock), whether it is cut off, its matured
+//! acknowledgements, when it was last heard from. The records survive restarts, so a cut-off
+//! site stays cut off, a restarted site still waits for every site it knew before collecting a
+//! tombstone, and an older copy of a site's data dir is recognised (see ALGORITHM.md, "Identity").
+//!
+//! The rules are pure functions of a record and a message ([`Member::admit`], [`learn`]), so
+//! the simulation and the unit tests check them without a network.
+
+use std::collections::VecDeque;
+
+use atoll_kv::Hlc;
+use serde::{Deserialize, Serialize};
+
+use crate::message::{Hello, Sender, hlc_from_wire};
+
+/// The version byte of a stored member record.
+const RECORD_VERSION: u8 = 1;
+/// Most retired incarnations remembered per site.
+const MAX_RETIRED: usize = 16;
+/// Most completed sessions waiting to mature, per site.
+const MAX_ACKS: usize = 64;
+
+/// What this site knows about another site. The fields up to `last_matured` are the durable
+/// record (stored as a version byte and their postcard encoding, in this order: a disk format).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Its name.
+    pub site: String,
+    /// Its region.
+    pub region: String,
+    /// The URL it advertised last.
+    pub url: String,
+    /// The incarnation this site accepts from it.
+    pub incarnation: u64,
+    /// The highest boot count seen from that incarnation.
+    pub boot: u64,
+    /// Its clock at open in that boot.
+    pub opened_at: (u64, u32),
+    /// The highest durable clock it reported (or stamped) in that incarnation.
+    pub durable: (u64, u32),
+    /// Cut off past the horizon (or joined with data older than what was collected here): its
+    /// entries are refused until it resyncs.
+    pub cut_off: bool,
+    /// Told that it runs on an older copy of its data dir: refused until a new incarnation.
+    pub reincarnate: bool,
+    /// Incarnations it had before (a hello from one of them is refused).
+    pub retired: Vec<u64>,
+    /// The last time it was heard from (unix ms).
+    pub last_contact_ms: u64,
+    /// The start of the second-to-last matured session (what collection counts on).
+    pub matured_ack: Option<(u64, u32)>,
+    /// The start of the last matured session.
+    pub last_matured: Option<(u64, u32)>,
+}
+
+impl Record {
+    /// The stored form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![RECORD_VERSION];
+        out.extend(postcard::to_stdvec(self).unwrap_or_default());
+        out
+    }
+
+    /// Reads a stored record.
+    pub fn decode(bytes: &[u8]) -> anyhow::Result<Record> {
+        match bytes.split_first() {
+            Some((&RECORD_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
+            Some((v, _)) => anyhow::bail!("member record version {v} is not supported"),
+            None => anyhow::bail!("empty member record"),
+        }
+    }
+}
+
+/// A member: its durable record and what is kept of it in memory only.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The durable part.
+    pub record: Record,
+    /// Completed sessions not yet old enough to count: (HLC at the start, unix ms at the end).
+    pub acks: VecDeque<(Hlc, u64)>,
+    /// Its wall clock minus this site's, as last measured from a hello (ms).
+    pub offset_ms: Option<i64>,
+    /// When the offset was measured (unix ms).
+    pub offset_at_ms: u64,
+    /// Why its messages were last refused here (a clock past the bound, a duplicate name).
+    pub flag: Option<String>,
+    /// The record changed since it was last saved.
+    pub dirty: bool,
+}
+
+/// What this site does with a message from a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Merge it.
+    Accept,
+    /// Unknown site or incarnation: it must say hello first.
+    Introduce,
+    /// It runs on an older copy of its data dir.
+    Reincarnate,
+    /// It is cut off: it must resync from this watermark.
+    Resync(Hlc),
+    /// Refused, for this reason.
+    Refused(String),
+}
+
+impl Member {
+    /// A member from its stored record.
+    pub fn from_record(record: Record) -> Member {
+        Member { record, acks: VecDeque::new(), offset_ms: None, offset_at_ms: 0, flag: None, dirty: false }
+    }
+
+    /// Whether this site exchanges entries with it.
+    pub fn admitted(&self) -> bool {
+        !self.record.cut_off && !self.record.reincarnate
+    }
+
+    /// The verdict on a push or reconcile round from `from`; notes what it says of its clock.
+    pub fn admit(&mut self, from: &Sender, collected: Hlc, now_ms: u64) -> Verdict {
+        if from.incarnation != self.record.incarnation {
+            return Verdict::Introduce;
+        }
+        if self.record.reincarnate {
+            return Verdict::Reincarnate;
+        }
+        if self.record.cut_off {
+            return Verdict::Resync(collected);
+        }
+        self.record.last_contact_ms = now_ms;
+        self.record.durable = self.record.durable.max(from.durable);
+        Verdict::Accept
+    }
+
+    /// Records a completed anti-entropy session that started at `started` and ended at `now_ms`.
+    pub fn acknowledged(&mut self, started: Hlc, now_ms: u64) {
+        // Bounded: when full, later sessions are simply not counted (collection waits).
+        if self.acks.len() < MAX_ACKS {
+            self.acks.push_back((started, now_ms));
+        }
+    }
+
+    /// Moves acknowledgements older than `max_age_ms` into the matured ones.
+    pub fn mature(&mut self, now_ms: u64, max_age_ms: u64) {
+        while let Some(&(started, ended)) = self.acks.front()
+            && now_ms >= ended.saturating_add(max_age_ms)
+        {
+            self.record.matured_ack = self.record.last_matured.replace(wire(started));
+            self.acks.pop_front();
+            self.dirty = true;
+        }
+    }
+
+    /// The watermark this member allows collection up to, if any.
+    pub fn watermark(&self) -> Option<Hlc> {
+        self.record.matured_ack.map(hlc_from_wire)
+    }
+
+    fn reset_acks(&mut self) {
+        self.acks.clear();
+        self.record.matured_ack = None;
+        self.record.last_matured = None;
+    }
+}
+
+fn wire(h: Hlc) -> (u64, u32) {
+    (h.physical_ms, h.logical)
+}
+
+/// How a hello changes what this site knows of its sender.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// This site's collection watermark.
+    pub collected: Hlc,
+    /// A new incarnation of a site heard from less than this long ago is a second live site
+    /// with the same name (refused), not a replacement.
+    pub replace_after_ms: u64,
+    /// Now (unix ms).
+    pub now_ms: u64,
+}
+
+/// Learns from `hello` about its sender, whose record (if any) is `member`; returns the member as
+/// it is now and the verdict on it. The rules (ALGORITHM.md, "Identity"):
+/// - a site never introduced is recorded; it is cut off (must resync) if its data reaches back
+///   before what this site has collected;
+/// - the accepted incarnation saying hello with a lower boot, the same boot opened at another
+///   clock, or a new boot opened before a durable clock it reported earlier, runs on an older
+///   copy of its data dir: it must reincarnate;
+/// - a new incarnation replaces the old one only if it names the old one as the incarnation it
+///   replaced, or the old one was told to reincarnate, is cut off, or has been silent for
+///   `replace_after_ms`; else it is a second live site with the same name and is refused; a
+///   retired incarnation is always refused;
+/// - a cut-off site whose data now reaches back no further than this site's watermark (it
+///   resynced) is accepted again.
+pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Verdict) {
+    let since = hlc_from_wire(hello.since);
+    let old_data = rules.collected > Hlc::ZERO && since < rules.collected;
+    let fresh = |retired: Vec<u64>| Record {
+        site: hello.me.site.clone(),
+        region: hello.me.region.clone(),
+        url: hello.me.url.clone(),
+        incarnation: hello.incarnation,
+        boot: hello.boot,
+        opened_at: hello.opened_at,
+        durable: hello.durable,
+        cut_off: old_data,
+        reincarnate: false,
+        retired,
+        last_contact_ms: rules.now_ms,
+        matured_ack: None,
+        last_matured: None,
+    };
+    let Some(mut m) = member else {
+        let m = Member { dirty: true, ..Member::from_record(fresh(Vec::new())) };
+        let verdict = if old_data { Verdict::Resync(rules.collected) } else { Verdict::Accept };
+        return (m, verdict);
+    };
+    m.dirty = true;
+    m.record.region = hello.me.region.clone();
+    m.record.url = hello.me.url.clone();
+    let r = &mut m.record;
+    if hello.incarnation != r.incarnation {
+        if r.retired.contains(&hello.incarnation) {
+            let reason = format!(
+                "incarnation {:016x} of site {} was replaced by incarnation {:016x}: is an old copy of it still running?",
+                hello.incarnation, r.site, r.incarnation
+            );
+            return (m, Verdict::Refused(reason));
+        }
+        let silent = rules.now_ms.saturating_sub(r.last_contact_ms);
+        let successor = hello.previous_incarnation == r.incarnation;
+        if !successor && !r.reincarnate && !r.cut_off && silent < rules.replace_after_ms {
+            let reason = format!(
+                "site {} (incarnation {:016x}) was heard from {} ms ago; refusing a second live site with the same name (incarnation {:016x})",
+                r.site, r.incarnation, silent, hello.incarnation
+            );
+            return (m, Verdict::Refused(reason));
+        }
+        let mut retired = std::mem::take(&mut r.retired);
+        retired.push(r.incarnation);
+        if retired.len() > MAX_RETIRED {
+            retired.remove(0);
+        }
+        m.record = fresh(retired);
+        m.reset_acks();
+        let verdict = if old_data { Verdict::Resync(rules.collected) } else { Verdict::Accept };
+        return (m, verdict);
+    }
+    if r.reincarnate {
+        return (m, Verdict::Reincarnate);
+    }
+    let restored = hello.boot < r.boot
+        || (hello.boot == r.boot && hello.opened_at != r.opened_at)
+        || (hello.boot > r.boot && hello.opened_at < r.durable);
+    if restored {
+        r.reincarnate = true;
+        return (m, Verdict::Reincarnate);
+    }
+    r.boot = hello.boot;
+    r.opened_at = hello.opened_at;
+    r.durable = r.durable.max(hello.durable);
+    r.last_contact_ms = rules.now_ms;
+    if r.cut_off {
+        if old_data {
+            return (m, Verdict::Resync(rules.collected));
+        }
+        tracing::info!(site = %r.site, "a cut-off site resynced; accepting its entries again");
+        r.cut_off = false;
+        m.reset_acks();
+    }
+    (m, Verdict::Accept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::PeerInfo;
+
+    fn hello(incarnation: u64, boot: u64, opened_at: u64, durable: u64, since: u64) -> Hello {
+        Hello {
+            me: PeerInfo { site: "c".into(), region: "r".into(), url: "http://c".into() },
+            peers: vec![],
+            hlc: (durable, 0),
+            wall_ms: durable,
+            incarnation,
+            previous_incarnation: 0,
+            boot,
+            opened_at: (opened_at, 0),
+            durable: (durable, 0),
+            since: (since, 0),
+        }
+    }
+
+    fn rules(collected: u64, now_ms: u64) -> Rules {
+        Rules { collected: Hlc { physical_ms: collected, logical: 0 }, replace_after_ms: 30_000, now_ms }
+    }
+
+    #[test]
+    fn a_restart_is_accepted_and_an_older_copy_must_reincarnate() {
+        let (m, v) = learn(None, &hello(7, 1, 10, 50, 5), rules(0, 100));
+        assert_eq!(v, Verdict::Accept);
+        // Restarted: next boot, opened at its last durable clock.
+        let (m, v) = learn(Some(m), &hello(7, 2, 60, 70, 5), rules(0, 200));
+        assert_eq!(v, Verdict::Accept);
+        // A copy taken at boot 1 (clock 40) started again: boot 2 again, opened at 40.
+        let (m2, v) = learn(Some(m.clone()), &hello(7, 2, 40, 45, 5), rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
+        assert!(m2.record.reincarnate);
+        // A copy restored after the site ran on: a later boot opened before what it reported.
+        let (_, v) = learn(Some(m.clone()), &hello(7, 3, 65, 90, 5), rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
+        // Then it reincarnates: accepted at once, being the one told to.
+        let (m3, v) = learn(Some(m2), &hello(8, 3, 40, 45, 5), rules(0, 400));
+        assert_eq!(v, Verdict::Accept);
+        assert_eq!(m3.record.retired, vec![7]);
+        // And the old incarnation is refused from then on.
+        let (_, v) = learn(Some(m3), &hello(7, 4, 90, 95, 5), rules(0, 500));
+        assert!(matches!(&v, Verdict::Refused(r) if r.contains("replaced")), "{v:?}");
+    }
+
+    #[test]
+    fn a_second_live_site_with_the_same_name_is_refused() {
+        let (m, _) = learn(None, &hello(7, 1, 10, 50, 5), rules(0, 100));
+        let (m, v) = learn(Some(m), &hello(9, 1, 10, 50, 5), rules(0, 1_000));
+        assert!(matches!(&v, Verdict::Refused(r) if r.contains("second live site")), "{v:?}");
+        // Silent long enough: a new disk for the same site replaces it.
+        let (_, v) = learn(Some(m), &hello(9, 1, 10, 50, 5), rules(0, 100_000));
+        assert_eq!(v, Verdict::Accept);
+    }
+
+    #[test]
+    fn data_older_than_the_watermark_must_resync_first() {
+        let (m, v) = learn(None, &hello(7, 1, 10, 50, 5), rules(20, 100));
+        assert_eq!(v, Verdict::Resync(Hlc { physical_ms: 20, logical: 0 }));
+        assert!(m.record.cut_off);
+        let (m, v) = learn(Some(m), &hello(7, 2, 60, 70, 20), rules(20, 200));
+        assert_eq!(v, Verdict::Accept);
+        assert!(!m.record.cut_off);
+        let bytes = m.record.encode();
+        assert_eq!(Record::decode(&bytes).expect("decodes"), m.record);
+    }
+}

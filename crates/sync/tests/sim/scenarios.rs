@@ -1,0 +1,248 @@
+//! Scenario tests: a quiet network and explicit steps, each pinning one rule.
+
+use super::*;
+
+/// Scenario helpers: a quiet network, explicit steps.
+impl Sim {
+    fn quiet(n: usize, config: NodeConfig) -> Sim {
+        assert!((3..=5).contains(&n), "simulations have 3 to 5 sites");
+        let mut seed = 0;
+        let sim = loop {
+            // Pick a seed that gives `n` sites.
+            let sim = Sim::new(seed, config.clone());
+            if sim.n == n {
+                break sim;
+            }
+            seed += 1;
+        };
+        sim.net.lossy.store(false, Ordering::Relaxed);
+        sim
+    }
+
+    async fn set(&mut self, i: usize, key: &str, value: &str) {
+        let ns = self.ns();
+        let w = self.sites[i].store.write(&ns, key.as_bytes(), Write::Set(value.as_bytes().to_vec())).await;
+        assert_eq!(w, Ok(Written::Done));
+        self.drain_feeds();
+    }
+
+    async fn delete(&mut self, i: usize, key: &str) {
+        let ns = self.ns();
+        assert_eq!(self.sites[i].store.write(&ns, key.as_bytes(), Write::Delete).await, Ok(Written::Done));
+        self.drain_feeds();
+    }
+
+    fn get(&self, i: usize, key: &str) -> Option<String> {
+        let got = self.sites[i].store.get(&self.ns(), key.as_bytes()).expect("get");
+        got.map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    /// Site i says hello to and runs anti-entropy with site j.
+    async fn sync(&self, i: usize, j: usize) -> Result<usize> {
+        let node = &self.sites[i].node;
+        node.say_hello(&self.link(i), &url(j), self.wall(i)).await?;
+        node.anti_entropy(&self.link(i), &url(j), 7, self.wall(i)).await
+    }
+
+    fn cut(&self, i: usize, j: usize) {
+        self.net.cut.lock().unwrap().insert((i.min(j), i.max(j)));
+    }
+
+    fn advance(&self, ms: u64) {
+        self.net.now.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_tombstone_stays_until_every_known_site_acknowledged_it() {
+    let mut sim = Sim::quiet(3, node_config());
+    // Site 2 writes k and pushes it, but never completes an anti-entropy session with anyone.
+    sim.set(2, "k", "v").await;
+    sim.push(2).await;
+    sim.cut(0, 2);
+    sim.cut(1, 2);
+    assert_eq!(sim.get(0, "k").as_deref(), Some("v"));
+    sim.delete(0, "k").await;
+    for _ in 0..3 {
+        sim.sync(0, 1).await.expect("sync");
+        sim.sync(1, 0).await.expect("sync");
+        sim.advance(MAX_AGE_MS + 1);
+    }
+    for i in 0..2 {
+        assert_eq!(
+            sim.sites[i].node.collect(sim.now()).expect("collect"),
+            0,
+            "site {i} collected without site 2's ack"
+        );
+    }
+    // Site 2 comes back holding the old value: the tombstone must win everywhere.
+    sim.heal().await.expect("heal");
+    for i in 0..3 {
+        assert_eq!(sim.get(i, "k"), None, "k resurrected at site {i}");
+    }
+    assert!(sim.collected > 0, "once every site acknowledged, the tombstone was collected");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_site_cut_off_past_the_horizon_resyncs_and_nothing_deleted_comes_back() {
+    let config = NodeConfig { horizon_ms: 30_000, ..node_config() };
+    let mut sim = Sim::quiet(3, config);
+    sim.set(0, "k", "v").await;
+    for j in 1..3 {
+        sim.sync(0, j).await.expect("sync");
+    }
+    assert_eq!(sim.get(2, "k").as_deref(), Some("v"));
+    sim.cut(0, 2);
+    sim.cut(1, 2);
+    // While site 2 is away: k is deleted and the tombstone collected once site 2 is past the horizon.
+    sim.delete(1, "k").await;
+    sim.set(2, "written-while-cut-off", "x").await;
+    let mut collected = 0;
+    for _ in 0..20 {
+        sim.advance(3_000);
+        sim.sync(0, 1).await.expect("sync");
+        sim.sync(1, 0).await.expect("sync");
+        collected += sim.sites[0].node.collect(sim.now()).expect("collect");
+        collected += sim.sites[1].node.collect(sim.now()).expect("collect");
+    }
+    assert!(collected >= 2, "both sites collected the tombstone after cutting site 2 off");
+    assert!(sim.sites[0].node.peers().iter().any(|p| p.url == url(2) && p.cut_off));
+    // Site 2 returns: it is told to resync, drops what is older than the watermark, and pulls.
+    sim.net.cut.lock().unwrap().clear();
+    assert!(sim.sync(2, 0).await.is_err(), "site 0 refuses a cut-off site's entries");
+    sim.set(2, "written-after-return", "y").await;
+    sim.heal().await.expect("heal");
+    for i in 0..3 {
+        assert_eq!(sim.get(i, "k"), None, "k resurrected at site {i}");
+        assert_eq!(sim.get(i, "written-after-return").as_deref(), Some("y"));
+        // The documented price of the horizon: site 2's writes older than the watermark are gone.
+        assert_eq!(sim.get(i, "written-while-cut-off"), None);
+    }
+    assert!(sim.sites[0].node.peers().iter().all(|p| !p.cut_off), "site 2 is accepted again");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_difference_among_many_keys_takes_three_round_trips_and_little_data() {
+    let config = NodeConfig::default();
+    let sim = Sim::quiet(3, config);
+    let ns = sim.ns();
+    let shared: Vec<(Vec<u8>, atoll_kv::Entry)> = (0..12_000)
+        .map(|i| {
+            let stamp =
+                atoll_kv::Stamp { hlc: atoll_kv::Hlc { physical_ms: 10 + i, logical: 0 }, site: "x".into() };
+            (ns.key(format!("k{i}").as_bytes()), atoll_kv::Entry::set(b"v".to_vec(), stamp))
+        })
+        .collect();
+    for site in &sim.sites[..2] {
+        site.store.merge(shared.clone()).await.expect("fill");
+    }
+    assert_eq!(sim.sync(0, 1).await.expect("sync"), 1, "identical stores: one round trip");
+    let mut sim = sim;
+    sim.set(0, "only-at-0", "x").await;
+    let payload = |sim: &Sim| {
+        sim.sites[0].node.peers().iter().map(|p| p.payload_sent + p.payload_received).sum::<u64>()
+    };
+    let before = payload(&sim);
+    assert_eq!(sim.sync(0, 1).await.expect("sync"), 3, "one difference: three round trips");
+    let cost = payload(&sim) - before;
+    assert!(cost < 1024, "one difference among 12,000 cost {cost} bytes of messages");
+    assert_eq!(sim.get(1, "only-at-0").as_deref(), Some("x"));
+    // And the other way round: the responder holds the difference.
+    sim.set(1, "only-at-1", "y").await;
+    assert_eq!(sim.sync(0, 1).await.expect("sync"), 3);
+    assert_eq!(sim.get(0, "only-at-1").as_deref(), Some("y"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_push_queue_falls_back_to_anti_entropy_and_nothing_is_lost() {
+    let config = NodeConfig { push_queue: 3, ..node_config() };
+    let mut sim = Sim::quiet(3, config);
+    sim.cut(0, 1);
+    sim.cut(0, 2);
+    for i in 0..10 {
+        sim.set(0, &format!("k{i}"), "v").await;
+    }
+    // Writes never waited; the queues kept what fit and flagged the rest.
+    for peer in sim.sites[0].node.peers() {
+        assert_eq!(peer.push_pending, 3, "{peer:?}");
+        assert!(peer.needs_anti_entropy, "{peer:?}");
+    }
+    sim.net.cut.lock().unwrap().clear();
+    sim.push(0).await;
+    assert_eq!(sim.get(1, "k9"), None, "the push carried only what fit in the queue");
+    for j in 1..3 {
+        sim.sync(0, j).await.expect("anti-entropy");
+    }
+    for j in 1..3 {
+        for i in 0..10 {
+            assert_eq!(sim.get(j, &format!("k{i}")).as_deref(), Some("v"), "k{i} at site {j}");
+        }
+        assert!(!sim.sites[0].node.needs_anti_entropy(&url(j)));
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_tombstone_that_arrives_late_is_kept_until_sessions_after_its_arrival() {
+    // Z (2) deletes k at once; the tombstone reaches X (0) only after X's sessions with Y (1),
+    // which still holds the value. Those sessions started after the tombstone's stamp, but not
+    // after its arrival at X: they do not show that Y has it, so X must keep it.
+    let mut sim = Sim::quiet(3, node_config());
+    sim.set(1, "k", "v").await;
+    sim.sync(1, 0).await.expect("sync");
+    sim.sync(1, 2).await.expect("sync");
+    sim.delete(2, "k").await;
+    sim.cut(1, 2);
+    sim.cut(0, 2);
+    for _ in 0..3 {
+        sim.advance(1);
+        sim.sync(0, 1).await.expect("sync");
+        sim.advance(MAX_AGE_MS + 1);
+    }
+    sim.cut(0, 1);
+    sim.net.cut.lock().unwrap().remove(&(0, 2));
+    for _ in 0..3 {
+        sim.sync(0, 2).await.expect("sync");
+        sim.advance(MAX_AGE_MS + 1);
+    }
+    assert_eq!(sim.get(0, "k"), None, "the tombstone reached X");
+    assert_eq!(sim.get(1, "k").as_deref(), Some("v"), "Y still holds the value");
+    sim.sites[0].node.collect(sim.now()).expect("collect");
+    // X and Y meet again: the value must not come back at X.
+    sim.net.cut.lock().unwrap().clear();
+    sim.sync(0, 1).await.expect("sync");
+    assert_eq!(sim.get(0, "k"), None, "k came back at X");
+    assert_eq!(sim.get(1, "k"), None, "the tombstone reached Y");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_peer_known_by_another_url_than_it_advertises_stays_one_peer() {
+    let mut sim = Sim::quiet(3, node_config());
+    sim.cut(0, 2);
+    // Site 0 knows site 1 only as "sim://alias-1" (say, a DNS name); site 1 advertises "sim://site-1".
+    let me = PeerInfo { site: "s0".into(), region: "sim".into(), url: url(0) };
+    let node = Arc::new(Node::new(
+        sim.sites[0].store.clone(),
+        me,
+        node_config(),
+        &["sim://alias-1".into()],
+        sim.now(),
+    ));
+    sim.sites[0].node = node.clone();
+    sim.net.sites.lock().unwrap()[0] = Some(node.clone());
+    let peers = |sim: &Sim| -> Vec<(String, Option<String>)> {
+        sim.sites[0].node.peers().into_iter().map(|p| (p.url, p.site)).collect()
+    };
+    let alias = vec![("sim://alias-1".to_owned(), Some("s1".to_owned()))];
+    for round in 0..3 {
+        // Site 1 calls in (advertising its own URL), then site 0 calls it by the alias.
+        sim.sites[1].node.say_hello(&sim.link(1), &url(0), sim.now()).await.expect("hello in");
+        if round > 0 {
+            assert_eq!(peers(&sim), alias, "a hello from a known site does not add its advertised URL");
+        }
+        node.say_hello(&sim.link(0), "sim://alias-1", sim.now()).await.expect("hello out");
+        assert_eq!(peers(&sim), alias, "the URL that answered replaces the advertised one");
+    }
+    sim.set(0, "k", "v").await;
+    sim.push(0).await;
+    assert_eq!(sim.get(1, "k").as_deref(), Some("v"));
+}
