@@ -166,7 +166,12 @@ fn a_killed_site_catches_up_and_an_empty_site_joins_with_everything() {
     }
 }
 
-/// A push of `key`=`value` for app `kv`, signed with `secret` (None: unsigned).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as u64
+}
+
+/// A push of `key`=`value` for app `kv` from site "intruder", stamped `at` (unix ms), signed with
+/// `secret` (None: unsigned).
 fn push(
     site: &Site,
     key: &str,
@@ -174,25 +179,48 @@ fn push(
     secret: Option<&str>,
     mangle: impl Fn(&mut Vec<u8>),
 ) -> crate::Response {
+    push_at(site, key, value, u64::MAX / 2, secret, mangle)
+}
+
+fn push_at(
+    site: &Site,
+    key: &str,
+    value: &str,
+    at: u64,
+    secret: Option<&str>,
+    mangle: impl Fn(&mut Vec<u8>),
+) -> crate::Response {
     use atoll_kv::{Entry, Hlc, Namespace, Stamp};
-    use atoll_sync::message::{Request, WireEntry, encode};
+    use atoll_sync::message::{Request, Sender, WireEntry};
     let ns = Namespace::new("kv", "b", &atoll_kv::Bounds::default()).expect("ns");
-    let stamp = Stamp { hlc: Hlc { physical_ms: u64::MAX / 2, logical: 0 }, site: "intruder".into() };
+    let stamp = Stamp { hlc: Hlc { physical_ms: at, logical: 0 }, site: "intruder~1".into() };
     let entry = Entry::set(value.as_bytes().to_vec(), stamp);
-    let mut body =
-        encode(&Request::Push("intruder".into(), vec![WireEntry::new(ns.key(key.as_bytes()), &entry)]));
+    let from = Sender { site: "intruder".into(), incarnation: 1, durable: (now_ms(), 0) };
+    let request = Request::Push(from, vec![WireEntry::new(ns.key(key.as_bytes()), &entry)]);
+    send_sync(site, &request, secret, mangle)
+}
+
+/// Sends a sync request signed with `secret` (None: unsigned), its encoding changed by `mangle`.
+fn send_sync(
+    site: &Site,
+    message: &atoll_sync::message::Request,
+    secret: Option<&str>,
+    mangle: impl Fn(&mut Vec<u8>),
+) -> crate::Response {
+    let mut body = atoll_sync::message::encode(message);
     mangle(&mut body);
-    let proof = secret.map(|s| {
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis()
-                as u64;
-        atoll_sync::auth::Secret::new(s).expect("secret").sign(now, "/_atoll/sync", &body)
-    });
+    let proof = secret
+        .map(|s| atoll_sync::auth::Secret::new(s).expect("secret").sign(now_ms(), "/_atoll/sync", &body));
     let mut headers = vec![];
     if let Some(p) = &proof {
         headers.push(("x-atoll-sync-auth", p.as_str()));
     }
     request("POST", &format!("{}/_atoll/sync", site.url), &headers, Some(&body))
+}
+
+/// What a reply looks like in a (lossily decoded) response body.
+fn reply_body(reply: &atoll_sync::message::Reply) -> String {
+    String::from_utf8_lossy(&atoll_sync::message::encode(reply)).into_owned()
 }
 
 #[test]
@@ -220,8 +248,35 @@ fn sync_requests_without_valid_proof_or_well_formed_body_are_refused_and_change_
     assert_eq!(oversized.status, 400, "{}", oversized.body);
     assert_eq!(get(a, "k").as_deref(), Some("original"));
 
-    // The same push with the right secret is taken: the refusals above were the proof, not luck.
-    let signed = push(a, "k", "pushed", Some(PEER_SECRET), |_| {});
+    // Properly signed, but from a site never introduced: it must say hello first.
+    use atoll_sync::message::{Hello, PeerInfo, Reply, Request};
+    let stranger = push_at(a, "k", "pushed", now_ms(), Some(PEER_SECRET), |_| {});
+    assert_eq!((stranger.status, stranger.body), (200, reply_body(&Reply::Introduce)));
+    assert_eq!(get(a, "k").as_deref(), Some("original"));
+    let now = now_ms();
+    let hello = Hello {
+        me: PeerInfo { site: "intruder".into(), region: "us-east".into(), url: "http://127.0.0.1:9".into() },
+        peers: vec![],
+        hlc: (now, 0),
+        wall_ms: now,
+        incarnation: 1,
+        previous_incarnation: 0,
+        boot: 1,
+        opened_at: (now, 0),
+        durable: (now, 0),
+        since: (now, 0),
+    };
+    let introduced = send_sync(a, &Request::Hello(hello), Some(PEER_SECRET), |_| {});
+    assert_eq!(introduced.status, 200, "{}", introduced.body);
+    // Introduced, but stamped far past this site's clock: not merged, and the reason is given.
+    let ahead = push(a, "k", "forged", Some(PEER_SECRET), |_| {});
+    assert_eq!(ahead.status, 200, "{}", ahead.body);
+    assert!(ahead.body.contains("clock bound"), "{}", ahead.body);
+    assert_eq!(get(a, "k").as_deref(), Some("original"));
+
+    // The same push, introduced, stamped now and signed right, is taken: the refusals above
+    // were the proof, not luck.
+    let signed = push_at(a, "k", "pushed", now_ms(), Some(PEER_SECRET), |_| {});
     assert_eq!(signed.status, 200, "{}", signed.body);
     assert_eq!(get(a, "k").as_deref(), Some("pushed"));
 }
