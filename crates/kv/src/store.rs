@@ -395,7 +395,9 @@ impl Store {
 
     /// Takes a new random incarnation, durably, and stamps every later write with it: what a site
     /// does when it learns that its data dir is an older copy of itself (a restore), so that it
-    /// never reuses a stamp or a counter contribution it made before. Returns the new identity.
+    /// never reuses a stamp or a counter contribution it made before. In the same transaction the
+    /// store starts a resync ([`Store::resyncing`]): guests wait until it is finished. Returns the
+    /// new identity.
     pub fn reincarnate(&self) -> Result<Identity, KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let next = {
@@ -404,6 +406,9 @@ impl Store {
             next.previous = next.incarnation;
             next.incarnation = Identity::random_incarnation(next.incarnation);
             next.save(&mut meta)?;
+            // An older copy may hold what its peers deleted since: it pulls everything (and
+            // drops what its peers tell it to) before guests use it again.
+            meta.insert(RESYNCING, [1u8].as_slice()).map_err(storage)?;
             next
         };
         txn.commit().map_err(storage)?;
@@ -691,12 +696,21 @@ impl Store {
         Ok(table.get(RESYNCING).map_err(storage)?.is_some())
     }
 
-    /// Records that the resync is finished (a full anti-entropy session with a peer that accepts
-    /// this site completed after it started).
-    pub fn finish_resync(&self) -> Result<(), KvError> {
+    /// Records that the resync is finished: a full anti-entropy session with a peer that accepts
+    /// this site, started at `synced_at` after the resync began, completed. The data now reaches
+    /// back to `synced_at` ([`Identity::since`]): it holds everything that peer held then.
+    pub fn finish_resync(&self, synced_at: Hlc) -> Result<(), KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;
-        txn.open_table(META).map_err(storage)?.remove(RESYNCING).map_err(storage)?;
-        txn.commit().map_err(storage)
+        let mut identity = self.identity();
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.remove(RESYNCING).map_err(storage)?;
+            identity.since = identity.since.max(synced_at);
+            identity.save(&mut meta)?;
+        }
+        txn.commit().map_err(storage)?;
+        *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
+        Ok(())
     }
 
     /// Every [`Store::meta`] value whose name starts with `prefix`, by name (without `sync/`).

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use atoll_kv::Hlc;
 use serde::{Deserialize, Serialize};
 
-use crate::message::{Hello, Sender, hlc_from_wire};
+use crate::message::{Hello, Seen, Sender, hlc_from_wire};
 
 /// The version byte of a stored member record.
 const RECORD_VERSION: u8 = 1;
@@ -121,7 +121,9 @@ impl Member {
 
     /// The verdict on a push or reconcile round from `from`; notes what it says of its clock.
     pub fn admit(&mut self, from: &Sender, collected: Hlc, now_ms: u64) -> Verdict {
-        if from.incarnation != self.record.incarnation {
+        // Another incarnation, or a boot whose hello this site has not heard: introduce it first
+        // (what it says of its clock only counts within the boot the record describes).
+        if from.incarnation != self.record.incarnation || from.boot != self.record.boot {
             return Verdict::Introduce;
         }
         if self.record.reincarnate {
@@ -133,6 +135,37 @@ impl Member {
         self.record.last_contact_ms = now_ms;
         self.record.durable = self.record.durable.max(from.durable);
         Verdict::Accept
+    }
+
+    /// What this site has seen of the member's incarnation, for other sites' hellos.
+    pub fn seen(&self) -> Seen {
+        Seen {
+            site: self.record.site.clone(),
+            incarnation: self.record.incarnation,
+            boot: self.record.boot,
+            opened_at: self.record.opened_at,
+            durable: self.record.durable,
+        }
+    }
+
+    /// Takes in what another site has seen of this member: a later boot or a higher durable
+    /// clock of the same incarnation is evidence too (a copy of it must not pass for it here
+    /// because this site had not heard from it for a while).
+    pub fn witness(&mut self, seen: &Seen) {
+        let r = &mut self.record;
+        if seen.incarnation != r.incarnation {
+            return;
+        }
+        if seen.boot > r.boot {
+            r.boot = seen.boot;
+            r.opened_at = seen.opened_at;
+            r.durable = seen.durable;
+            self.dirty = true;
+        }
+        if seen.boot == r.boot && seen.durable > r.durable {
+            r.durable = seen.durable;
+            self.dirty = true;
+        }
     }
 
     /// Records a completed anti-entropy session that started at `started` and ended at `now_ms`.
@@ -192,7 +225,7 @@ pub struct Rules {
 /// - a new incarnation replaces the old one only if it names the old one as the incarnation it
 ///   replaced, or the old one was told to reincarnate, is cut off, or has been silent for
 ///   `replace_after_ms`; else it is a second live site with the same name and is refused; a
-///   retired incarnation is always refused;
+///   retired incarnation (an older copy started again) must reincarnate;
 /// - a cut-off site whose data now reaches back no further than this site's watermark (it
 ///   resynced) is accepted again.
 pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Verdict) {
@@ -224,11 +257,15 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     let r = &mut m.record;
     if hello.incarnation != r.incarnation {
         if r.retired.contains(&hello.incarnation) {
-            let reason = format!(
-                "incarnation {:016x} of site {} was replaced by incarnation {:016x}: is an old copy of it still running?",
-                hello.incarnation, r.site, r.incarnation
+            // An older copy of the site, started after the site moved on: it must take a new
+            // incarnation, which is then accepted once the current one is silent (or refused
+            // as a second live site while it is not).
+            tracing::warn!(
+                site = %r.site,
+                "incarnation {:016x} was replaced by incarnation {:016x}: an older copy of the site is running",
+                hello.incarnation, r.incarnation
             );
-            return (m, Verdict::Refused(reason));
+            return (m, Verdict::Reincarnate);
         }
         let silent = rules.now_ms.saturating_sub(r.last_contact_ms);
         let successor = hello.previous_incarnation == r.incarnation;
@@ -255,6 +292,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     let restored = hello.boot < r.boot
         || (hello.boot == r.boot && hello.opened_at != r.opened_at)
         || (hello.boot > r.boot && hello.opened_at < r.durable);
+    tracing::debug!(site = %r.site, boot = hello.boot, opened_at = ?hello.opened_at, known_boot = r.boot, known_durable = ?r.durable, restored, "hello from a known incarnation");
     if restored {
         r.reincarnate = true;
         return (m, Verdict::Reincarnate);
@@ -291,6 +329,7 @@ mod tests {
             opened_at: (opened_at, 0),
             durable: (durable, 0),
             since: (since, 0),
+            seen: vec![],
         }
     }
 
@@ -316,9 +355,12 @@ mod tests {
         let (m3, v) = learn(Some(m2), &hello(8, 3, 40, 45, 5), rules(0, 400));
         assert_eq!(v, Verdict::Accept);
         assert_eq!(m3.record.retired, vec![7]);
-        // And the old incarnation is refused from then on.
-        let (_, v) = learn(Some(m3), &hello(7, 4, 90, 95, 5), rules(0, 500));
-        assert!(matches!(&v, Verdict::Refused(r) if r.contains("replaced")), "{v:?}");
+        // The old incarnation, started again from a copy, must reincarnate too...
+        let (m3, v) = learn(Some(m3), &hello(7, 4, 90, 95, 5), rules(0, 500));
+        assert_eq!(v, Verdict::Reincarnate);
+        // ...and its new incarnation is a second live site while the current one is heard from.
+        let (_, v) = learn(Some(m3), &hello(10, 4, 90, 95, 5), rules(0, 600));
+        assert!(matches!(&v, Verdict::Refused(r) if r.contains("second live site")), "{v:?}");
     }
 
     #[test]

@@ -56,6 +56,24 @@ pub struct Hello {
     pub durable: (u64, u32),
     /// How far back the sender's data reaches (its creation, or the watermark it resynced from).
     pub since: (u64, u32),
+    /// What the sender has seen of the other sites' incarnations: a site that was away learns
+    /// from it to recognise an older copy of a third site (witness gossip).
+    pub seen: Vec<Seen>,
+}
+
+/// What one site has seen of another's incarnation (see [`Hello::seen`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    /// The site's name.
+    pub site: String,
+    /// The incarnation.
+    pub incarnation: u64,
+    /// The highest boot seen.
+    pub boot: u64,
+    /// Its clock at open in that boot.
+    pub opened_at: (u64, u32),
+    /// The highest durable clock it reported.
+    pub durable: (u64, u32),
 }
 
 /// Who sent a push or a reconcile round: a site name and its incarnation, with its durable clock
@@ -66,6 +84,8 @@ pub struct Sender {
     pub site: String,
     /// Its data dir incarnation.
     pub incarnation: u64,
+    /// Its boot count (a receiver that has not heard this boot's hello asks for one).
+    pub boot: u64,
     /// Its durable clock when it sent this.
     pub durable: (u64, u32),
 }
@@ -281,8 +301,11 @@ impl Validate for Reply {
 }
 
 fn validate_hello(h: &Hello) -> Result<(), String> {
-    if h.peers.len() > 1000 {
+    if h.peers.len() > 1000 || h.seen.len() > 1000 {
         return Err("too many peers".into());
+    }
+    if h.seen.iter().any(|s| s.site.is_empty() || s.site.len() > 255) {
+        return Err("a seen site's name is empty or too long".into());
     }
     for p in std::iter::once(&h.me).chain(&h.peers) {
         if p.site.is_empty() || p.site.len() > 255 || p.region.len() > 255 || p.url.len() > 2048 {
@@ -375,7 +398,7 @@ mod tests {
         );
         let key = atoll_kv::Namespace::new("app", "b", &atoll_kv::Bounds::default()).expect("ns").key(b"k");
         Request::Reconcile(
-            Sender { site: "a".into(), incarnation: 1, durable: (5, 1) },
+            Sender { site: "a".into(), incarnation: 1, boot: 1, durable: (5, 1) },
             Round {
                 salt: 7,
                 nodes: vec![NodeDigests::new(1, 3, &[9; FANOUT])],

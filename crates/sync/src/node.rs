@@ -370,9 +370,10 @@ impl<S: SyncStore> Node<S> {
     /// This site's hello.
     pub fn hello(&self, now_ms: u64) -> Result<Hello> {
         let id = self.store.identity();
-        let peers = {
+        let (peers, seen) = {
             let state = self.state();
-            state
+            let seen = state.members.values().map(Member::seen).collect();
+            let peers = state
                 .peers
                 .values()
                 .filter(|p| !p.is_self)
@@ -383,7 +384,8 @@ impl<S: SyncStore> Node<S> {
                         url: p.url.clone(),
                     })
                 })
-                .collect()
+                .collect();
+            (peers, seen)
         };
         Ok(Hello {
             me: self.me.clone(),
@@ -396,13 +398,16 @@ impl<S: SyncStore> Node<S> {
             opened_at: hlc_wire(id.opened_at),
             durable: hlc_wire(self.store.durable_hlc()),
             since: hlc_wire(id.since),
+            seen,
         })
     }
 
     fn sender(&self) -> Sender {
+        let id = self.store.identity();
         Sender {
             site: self.me.site.clone(),
-            incarnation: self.store.identity().incarnation,
+            incarnation: id.incarnation,
+            boot: id.boot,
             durable: hlc_wire(self.store.durable_hlc()),
         }
     }
@@ -662,11 +667,8 @@ impl<S: SyncStore> Node<S> {
         p.payload_received += exchange.received_payload as u64;
         p.last_contact_ms = Some(now_ms);
         p.last_error = None;
-        if let Some(site) = p.site.clone()
-            && let Some(m) = state.members.get_mut(&site)
-        {
-            m.record.last_contact_ms = now_ms;
-        }
+        // The member itself is heard from only by what names its incarnation (a hello, a push, a
+        // round): whatever answers at its URL may be an older copy of it.
     }
 
     async fn call(
@@ -714,6 +716,7 @@ impl<S: SyncStore> Node<S> {
         );
         let mut state = self.state();
         state.confirmed.clear();
+        state.resync_epoch += 1;
         for p in state.peers.values_mut() {
             p.introduced = false;
             p.needs_anti_entropy = true;
@@ -901,7 +904,7 @@ impl<S: SyncStore> Node<S> {
             state.resync_epoch == epoch
         };
         if finished_resync && self.store.resyncing()? {
-            self.store.finish_resync()?;
+            self.store.finish_resync(started)?;
             tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
             self.update_gate(now_ms);
         }
@@ -1034,6 +1037,10 @@ impl<S: SyncStore> Node<S> {
             self.save(record);
         }
         let Some(watermark) = watermark else { return Ok(0) };
+        {
+            let state = self.state();
+            tracing::debug!(site = %self.me.site, %watermark, members = ?state.members.keys().collect::<Vec<_>>(), peers = ?state.peers.values().map(|p| (p.url.clone(), p.site.clone(), p.is_self)).collect::<Vec<_>>(), "collecting");
+        }
         let removed = self.store.collect_tombstones(watermark)?;
         self.state().collected = watermark;
         self.store.set_tombstone_floor(self.tombstone_floor(watermark));

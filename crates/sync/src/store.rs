@@ -36,8 +36,8 @@ pub trait SyncStore: Send + Sync {
     fn discard_before(&self, before: Hlc) -> Result<usize>;
     /// Whether a resync is under way.
     fn resyncing(&self) -> Result<bool>;
-    /// Records that the resync is finished.
-    fn finish_resync(&self) -> Result<()>;
+    /// Records that the resync is finished by a session with a full member started at `synced_at`.
+    fn finish_resync(&self, synced_at: Hlc) -> Result<()>;
     /// Takes a new incarnation (this data dir is an older copy of itself).
     fn reincarnate(&self) -> Result<Identity>;
     /// Replication's durable records whose names start with `prefix`.
@@ -111,8 +111,8 @@ impl SyncStore for Store {
         Ok(Store::resyncing(self)?)
     }
 
-    fn finish_resync(&self) -> Result<()> {
-        Ok(Store::finish_resync(self)?)
+    fn finish_resync(&self, synced_at: Hlc) -> Result<()> {
+        Ok(Store::finish_resync(self, synced_at)?)
     }
 
     fn reincarnate(&self) -> Result<Identity> {

@@ -212,6 +212,15 @@ struct Sim {
     saw_delete: BTreeSet<(usize, String)>,
     /// Faults injected, for the summary.
     faults: BTreeMap<&'static str, usize>,
+    /// Restored sites not yet told by a peer that they run on an older copy: (step the copy was
+    /// taken at, incarnation at the restore). Their writes stay at risk until they reincarnate
+    /// (or the next heal, when every peer can tell them): a restored site that no peer can
+    /// recognise for longer than the confirmation timeout writes on its old identity.
+    restored: BTreeMap<usize, (usize, u64)>,
+    /// A site was restored since the last heal.
+    restored_since_heal: bool,
+    /// How many sites the simulation started with.
+    initial: usize,
 }
 
 impl Sim {
@@ -240,6 +249,9 @@ impl Sim {
             saw_delete: BTreeSet::new(),
             failure: None,
             faults: BTreeMap::new(),
+            restored: BTreeMap::new(),
+            restored_since_heal: false,
+            initial: n,
         };
         for _ in 0..n {
             sim.add_site();
@@ -285,7 +297,9 @@ impl Sim {
 
     fn start_node(&self, store: &Store, i: usize, generation: usize) -> Arc<Node<Store>> {
         let me = PeerInfo { site: format!("s{i}"), region: "sim".into(), url: url_at(i, generation) };
-        let seeds: Vec<String> = (0..self.n.max(i + 1)).map(url).collect();
+        // Every site is configured with every other site's address, as `atoll dev` and the
+        // Kubernetes manifests do (a new site knows the ones before it; they learn of it by hello).
+        let seeds: Vec<String> = (0..self.initial.max(i + 1)).chain(0..self.n).map(url).collect();
         Arc::new(Node::new(store.clone(), me, self.config.clone(), &seeds, self.net.wall(i)))
     }
 
@@ -307,6 +321,7 @@ impl Sim {
     }
 
     fn fault(&mut self, what: &'static str) {
+        tracing::info!(step = self.step, "fault: {what}");
         *self.faults.entry(what).or_default() += 1;
     }
 
@@ -371,6 +386,7 @@ impl Sim {
                         return;
                     }
                     if store.write(&ns, key.as_bytes(), Write::Delete).await == Ok(Written::Done) {
+                        tracing::info!(site = i, step, key, "deleted");
                         self.model.deleted.insert(key, (i, step));
                     }
                 }
@@ -378,8 +394,9 @@ impl Sim {
             5..=7 => {
                 let key = format!("counter-{}", self.rng.u8(..4));
                 let delta = self.rng.i64(-5..=20);
-                if let Ok(Written::Total(_)) = store.write(&ns, key.as_bytes(), Write::Increment(delta)).await
+                if let Ok(Written::Total(t)) = store.write(&ns, key.as_bytes(), Write::Increment(delta)).await
                 {
+                    tracing::info!(step, site = i, key, delta, total = t, "incremented");
                     self.model.counters.entry(key).or_default().push((i, step, delta));
                 }
             }
@@ -471,6 +488,7 @@ impl Sim {
 
     /// Copies site `i`'s store file (it is consistent between steps: nothing is being written).
     fn snapshot(&mut self, i: usize) {
+        tracing::info!(site = i, step = self.step, "copied");
         let copy = self.sites[i].path.with_extension(format!("copy-{}", self.step));
         std::fs::copy(&self.sites[i].path, &copy).expect("copy the store");
         if let Some((old, _)) = self.sites[i].snapshot.replace((copy, self.step)) {
@@ -484,10 +502,34 @@ impl Sim {
         self.close(i);
         std::fs::rename(&copy, &self.sites[i].path).expect("restore the copy");
         self.restart_at(i, self.sites[i].generation);
-        self.model.at_risk.push((i, taken + 1, self.step));
+        self.close_risk(i);
+        self.restored.insert(i, (taken, self.sites[i].store.identity().incarnation));
+        self.restored_since_heal = true;
         // The restored site may legitimately read values its lost tombstones had deleted.
         self.saw_delete.retain(|(site, _)| *site != i);
+        let id = self.sites[i].store.identity();
+        tracing::info!(site = i, taken, boot = id.boot, opened_at = %id.opened_at, "restored");
         self.fault("restores");
+    }
+
+    /// Ends the window of writes a restore of site `i` may undo.
+    fn close_risk(&mut self, i: usize) {
+        if let Some((taken, _)) = self.restored.remove(&i) {
+            self.model.at_risk.push((i, taken + 1, self.step));
+        }
+    }
+
+    /// Restored sites that took a new incarnation: their later writes are safe.
+    fn note_reincarnations(&mut self) {
+        let done: Vec<usize> = self
+            .restored
+            .iter()
+            .filter(|(i, (_, inc))| self.sites[**i].store.identity().incarnation != *inc)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in done {
+            self.close_risk(i);
+        }
     }
 
     fn ns(&self) -> Namespace {
@@ -531,7 +573,10 @@ impl Sim {
                     self.fault("restarts");
                 }
                 930..=934 if up => self.snapshot(i),
-                935..=937 if self.sites[i].snapshot.is_some() => self.restore(i),
+                // One restore between heals (ALGORITHM.md, "Fault model"): a restored site's own
+                // knowledge of its peers is as old as its copy, so it may take a second restored
+                // site's old data for current before the others tell it otherwise.
+                935..=937 if self.sites[i].snapshot.is_some() && !self.restored_since_heal => self.restore(i),
                 938 if self.n < MAX_SITES => {
                     self.add_site();
                     self.fault("sites added");
@@ -559,6 +604,7 @@ impl Sim {
                 }
                 _ => {}
             }
+            self.note_reincarnations();
             if let Err(e) = self.no_deleted_key_comes_back() {
                 self.failure.get_or_insert(e);
             }
@@ -621,7 +667,12 @@ impl Sim {
                 self.drain_feeds();
                 self.no_deleted_key_comes_back()?;
             }
+            self.note_reincarnations();
             if iteration >= 8 && self.converged()? && self.tombstones()? == 0 {
+                for i in 0..self.n {
+                    self.close_risk(i);
+                }
+                self.restored_since_heal = false;
                 self.net.lossy.store(true, Ordering::Relaxed);
                 return Ok(());
             }
@@ -728,6 +779,8 @@ impl Sim {
                     Some(v) => std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()),
                 };
                 if !total.is_some_and(|t| (low..=high).contains(&t)) {
+                    let entry = store.entries_at(&[ns.key(key.as_bytes())])?;
+                    eprintln!("entry: {entry:?}\nincrements: {increments:?}\nfaults: {:?}", self.faults);
                     bail!(
                         "site s{i}: counter {key} is {:?}, acknowledged increments allow {low}..={high}",
                         show(got.as_deref())
@@ -764,6 +817,10 @@ fn short(v: &str) -> String {
 }
 
 async fn run_seed(seed: u64) -> Result<(usize, BTreeMap<&'static str, usize>)> {
+    // `ATOLL_SIM_LOG=info` (with ATOLL_SIM_SEED) shows what the nodes log, step by step.
+    if let Ok(filter) = std::env::var("ATOLL_SIM_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
     let mut sim = Sim::new(seed, node_config());
     sim.chaos(150).await;
     sim.heal().await?;
