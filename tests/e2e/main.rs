@@ -4,6 +4,7 @@
 mod bad_input;
 mod deploy;
 mod dev;
+mod faults;
 mod keyvalue;
 mod limits;
 mod observability;
@@ -32,6 +33,8 @@ struct Site {
     stderr_path: PathBuf,
     /// The arguments after `--data DIR`, kept for a restart.
     extra: Vec<String>,
+    /// Extra environment variables, kept for a restart.
+    env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -43,6 +46,11 @@ impl Site {
 
     /// Starts a site with extra arguments and, optionally, a config file's contents.
     fn start_with(name: &str, extra: &[&str], config: Option<&str>) -> Site {
+        Site::start_with_env(name, extra, config, &[])
+    }
+
+    /// [`Site::start_with`] with extra environment variables (e.g. libfaketime's).
+    fn start_with_env(name: &str, extra: &[&str], config: Option<&str>, env: &[(&str, &str)]) -> Site {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -51,13 +59,14 @@ impl Site {
             std::fs::write(&path, config).expect("write config");
             args.extend(["--config".into(), path.display().to_string()]);
         }
-        let mut site = Site::spawn(name, &data, &args, dir.path());
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut site = Site::spawn(name, &data, &args, dir.path(), &env);
         site._dir = Some(dir);
         site
     }
 
     /// Starts a site on an existing data dir (a restart).
-    fn spawn(name: &str, data: &Path, extra: &[String], logs: &Path) -> Site {
+    fn spawn(name: &str, data: &Path, extra: &[String], logs: &Path, env: &[(String, String)]) -> Site {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stderr_path = logs.join(format!("{name}-{n}.stderr"));
@@ -76,13 +85,23 @@ impl Site {
             .env("ATOLL_ADMIN_TOKEN", TOKEN)
             .env("ATOLL_PEER_SECRET", PEER_SECRET)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("spawn atoll site");
         let url = wait_for_listen_line(&mut child, &stderr_path);
         let extra = extra.to_vec();
-        Site { child, url, name: name.into(), data: data.to_owned(), stderr_path, extra, _dir: None }
+        Site {
+            child,
+            url,
+            name: name.into(),
+            data: data.to_owned(),
+            stderr_path,
+            extra,
+            env: env.to_vec(),
+            _dir: None,
+        }
     }
 
     /// SIGKILLs the site.
@@ -101,7 +120,7 @@ impl Site {
         if !extra.iter().any(|a| a == "--listen") {
             extra.extend(["--listen".to_owned(), self.url.trim_start_matches("http://").to_owned()]);
         }
-        let mut restarted = Site::spawn(&self.name, &self.data, &extra, &logs);
+        let mut restarted = Site::spawn(&self.name, &self.data, &extra, &logs, &self.env);
         restarted._dir = self._dir.take();
         restarted
     }

@@ -6,26 +6,31 @@ use std::time::Duration;
 use crate::{PEER_SECRET, Site, eventually, json, request};
 
 /// Anti-entropy every 300 ms, so that catching up after a kill takes well under a second.
-const FAST: &str = "[sync]\nanti_entropy_ms = 300\n";
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const FAST: &str = "[sync]\nanti_entropy_ms = 300\n";
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// Starts `names[0]` alone and every other site with `--peer` to it.
-fn mesh(names: &[&str]) -> Vec<Site> {
-    let first = Site::start_with(names[0], &[], Some(FAST));
+pub(crate) fn mesh(names: &[&str]) -> Vec<Site> {
+    mesh_with(names, FAST)
+}
+
+/// [`mesh`] with another configuration file.
+pub(crate) fn mesh_with(names: &[&str], config: &str) -> Vec<Site> {
+    let first = Site::start_with(names[0], &[], Some(config));
     let mut sites = vec![];
     for name in &names[1..] {
-        sites.push(Site::start_with(name, &["--peer", &first.url], Some(FAST)));
+        sites.push(Site::start_with(name, &["--peer", &first.url], Some(config)));
     }
     sites.insert(0, first);
     sites
 }
 
-fn put(site: &Site, key: &str, value: &str) {
+pub(crate) fn put(site: &Site, key: &str, value: &str) {
     let r = request("PUT", &format!("{}/apps/kv/b/{key}", site.url), &[], Some(value.as_bytes()));
     assert_eq!(r.status, 200, "PUT {key} at {}: {}", site.name, r.body);
 }
 
-fn get(site: &Site, key: &str) -> Option<String> {
+pub(crate) fn get(site: &Site, key: &str) -> Option<String> {
     let r = site.get(&format!("/apps/kv/b/{key}"));
     match r.status {
         200 => Some(r.body),
@@ -34,13 +39,13 @@ fn get(site: &Site, key: &str) -> Option<String> {
     }
 }
 
-fn increment(site: &Site, key: &str) {
+pub(crate) fn increment(site: &Site, key: &str) {
     let r = request("POST", &format!("{}/apps/kv/b/{key}", site.url), &[], Some(b""));
     assert_eq!(r.status, 200, "increment {key} at {}: {}", site.name, r.body);
 }
 
 /// Deploys the kv-draft guest as `kv` at `sites[0]` and waits until every site serves it.
-fn deploy_kv(sites: &[Site]) -> String {
+pub(crate) fn deploy_kv(sites: &[Site]) -> String {
     sites[0].deploy("kv", atoll_test_guests::KV_DRAFT, &[]);
     let version = json(&sites[0].admin("GET", "/_atoll/apps/kv", None).body)["version"].clone();
     for site in sites {
@@ -52,7 +57,7 @@ fn deploy_kv(sites: &[Site]) -> String {
     version.as_str().unwrap_or_default().to_owned()
 }
 
-fn converge(sites: &[Site], key: &str, expected: Option<&str>) {
+pub(crate) fn converge(sites: &[Site], key: &str, expected: Option<&str>) {
     for site in sites {
         eventually(WAIT, &format!("{key}={expected:?} at {}", site.name), || {
             (get(site, key).as_deref() == expected).then_some(())

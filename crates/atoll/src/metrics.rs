@@ -95,8 +95,20 @@ pub fn observe_router(router: &atoll_router::Router) {
 /// Copies the replication peers' statistics into gauges and counters.
 pub fn observe_sync<S: atoll_sync::SyncStore>(node: &atoll_sync::Node<S>) {
     let now = atoll_sync::http::wall_ms();
-    for p in node.peers().into_iter().filter(|p| p.active()) {
+    metrics::gauge!("atoll_sync_store_closed").set(if node.guest_gate().is_some() { 1.0 } else { 0.0 });
+    for p in node.peers() {
         let peer = p.site.clone().unwrap_or_else(|| p.url.clone());
+        if let Some(offset) = p.clock_offset_ms {
+            metrics::gauge!("atoll_sync_peer_clock_offset_ms", "peer" => peer.clone()).set(offset as f64);
+        }
+        metrics::gauge!("atoll_sync_peer_cut_off", "peer" => peer.clone()).set(if p.cut_off {
+            1.0
+        } else {
+            0.0
+        });
+        if !p.active() {
+            continue;
+        }
         if let Some(lag) = p.lag_ms {
             metrics::gauge!("atoll_sync_lag_seconds", "peer" => peer.clone()).set(lag as f64 / 1000.0);
         }

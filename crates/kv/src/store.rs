@@ -279,8 +279,8 @@ struct Inner {
     writer_id: Arc<RwLock<String>>,
     /// The clock's high-water mark as of the last durable commit.
     durable: Arc<Mutex<Hlc>>,
-    /// Why guests may not use the store now, if they may not.
-    gate: RwLock<Option<String>>,
+    /// Why guests may not use the store now, if they may not, and whether they may still read.
+    gate: RwLock<Option<(String, bool)>>,
     /// Merged tombstones stamped before this, for keys this store does not hold, are not stored
     /// ([`Store::set_tombstone_floor`]).
     floor: Arc<Mutex<Hlc>>,
@@ -425,16 +425,25 @@ impl Store {
         *self.inner.floor.lock().unwrap_or_else(|e| e.into_inner()) = floor;
     }
 
-    /// Closes the store to guests (`Some(reason)`) or opens it again (`None`). Replication and
-    /// the host's own records are not affected; a guest sees [`KvError::Unavailable`].
-    pub fn set_gate(&self, reason: Option<String>) {
-        *self.inner.gate.write().unwrap_or_else(|e| e.into_inner()) = reason;
+    /// Closes the store to guests (`Some(reason)`) or opens it again (`None`): to their writes
+    /// only (`writes_only`), or to their reads too. Replication and the host's own records are not
+    /// affected; a guest sees [`KvError::Unavailable`].
+    pub fn set_gate(&self, reason: Option<String>, writes_only: bool) {
+        *self.inner.gate.write().unwrap_or_else(|e| e.into_inner()) = reason.map(|r| (r, writes_only));
     }
 
-    /// `Err(Unavailable(reason))` while guests may not use the store.
+    /// `Err(Unavailable(reason))` while guests may not read the store.
     pub fn gate(&self) -> Result<(), KvError> {
         match &*self.inner.gate.read().unwrap_or_else(|e| e.into_inner()) {
-            Some(reason) => Err(KvError::Unavailable(reason.clone())),
+            Some((reason, false)) => Err(KvError::Unavailable(reason.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// `Err(Unavailable(reason))` while guests may not write to the store.
+    pub fn write_gate(&self) -> Result<(), KvError> {
+        match &*self.inner.gate.read().unwrap_or_else(|e| e.into_inner()) {
+            Some((reason, _)) => Err(KvError::Unavailable(reason.clone())),
             None => Ok(()),
         }
     }

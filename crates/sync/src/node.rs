@@ -923,10 +923,10 @@ impl<S: SyncStore> Node<S> {
         self.state().gate_unready
     }
 
-    /// Recomputes [`Node::guest_gate`] and applies it to the store: closed while this site
-    /// resyncs, while no peer has confirmed its identity since it started (up to
-    /// `confirm_timeout_ms`), while a peer refuses it, and while its clock is off by more than
-    /// the bound from most of its peers (at least two measured).
+    /// Recomputes [`Node::guest_gate`] and applies it to the store: closed to guests while this
+    /// site resyncs; closed to their writes while no peer has confirmed its identity since it
+    /// started (up to `confirm_timeout_ms`), while a peer refuses it, and while its clock is off
+    /// by more than the bound from most of its peers (at least two measured).
     pub fn update_gate(&self, now_ms: u64) -> Option<String> {
         let resyncing = self.store.resyncing().unwrap_or(true);
         let mut state = self.state();
@@ -976,7 +976,8 @@ impl<S: SyncStore> Node<S> {
         }
         state.gate_unready = unready && gate.is_some();
         drop(state);
-        self.store.set_gate(gate.clone());
+        // Only a resync hides what the store holds; the other causes refuse writes.
+        self.store.set_gate(gate.clone(), !resyncing);
         gate
     }
 

@@ -44,8 +44,9 @@ pub trait SyncStore: Send + Sync {
     fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
     /// Writes one durable record.
     fn save_record(&self, name: &str, value: &[u8]) -> Result<()>;
-    /// Closes the store to guests (`Some(reason)`) or opens it again.
-    fn set_gate(&self, reason: Option<String>);
+    /// Closes the store to guests (`Some(reason)`: to their writes only, or to reads too) or
+    /// opens it again.
+    fn set_gate(&self, reason: Option<String>, writes_only: bool);
     /// Merged tombstones stamped before `floor`, for keys the store does not hold, are not stored.
     fn set_tombstone_floor(&self, floor: Hlc);
 }
@@ -127,8 +128,8 @@ impl SyncStore for Store {
         Ok(self.set_meta(name, value)?)
     }
 
-    fn set_gate(&self, reason: Option<String>) {
-        Store::set_gate(self, reason)
+    fn set_gate(&self, reason: Option<String>, writes_only: bool) {
+        Store::set_gate(self, reason, writes_only)
     }
 
     fn set_tombstone_floor(&self, floor: Hlc) {

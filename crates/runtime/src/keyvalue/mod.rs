@@ -150,7 +150,7 @@ impl KvView<'_> {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
-        // Closed to guests while the site resyncs, has a bad clock, or is refused by its peers.
+        // Closed to guests while the site resyncs (writes: see `write`).
         outcome(store.gate())?.ok();
         let ns = match outcome(Namespace::new(&self.ctx.app, identifier, store.bounds()))? {
             Ok(ns) => ns,
@@ -182,7 +182,12 @@ impl KvView<'_> {
         };
         metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
         match self.store() {
-            Ok(store) => outcome(store.write(&ns, key.as_bytes(), write).await),
+            Ok(store) => {
+                // Closed to guest writes while the site resyncs, has a clock off, is refused by
+                // its peers or waits for them to confirm it (the request fails with 503).
+                outcome(store.write_gate())?.ok();
+                outcome(store.write(&ns, key.as_bytes(), write).await)
+            }
             Err(e) => Ok(Err(e)),
         }
     }
@@ -234,6 +239,7 @@ impl KvView<'_> {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
+        outcome(store.write_gate())?.ok();
         let results = match outcome(store.write_many(&ns, writes).await)? {
             Ok(results) => results,
             Err(e) => return Ok(Err(e)),
@@ -283,6 +289,7 @@ impl KvView<'_> {
             Err(e) => return Ok(Err(e)),
         };
         let write = Write::CompareAndSwap { expected: current, new: value };
+        outcome(store.write_gate())?.ok();
         match outcome(store.write(&ns, key.as_bytes(), write).await)? {
             Ok(Written::Swapped(true)) => Ok(Ok(Ok(()))),
             Ok(_) => {

@@ -355,8 +355,8 @@ impl Sim {
             return;
         }
         let store = self.sites[i].store.clone();
-        // Guests go through the gate (the runtime checks it when a bucket is opened).
-        if store.gate().is_err() {
+        // Guests go through the gate (the runtime checks it before every write).
+        if store.write_gate().is_err() {
             return;
         }
         let ns = Namespace::new("app", "b", store.bounds()).expect("ns");
