@@ -34,6 +34,9 @@ pub struct Identity {
     pub previous: u64,
     /// How many times the store was opened (this opening included).
     pub boot: u64,
+    /// A random id of this opening (not stored): two openings of copies of one data dir get the
+    /// same boot count but never the same nonce.
+    pub boot_nonce: u64,
     /// The clock's durable high-water mark when this boot opened the store: at least every
     /// stamp the previous boots sent anywhere, unless the data dir is an older copy.
     pub opened_at: Hlc,
@@ -79,11 +82,13 @@ impl Identity {
                 incarnation: Identity::random_incarnation(0),
                 previous: 0,
                 boot: 0,
+                boot_nonce: 0,
                 opened_at: Hlc::ZERO,
                 since: if fresh { clock.now() } else { other.map_or(Hlc::ZERO, |o| o.since) },
             },
         };
         identity.boot = identity.boot.saturating_add(1);
+        identity.boot_nonce = fastrand::u64(..);
         identity.opened_at = clock.last();
         identity.save(meta)?;
         Ok(identity)
@@ -122,6 +127,7 @@ impl Identity {
             name,
             incarnation: u64_at(0)?,
             boot: u64_at(8)?,
+            boot_nonce: 0,
             opened_at: Hlc::ZERO,
             since: decode_hlc(rest.get(16..28).ok_or_else(bad)?)?,
             previous: u64_at(28)?,

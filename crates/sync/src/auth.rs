@@ -67,6 +67,8 @@ impl Secret {
     }
 
     /// Checks a header value for `body` and `purpose` at `now_ms` (constant-time comparison).
+    /// The signature is checked before the time, so a [`AuthError::Stale`] proof was made by a
+    /// holder of the secret (its timestamp tells that peer's clock).
     pub fn verify(
         &self,
         header: Option<&str>,
@@ -74,6 +76,16 @@ impl Secret {
         purpose: &str,
         body: &[u8],
     ) -> Result<(), AuthError> {
+        let at = self.signed_at(header, purpose, body)?;
+        let age = now_ms.abs_diff(at);
+        if age > MAX_AGE_MS {
+            return Err(AuthError::Stale(age));
+        }
+        Ok(())
+    }
+
+    /// The time a valid proof was made at, whatever it is.
+    pub fn signed_at(&self, header: Option<&str>, purpose: &str, body: &[u8]) -> Result<u64, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let mut parts = header.split(' ');
         let (Some("v1"), Some(at), Some(hex), None) =
@@ -89,11 +101,8 @@ impl Secret {
             .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
             .collect::<Result<_, _>>()
             .map_err(|_| AuthError::Malformed)?;
-        let age = now_ms.abs_diff(at);
-        if age > MAX_AGE_MS {
-            return Err(AuthError::Stale(age));
-        }
-        self.mac(at, purpose, body).verify_truncated_left(&tag).map_err(|_| AuthError::BadSignature)
+        self.mac(at, purpose, body).verify_truncated_left(&tag).map_err(|_| AuthError::BadSignature)?;
+        Ok(at)
     }
 }
 

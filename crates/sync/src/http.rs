@@ -112,12 +112,36 @@ impl Transport for HttpTransport {
         // Approximate: the headers' plain size (HTTP/2 compresses them; the exact count on the
         // wire is what `cargo bench -p atoll-sync --bench reconcile` measures).
         let sent_bytes = body_len + header_bytes(request.headers()) + url.len() + 70;
+        let sent_at = wall_ms();
         let (parts, bytes) = self.send(request).await.with_context(|| url.to_string())?;
+        let received_at = wall_ms();
         if parts.status != StatusCode::OK {
-            bail!("{url} answered {}: {}", parts.status, String::from_utf8_lossy(&bytes).trim());
+            let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+            // A peer that refused the proof's timestamp says what time it is: the offset.
+            let time_proof = parts.headers.get(TIME_HEADER).and_then(|v| v.to_str().ok());
+            if parts.status == StatusCode::UNAUTHORIZED
+                && let Ok(theirs) = self.secret.signed_at(time_proof, "clock", b"")
+            {
+                let ours = sent_at / 2 + received_at / 2;
+                let offset_ms = i64::try_from(theirs)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(i64::try_from(ours).unwrap_or(i64::MAX));
+                return Err(ClockOffset { offset_ms, detail: format!("{url} answered 401: {text}") }.into());
+            }
+            bail!("{url} answered {}: {text}", parts.status);
         }
         let proof = parts.headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
-        self.secret.verify(proof, wall_ms(), "reply", &bytes).with_context(|| format!("{url}'s answer"))?;
+        if let Err(e) = self.secret.verify(proof, received_at, "reply", &bytes) {
+            if let auth::AuthError::Stale(_) = e
+                && let Ok(at) = self.secret.signed_at(proof, "reply", &bytes)
+            {
+                let offset_ms = i64::try_from(at)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(i64::try_from(received_at).unwrap_or(i64::MAX));
+                return Err(ClockOffset { offset_ms, detail: format!("{url}'s answer: {e}") }.into());
+            }
+            return Err(anyhow::Error::new(e).context(format!("{url}'s answer")));
+        }
         let reply: Reply = message::decode(&bytes).with_context(|| format!("{url}'s answer"))?;
         let received_bytes = bytes.len() + header_bytes(&parts.headers) + 17;
         Ok(Exchange {
@@ -157,6 +181,22 @@ impl<S> std::fmt::Debug for Server<S> {
     }
 }
 
+/// On a 401, the refusing site's wall clock, signed like a message (purpose `clock`, empty body):
+/// a caller whose clock is off learns by how much, and nobody without the secret can tell it
+/// otherwise.
+pub const TIME_HEADER: &str = "x-atoll-time";
+
+/// A peer could not be talked to because the two clocks are further apart than the signature
+/// window: the offset (the peer's clock minus this site's, in ms) is known all the same.
+#[derive(Debug, thiserror::Error)]
+#[error("{detail} (its clock is {offset_ms} ms from this site's)")]
+pub struct ClockOffset {
+    /// The peer's clock minus this site's (ms).
+    pub offset_ms: i64,
+    /// What happened.
+    pub detail: String,
+}
+
 /// The `/_atoll/sync/` routes.
 pub fn routes<S: SyncStore + 'static>(server: Arc<Server<S>>) -> axum::Router {
     axum::Router::new()
@@ -185,7 +225,19 @@ async fn sync<S: SyncStore>(
     let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
     if let Err(e) = server.secret.verify(proof, now, SYNC_PATH, &bytes) {
         tracing::warn!("refused a sync request: {e}");
-        return refuse(StatusCode::UNAUTHORIZED, e);
+        // A genuine hello (the signature holds) from a site whose clock is too far off to talk:
+        // show who it is and by how much, and admit nothing.
+        if let auth::AuthError::Stale(_) = e
+            && let Ok(at) = server.secret.signed_at(proof, SYNC_PATH, &bytes)
+            && let Ok(Request::Hello(hello)) = message::decode::<Request>(&bytes)
+        {
+            let offset =
+                i64::try_from(at).unwrap_or(i64::MAX).saturating_sub(i64::try_from(now).unwrap_or(i64::MAX));
+            server.node.note_clock_too_far(&hello.me, offset, now);
+        }
+        // The time, so that a caller whose clock is off learns by how much (it proves nothing).
+        let time = server.secret.sign(now, "clock", b"");
+        return (StatusCode::UNAUTHORIZED, [(TIME_HEADER, time)], format!("{e}\n")).into_response();
     }
     let request: Request = match message::decode(&bytes) {
         Ok(r) => r,

@@ -39,6 +39,8 @@ pub struct Record {
     pub incarnation: u64,
     /// The highest boot count seen from that incarnation.
     pub boot: u64,
+    /// That boot's random id.
+    pub boot_nonce: u64,
     /// Its clock at open in that boot.
     pub opened_at: (u64, u32),
     /// The highest durable clock it reported (or stamped) in that incarnation.
@@ -83,10 +85,6 @@ pub struct Member {
     pub record: Record,
     /// Completed sessions not yet old enough to count: (HLC at the start, unix ms at the end).
     pub acks: VecDeque<(Hlc, u64)>,
-    /// Its wall clock minus this site's, as last measured from a hello (ms).
-    pub offset_ms: Option<i64>,
-    /// When the offset was measured (unix ms).
-    pub offset_at_ms: u64,
     /// Why its messages were last refused here (a clock past the bound, a duplicate name).
     pub flag: Option<String>,
     /// The record changed since it was last saved.
@@ -111,7 +109,7 @@ pub enum Verdict {
 impl Member {
     /// A member from its stored record.
     pub fn from_record(record: Record) -> Member {
-        Member { record, acks: VecDeque::new(), offset_ms: None, offset_at_ms: 0, flag: None, dirty: false }
+        Member { record, acks: VecDeque::new(), flag: None, dirty: false }
     }
 
     /// Whether this site exchanges entries with it.
@@ -123,7 +121,10 @@ impl Member {
     pub fn admit(&mut self, from: &Sender, collected: Hlc, now_ms: u64) -> Verdict {
         // Another incarnation, or a boot whose hello this site has not heard: introduce it first
         // (what it says of its clock only counts within the boot the record describes).
-        if from.incarnation != self.record.incarnation || from.boot != self.record.boot {
+        if from.incarnation != self.record.incarnation
+            || from.boot != self.record.boot
+            || from.boot_nonce != self.record.boot_nonce
+        {
             return Verdict::Introduce;
         }
         if self.record.reincarnate {
@@ -143,6 +144,7 @@ impl Member {
             site: self.record.site.clone(),
             incarnation: self.record.incarnation,
             boot: self.record.boot,
+            boot_nonce: self.record.boot_nonce,
             opened_at: self.record.opened_at,
             durable: self.record.durable,
         }
@@ -158,6 +160,7 @@ impl Member {
         }
         if seen.boot > r.boot {
             r.boot = seen.boot;
+            r.boot_nonce = seen.boot_nonce;
             r.opened_at = seen.opened_at;
             r.durable = seen.durable;
             self.dirty = true;
@@ -237,6 +240,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         url: hello.me.url.clone(),
         incarnation: hello.incarnation,
         boot: hello.boot,
+        boot_nonce: hello.boot_nonce,
         opened_at: hello.opened_at,
         durable: hello.durable,
         cut_off: old_data,
@@ -289,8 +293,10 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     if r.reincarnate {
         return (m, Verdict::Reincarnate);
     }
+    // The same boot count opened again (a copy taken while the site was stopped, started after
+    // the site itself had started from it) differs by its nonce.
     let restored = hello.boot < r.boot
-        || (hello.boot == r.boot && hello.opened_at != r.opened_at)
+        || (hello.boot == r.boot && (hello.boot_nonce != r.boot_nonce || hello.opened_at != r.opened_at))
         || (hello.boot > r.boot && hello.opened_at < r.durable);
     tracing::debug!(site = %r.site, boot = hello.boot, opened_at = ?hello.opened_at, known_boot = r.boot, known_durable = ?r.durable, restored, "hello from a known incarnation");
     if restored {
@@ -298,6 +304,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         return (m, Verdict::Reincarnate);
     }
     r.boot = hello.boot;
+    r.boot_nonce = hello.boot_nonce;
     r.opened_at = hello.opened_at;
     r.durable = r.durable.max(hello.durable);
     r.last_contact_ms = rules.now_ms;
@@ -326,6 +333,7 @@ mod tests {
             incarnation,
             previous_incarnation: 0,
             boot,
+            boot_nonce: boot * 1000 + opened_at,
             opened_at: (opened_at, 0),
             durable: (durable, 0),
             since: (since, 0),

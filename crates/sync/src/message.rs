@@ -50,6 +50,9 @@ pub struct Hello {
     pub previous_incarnation: u64,
     /// How many times the sender's store was opened.
     pub boot: u64,
+    /// A random id of the sender's current boot (two copies of a data dir opened with the same
+    /// boot count differ by it).
+    pub boot_nonce: u64,
     /// The sender's durable clock when this boot opened its store.
     pub opened_at: (u64, u32),
     /// The sender's durable clock now: at least every stamp it has sent.
@@ -70,6 +73,8 @@ pub struct Seen {
     pub incarnation: u64,
     /// The highest boot seen.
     pub boot: u64,
+    /// That boot's random id.
+    pub boot_nonce: u64,
     /// Its clock at open in that boot.
     pub opened_at: (u64, u32),
     /// The highest durable clock it reported.
@@ -86,6 +91,8 @@ pub struct Sender {
     pub incarnation: u64,
     /// Its boot count (a receiver that has not heard this boot's hello asks for one).
     pub boot: u64,
+    /// Its boot's random id.
+    pub boot_nonce: u64,
     /// Its durable clock when it sent this.
     pub durable: (u64, u32),
 }
@@ -398,7 +405,7 @@ mod tests {
         );
         let key = atoll_kv::Namespace::new("app", "b", &atoll_kv::Bounds::default()).expect("ns").key(b"k");
         Request::Reconcile(
-            Sender { site: "a".into(), incarnation: 1, boot: 1, durable: (5, 1) },
+            Sender { site: "a".into(), incarnation: 1, boot: 1, boot_nonce: 9, durable: (5, 1) },
             Round {
                 salt: 7,
                 nodes: vec![NodeDigests::new(1, 3, &[9; FANOUT])],

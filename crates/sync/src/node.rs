@@ -109,6 +109,9 @@ pub struct Peer {
     pub must_reincarnate: bool,
     /// Its wall clock minus this site's (ms), as last measured.
     pub clock_offset_ms: Option<i64>,
+    /// When the offset was measured (unix ms).
+    #[serde(skip)]
+    offset_at_ms: u64,
     /// Why this site refused its messages last (a clock past the bound, a duplicate name).
     pub flag: Option<String>,
     /// When this site first heard of it (unix ms).
@@ -156,6 +159,7 @@ impl Peer {
             cut_off: false,
             must_reincarnate: false,
             clock_offset_ms: None,
+            offset_at_ms: 0,
             flag: None,
             first_seen_ms: now_ms,
             last_contact_ms: None,
@@ -327,8 +331,7 @@ impl<S: SyncStore> Node<S> {
                 copy.cut_off = m.record.cut_off;
                 copy.must_reincarnate = m.record.reincarnate;
                 copy.incarnation = Some(format!("{:016x}", m.record.incarnation));
-                copy.clock_offset_ms = m.offset_ms;
-                copy.flag = m.flag.clone();
+                copy.flag = copy.flag.or_else(|| m.flag.clone());
             }
             peers.push(copy);
         }
@@ -395,6 +398,7 @@ impl<S: SyncStore> Node<S> {
             incarnation: id.incarnation,
             previous_incarnation: id.previous,
             boot: id.boot,
+            boot_nonce: id.boot_nonce,
             opened_at: hlc_wire(id.opened_at),
             durable: hlc_wire(self.store.durable_hlc()),
             since: hlc_wire(id.since),
@@ -408,6 +412,7 @@ impl<S: SyncStore> Node<S> {
             site: self.me.site.clone(),
             incarnation: id.incarnation,
             boot: id.boot,
+            boot_nonce: id.boot_nonce,
             durable: hlc_wire(self.store.durable_hlc()),
         }
     }
@@ -463,12 +468,6 @@ impl<S: SyncStore> Node<S> {
             let before = state.members.remove(&hello.me.site);
             let was_admitted = before.as_ref().map(Member::admitted);
             let (mut member, verdict) = membership::learn(before, hello, rules);
-            member.offset_ms = Some(
-                i64::try_from(hello.wall_ms)
-                    .unwrap_or(i64::MAX)
-                    .saturating_sub(i64::try_from(now_ms).unwrap_or(i64::MAX)),
-            );
-            member.offset_at_ms = now_ms;
             match &verdict {
                 Verdict::Reincarnate if was_admitted != Some(false) => tracing::warn!(
                     site = %hello.me.site,
@@ -489,6 +488,13 @@ impl<S: SyncStore> Node<S> {
             peer.region = Some(hello.me.region.clone());
             peer.is_self = false;
             peer.last_contact_ms = Some(now_ms);
+            peer.clock_offset_ms = Some(
+                i64::try_from(hello.wall_ms)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(i64::try_from(now_ms).unwrap_or(i64::MAX)),
+            );
+            peer.offset_at_ms = now_ms;
+            peer.flag = None;
             (verdict, record)
         };
         self.save(&record);
@@ -531,6 +537,27 @@ impl<S: SyncStore> Node<S> {
         if let Some(p) = self.state().peers.get_mut(url) {
             f(p);
         }
+    }
+
+    /// A site whose signed hello was refused because the two clocks are `offset_ms` apart (more
+    /// than the signature window): it is shown, flagged, with its offset, and nothing else.
+    pub fn note_clock_too_far(&self, who: &PeerInfo, offset_ms: i64, now_ms: u64) {
+        let url = who.url.trim_end_matches('/').to_owned();
+        if url.is_empty() || url == self.me.url || who.site == self.me.site {
+            return;
+        }
+        let mut state = self.state();
+        let known = state
+            .peers
+            .iter()
+            .find(|(_, p)| p.site.as_deref() == Some(who.site.as_str()))
+            .map(|(u, _)| u.clone());
+        let peer = state.peers.entry(known.unwrap_or(url.clone())).or_insert_with(|| Peer::new(url, now_ms));
+        peer.site.get_or_insert_with(|| who.site.clone());
+        peer.region.get_or_insert_with(|| who.region.clone());
+        peer.clock_offset_ms = Some(offset_ms);
+        peer.offset_at_ms = now_ms;
+        peer.flag = Some(format!("its clock is {offset_ms} ms from this site's: too far apart to talk"));
     }
 
     /// Flags the member `site` with `reason` (shown in the status), logging it once.
@@ -696,7 +723,17 @@ impl<S: SyncStore> Node<S> {
                     reply => return Ok(reply),
                 }
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                if let Some(clock) = e.downcast_ref::<crate::http::ClockOffset>() {
+                    let reason = format!("clocks too far apart to talk: {clock}");
+                    self.with_peer(url, |p| {
+                        p.clock_offset_ms = Some(clock.offset_ms);
+                        p.offset_at_ms = now_ms;
+                        p.flag = Some(reason);
+                    });
+                }
+                Err(e)
+            }
         };
         let e = result.err().unwrap_or_else(|| anyhow::anyhow!("{url}: no answer"));
         self.failed(url, &e);
@@ -932,10 +969,10 @@ impl<S: SyncStore> Node<S> {
         let mut state = self.state();
         let bound = i64::try_from(self.config.max_clock_offset_ms).unwrap_or(i64::MAX);
         let measured: Vec<i64> = state
-            .members
+            .peers
             .values()
-            .filter(|m| now_ms.saturating_sub(m.offset_at_ms) < 60_000)
-            .filter_map(|m| m.offset_ms)
+            .filter(|p| !p.is_self && now_ms.saturating_sub(p.offset_at_ms) < 60_000)
+            .filter_map(|p| p.clock_offset_ms)
             .collect();
         let off = measured.iter().filter(|o| o.unsigned_abs() > bound.unsigned_abs()).count();
         let has_peers = state.peers.values().any(|p| !p.is_self);
