@@ -27,7 +27,12 @@ impl Hlc {
         } else if self.logical < u32::MAX {
             Hlc { physical_ms: self.physical_ms, logical: self.logical + 1 }
         } else {
-            Hlc { physical_ms: self.physical_ms + 1, logical: 0 }
+            // Saturates: a reading at the very end of time stays there (it cannot wrap or panic,
+            // and writes stamped with it still go through).
+            Hlc {
+                physical_ms: self.physical_ms.saturating_add(1),
+                logical: if self.physical_ms == u64::MAX { u32::MAX } else { 0 },
+            }
         }
     }
 }
@@ -124,6 +129,15 @@ mod tests {
         // Observing an older reading changes nothing.
         clock.observe(Hlc::ZERO);
         assert!(clock.last() > remote);
+    }
+
+    #[test]
+    fn a_reading_at_the_end_of_time_saturates_instead_of_wrapping() {
+        let (clock, _) = manual(10);
+        let end = Hlc { physical_ms: u64::MAX, logical: u32::MAX };
+        clock.observe(end);
+        assert_eq!(clock.now(), end);
+        assert_eq!(clock.now(), end);
     }
 
     #[test]

@@ -223,13 +223,20 @@ impl<S: SyncStore> Step<'_, S> {
 
     /// Puts the entries of `keys` (all in `leaf`) in the answer; if the budget runs out first,
     /// offers the leaf instead, so that the rest follows in a later round.
+    /// The budget holds as the round is assembled: entries are read a few at a time and the
+    /// round stops growing once it is spent (one entry always fits: values are bounded well below
+    /// the budget), so a leaf of large values takes several rounds instead of one oversized message.
     fn send(&mut self, leaf: u16, keys: &[Vec<u8>]) -> Result<()> {
-        for chunk in keys.chunks(64) {
+        for chunk in keys.chunks(4) {
             if self.full() {
                 return self.offer(leaf);
             }
             for (key, entry) in self.store.entries_at(chunk)? {
                 let wire = WireEntry::new(key, &entry);
+                if wire.size() > self.budget.entry_bytes && !self.out.entries.is_empty() {
+                    self.budget.entry_bytes = 0;
+                    return self.offer(leaf);
+                }
                 self.budget.entry_bytes = self.budget.entry_bytes.saturating_sub(wire.size());
                 self.out.entries.push(wire);
                 self.moved.sent += 1;

@@ -131,12 +131,19 @@ impl Transport for Link {
             let delay = net.rng.lock().unwrap().u64(1..3_000);
             net.delayed.lock().unwrap().push((now + delay, now, to, request.clone()));
         }
+        // The receiver refuses an oversized message unread, as the HTTP endpoint does (400).
         let sent_bytes = atoll_sync::message::encode(&request).len();
+        if sent_bytes > atoll_sync::message::MAX_MESSAGE {
+            bail!("{url} refused a message of {sent_bytes} bytes");
+        }
         let reply = node.handle(request, net.wall(to)).await?;
         if net.chance(0.1) {
             bail!("reply lost");
         }
         let received_bytes = atoll_sync::message::encode(&reply).len();
+        if received_bytes > atoll_sync::message::MAX_MESSAGE {
+            bail!("an answer of {received_bytes} bytes from {url} was refused");
+        }
         Ok(Exchange {
             reply,
             sent_bytes,

@@ -246,3 +246,40 @@ async fn a_peer_known_by_another_url_than_it_advertises_stays_one_peer() {
     sim.push(0).await;
     assert_eq!(sim.get(1, "k").as_deref(), Some("v"));
 }
+
+/// 40 values of 1 MiB in one range of the key-hash space: rounds and pushes keep to their byte
+/// budgets as they are built, so the range converges over several rounds instead of one message
+/// over the size limit that every peer refuses.
+#[tokio::test(flavor = "current_thread")]
+async fn a_range_of_forty_values_of_one_mebibyte_converges() {
+    let config = NodeConfig { max_message_age_ms: MAX_AGE_MS, ..NodeConfig::default() };
+    let mut sim = Sim::quiet(3, config);
+    let ns = sim.ns();
+    let range = atoll_kv::range_of(&ns.key(b"big-0"));
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("big-{i}"))
+        .filter(|k| atoll_kv::range_of(&ns.key(k.as_bytes())) == range)
+        .take(40)
+        .collect();
+    let value = "x".repeat((1 << 20) - 64);
+    // Site 0 writes them while cut off from 1; site 2 gets them by push.
+    sim.cut(0, 1);
+    for key in &keys {
+        sim.set(0, key, &value).await;
+    }
+    sim.push(0).await;
+    sim.push(0).await;
+    sim.push(0).await;
+    sim.push(0).await;
+    sim.push(0).await;
+    sim.push(0).await;
+    for key in &keys {
+        assert_eq!(sim.get(2, key).map(|v| v.len()), Some(value.len()), "{key} pushed to site 2");
+    }
+    // Site 1 has none of them: anti-entropy from site 2 carries them in rounds within budget.
+    let rounds = sim.sync(2, 1).await.expect("anti-entropy within the size limit");
+    assert!(rounds > 5, "{rounds} rounds: 40 MiB cannot go in one 8 MiB round");
+    for key in &keys {
+        assert_eq!(sim.get(1, key).map(|v| v.len()), Some(value.len()), "{key} at site 1");
+    }
+}

@@ -21,6 +21,9 @@ use crate::message::{Hello, PeerInfo, Reply, Request, Sender, WireEntry, hlc_fro
 use crate::reconcile::{self, Budget};
 use crate::store::SyncStore;
 
+mod collect;
+mod gate;
+
 /// How a node behaves.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -280,14 +283,6 @@ impl<S: SyncStore> Node<S> {
         node
     }
 
-    /// Below the collection watermark by three clock bounds: a tombstone stamped before this,
-    /// for a key this site does not hold, was held by every site when this site collected, and
-    /// no write made since can be stamped before it (ALGORITHM.md, "Tombstones go away").
-    fn tombstone_floor(&self, collected: Hlc) -> Hlc {
-        let margin = self.config.max_clock_offset_ms.saturating_mul(3);
-        Hlc { physical_ms: collected.physical_ms.saturating_sub(margin), logical: 0 }
-    }
-
     /// The store.
     pub fn store(&self) -> &S {
         &self.store
@@ -363,11 +358,6 @@ impl<S: SyncStore> Node<S> {
     /// The tombstone collection watermark reached so far.
     pub fn collected(&self) -> Hlc {
         self.state().collected
-    }
-
-    /// The bound on remote stamps: entries changed at or after it are not merged.
-    fn clock_bound(&self, now_ms: u64) -> Hlc {
-        Hlc { physical_ms: now_ms.saturating_add(self.config.max_clock_offset_ms), logical: 0 }
     }
 
     /// This site's hello.
@@ -537,27 +527,6 @@ impl<S: SyncStore> Node<S> {
         if let Some(p) = self.state().peers.get_mut(url) {
             f(p);
         }
-    }
-
-    /// A site whose signed hello was refused because the two clocks are `offset_ms` apart (more
-    /// than the signature window): it is shown, flagged, with its offset, and nothing else.
-    pub fn note_clock_too_far(&self, who: &PeerInfo, offset_ms: i64, now_ms: u64) {
-        let url = who.url.trim_end_matches('/').to_owned();
-        if url.is_empty() || url == self.me.url || who.site == self.me.site {
-            return;
-        }
-        let mut state = self.state();
-        let known = state
-            .peers
-            .iter()
-            .find(|(_, p)| p.site.as_deref() == Some(who.site.as_str()))
-            .map(|(u, _)| u.clone());
-        let peer = state.peers.entry(known.unwrap_or(url.clone())).or_insert_with(|| Peer::new(url, now_ms));
-        peer.site.get_or_insert_with(|| who.site.clone());
-        peer.region.get_or_insert_with(|| who.region.clone());
-        peer.clock_offset_ms = Some(offset_ms);
-        peer.offset_at_ms = now_ms;
-        peer.flag = Some(format!("its clock is {offset_ms} ms from this site's: too far apart to talk"));
     }
 
     /// Flags the member `site` with `reason` (shown in the status), logging it once.
@@ -847,7 +816,7 @@ impl<S: SyncStore> Node<S> {
         let mut wire: Vec<WireEntry> = Vec::new();
         let mut bytes = 0;
         let mut taken = 0;
-        for chunk in keys.chunks(16) {
+        for chunk in keys.chunks(4) {
             if bytes >= self.config.push_bytes && !wire.is_empty() {
                 break;
             }
@@ -946,146 +915,6 @@ impl<S: SyncStore> Node<S> {
             self.update_gate(now_ms);
         }
         Ok(rounds)
-    }
-
-    /// Why guests may not use the store now, if they may not (as last computed by
-    /// [`Node::update_gate`]).
-    pub fn guest_gate(&self) -> Option<String> {
-        self.state().gate.clone()
-    }
-
-    /// Whether the gate is closed for a reason that makes the site unready: resyncing, clock
-    /// off, refused (not merely waiting for a first confirmation at startup).
-    pub fn blocks_readiness(&self) -> bool {
-        self.state().gate_unready
-    }
-
-    /// Recomputes [`Node::guest_gate`] and applies it to the store: closed to guests while this
-    /// site resyncs; closed to their writes while no peer has confirmed its identity since it
-    /// started (up to `confirm_timeout_ms`), while a peer refuses it, and while its clock is off
-    /// by more than the bound from most of its peers (at least two measured).
-    pub fn update_gate(&self, now_ms: u64) -> Option<String> {
-        let resyncing = self.store.resyncing().unwrap_or(true);
-        let mut state = self.state();
-        let bound = i64::try_from(self.config.max_clock_offset_ms).unwrap_or(i64::MAX);
-        let measured: Vec<i64> = state
-            .peers
-            .values()
-            .filter(|p| !p.is_self && now_ms.saturating_sub(p.offset_at_ms) < 60_000)
-            .filter_map(|p| p.clock_offset_ms)
-            .collect();
-        let off = measured.iter().filter(|o| o.unsigned_abs() > bound.unsigned_abs()).count();
-        let has_peers = state.peers.values().any(|p| !p.is_self);
-        // Every site that may have seen a newer state of this one must have had its say.
-        let unconfirmed =
-            state.members.values().any(|m| m.admitted() && !state.confirmed.contains(&m.record.site))
-                || (state.confirmed.is_empty() && has_peers);
-        let mut unready = true;
-        let gate = if resyncing {
-            Some(
-                "this site is resyncing after being cut off from its peers past the replication horizon"
-                    .to_owned(),
-            )
-        } else if let Some((url, reason)) = &state.refused {
-            Some(format!("this site is refused by its peer {url}: {reason}"))
-        } else if measured.len() >= 2 && off * 2 > measured.len() {
-            let median = {
-                let mut m = measured.clone();
-                m.sort_unstable();
-                m[m.len() / 2]
-            };
-            Some(format!(
-                "this site's clock is off by about {} ms from most of its peers (the bound is {} ms): fix the clock",
-                -median, self.config.max_clock_offset_ms
-            ))
-        } else if unconfirmed && now_ms.saturating_sub(self.started_ms) < self.config.confirm_timeout_ms {
-            unready = false;
-            Some("this site is starting: no peer has confirmed its identity yet".to_owned())
-        } else {
-            None
-        };
-        if gate != state.gate {
-            match &gate {
-                Some(reason) => tracing::warn!("guests may not use the store: {reason}"),
-                None => tracing::info!("guests may use the store again"),
-            }
-            state.gate = gate.clone();
-        }
-        state.gate_unready = unready && gate.is_some();
-        drop(state);
-        // Only a resync hides what the store holds; the other causes refuse writes.
-        self.store.set_gate(gate.clone(), !resyncing);
-        gate
-    }
-
-    /// Collects the tombstones every known site has acknowledged (see ALGORITHM.md,
-    /// "Tombstones"), cutting off sites silent past the horizon; returns how many went. Every
-    /// site this site was ever introduced to counts (the records are durable), whatever URL it
-    /// has and whether this process has heard from it yet.
-    pub fn collect(&self, now_ms: u64) -> Result<usize> {
-        let (watermark, changed) = {
-            let mut state = self.state();
-            let mut watermark: Option<Hlc> = None;
-            let mut blocked = false;
-            let mut changed = Vec::new();
-            for m in state.members.values_mut() {
-                m.mature(now_ms, self.config.max_message_age_ms);
-                if !m.record.cut_off {
-                    let silent = now_ms.saturating_sub(m.record.last_contact_ms);
-                    if silent > self.config.horizon_ms {
-                        tracing::warn!(site = %m.record.site, "peer silent past the horizon: cut off; it must resync to rejoin");
-                        m.record.cut_off = true;
-                        m.dirty = true;
-                    } else {
-                        match m.watermark() {
-                            Some(a) => watermark = Some(watermark.map_or(a, |w| w.min(a))),
-                            None => blocked = true,
-                        }
-                    }
-                }
-                if m.dirty {
-                    m.dirty = false;
-                    changed.push(m.record.clone());
-                }
-            }
-            // A peer known only by URL (never introduced) could be any site: it blocks
-            // collection until it says hello, or until it is silent past the horizon.
-            if state.peers.values().any(|p| {
-                !p.is_self
-                    && p.site.is_none()
-                    && now_ms.saturating_sub(p.last_contact_ms.unwrap_or(p.first_seen_ms))
-                        <= self.config.horizon_ms
-            }) {
-                blocked = true;
-            }
-            let cut: Vec<String> =
-                state.members.values().filter(|m| m.record.cut_off).map(|m| m.record.site.clone()).collect();
-            for p in state.peers.values_mut() {
-                if p.site.as_ref().is_some_and(|s| cut.contains(s)) {
-                    p.pending.clear();
-                }
-            }
-            let watermark = match watermark {
-                Some(w) if !blocked && w > state.collected => Some(w),
-                _ => None,
-            };
-            (watermark, changed)
-        };
-        for record in &changed {
-            self.save(record);
-        }
-        let Some(watermark) = watermark else { return Ok(0) };
-        {
-            let state = self.state();
-            tracing::debug!(site = %self.me.site, %watermark, members = ?state.members.keys().collect::<Vec<_>>(), peers = ?state.peers.values().map(|p| (p.url.clone(), p.site.clone(), p.is_self)).collect::<Vec<_>>(), "collecting");
-        }
-        let removed = self.store.collect_tombstones(watermark)?;
-        self.state().collected = watermark;
-        self.store.set_tombstone_floor(self.tombstone_floor(watermark));
-        if removed > 0 {
-            tracing::info!(removed, %watermark, "collected tombstones every site has acknowledged");
-        }
-        Ok(removed)
     }
 }
 
