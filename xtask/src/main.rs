@@ -9,6 +9,7 @@
 //! - `bench-sync`: push-path replication latency between two release sites.
 //! - `bench-router`: router overhead (p50/p99 added latency) and failover time over repeated kills.
 //! - `sim`: the replication simulation over many seeds.
+//! - `chaos`: the end-to-end chaos test (real sites SIGKILLed under load) for minutes.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -71,6 +72,16 @@ enum Task {
         #[arg(long, default_value_t = 10_000)]
         seeds: u64,
     },
+    /// The chaos test: three real sites, clients at random sites, a site SIGKILLed and restarted
+    /// every few seconds; then every site must hold the same state and nothing acknowledged lost.
+    Chaos {
+        /// How long the kills go on, in seconds.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+        /// The seed of the clients' and the kills' choices.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -85,6 +96,11 @@ fn main() -> Result<()> {
             .current_dir(root())
             .args(["test", "--release", "-p", "atoll-sync", "--test", "sim", "--", "--nocapture"])
             .env("ATOLL_SIM_SEEDS", seeds.to_string())),
+        Task::Chaos { secs, seed } => run(Command::new("cargo")
+            .current_dir(root())
+            .args(["test", "-p", "atoll", "--test", "e2e", "faults::chaos", "--", "--nocapture"])
+            .env("ATOLL_CHAOS_SECS", secs.to_string())
+            .env("ATOLL_CHAOS_SEED", seed.to_string())),
     }
 }
 
