@@ -210,6 +210,28 @@ fn a_site_with_a_clock_an_hour_fast_is_flagged_and_cannot_override_later_writes(
     );
 }
 
+/// Two live sites with the same name (a second data dir started by mistake): the newcomer is
+/// refused and says so, the first keeps replicating, and nothing either wrote is confused.
+#[test]
+fn a_second_live_site_with_the_same_name_is_refused_and_logged() {
+    let sites = mesh(&["a", "x"]);
+    deploy_kv(&sites);
+    put(&sites[1], "from-x", "1");
+    converge(&sites, "from-x", Some("1"));
+    let twin = Site::start_with("x", &["--peer", &sites[0].url], Some(FAST));
+    twin.deploy("kv", atoll_test_guests::KV_DRAFT, &[]);
+    let refused = eventually(WAIT, "the twin refused", || {
+        let r = request("PUT", &format!("{}/apps/kv/b/from-twin", twin.url), &[], Some(b"2"));
+        (r.status == 503 && r.body.contains("refused")).then_some(r.body)
+    });
+    assert!(refused.contains("second live site"), "{refused}");
+    assert!(sites[0].stderr().contains("second live site"), "{}", sites[0].stderr());
+    // The first x is untouched.
+    put(&sites[1], "from-x-after", "3");
+    converge(&sites, "from-x-after", Some("3"));
+    assert_eq!(get(&sites[0], "from-twin"), None);
+}
+
 /// Chaos: three sites, clients writing at random sites (increments, register writes, deletes),
 /// a site SIGKILLed and restarted on its address and data dir every few seconds. At the end every
 /// site holds the same state, each counter is within [acknowledged, attempted], no acknowledged

@@ -569,6 +569,15 @@ impl Store {
         self.submit(composite).await
     }
 
+    /// Waits until every write submitted before it is committed, and moves the durable clock
+    /// ([`Store::durable_hlc`]) past them: replication reads it as the start of a session, which
+    /// must be after the arrival of every tombstone the session can see and before that of any
+    /// it cannot.
+    pub async fn barrier(&self) -> Result<Hlc, KvError> {
+        self.submit(Vec::new()).await?;
+        Ok(self.durable_hlc())
+    }
+
     /// Merges entries received from another site (composite key, entry), as replication does;
     /// returns how many changed this store. Order and duplication do not matter.
     pub async fn merge(&self, items: Vec<(Vec<u8>, Entry)>) -> Result<usize, KvError> {
@@ -664,11 +673,18 @@ impl Store {
     /// ([`Identity::since`]) and that a resync is under way ([`Store::resyncing`]). Returns how
     /// many entries went.
     ///
-    /// By the register's stamp, not the entry's last change: an increment made recently on top
-    /// of a register deleted (and collected) elsewhere would otherwise bring the deleted value back.
+    /// A value goes by its register's stamp, not the entry's last change: an increment made
+    /// recently on top of a value deleted (and collected) elsewhere would otherwise bring the
+    /// deleted value back. A counter on no value goes by its last change.
     pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
         // A full scan: only for resync after being cut off.
-        let doomed = |e: &Entry| e.stamp.hlc < before;
+        // A register written before `before` may be a value deleted elsewhere: it goes, with the
+        // increments on it. Increments on no value (a counter never set) go only if they are all
+        // older: newer ones cannot bring any deleted value back.
+        let doomed = |e: &Entry| {
+            e.stamp.hlc < before
+                && (matches!(e.register, crate::entry::Register::Value(_)) || e.changed.hlc < before)
+        };
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
         let mut identity = self.identity();
@@ -706,20 +722,12 @@ impl Store {
     }
 
     /// Records that the resync is finished: a full anti-entropy session with a peer that accepts
-    /// this site, started at `synced_at` after the resync began, completed. The data now reaches
-    /// back to `synced_at` ([`Identity::since`]): it holds everything that peer held then.
-    pub fn finish_resync(&self, synced_at: Hlc) -> Result<(), KvError> {
+    /// this site completed after it started. `since` stays the watermark it discarded to (a peer
+    /// with a lower watermark must not vouch for more).
+    pub fn finish_resync(&self) -> Result<(), KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;
-        let mut identity = self.identity();
-        {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.remove(RESYNCING).map_err(storage)?;
-            identity.since = identity.since.max(synced_at);
-            identity.save(&mut meta)?;
-        }
-        txn.commit().map_err(storage)?;
-        *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
-        Ok(())
+        txn.open_table(META).map_err(storage)?.remove(RESYNCING).map_err(storage)?;
+        txn.commit().map_err(storage)
     }
 
     /// Every [`Store::meta`] value whose name starts with `prefix`, by name (without `sync/`).
@@ -838,6 +846,10 @@ fn commit_batch(
     batch: &[Job],
 ) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
     let txn = db.begin_write().map_err(storage)?;
+    // A barrier (an empty job) moves the clock, so the durable clock passes everything before it.
+    if batch.iter().any(|job| job.writes.is_empty()) {
+        clock.now();
+    }
     let persisted;
     let mut results = Vec::with_capacity(batch.len());
     let mut changes = Vec::new();

@@ -134,7 +134,10 @@ impl Member {
             return Verdict::Resync(collected);
         }
         self.record.last_contact_ms = now_ms;
-        self.record.durable = self.record.durable.max(from.durable);
+        if from.durable > self.record.durable {
+            self.record.durable = from.durable;
+            self.dirty = true;
+        }
         Verdict::Accept
     }
 
@@ -147,25 +150,29 @@ impl Member {
             boot_nonce: self.record.boot_nonce,
             opened_at: self.record.opened_at,
             durable: self.record.durable,
+            cut_off: self.record.cut_off,
         }
     }
 
-    /// Takes in what another site has seen of this member: a later boot or a higher durable
-    /// clock of the same incarnation is evidence too (a copy of it must not pass for it here
-    /// because this site had not heard from it for a while).
+    /// Takes in what another site has seen of this member (witness gossip): a later boot, or a
+    /// higher durable clock of the same boot, of the same incarnation. A copy of it must not pass
+    /// for it here because this site had not heard from it for a while. Never lowers what this
+    /// site knows; a later boot that opened before what was seen of it marks it an older copy.
     pub fn witness(&mut self, seen: &Seen) {
         let r = &mut self.record;
-        if seen.incarnation != r.incarnation {
+        if seen.incarnation != r.incarnation || seen.site != r.site {
             return;
         }
         if seen.boot > r.boot {
+            if seen.opened_at < r.durable {
+                r.reincarnate = true;
+            }
             r.boot = seen.boot;
             r.boot_nonce = seen.boot_nonce;
             r.opened_at = seen.opened_at;
-            r.durable = seen.durable;
+            r.durable = r.durable.max(seen.durable);
             self.dirty = true;
-        }
-        if seen.boot == r.boot && seen.durable > r.durable {
+        } else if seen.boot == r.boot && seen.boot_nonce == r.boot_nonce && seen.durable > r.durable {
             r.durable = seen.durable;
             self.dirty = true;
         }
@@ -256,8 +263,6 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         return (m, verdict);
     };
     m.dirty = true;
-    m.record.region = hello.me.region.clone();
-    m.record.url = hello.me.url.clone();
     let r = &mut m.record;
     if hello.incarnation != r.incarnation {
         if r.retired.contains(&hello.incarnation) {
@@ -303,6 +308,9 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         r.reincarnate = true;
         return (m, Verdict::Reincarnate);
     }
+    // Only the accepted incarnation moves the record's address (a refused one may not).
+    r.region = hello.me.region.clone();
+    r.url = hello.me.url.clone();
     r.boot = hello.boot;
     r.boot_nonce = hello.boot_nonce;
     r.opened_at = hello.opened_at;
@@ -338,6 +346,7 @@ mod tests {
             durable: (durable, 0),
             since: (since, 0),
             seen: vec![],
+            collected: (0, 0),
         }
     }
 

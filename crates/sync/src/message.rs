@@ -62,6 +62,9 @@ pub struct Hello {
     /// What the sender has seen of the other sites' incarnations: a site that was away learns
     /// from it to recognise an older copy of a third site (witness gossip).
     pub seen: Vec<Seen>,
+    /// The sender's tombstone collection watermark: a site whose data reaches back before the
+    /// highest watermark it has heard of must resync before it is accepted.
+    pub collected: (u64, u32),
 }
 
 /// What one site has seen of another's incarnation (see [`Hello::seen`]).
@@ -79,6 +82,8 @@ pub struct Seen {
     pub opened_at: (u64, u32),
     /// The highest durable clock it reported.
     pub durable: (u64, u32),
+    /// The sender cut it off (it must resync before anyone merges its entries).
+    pub cut_off: bool,
 }
 
 /// Who sent a push or a reconcile round: a site name and its incarnation, with its durable clock
@@ -226,9 +231,11 @@ pub enum Reply {
     /// The receiver has seen a newer state of the sender's incarnation than the sender holds: the
     /// sender runs on an older copy of its data dir and must take a new incarnation.
     Reincarnate,
-    /// The receiver refuses the sender, for the reason given (two live sites with one name, a
-    /// retired incarnation, a clock past the bound).
+    /// The receiver refuses the sender, for the reason given (two live sites with one name).
     Refused(String),
+    /// The receiver merged nothing: an entry was stamped past its clock bound (the reason says
+    /// by how much).
+    AheadOfClock(String),
 }
 
 /// Why a message was refused.
@@ -297,12 +304,15 @@ impl Validate for Reply {
         match self {
             Reply::Hello(h) => validate_hello(h),
             Reply::Reconcile(round) => validate_round(round),
-            Reply::Refused(reason) if reason.len() > 4096 => Err("a refusal's reason is too long".into()),
+            Reply::Refused(reason) | Reply::AheadOfClock(reason) if reason.len() > 4096 => {
+                Err("a refusal's reason is too long".into())
+            }
             Reply::Pushed(_)
             | Reply::ResyncRequired(_)
             | Reply::Introduce
             | Reply::Reincarnate
-            | Reply::Refused(_) => Ok(()),
+            | Reply::Refused(_)
+            | Reply::AheadOfClock(_) => Ok(()),
         }
     }
 }

@@ -14,6 +14,8 @@ pub trait SyncStore: Send + Sync {
     fn now(&self) -> Hlc;
     /// The clock's high-water mark as of the last durable commit.
     fn durable_hlc(&self) -> Hlc;
+    /// Waits until every write submitted before is committed; the durable clock after it.
+    fn barrier(&self) -> impl Future<Output = Result<Hlc>> + Send;
     /// The digest of every leaf range, in order ([`atoll_kv::DIGEST_RANGES`] of them).
     fn leaf_digests(&self) -> Result<Vec<u128>>;
     /// The composite keys in one leaf range with their entry hashes.
@@ -36,8 +38,8 @@ pub trait SyncStore: Send + Sync {
     fn discard_before(&self, before: Hlc) -> Result<usize>;
     /// Whether a resync is under way.
     fn resyncing(&self) -> Result<bool>;
-    /// Records that the resync is finished by a session with a full member started at `synced_at`.
-    fn finish_resync(&self, synced_at: Hlc) -> Result<()>;
+    /// Records that the resync is finished.
+    fn finish_resync(&self) -> Result<()>;
     /// Takes a new incarnation (this data dir is an older copy of itself).
     fn reincarnate(&self) -> Result<Identity>;
     /// Replication's durable records whose names start with `prefix`.
@@ -72,6 +74,10 @@ impl SyncStore for Store {
 
     fn durable_hlc(&self) -> Hlc {
         Store::durable_hlc(self)
+    }
+
+    async fn barrier(&self) -> Result<Hlc> {
+        Ok(Store::barrier(self).await?)
     }
 
     fn leaf_digests(&self) -> Result<Vec<u128>> {
@@ -112,8 +118,8 @@ impl SyncStore for Store {
         Ok(Store::resyncing(self)?)
     }
 
-    fn finish_resync(&self, synced_at: Hlc) -> Result<()> {
-        Ok(Store::finish_resync(self, synced_at)?)
+    fn finish_resync(&self) -> Result<()> {
+        Ok(Store::finish_resync(self)?)
     }
 
     fn reincarnate(&self) -> Result<Identity> {

@@ -5,6 +5,7 @@ use anyhow::Result;
 use atoll_kv::Hlc;
 
 use super::Node;
+use crate::membership;
 use crate::store::SyncStore;
 
 impl<S: SyncStore> Node<S> {
@@ -26,11 +27,28 @@ impl<S: SyncStore> Node<S> {
             let mut watermark: Option<Hlc> = None;
             let mut blocked = false;
             let mut changed = Vec::new();
+            // Cut off only from the side that keeps a majority of the sites: a site that finds
+            // (most of) the others silent past the horizon is the one that was away, and cutting
+            // them off would leave both sides waiting for the other to call.
+            let silent_past = |m: &membership::Member| {
+                !m.record.cut_off && now_ms.saturating_sub(m.record.last_contact_ms) > self.config.horizon_ms
+            };
+            let total = state.members.len() + 1;
+            let staying = 1 + state.members.values().filter(|m| !m.record.cut_off && !silent_past(m)).count();
+            let may_cut = staying * 2 > total;
+            // Maturity: the signature window, plus the clock bound both ways (a message is
+            // accepted within the window of the receiver's clock, which may lag the signer's).
+            let maturity = self
+                .config
+                .max_message_age_ms
+                .saturating_add(self.config.max_clock_offset_ms.saturating_mul(2));
             for m in state.members.values_mut() {
-                m.mature(now_ms, self.config.max_message_age_ms);
+                m.mature(now_ms, maturity);
                 if !m.record.cut_off {
                     let silent = now_ms.saturating_sub(m.record.last_contact_ms);
-                    if silent > self.config.horizon_ms {
+                    if silent > self.config.horizon_ms && !may_cut {
+                        blocked = true;
+                    } else if silent > self.config.horizon_ms {
                         tracing::warn!(site = %m.record.site, "peer silent past the horizon: cut off; it must resync to rejoin");
                         m.record.cut_off = true;
                         m.dirty = true;

@@ -194,6 +194,7 @@ struct State {
     members: BTreeMap<String, Member>,
     /// Tombstones that arrived before this are collected here (durable, in the store).
     collected: Hlc,
+
     /// Counts resyncs started; a session that began before the last one does not finish it.
     resync_epoch: u64,
     /// The sites that accepted this site's hello since it started (or since it reincarnated):
@@ -393,6 +394,7 @@ impl<S: SyncStore> Node<S> {
             durable: hlc_wire(self.store.durable_hlc()),
             since: hlc_wire(id.since),
             seen,
+            collected: hlc_wire(self.collected()),
         })
     }
 
@@ -453,8 +455,17 @@ impl<S: SyncStore> Node<S> {
                     state.peers.insert(info.url.clone(), Peer::new(info.url.clone(), now_ms));
                 }
             }
-            let rules =
-                Rules { collected: state.collected, replace_after_ms: self.config.replace_after_ms, now_ms };
+            // What the sender has seen of the others, and what it has collected, counts too.
+            for seen in &hello.seen {
+                if seen.site == self.me.site {
+                    continue;
+                }
+                if let Some(m) = state.members.get_mut(&seen.site) {
+                    m.witness(seen);
+                }
+            }
+            let collected = state.collected;
+            let rules = Rules { collected, replace_after_ms: self.config.replace_after_ms, now_ms };
             let before = state.members.remove(&hello.me.site);
             let was_admitted = before.as_ref().map(Member::admitted);
             let (mut member, verdict) = membership::learn(before, hello, rules);
@@ -577,7 +588,7 @@ impl<S: SyncStore> Node<S> {
                 let changed = match self.merge_from(&from.site, entries, now_ms).await {
                     Ok(changed) => changed,
                     Err(e) if e.is::<crate::store::AheadOfClock>() => {
-                        return Ok(Reply::Refused(format!("{e:#}")));
+                        return Ok(Reply::AheadOfClock(format!("{e:#}")));
                     }
                     Err(e) => return Err(e),
                 };
@@ -599,7 +610,7 @@ impl<S: SyncStore> Node<S> {
                     Ok(done) => done,
                     Err(e) if e.is::<crate::store::AheadOfClock>() => {
                         self.flag(&from.site, format!("refused entries from {}: {e:#}", from.site));
-                        return Ok(Reply::Refused(format!("{e:#}")));
+                        return Ok(Reply::AheadOfClock(format!("{e:#}")));
                     }
                     Err(e) => return Err(e),
                 };
@@ -684,6 +695,14 @@ impl<S: SyncStore> Node<S> {
                         Err(anyhow::anyhow!("{url} does not know this site (or this incarnation) yet"))
                     }
                     Reply::Reincarnate => self.reincarnate(url),
+                    Reply::AheadOfClock(reason) => {
+                        // The peer's clock, or this site's, is off: the gate's clock rule decides
+                        // which (offsets to every peer); this exchange just failed.
+                        self.with_peer(url, |p| {
+                            p.flag = Some(format!("refused this site's entries: {reason}"))
+                        });
+                        Err(anyhow::anyhow!("{url} refused entries past its clock bound: {reason}"))
+                    }
                     Reply::Refused(reason) => {
                         self.state().refused = Some((url.to_owned(), reason.clone()));
                         tracing::error!(peer = %url, "refused by a peer: {reason}");
@@ -820,7 +839,14 @@ impl<S: SyncStore> Node<S> {
             if bytes >= self.config.push_bytes && !wire.is_empty() {
                 break;
             }
-            for (k, e) in self.store.entries_at(chunk)? {
+            let read = match self.store.entries_at(chunk) {
+                Ok(read) => read,
+                Err(e) => {
+                    self.with_peer(url, |p| p.needs_anti_entropy = true);
+                    return Err(e);
+                }
+            };
+            for (k, e) in read {
                 let w = WireEntry::new(k, &e);
                 bytes += w.size();
                 wire.push(w);
@@ -854,7 +880,10 @@ impl<S: SyncStore> Node<S> {
     ) -> Result<usize> {
         self.introduce(transport, url, now_ms).await?;
         let epoch = self.state().resync_epoch;
-        let started = self.store.now();
+        // The durable clock after a barrier, read before the digests: every tombstone that arrived
+        // before it is committed and in them; one in a batch not yet committed arrived after it,
+        // so this session never counts as having carried it.
+        let started = self.store.barrier().await?;
         let mut round = reconcile::start(&self.store, salt)?;
         let mut rounds = 0;
         let (mut sent, mut received, mut merged) = (0, 0, 0);
@@ -910,7 +939,7 @@ impl<S: SyncStore> Node<S> {
             state.resync_epoch == epoch
         };
         if finished_resync && self.store.resyncing()? {
-            self.store.finish_resync(started)?;
+            self.store.finish_resync()?;
             tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
             self.update_gate(now_ms);
         }
