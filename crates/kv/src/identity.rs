@@ -46,16 +46,18 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The id in this store's stamps and counter contributions: `name~incarnation` (16 hex digits).
+    /// The id in this store's stamps and counter contributions: `name~` and the incarnation's low
+    /// 32 bits in hex (8 digits: every entry carries it twice, so it is kept short; two
+    /// incarnations of one name share it with a chance of one in 2^32).
     pub fn writer(&self) -> String {
-        format!("{}~{:016x}", self.name, self.incarnation)
+        format!("{}~{:08x}", self.name, self.incarnation as u32)
     }
 
-    /// A fresh random incarnation, different from `old`.
+    /// A fresh random incarnation, different from `old` (in its writer id too).
     pub(crate) fn random_incarnation(old: u64) -> u64 {
         loop {
             let next = fastrand::u64(1..);
-            if next != old {
+            if next as u32 != old as u32 {
                 return next;
             }
         }
