@@ -273,7 +273,6 @@ fn sync_requests_without_valid_proof_or_well_formed_body_are_refused_and_change_
         durable: (now, 0),
         since: (now, 0),
         seen: vec![],
-        collected: (0, 0),
     };
     let introduced = send_sync(a, &Request::Hello(hello), Some(PEER_SECRET), |_| {});
     assert_eq!(introduced.status, 200, "{}", introduced.body);

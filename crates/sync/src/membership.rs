@@ -150,7 +150,6 @@ impl Member {
             boot_nonce: self.record.boot_nonce,
             opened_at: self.record.opened_at,
             durable: self.record.durable,
-            cut_off: self.record.cut_off,
         }
     }
 
@@ -346,7 +345,6 @@ mod tests {
             durable: (durable, 0),
             since: (since, 0),
             seen: vec![],
-            collected: (0, 0),
         }
     }
 

@@ -62,9 +62,6 @@ pub struct Hello {
     /// What the sender has seen of the other sites' incarnations: a site that was away learns
     /// from it to recognise an older copy of a third site (witness gossip).
     pub seen: Vec<Seen>,
-    /// The sender's tombstone collection watermark: a site whose data reaches back before the
-    /// highest watermark it has heard of must resync before it is accepted.
-    pub collected: (u64, u32),
 }
 
 /// What one site has seen of another's incarnation (see [`Hello::seen`]).
@@ -82,8 +79,6 @@ pub struct Seen {
     pub opened_at: (u64, u32),
     /// The highest durable clock it reported.
     pub durable: (u64, u32),
-    /// The sender cut it off (it must resync before anyone merges its entries).
-    pub cut_off: bool,
 }
 
 /// Who sent a push or a reconcile round: a site name and its incarnation, with its durable clock

@@ -91,10 +91,6 @@ impl<S: SyncStore> Node<S> {
             self.save(record);
         }
         let Some(watermark) = watermark else { return Ok(0) };
-        {
-            let state = self.state();
-            tracing::debug!(site = %self.me.site, %watermark, members = ?state.members.keys().collect::<Vec<_>>(), peers = ?state.peers.values().map(|p| (p.url.clone(), p.site.clone(), p.is_self)).collect::<Vec<_>>(), "collecting");
-        }
         let removed = self.store.collect_tombstones(watermark)?;
         self.state().collected = watermark;
         self.store.set_tombstone_floor(self.tombstone_floor(watermark));

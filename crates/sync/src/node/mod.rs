@@ -394,7 +394,6 @@ impl<S: SyncStore> Node<S> {
             durable: hlc_wire(self.store.durable_hlc()),
             since: hlc_wire(id.since),
             seen,
-            collected: hlc_wire(self.collected()),
         })
     }
 
