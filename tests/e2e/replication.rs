@@ -200,8 +200,14 @@ fn push_at(
     let ns = Namespace::new("kv", "b", &atoll_kv::Bounds::default()).expect("ns");
     let stamp = Stamp { hlc: Hlc { physical_ms: at, logical: 0 }, site: "intruder~1".into() };
     let entry = Entry::set(value.as_bytes().to_vec(), stamp);
-    let from =
-        Sender { site: "intruder".into(), incarnation: 1, boot: 1, boot_nonce: 1, durable: (now_ms(), 0) };
+    let from = Sender {
+        site: "intruder".into(),
+        incarnation: 1,
+        boot: 1,
+        boot_nonce: 1,
+        durable: (now_ms(), 0),
+        resyncing: false,
+    };
     let request = Request::Push(from, vec![WireEntry::new(ns.key(key.as_bytes()), &entry)]);
     send_sync(site, &request, secret, mangle)
 }
@@ -270,8 +276,10 @@ fn sync_requests_without_valid_proof_or_well_formed_body_are_refused_and_change_
         boot: 1,
         boot_nonce: 1,
         opened_at: (now, 0),
+        boots: vec![],
         durable: (now, 0),
         since: (now, 0),
+        resyncing: false,
         seen: vec![],
     };
     let introduced = send_sync(a, &Request::Hello(hello), Some(PEER_SECRET), |_| {});

@@ -8,9 +8,10 @@
 //! a restart (boot up, clock at open not behind anything they saw) from a restore (see
 //! atoll-sync's ALGORITHM.md, "Identity").
 //!
-//! Stored in the meta table under `"identity"`: version byte 1, then the name's length (u16 LE)
+//! Stored in the meta table under `"identity"`: version byte 2, then the name's length (u16 LE)
 //! and bytes, incarnation (u64 LE), boot count (u64 LE), `since` (HLC, 12 bytes), previous
-//! incarnation (u64 LE).
+//! incarnation (u64 LE), then the recent boots: a count (u8) and, for each, boot count (u64 LE),
+//! nonce (u64 LE) and clock at open (HLC, 12 bytes). Version 1 (no boots) is read and upgraded.
 
 use redb::{ReadableTable, Table};
 
@@ -19,7 +20,20 @@ use crate::store::{KvError, storage};
 use crate::tables::{decode_hlc, encode_hlc};
 
 const KEY: &str = "identity";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Most recent boots kept in the lineage.
+pub const LINEAGE: usize = 32;
+
+/// One opening of the store: its boot count, random nonce and durable clock at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Boot {
+    /// The boot count.
+    pub boot: u64,
+    /// Its random id.
+    pub nonce: u64,
+    /// The durable clock when it opened the store.
+    pub opened_at: Hlc,
+}
 
 /// A store's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +57,11 @@ pub struct Identity {
     /// How far back the data reaches: the clock when the data dir was created, or the
     /// collection watermark it last resynced from. Nothing deleted before it can be in it.
     pub since: Hlc,
+    /// The last [`LINEAGE`] boots, oldest first, this one last: a peer that knew an earlier boot
+    /// checks that the boot after it opened at or after everything that boot reported, so a
+    /// restored copy cannot pass by restarting before a peer sees it (each restart opens at a
+    /// later clock, but its lineage still holds the boot that opened on the copy).
+    pub boots: Vec<Boot>,
 }
 
 impl Identity {
@@ -86,12 +105,21 @@ impl Identity {
                 boot: 0,
                 boot_nonce: 0,
                 opened_at: Hlc::ZERO,
+                boots: Vec::new(),
                 since: if fresh { clock.now() } else { other.map_or(Hlc::ZERO, |o| o.since) },
             },
         };
         identity.boot = identity.boot.saturating_add(1);
         identity.boot_nonce = fastrand::u64(..);
         identity.opened_at = clock.last();
+        identity.boots.push(Boot {
+            boot: identity.boot,
+            nonce: identity.boot_nonce,
+            opened_at: identity.opened_at,
+        });
+        if identity.boots.len() > LINEAGE {
+            identity.boots.remove(0);
+        }
         identity.save(meta)?;
         Ok(identity)
     }
@@ -109,13 +137,20 @@ impl Identity {
         out.extend_from_slice(&self.boot.to_le_bytes());
         out.extend_from_slice(&encode_hlc(self.since));
         out.extend_from_slice(&self.previous.to_le_bytes());
+        let boots = &self.boots[self.boots.len().saturating_sub(LINEAGE)..];
+        out.push(boots.len() as u8);
+        for b in boots {
+            out.extend_from_slice(&b.boot.to_le_bytes());
+            out.extend_from_slice(&b.nonce.to_le_bytes());
+            out.extend_from_slice(&encode_hlc(b.opened_at));
+        }
         out
     }
 
     fn decode(bytes: &[u8]) -> Result<Identity, KvError> {
         let bad = || KvError::Storage("corrupt store identity".into());
         let (&version, rest) = bytes.split_first().ok_or_else(bad)?;
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(bad());
         }
         let len = u16::from_le_bytes(rest.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
@@ -125,14 +160,29 @@ impl Identity {
         let u64_at = |at: usize| -> Result<u64, KvError> {
             Ok(u64::from_le_bytes(rest.get(at..at + 8).ok_or_else(bad)?.try_into().map_err(|_| bad())?))
         };
+        let mut boots = Vec::new();
+        if version == 2 {
+            let count = *rest.get(36).ok_or_else(bad)? as usize;
+            for i in 0..count {
+                let at = 37 + i * 28;
+                boots.push(Boot {
+                    boot: u64_at(at)?,
+                    nonce: u64_at(at + 8)?,
+                    opened_at: decode_hlc(rest.get(at + 16..at + 28).ok_or_else(bad)?)?,
+                });
+            }
+        }
+        // The last boot's nonce is kept: the next opening's lineage names it.
+        let last = boots.last().copied();
         Ok(Identity {
             name,
             incarnation: u64_at(0)?,
             boot: u64_at(8)?,
-            boot_nonce: 0,
-            opened_at: Hlc::ZERO,
+            boot_nonce: last.map_or(0, |b| b.nonce),
+            opened_at: last.map_or(Hlc::ZERO, |b| b.opened_at),
             since: decode_hlc(rest.get(16..28).ok_or_else(bad)?)?,
             previous: u64_at(28)?,
+            boots,
         })
     }
 }

@@ -19,7 +19,7 @@ mod tables;
 
 pub use entry::{Contribution, Entry, EntryError, Read, Register, SiteId, Stamp};
 pub use hlc::{Clock, Hlc};
-pub use identity::Identity;
+pub use identity::{Boot, Identity};
 pub use store::{
     Bounds, Change, DIGEST_RANGES, KeyPage, KvError, Namespace, Origin, Store, StoreConfig, Write, Written,
 };

@@ -284,6 +284,8 @@ struct Inner {
     /// Merged tombstones stamped before this, for keys this store does not hold, are not stored
     /// ([`Store::set_tombstone_floor`]).
     floor: Arc<Mutex<Hlc>>,
+    /// When the resync under way began, if one is (a cache of the meta table).
+    resync: Mutex<Option<Hlc>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -321,6 +323,7 @@ impl Store {
     fn start(db: Database, config: StoreConfig, clock: Clock) -> Result<Store, KvError> {
         let txn = db.begin_write().map_err(storage)?;
         let identity;
+        let resync;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let format = meta.get("format").map_err(storage)?.map(|v| v.value().to_vec());
@@ -337,6 +340,10 @@ impl Store {
                 clock.observe(decode_hlc(hlc.value())?);
             }
             identity = Identity::open(&mut meta, &config.site, fresh, &clock)?;
+            resync = read_resync(&meta)?;
+            // What this boot reports as its clock at open is on disk before anyone hears it, so
+            // the next boot opens at or after it (peers check exactly that).
+            meta.insert("hlc", encode_hlc(identity.opened_at).as_slice()).map_err(storage)?;
             txn.open_table(ENTRIES).map_err(storage)?;
             txn.open_table(DIGESTS).map_err(storage)?;
             txn.open_table(INDEX).map_err(storage)?;
@@ -373,6 +380,7 @@ impl Store {
                 durable,
                 gate: RwLock::new(None),
                 floor,
+                resync: Mutex::new(resync),
             }),
         })
     }
@@ -400,6 +408,7 @@ impl Store {
     /// new identity.
     pub fn reincarnate(&self) -> Result<Identity, KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;
+        let began;
         let next = {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut next = self.identity();
@@ -408,10 +417,11 @@ impl Store {
             next.save(&mut meta)?;
             // An older copy may hold what its peers deleted since: it pulls everything (and
             // drops what its peers tell it to) before guests use it again.
-            meta.insert(RESYNCING, [1u8].as_slice()).map_err(storage)?;
+            began = begin_resync(&mut meta, &self.inner.clock)?;
             next
         };
         txn.commit().map_err(storage)?;
+        *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = next.writer();
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
         Ok(next)
@@ -688,11 +698,12 @@ impl Store {
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
         let mut identity = self.identity();
+        let began;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             identity.since = identity.since.max(before);
             identity.save(&mut meta)?;
-            meta.insert(RESYNCING, [1u8].as_slice()).map_err(storage)?;
+            began = begin_resync(&mut meta, &self.inner.clock)?;
         }
         {
             let mut tables = Tables::open(&txn)?;
@@ -711,14 +722,19 @@ impl Store {
         }
         txn.commit().map_err(storage)?;
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
+        *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         Ok(removed)
     }
 
-    /// Whether a resync started by [`Store::discard_before`] has not been finished.
+    /// Whether a resync started by [`Store::discard_before`] or [`Store::reincarnate`] has not
+    /// been finished.
     pub fn resyncing(&self) -> Result<bool, KvError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(META).map_err(storage)?;
-        Ok(table.get(RESYNCING).map_err(storage)?.is_some())
+        Ok(self.resync_began()?.is_some())
+    }
+
+    /// When the resync under way began (this store's clock), if one is.
+    pub fn resync_began(&self) -> Result<Option<Hlc>, KvError> {
+        Ok(*self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Records that the resync is finished: a full anti-entropy session with a peer that accepts
@@ -727,7 +743,9 @@ impl Store {
     pub fn finish_resync(&self) -> Result<(), KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;
         txn.open_table(META).map_err(storage)?.remove(RESYNCING).map_err(storage)?;
-        txn.commit().map_err(storage)
+        txn.commit().map_err(storage)?;
+        *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
     }
 
     /// Every [`Store::meta`] value whose name starts with `prefix`, by name (without `sync/`).
@@ -779,6 +797,27 @@ impl Store {
 
 const COLLECTED: &str = "collected";
 const RESYNCING: &str = "resyncing";
+
+/// Marks a resync under way from now, unless one already is (it keeps its start); returns the
+/// start.
+fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -> Result<Hlc, KvError> {
+    if let Some(began) = read_resync(meta)? {
+        return Ok(began);
+    }
+    let began = clock.now();
+    meta.insert(RESYNCING, encode_hlc(began).as_slice()).map_err(storage)?;
+    Ok(began)
+}
+
+/// When the resync under way began, if one is: the HLC stored under `"resyncing"` (a one-byte
+/// marker from before the start was stored counts as begun after everything).
+fn read_resync(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Option<Hlc>, KvError> {
+    let Some(v) = meta.get(RESYNCING).map_err(storage)? else { return Ok(None) };
+    if v.value().len() == 1 {
+        return Ok(Some(Hlc { physical_ms: u64::MAX, logical: u32::MAX }));
+    }
+    Ok(Some(decode_hlc(v.value())?))
+}
 
 /// Each job's results, in order.
 type BatchResults = Vec<Vec<Result<Written, KvError>>>;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::message::{Hello, Seen, Sender, hlc_from_wire};
 
 /// The version byte of a stored member record.
-const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION: u8 = 2;
 /// Most retired incarnations remembered per site.
 const MAX_RETIRED: usize = 16;
 /// Most completed sessions waiting to mature, per site.
@@ -58,6 +58,9 @@ pub struct Record {
     pub matured_ack: Option<(u64, u32)>,
     /// The start of the last matured session.
     pub last_matured: Option<(u64, u32)>,
+    /// This site's clock when the record was made (a resync finishes only with a site known
+    /// before it began).
+    pub introduced: (u64, u32),
 }
 
 impl Record {
@@ -89,6 +92,8 @@ pub struct Member {
     pub flag: Option<String>,
     /// The record changed since it was last saved.
     pub dirty: bool,
+    /// It said it is resyncing (its last hello or message): nothing it sends is merged.
+    pub resyncing: bool,
 }
 
 /// What this site does with a message from a member.
@@ -109,7 +114,7 @@ pub enum Verdict {
 impl Member {
     /// A member from its stored record.
     pub fn from_record(record: Record) -> Member {
-        Member { record, acks: VecDeque::new(), flag: None, dirty: false }
+        Member { record, acks: VecDeque::new(), flag: None, dirty: false, resyncing: false }
     }
 
     /// Whether this site exchanges entries with it.
@@ -134,6 +139,7 @@ impl Member {
             return Verdict::Resync(collected);
         }
         self.record.last_contact_ms = now_ms;
+        self.resyncing = from.resyncing;
         if from.durable > self.record.durable {
             self.record.durable = from.durable;
             self.dirty = true;
@@ -165,6 +171,10 @@ impl Member {
         if seen.boot > r.boot {
             if seen.opened_at < r.durable {
                 r.reincarnate = true;
+            } else if seen.boot > r.boot.saturating_add(1) {
+                // The boots in between are unseen here: the next hello's lineage checks them
+                // (taking this one would hide a restored copy that restarted since).
+                return;
             }
             r.boot = seen.boot;
             r.boot_nonce = seen.boot_nonce;
@@ -212,6 +222,18 @@ fn wire(h: Hlc) -> (u64, u32) {
     (h.physical_ms, h.logical)
 }
 
+/// Whether the boots in `hello`, later than the one `known` records, continue that boot: its
+/// lineage holds the known boot with the same nonce, and the boot after it opened at or after
+/// the highest durable clock seen from the known boot. A restored copy opens before that, and
+/// restarting it again does not hide the boot that opened on the copy. When the lineage no
+/// longer reaches back that far, the current boot's opening clock is all there is to check.
+fn follows(hello: &Hello, known: &Record) -> bool {
+    let at = |boot: u64| hello.boots.iter().find(|b| b.boot == boot);
+    let same_known = at(known.boot).is_none_or(|b| known.boot_nonce == 0 || b.nonce == known.boot_nonce);
+    let next_opened = at(known.boot.saturating_add(1)).map_or(hello.opened_at, |b| b.opened_at);
+    same_known && next_opened >= known.durable
+}
+
 /// How a hello changes what this site knows of its sender.
 #[derive(Debug, Clone, Copy)]
 pub struct Rules {
@@ -222,6 +244,8 @@ pub struct Rules {
     pub replace_after_ms: u64,
     /// Now (unix ms).
     pub now_ms: u64,
+    /// Now (this site's clock).
+    pub now: Hlc,
 }
 
 /// Learns from `hello` about its sender, whose record (if any) is `member`; returns the member as
@@ -255,13 +279,15 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         last_contact_ms: rules.now_ms,
         matured_ack: None,
         last_matured: None,
+        introduced: wire(rules.now),
     };
     let Some(mut m) = member else {
-        let m = Member { dirty: true, ..Member::from_record(fresh(Vec::new())) };
+        let m = Member { dirty: true, resyncing: hello.resyncing, ..Member::from_record(fresh(Vec::new())) };
         let verdict = if old_data { Verdict::Resync(rules.collected) } else { Verdict::Accept };
         return (m, verdict);
     };
     m.dirty = true;
+    m.resyncing = hello.resyncing;
     let r = &mut m.record;
     if hello.incarnation != r.incarnation {
         if r.retired.contains(&hello.incarnation) {
@@ -291,6 +317,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         }
         m.record = fresh(retired);
         m.reset_acks();
+        m.resyncing = hello.resyncing;
         let verdict = if old_data { Verdict::Resync(rules.collected) } else { Verdict::Accept };
         return (m, verdict);
     }
@@ -301,7 +328,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     // the site itself had started from it) differs by its nonce.
     let restored = hello.boot < r.boot
         || (hello.boot == r.boot && (hello.boot_nonce != r.boot_nonce || hello.opened_at != r.opened_at))
-        || (hello.boot > r.boot && hello.opened_at < r.durable);
+        || (hello.boot > r.boot && !follows(hello, r));
     tracing::debug!(site = %r.site, boot = hello.boot, opened_at = ?hello.opened_at, known_boot = r.boot, known_durable = ?r.durable, restored, "hello from a known incarnation");
     if restored {
         r.reincarnate = true;
@@ -329,7 +356,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::PeerInfo;
+    use crate::message::{BootSeen, PeerInfo};
 
     fn hello(incarnation: u64, boot: u64, opened_at: u64, durable: u64, since: u64) -> Hello {
         Hello {
@@ -342,14 +369,21 @@ mod tests {
             boot,
             boot_nonce: boot * 1000 + opened_at,
             opened_at: (opened_at, 0),
+            boots: vec![BootSeen { boot, nonce: boot * 1000 + opened_at, opened_at: (opened_at, 0) }],
             durable: (durable, 0),
             since: (since, 0),
+            resyncing: false,
             seen: vec![],
         }
     }
 
     fn rules(collected: u64, now_ms: u64) -> Rules {
-        Rules { collected: Hlc { physical_ms: collected, logical: 0 }, replace_after_ms: 30_000, now_ms }
+        Rules {
+            collected: Hlc { physical_ms: collected, logical: 0 },
+            replace_after_ms: 30_000,
+            now_ms,
+            now: Hlc { physical_ms: now_ms, logical: 0 },
+        }
     }
 
     #[test]
@@ -376,6 +410,42 @@ mod tests {
         // ...and its new incarnation is a second live site while the current one is heard from.
         let (_, v) = learn(Some(m3), &hello(10, 4, 90, 95, 5), rules(0, 600));
         assert!(matches!(&v, Verdict::Refused(r) if r.contains("second live site")), "{v:?}");
+    }
+
+    #[test]
+    fn a_restored_copy_restarted_before_a_peer_saw_it_must_still_reincarnate() {
+        let (m, _) = learn(None, &hello(7, 1, 10, 50, 5), rules(0, 100));
+        // Restored from a copy taken at clock 40 (boot 2 opens at 40), then restarted at 90: the
+        // boot this peer hears opened after everything it saw, but the lineage shows boot 2.
+        let mut restarted = hello(7, 3, 90, 95, 5);
+        restarted.boots = vec![
+            BootSeen { boot: 1, nonce: 1010, opened_at: (10, 0) },
+            BootSeen { boot: 2, nonce: 77, opened_at: (40, 0) },
+            BootSeen { boot: 3, nonce: 3090, opened_at: (90, 0) },
+        ];
+        let (_, v) = learn(Some(m.clone()), &restarted, rules(0, 200));
+        assert_eq!(v, Verdict::Reincarnate);
+        // A lineage that forks at the known boot (another nonce for boot 1) is a copy too.
+        restarted.boots[1].opened_at = (60, 0);
+        restarted.boots[0].nonce = 5;
+        let (_, v) = learn(Some(m.clone()), &restarted, rules(0, 200));
+        assert_eq!(v, Verdict::Reincarnate);
+        // The same restarts on the real data dir are accepted.
+        restarted.boots[0].nonce = 1010;
+        let (m, v) = learn(Some(m), &restarted, rules(0, 200));
+        assert_eq!(v, Verdict::Accept);
+        // Gossip of a boot two ahead is not taken on trust (the lineage is checked at the hello).
+        let mut m = m;
+        let seen = Seen {
+            site: "c".into(),
+            incarnation: 7,
+            boot: 5,
+            boot_nonce: 1,
+            opened_at: (99, 0),
+            durable: (99, 0),
+        };
+        m.witness(&seen);
+        assert_eq!(m.record.boot, 3);
     }
 
     #[test]

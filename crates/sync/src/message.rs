@@ -55,13 +55,29 @@ pub struct Hello {
     pub boot_nonce: u64,
     /// The sender's durable clock when this boot opened its store.
     pub opened_at: (u64, u32),
+    /// The sender's recent boots, oldest first, this one last (its lineage): a peer that knew an
+    /// earlier boot checks the boot after it (see ALGORITHM.md, "Membership and identity").
+    pub boots: Vec<BootSeen>,
     /// The sender's durable clock now: at least every stamp it has sent.
     pub durable: (u64, u32),
     /// How far back the sender's data reaches (its creation, or the watermark it resynced from).
     pub since: (u64, u32),
+    /// The sender is resyncing: its entries are not merged until it has finished.
+    pub resyncing: bool,
     /// What the sender has seen of the other sites' incarnations: a site that was away learns
     /// from it to recognise an older copy of a third site (witness gossip).
     pub seen: Vec<Seen>,
+}
+
+/// One boot of a site's store (see [`Hello::boots`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSeen {
+    /// The boot count.
+    pub boot: u64,
+    /// Its random id.
+    pub nonce: u64,
+    /// The durable clock when it opened the store.
+    pub opened_at: (u64, u32),
 }
 
 /// What one site has seen of another's incarnation (see [`Hello::seen`]).
@@ -95,6 +111,9 @@ pub struct Sender {
     pub boot_nonce: u64,
     /// Its durable clock when it sent this.
     pub durable: (u64, u32),
+    /// It is resyncing: what it sends is not merged until it has finished (see ALGORITHM.md,
+    /// "Horizon").
+    pub resyncing: bool,
 }
 
 /// One key's entry on the wire: the composite key and the entry in atoll-kv's codec.
@@ -410,7 +429,14 @@ mod tests {
         );
         let key = atoll_kv::Namespace::new("app", "b", &atoll_kv::Bounds::default()).expect("ns").key(b"k");
         Request::Reconcile(
-            Sender { site: "a".into(), incarnation: 1, boot: 1, boot_nonce: 9, durable: (5, 1) },
+            Sender {
+                site: "a".into(),
+                incarnation: 1,
+                boot: 1,
+                boot_nonce: 9,
+                durable: (5, 1),
+                resyncing: false,
+            },
             Round {
                 salt: 7,
                 nodes: vec![NodeDigests::new(1, 3, &[9; FANOUT])],

@@ -92,16 +92,23 @@ pub fn start(store: &impl SyncStore, salt: u32) -> Result<Round> {
     Ok(Round { salt, nodes: vec![NodeDigests::new(0, 0, &tree.children(0, 0))], ..Round::default() })
 }
 
-/// One step: merge what `incoming` carries and answer what it asks. Entries changed at or after
-/// `refuse_from` (past this site's clock bound) fail the step, merging nothing.
-pub async fn process(
-    store: &impl SyncStore,
-    incoming: Round,
-    budget: Budget,
-    refuse_from: atoll_kv::Hlc,
-) -> Result<(Round, Moved)> {
+/// What one step may do.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The size of what it sends.
+    pub budget: Budget,
+    /// Entries changed at or after this (past this site's clock bound) fail the step, merging
+    /// nothing.
+    pub refuse_from: atoll_kv::Hlc,
+    /// Merge what the other side sends (not while it resyncs).
+    pub take: bool,
+}
+
+/// One step: merge what `incoming` carries (if `limits.take`) and answer what it asks.
+pub async fn process(store: &impl SyncStore, incoming: Round, limits: Limits) -> Result<(Round, Moved)> {
+    let Limits { budget, refuse_from, take } = limits;
     // Merge first, so that the answer reflects what was just received.
-    let received = crate::message::entries(incoming.entries);
+    let received = if take { crate::message::entries(incoming.entries) } else { Vec::new() };
     let received_count = received.len();
     let newest_ms = received.iter().map(|(_, e)| e.changed.hlc.physical_ms).max();
     let merged = store.merge(received, refuse_from).await?;

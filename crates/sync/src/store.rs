@@ -36,8 +36,8 @@ pub trait SyncStore: Send + Sync {
     /// Starts a resync from `before`: removes every entry whose register is older (see
     /// `atoll_kv::Store::discard_before`).
     fn discard_before(&self, before: Hlc) -> Result<usize>;
-    /// Whether a resync is under way.
-    fn resyncing(&self) -> Result<bool>;
+    /// When the resync under way began (this store's clock), if one is.
+    fn resync_began(&self) -> Result<Option<Hlc>>;
     /// Records that the resync is finished.
     fn finish_resync(&self) -> Result<()>;
     /// Takes a new incarnation (this data dir is an older copy of itself).
@@ -114,8 +114,8 @@ impl SyncStore for Store {
         Ok(Store::discard_before(self, before)?)
     }
 
-    fn resyncing(&self) -> Result<bool> {
-        Ok(Store::resyncing(self)?)
+    fn resync_began(&self) -> Result<Option<Hlc>> {
+        Ok(Store::resync_began(self)?)
     }
 
     fn finish_resync(&self) -> Result<()> {

@@ -52,7 +52,7 @@ impl<S: SyncStore> Node<S> {
     /// started (up to `confirm_timeout_ms`), while a peer refuses it, and while its clock is off
     /// by more than the bound from most of its peers (at least two measured).
     pub fn update_gate(&self, now_ms: u64) -> Option<String> {
-        let resyncing = self.store.resyncing().unwrap_or(true);
+        let resyncing = self.store.resync_began().map_or(true, |b| b.is_some());
         let mut state = self.state();
         let bound = i64::try_from(self.config.max_clock_offset_ms).unwrap_or(i64::MAX);
         let measured: Vec<i64> = state

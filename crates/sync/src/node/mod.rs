@@ -17,7 +17,7 @@ use anyhow::{Result, bail};
 use atoll_kv::{Change, Hlc, Origin};
 
 use crate::membership::{self, Member, Record, Rules, Verdict};
-use crate::message::{Hello, PeerInfo, Reply, Request, Sender, WireEntry, hlc_from_wire, hlc_wire};
+use crate::message::{BootSeen, Hello, PeerInfo, Reply, Request, Sender, WireEntry, hlc_from_wire, hlc_wire};
 use crate::reconcile::{self, Budget};
 use crate::store::SyncStore;
 
@@ -391,8 +391,14 @@ impl<S: SyncStore> Node<S> {
             boot: id.boot,
             boot_nonce: id.boot_nonce,
             opened_at: hlc_wire(id.opened_at),
+            boots: id
+                .boots
+                .iter()
+                .map(|b| BootSeen { boot: b.boot, nonce: b.nonce, opened_at: hlc_wire(b.opened_at) })
+                .collect(),
             durable: hlc_wire(self.store.durable_hlc()),
             since: hlc_wire(id.since),
+            resyncing: self.store.resync_began()?.is_some(),
             seen,
         })
     }
@@ -405,6 +411,7 @@ impl<S: SyncStore> Node<S> {
             boot: id.boot,
             boot_nonce: id.boot_nonce,
             durable: hlc_wire(self.store.durable_hlc()),
+            resyncing: self.store.resync_began().ok().flatten().is_some(),
         }
     }
 
@@ -464,7 +471,12 @@ impl<S: SyncStore> Node<S> {
                 }
             }
             let collected = state.collected;
-            let rules = Rules { collected, replace_after_ms: self.config.replace_after_ms, now_ms };
+            let rules = Rules {
+                collected,
+                replace_after_ms: self.config.replace_after_ms,
+                now_ms,
+                now: self.store.now(),
+            };
             let before = state.members.remove(&hello.me.site);
             let was_admitted = before.as_ref().map(Member::admitted);
             let (mut member, verdict) = membership::learn(before, hello, rules);
@@ -581,6 +593,10 @@ impl<S: SyncStore> Node<S> {
                 if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
                     return Ok(refusal);
                 }
+                if from.resyncing {
+                    // Not merged until it has finished (anti-entropy brings it later).
+                    return Ok(Reply::Pushed(0));
+                }
                 let entries = crate::message::entries(wire);
                 let lag = lag(&entries, now_ms);
                 let n = entries.len() as u64;
@@ -602,9 +618,12 @@ impl<S: SyncStore> Node<S> {
                 if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
                     return Ok(refusal);
                 }
-                let processed =
-                    reconcile::process(&self.store, round, self.config.budget, self.clock_bound(now_ms))
-                        .await;
+                let limits = reconcile::Limits {
+                    budget: self.config.budget,
+                    refuse_from: self.clock_bound(now_ms),
+                    take: !from.resyncing,
+                };
+                let processed = reconcile::process(&self.store, round, limits).await;
                 let (out, moved) = match processed {
                     Ok(done) => done,
                     Err(e) if e.is::<crate::store::AheadOfClock>() => {
@@ -879,6 +898,8 @@ impl<S: SyncStore> Node<S> {
     ) -> Result<usize> {
         self.introduce(transport, url, now_ms).await?;
         let epoch = self.state().resync_epoch;
+        // While this site resyncs, what it sends is not merged: the session acknowledges nothing.
+        let resyncing = self.store.resync_began()?.is_some();
         // The durable clock after a barrier, read before the digests: every tombstone that arrived
         // before it is committed and in them; one in a batch not yet committed arrived after it,
         // so this session never counts as having carried it.
@@ -887,6 +908,10 @@ impl<S: SyncStore> Node<S> {
         let mut rounds = 0;
         let (mut sent, mut received, mut merged) = (0, 0, 0);
         let site = self.state().peers.get(url).and_then(|p| p.site.clone()).unwrap_or_default();
+        // A peer that resyncs: what it sends is not merged until it has finished.
+        let take = !self.state().members.get(&site).is_some_and(|m| m.resyncing);
+        let limits =
+            reconcile::Limits { budget: self.config.budget, refuse_from: self.clock_bound(now_ms), take };
         loop {
             rounds += 1;
             if rounds > self.config.max_rounds {
@@ -897,8 +922,7 @@ impl<S: SyncStore> Node<S> {
                     Reply::Reconcile(reply) => reply,
                     other => bail!("unexpected answer to reconcile: {other:?}"),
                 };
-            let processed =
-                reconcile::process(&self.store, reply, self.config.budget, self.clock_bound(now_ms)).await;
+            let processed = reconcile::process(&self.store, reply, limits).await;
             let (next, moved) = match processed {
                 Ok(done) => done,
                 Err(e) => {
@@ -925,19 +949,26 @@ impl<S: SyncStore> Node<S> {
         } else {
             tracing::debug!(peer = %url, rounds, "anti-entropy: in sync");
         }
+        let began = self.store.resync_began()?;
         let finished_resync = {
             let mut state = self.state();
+            let mut known_before = false;
             if let Some(m) = state.members.get_mut(&site) {
-                m.acknowledged(started, now_ms);
+                if !resyncing {
+                    m.acknowledged(started, now_ms);
+                }
                 m.flag = None;
+                known_before = began.is_some_and(|b| hlc_from_wire(m.record.introduced) < b);
             }
             if let Some(p) = state.peers.get_mut(url) {
                 p.last_sync_ms = Some(now_ms);
                 p.needs_anti_entropy = false;
             }
-            state.resync_epoch == epoch
+            // Only a site known before the resync began can vouch for it: one met since may never
+            // have held what the others collected (a new site, say).
+            state.resync_epoch == epoch && known_before
         };
-        if finished_resync && self.store.resyncing()? {
+        if finished_resync {
             self.store.finish_resync()?;
             tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
             self.update_gate(now_ms);

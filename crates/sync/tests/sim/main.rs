@@ -22,6 +22,7 @@ use atoll_kv::{Clock, Namespace, Register, Stamp, Store, StoreConfig, Write, Wri
 use atoll_sync::message::{PeerInfo, Request};
 use atoll_sync::node::Exchange;
 use atoll_sync::{Node, NodeConfig, Transport};
+use tracing::Instrument;
 
 const MAX_AGE_MS: u64 = 2_000;
 /// Most sites a simulation grows to (new sites join during the run).
@@ -136,7 +137,7 @@ impl Transport for Link {
         if sent_bytes > atoll_sync::message::MAX_MESSAGE {
             bail!("{url} refused a message of {sent_bytes} bytes");
         }
-        let reply = node.handle(request, net.wall(to)).await?;
+        let reply = node.handle(request, net.wall(to)).instrument(tracing::info_span!("at", to)).await?;
         if net.chance(0.1) {
             bail!("reply lost");
         }
@@ -228,6 +229,8 @@ struct Sim {
     restored_since_heal: bool,
     /// How many sites the simulation started with.
     initial: usize,
+    /// What `ATOLL_SIM_WATCH` last showed, by site.
+    watched: BTreeMap<usize, String>,
 }
 
 impl Sim {
@@ -259,6 +262,7 @@ impl Sim {
             restored: BTreeMap::new(),
             restored_since_heal: false,
             initial: n,
+            watched: BTreeMap::new(),
         };
         for _ in 0..n {
             sim.add_site();
@@ -432,7 +436,8 @@ impl Sim {
     async fn push(&self, i: usize) {
         let node = &self.sites[i].node;
         for url in node.peers_with_pushes() {
-            let _ = node.push(&self.link(i), &url, self.wall(i)).await;
+            let _ =
+                node.push(&self.link(i), &url, self.wall(i)).instrument(tracing::info_span!("s", i)).await;
         }
     }
 
@@ -445,8 +450,9 @@ impl Sim {
         let url = peers[self.rng.usize(..peers.len())].clone();
         let salt = self.rng.u32(..);
         let link = self.link(i);
-        if node.say_hello(&link, &url, self.wall(i)).await.is_ok() {
-            let _ = node.anti_entropy(&link, &url, salt, self.wall(i)).await;
+        let span = tracing::info_span!("s", i);
+        if node.say_hello(&link, &url, self.wall(i)).instrument(span.clone()).await.is_ok() {
+            let _ = node.anti_entropy(&link, &url, salt, self.wall(i)).instrument(span).await;
         }
         self.drain_feeds();
     }
@@ -612,8 +618,23 @@ impl Sim {
                 _ => {}
             }
             self.note_reincarnations();
+            self.watch();
             if let Err(e) = self.no_deleted_key_comes_back() {
                 self.failure.get_or_insert(e);
+            }
+        }
+    }
+
+    /// `ATOLL_SIM_WATCH=key` logs every change of that key's entry at every site.
+    fn watch(&mut self) {
+        let Ok(key) = std::env::var("ATOLL_SIM_WATCH") else { return };
+        let composite = self.ns().key(key.as_bytes());
+        for i in 0..self.n {
+            let entry = self.sites[i].store.entries_at(std::slice::from_ref(&composite)).ok().and_then(|mut e| e.pop());
+            let shown = format!("{:?}", entry.map(|(_, e)| (e.is_tombstone(), e.stamp)));
+            if self.watched.get(&i) != Some(&shown) {
+                tracing::info!(step = self.step, site = i, key, "watch: {shown}");
+                self.watched.insert(i, shown);
             }
         }
     }
@@ -666,12 +687,21 @@ impl Sim {
                 let node = self.sites[i].node.clone();
                 for url in node.active_peers() {
                     // A refusal (a clock still ahead, a site told to resync) is retried next time.
-                    if node.say_hello(&self.link(i), &url, self.wall(i)).await.is_ok() {
-                        let _ = node.anti_entropy(&self.link(i), &url, self.rng.u32(..), self.wall(i)).await;
+                    let span = tracing::info_span!("s", i);
+                    if node
+                        .say_hello(&self.link(i), &url, self.wall(i))
+                        .instrument(span.clone())
+                        .await
+                        .is_ok()
+                    {
+                        let salt = self.rng.u32(..);
+                        let _ =
+                            node.anti_entropy(&self.link(i), &url, salt, self.wall(i)).instrument(span).await;
                     }
                 }
                 self.collected += node.collect(self.wall(i))?;
                 self.drain_feeds();
+                self.watch();
                 self.no_deleted_key_comes_back()?;
             }
             self.note_reincarnations();
