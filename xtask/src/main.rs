@@ -9,6 +9,8 @@
 //! - `bench-sync`: push-path replication latency between two release sites.
 //! - `bench-router`: router overhead (p50/p99 added latency) and failover time over repeated kills.
 //! - `sim`: the replication simulation over many seeds.
+//! - `sim-mutants`: breaks each replication safeguard in turn (a small source edit, undone after)
+//!   and checks that the simulation catches it.
 //! - `chaos`: the end-to-end chaos test (real sites SIGKILLed under load) for minutes.
 
 use std::io::{BufRead, BufReader};
@@ -72,6 +74,12 @@ enum Task {
         #[arg(long, default_value_t = 10_000)]
         seeds: u64,
     },
+    /// Breaks each replication safeguard in turn and checks that the simulation fails.
+    SimMutants {
+        /// Seeds 0..N per mutant.
+        #[arg(long, default_value_t = 2_000)]
+        seeds: u64,
+    },
     /// The chaos test: three real sites, clients at random sites, a site SIGKILLed and restarted
     /// every few seconds; then every site must hold the same state and nothing acknowledged lost.
     Chaos {
@@ -96,12 +104,126 @@ fn main() -> Result<()> {
             .current_dir(root())
             .args(["test", "--release", "-p", "atoll-sync", "--test", "sim", "--", "--nocapture"])
             .env("ATOLL_SIM_SEEDS", seeds.to_string())),
+        Task::SimMutants { seeds } => sim_mutants(seeds),
         Task::Chaos { secs, seed } => run(Command::new("cargo")
             .current_dir(root())
             .args(["test", "-p", "atoll", "--test", "e2e", "faults::chaos", "--", "--nocapture"])
             .env("ATOLL_CHAOS_SECS", secs.to_string())
             .env("ATOLL_CHAOS_SEED", seed.to_string())),
     }
+}
+
+/// A safeguard broken on purpose: in `file`, `from` becomes `to`; the simulation must fail.
+struct Mutant {
+    what: &'static str,
+    file: &'static str,
+    from: &'static str,
+    to: &'static str,
+}
+
+const MUTANTS: &[Mutant] = &[
+    Mutant {
+        what: "tombstones already collected are stored again (no floor)",
+        file: "crates/kv/src/store.rs",
+        from: "if old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>",
+        to: "if false && old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>",
+    },
+    Mutant {
+        what: "writer ids ignore the incarnation (a restored site reuses its stamps and counters)",
+        file: "crates/kv/src/identity.rs",
+        from: "format!(\"{}~{:08x}\", self.name, self.incarnation as u32)",
+        to: "format!(\"{}~{:08x}\", self.name, 0u32)",
+    },
+    Mutant {
+        what: "an older copy of a data dir is never recognised",
+        file: "crates/sync/src/membership.rs",
+        from: "    if restored {",
+        to: "    if false && restored {",
+    },
+    Mutant {
+        what: "a later boot is judged by its own clock at open only (no lineage)",
+        file: "crates/sync/src/membership.rs",
+        from: "|| (hello.boot > r.boot && !follows(hello, r));",
+        to: "|| (hello.boot > r.boot && hello.opened_at < r.durable);",
+    },
+    Mutant {
+        what: "acknowledgements count at once (no maturity)",
+        file: "crates/sync/src/node/collect.rs",
+        from: "m.mature(now_ms, maturity);",
+        to: "m.mature(now_ms, 0);",
+    },
+    Mutant {
+        what: "a site told to resync keeps its old data (no discard)",
+        file: "crates/kv/src/store.rs",
+        from: "            e.stamp.hlc < before\n",
+        to: "            e.stamp.hlc < before && false\n",
+    },
+];
+
+/// Restores a mutated file however the run ends.
+struct Restore {
+    path: PathBuf,
+    original: String,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.original) {
+            eprintln!("cannot restore {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn sim_mutants(seeds: u64) -> Result<()> {
+    let mut missed = Vec::new();
+    let mut report = Vec::new();
+    for m in MUTANTS {
+        let path = root().join(m.file);
+        let original = std::fs::read_to_string(&path)?;
+        if original.matches(m.from).count() != 1 {
+            bail!("mutant \"{}\": {} does not hold its text exactly once", m.what, m.file);
+        }
+        let _restore = Restore { path: path.clone(), original: original.clone() };
+        std::fs::write(&path, original.replacen(m.from, m.to, 1))?;
+        eprintln!("mutant: {} ...", m.what);
+        let out = Command::new("cargo")
+            .current_dir(root())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "atoll-sync",
+                "--test",
+                "sim",
+                "seeds_shard",
+                "--",
+                "--nocapture",
+            ])
+            .env("ATOLL_SIM_SEEDS", seeds.to_string())
+            .output()?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !log.contains("FAILED:") {
+            bail!("mutant \"{}\" did not build or run:\n{log}", m.what);
+        }
+        let failures: Vec<&str> = log.lines().filter(|l| l.contains("FAILED:")).collect();
+        match failures.first() {
+            Some(first) => report.push(format!(
+                "caught  {} ({} of {seeds} seeds fail; first: {})",
+                m.what,
+                failures.len(),
+                first.trim()
+            )),
+            None => {
+                report.push(format!("MISSED  {}", m.what));
+                missed.push(m.what);
+            }
+        }
+    }
+    println!("{}", report.join("\n"));
+    if !missed.is_empty() {
+        bail!("the simulation missed {} mutant(s): {missed:?}", missed.len());
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {

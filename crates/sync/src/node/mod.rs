@@ -952,20 +952,24 @@ impl<S: SyncStore> Node<S> {
         let began = self.store.resync_began()?;
         let finished_resync = {
             let mut state = self.state();
+            let before = |m: &Member| began.is_some_and(|b| hlc_from_wire(m.record.introduced) < b);
+            // A copy older than every introduction (nobody known yet when it was taken) has no
+            // one to wait for: any peer that accepts it vouches.
+            let nobody_before = !state.members.values().any(before);
             let mut known_before = false;
             if let Some(m) = state.members.get_mut(&site) {
                 if !resyncing {
                     m.acknowledged(started, now_ms);
                 }
                 m.flag = None;
-                known_before = began.is_some_and(|b| hlc_from_wire(m.record.introduced) < b);
+                known_before = before(m) || nobody_before;
             }
             if let Some(p) = state.peers.get_mut(url) {
                 p.last_sync_ms = Some(now_ms);
                 p.needs_anti_entropy = false;
             }
-            // Only a site known before the resync began can vouch for it: one met since may never
-            // have held what the others collected (a new site, say).
+            // Only a site known before the resync began can vouch for it (when there is one): one
+            // met since may never have held what the others collected (a new site, say).
             state.resync_epoch == epoch && known_before
         };
         if finished_resync {

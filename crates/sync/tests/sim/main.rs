@@ -630,7 +630,11 @@ impl Sim {
         let Ok(key) = std::env::var("ATOLL_SIM_WATCH") else { return };
         let composite = self.ns().key(key.as_bytes());
         for i in 0..self.n {
-            let entry = self.sites[i].store.entries_at(std::slice::from_ref(&composite)).ok().and_then(|mut e| e.pop());
+            let entry = self.sites[i]
+                .store
+                .entries_at(std::slice::from_ref(&composite))
+                .ok()
+                .and_then(|mut e| e.pop());
             let shown = format!("{:?}", entry.map(|(_, e)| (e.is_tombstone(), e.stamp)));
             if self.watched.get(&i) != Some(&shown) {
                 tracing::info!(step = self.step, site = i, key, "watch: {shown}");
