@@ -207,6 +207,7 @@ fn push_at(
         boot_nonce: 1,
         durable: (now_ms(), 0),
         resyncing: false,
+        since: (0, 0),
     };
     let request = Request::Push(from, vec![WireEntry::new(ns.key(key.as_bytes()), &entry)]);
     send_sync(site, &request, secret, mangle)

@@ -806,6 +806,8 @@ fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -> Result<Hl
     }
     let began = clock.now();
     meta.insert(RESYNCING, encode_hlc(began).as_slice()).map_err(storage)?;
+    // The clock never reads below it again, even after a crash and a clock stepped back.
+    meta.insert("hlc", encode_hlc(began).as_slice()).map_err(storage)?;
     Ok(began)
 }
 

@@ -58,9 +58,12 @@ pub struct Record {
     pub matured_ack: Option<(u64, u32)>,
     /// The start of the last matured session.
     pub last_matured: Option<(u64, u32)>,
-    /// This site's clock when the record was made (a resync finishes only with a site known
-    /// before it began).
+    /// This site's clock when the record was first made (kept when a new incarnation replaces
+    /// the accepted one: a resync finishes only with a site known before it began).
     pub introduced: (u64, u32),
+    /// How far back its data reaches, as its last accepted hello said: a message sent before a
+    /// resync (reaching back further) is refused.
+    pub since: (u64, u32),
 }
 
 impl Record {
@@ -71,10 +74,14 @@ impl Record {
         out
     }
 
-    /// Reads a stored record.
+    /// Reads a stored record (version 1 lacks the last two fields: they read as zero).
     pub fn decode(bytes: &[u8]) -> anyhow::Result<Record> {
         match bytes.split_first() {
             Some((&RECORD_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
+            Some((1, rest)) => {
+                let zero = postcard::to_stdvec(&((0u64, 0u32), (0u64, 0u32)))?;
+                Ok(postcard::from_bytes(&[rest, zero.as_slice()].concat())?)
+            }
             Some((v, _)) => anyhow::bail!("member record version {v} is not supported"),
             None => anyhow::bail!("empty member record"),
         }
@@ -138,8 +145,13 @@ impl Member {
         if self.record.cut_off {
             return Verdict::Resync(collected);
         }
+        if from.since < self.record.since {
+            // Sent before its resync (a delayed or replayed copy): its data reached back further.
+            return Verdict::Introduce;
+        }
         self.record.last_contact_ms = now_ms;
-        self.resyncing = from.resyncing;
+        // Only a hello says a resync is over (a delayed message from before must not).
+        self.resyncing |= from.resyncing;
         if from.durable > self.record.durable {
             self.record.durable = from.durable;
             self.dirty = true;
@@ -225,10 +237,16 @@ fn wire(h: Hlc) -> (u64, u32) {
 /// Whether the boots in `hello`, later than the one `known` records, continue that boot: its
 /// lineage holds the known boot with the same nonce, and the boot after it opened at or after
 /// the highest durable clock seen from the known boot. A restored copy opens before that, and
-/// restarting it again does not hide the boot that opened on the copy. When the lineage no
-/// longer reaches back that far, the current boot's opening clock is all there is to check.
+/// restarting it again does not hide the boot that opened on the copy. A lineage that no longer
+/// reaches back that far does not follow; a hello with none is judged by its clock at open.
 fn follows(hello: &Hello, known: &Record) -> bool {
     let at = |boot: u64| hello.boots.iter().find(|b| b.boot == boot);
+    // A lineage that no longer reaches the boot after the known one proves nothing: more than
+    // 32 restarts while this site did not hear from it (a crash loop, say) cost a new
+    // incarnation, which is safe; accepting could let a restored copy pass.
+    if hello.boots.first().is_some_and(|b| b.boot > known.boot.saturating_add(1)) {
+        return false;
+    }
     let same_known = at(known.boot).is_none_or(|b| known.boot_nonce == 0 || b.nonce == known.boot_nonce);
     let next_opened = at(known.boot.saturating_add(1)).map_or(hello.opened_at, |b| b.opened_at);
     same_known && next_opened >= known.durable
@@ -280,6 +298,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         matured_ack: None,
         last_matured: None,
         introduced: wire(rules.now),
+        since: hello.since,
     };
     let Some(mut m) = member else {
         let m = Member { dirty: true, resyncing: hello.resyncing, ..Member::from_record(fresh(Vec::new())) };
@@ -315,7 +334,8 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         if retired.len() > MAX_RETIRED {
             retired.remove(0);
         }
-        m.record = fresh(retired);
+        let introduced = r.introduced;
+        m.record = Record { introduced, ..fresh(retired) };
         m.reset_acks();
         m.resyncing = hello.resyncing;
         let verdict = if old_data { Verdict::Resync(rules.collected) } else { Verdict::Accept };
@@ -342,6 +362,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     r.opened_at = hello.opened_at;
     r.durable = r.durable.max(hello.durable);
     r.last_contact_ms = rules.now_ms;
+    r.since = r.since.max(hello.since);
     if r.cut_off {
         if old_data {
             return (m, Verdict::Resync(rules.collected));
@@ -434,6 +455,11 @@ mod tests {
         restarted.boots[0].nonce = 1010;
         let (m, v) = learn(Some(m), &restarted, rules(0, 200));
         assert_eq!(v, Verdict::Accept);
+        // A lineage that no longer reaches the boot after the known one proves nothing.
+        let mut looped = hello(7, 40, 500, 510, 5);
+        looped.boots = (8..=40).map(|b| BootSeen { boot: b, nonce: b, opened_at: (400 + b, 0) }).collect();
+        let (_, v) = learn(Some(m.clone()), &looped, rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
         // Gossip of a boot two ahead is not taken on trust (the lineage is checked at the hello).
         let mut m = m;
         let seen = Seen {
@@ -468,5 +494,32 @@ mod tests {
         assert!(!m.record.cut_off);
         let bytes = m.record.encode();
         assert_eq!(Record::decode(&bytes).expect("decodes"), m.record);
+        // A message sent before the resync (its data reached back further) is not merged.
+        let mut m = m;
+        let stale = Sender {
+            site: "c".into(),
+            incarnation: 7,
+            boot: 2,
+            boot_nonce: 2060,
+            durable: (70, 0),
+            resyncing: false,
+            since: (5, 0),
+        };
+        assert_eq!(m.admit(&stale, Hlc { physical_ms: 20, logical: 0 }, 300), Verdict::Introduce);
+        let current = Sender { since: (20, 0), ..stale };
+        assert_eq!(m.admit(&current, Hlc { physical_ms: 20, logical: 0 }, 300), Verdict::Accept);
+    }
+
+    #[test]
+    fn a_version_1_record_reads_with_zero_for_the_fields_it_lacks() {
+        let (m, _) = learn(None, &hello(7, 1, 10, 50, 5), rules(0, 100));
+        let mut v1 = vec![1u8];
+        let full = postcard::to_stdvec(&m.record).expect("encodes");
+        // The two trailing pairs are (introduced, since): 4 varint bytes at most each here.
+        let tail = postcard::to_stdvec(&(m.record.introduced, m.record.since)).expect("encodes");
+        v1.extend_from_slice(&full[..full.len() - tail.len()]);
+        let read = Record::decode(&v1).expect("decodes");
+        assert_eq!(read, Record { introduced: (0, 0), since: (0, 0), ..m.record });
+        assert!(Record::decode(&[9, 1, 2]).unwrap_err().to_string().contains("version 9"));
     }
 }

@@ -10,7 +10,7 @@ use atoll_kv::{Entry, Hlc};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// The largest message accepted, in bytes.
 pub const MAX_MESSAGE: usize = 32 << 20;
 /// Most entries in one message.
@@ -114,6 +114,8 @@ pub struct Sender {
     /// It is resyncing: what it sends is not merged until it has finished (see ALGORITHM.md,
     /// "Horizon").
     pub resyncing: bool,
+    /// How far back its data reaches (a message from before a resync is refused).
+    pub since: (u64, u32),
 }
 
 /// One key's entry on the wire: the composite key and the entry in atoll-kv's codec.
@@ -436,6 +438,7 @@ mod tests {
                 boot_nonce: 9,
                 durable: (5, 1),
                 resyncing: false,
+                since: (1, 0),
             },
             Round {
                 salt: 7,

@@ -70,7 +70,7 @@ impl<S: SyncStore> Node<S> {
         let mut unready = true;
         let gate = if resyncing {
             Some(
-                "this site is resyncing after being cut off from its peers past the replication horizon"
+                "this site is resyncing (cut off past the replication horizon, or running on an older copy of its data dir): it takes no guest reads or writes until a peer it knew before has brought it up to date"
                     .to_owned(),
             )
         } else if let Some((url, reason)) = &state.refused {

@@ -412,6 +412,7 @@ impl<S: SyncStore> Node<S> {
             boot_nonce: id.boot_nonce,
             durable: hlc_wire(self.store.durable_hlc()),
             resyncing: self.store.resync_began().ok().flatten().is_some(),
+            since: hlc_wire(id.since),
         }
     }
 
@@ -712,7 +713,7 @@ impl<S: SyncStore> Node<S> {
                         self.with_peer(url, |p| p.introduced = false);
                         Err(anyhow::anyhow!("{url} does not know this site (or this incarnation) yet"))
                     }
-                    Reply::Reincarnate => self.reincarnate(url),
+                    Reply::Reincarnate => self.reincarnate(url, now_ms),
                     Reply::AheadOfClock(reason) => {
                         // The peer's clock, or this site's, is off: the gate's clock rule decides
                         // which (offsets to every peer); this exchange just failed.
@@ -748,7 +749,7 @@ impl<S: SyncStore> Node<S> {
 
     /// A peer says this site runs on an older copy of its data dir: take a new incarnation, so
     /// that no stamp or counter contribution is ever reused, then say hello again.
-    fn reincarnate(&self, url: &str) -> Result<()> {
+    fn reincarnate(&self, url: &str, now_ms: u64) -> Result<()> {
         let old = self.store.identity();
         let new = self.store.reincarnate()?;
         tracing::warn!(
@@ -757,13 +758,17 @@ impl<S: SyncStore> Node<S> {
             new = format!("{:016x}", new.incarnation),
             "a peer has seen a newer state of this site than its data dir holds (restored from an older copy?): took a new incarnation"
         );
-        let mut state = self.state();
-        state.confirmed.clear();
-        state.resync_epoch += 1;
-        for p in state.peers.values_mut() {
-            p.introduced = false;
-            p.needs_anti_entropy = true;
+        {
+            let mut state = self.state();
+            state.confirmed.clear();
+            state.resync_epoch += 1;
+            for p in state.peers.values_mut() {
+                p.introduced = false;
+                p.needs_anti_entropy = true;
+            }
         }
+        // Guests stop at once (not at the gate task's next turn).
+        self.update_gate(now_ms);
         bail!("{url}: this site took a new incarnation; saying hello again")
     }
 
@@ -956,13 +961,17 @@ impl<S: SyncStore> Node<S> {
             // A copy older than every introduction (nobody known yet when it was taken) has no
             // one to wait for: any peer that accepts it vouches.
             let nobody_before = !state.members.values().any(before);
-            let mut known_before = false;
+            let same_epoch = state.resync_epoch == epoch;
+            let mut vouches = false;
             if let Some(m) = state.members.get_mut(&site) {
-                if !resyncing {
+                // Only a session the peer merged acknowledges anything (a resync that began
+                // during it stopped that).
+                if !resyncing && same_epoch {
                     m.acknowledged(started, now_ms);
                 }
                 m.flag = None;
-                known_before = before(m) || nobody_before;
+                // A peer that resyncs itself gave nothing (and took nothing): it cannot vouch.
+                vouches = take && !m.resyncing && (before(m) || nobody_before);
             }
             if let Some(p) = state.peers.get_mut(url) {
                 p.last_sync_ms = Some(now_ms);
@@ -970,7 +979,7 @@ impl<S: SyncStore> Node<S> {
             }
             // Only a site known before the resync began can vouch for it (when there is one): one
             // met since may never have held what the others collected (a new site, say).
-            state.resync_epoch == epoch && known_before
+            same_epoch && vouches
         };
         if finished_resync {
             self.store.finish_resync()?;
