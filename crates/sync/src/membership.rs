@@ -520,6 +520,6 @@ mod tests {
         v1.extend_from_slice(&full[..full.len() - tail.len()]);
         let read = Record::decode(&v1).expect("decodes");
         assert_eq!(read, Record { introduced: (0, 0), since: (0, 0), ..m.record });
-        assert!(Record::decode(&[9, 1, 2]).unwrap_err().to_string().contains("version 9"));
+        assert!(Record::decode(&[9, 1, 2]).expect_err("refused").to_string().contains("version 9"));
     }
 }
