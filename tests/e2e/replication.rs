@@ -207,7 +207,8 @@ fn push_at(
         boot_nonce: 1,
         durable: (now_ms(), 0),
         resyncing: false,
-        since: (0, 0),
+        // How far back its data reaches: what its hello below says too.
+        since: (1, 0),
     };
     let request = Request::Push(from, vec![WireEntry::new(ns.key(key.as_bytes()), &entry)]);
     send_sync(site, &request, secret, mangle)
@@ -279,7 +280,7 @@ fn sync_requests_without_valid_proof_or_well_formed_body_are_refused_and_change_
         opened_at: (now, 0),
         boots: vec![],
         durable: (now, 0),
-        since: (now, 0),
+        since: (1, 0),
         resyncing: false,
         seen: vec![],
     };
