@@ -124,7 +124,7 @@ struct Mutant {
 const MUTANTS: &[Mutant] = &[
     Mutant {
         what: "tombstones already collected are stored again (no floor)",
-        file: "crates/kv/src/store.rs",
+        file: "crates/kv/src/store/writer.rs",
         from: "if old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>",
         to: "if false && old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>",
     },
@@ -154,7 +154,7 @@ const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         what: "a site told to resync keeps its old data (no discard)",
-        file: "crates/kv/src/store.rs",
+        file: "crates/kv/src/store/horizon.rs",
         from: "            e.stamp.hlc < before\n",
         to: "            e.stamp.hlc < before && false\n",
     },

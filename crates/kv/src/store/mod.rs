@@ -32,14 +32,18 @@ use std::sync::{Mutex, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
+mod horizon;
+mod writer;
+
 use crate::codec;
-use crate::entry::{Entry, EntryError, SiteId, Stamp};
+use crate::entry::{Entry, EntryError, SiteId};
 use crate::hlc::{Clock, Hlc};
 use crate::identity::Identity;
 use crate::tables::{
-    DIGESTS, ENTRIES, INDEX, META, TOMBSTONES, Tables, decode_hlc, decode_u128, encode_hlc, entry_hash,
-    index_key,
+    DIGESTS, ENTRIES, INDEX, META, TOMBSTONES, decode_hlc, decode_u128, encode_hlc, entry_hash, index_key,
 };
+use horizon::{begin_resync, read_resync};
+use writer::{Job, Op, Shared, write_loop};
 
 /// The store format this build reads and writes (format 2, before incarnations, is upgraded in
 /// place when opened).
@@ -244,21 +248,6 @@ pub struct Change {
 
 /// One page of a key listing: the keys, and the cursor of the next page if there is one.
 pub type KeyPage = (Vec<Vec<u8>>, Option<Vec<u8>>);
-
-type Reply = tokio::sync::oneshot::Sender<Vec<Result<Written, KvError>>>;
-
-/// What the writer applies to one composite key.
-enum Op {
-    /// A write made here.
-    Local(Write),
-    /// An entry received from another site, merged in.
-    Merge(Entry),
-}
-
-struct Job {
-    writes: Vec<(Vec<u8>, Op)>,
-    reply: Reply,
-}
 
 /// The store. Cheap to clone; reads run on the caller's thread, writes through the writer thread.
 #[derive(Clone)]
@@ -624,130 +613,6 @@ impl Store {
         answer.await.map_err(|_| KvError::Closed)
     }
 
-    /// Removes tombstones (deleted keys without increments) that **arrived at this site** before
-    /// the HLC reading `before`, and returns how many went. This is the separate, explicit
-    /// collection step: the store never drops a tombstone by itself, and replication decides when
-    /// `before` is safe (every known site completed a session with this site that started after
-    /// the tombstone arrived here). Runs as its own transaction; digests follow, and so does the
-    /// collection watermark ([`Store::collected`]): it can never be behind what was removed.
-    pub fn collect_tombstones(&self, before: Hlc) -> Result<usize, KvError> {
-        let txn = self.inner.db.begin_write().map_err(storage)?;
-        let mut removed = 0;
-        {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            let collected = match meta.get(COLLECTED).map_err(storage)? {
-                Some(v) => decode_hlc(v.value())?,
-                None => Hlc::ZERO,
-            };
-            meta.insert(COLLECTED, encode_hlc(collected.max(before)).as_slice()).map_err(storage)?;
-        }
-        {
-            let mut tables = Tables::open(&txn)?;
-            let mut found = Vec::new();
-            for item in tables.tombstones.iter().map_err(storage)? {
-                let (k, arrived) = item.map_err(storage)?;
-                if decode_hlc(arrived.value())? < before {
-                    found.push(k.value().to_vec());
-                }
-            }
-            for composite in found {
-                let encoded =
-                    tables.entries.get(composite.as_slice()).map_err(storage)?.map(|v| v.value().to_vec());
-                if let Some(encoded) = encoded
-                    && codec::decode(&encoded).map_err(storage)?.is_tombstone()
-                {
-                    tables.replace(&composite, Some(&encoded), None)?;
-                    removed += 1;
-                }
-                tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
-            }
-        }
-        txn.commit().map_err(storage)?;
-        Ok(removed)
-    }
-
-    /// The tombstone collection watermark: tombstones that arrived before it are gone.
-    pub fn collected(&self) -> Result<Hlc, KvError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(META).map_err(storage)?;
-        match table.get(COLLECTED).map_err(storage)? {
-            Some(v) => decode_hlc(v.value()),
-            None => Ok(Hlc::ZERO),
-        }
-    }
-
-    /// Starts a resync from the collection watermark `before` of a peer that cut this site off:
-    /// removes every entry whose register was written before `before` (its increments with it),
-    /// tombstone or not, since it may be a value deleted elsewhere whose tombstone is gone; and,
-    /// in the same transaction, records that the data now reaches back only to `before`
-    /// ([`Identity::since`]) and that a resync is under way ([`Store::resyncing`]). Returns how
-    /// many entries went.
-    ///
-    /// A value goes by its register's stamp, not the entry's last change: an increment made
-    /// recently on top of a value deleted (and collected) elsewhere would otherwise bring the
-    /// deleted value back. A counter on no value goes by its last change.
-    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
-        // A full scan: only for resync after being cut off.
-        // A register written before `before` may be a value deleted elsewhere: it goes, with the
-        // increments on it. Increments on no value (a counter never set) go only if they are all
-        // older: newer ones cannot bring any deleted value back.
-        let doomed = |e: &Entry| {
-            e.stamp.hlc < before
-                && (matches!(e.register, crate::entry::Register::Value(_)) || e.changed.hlc < before)
-        };
-        let txn = self.inner.db.begin_write().map_err(storage)?;
-        let mut removed = 0;
-        let mut identity = self.identity();
-        let began;
-        {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            identity.since = identity.since.max(before);
-            identity.save(&mut meta)?;
-            began = begin_resync(&mut meta, &self.inner.clock)?;
-        }
-        {
-            let mut tables = Tables::open(&txn)?;
-            let mut found = Vec::new();
-            for item in tables.entries.iter().map_err(storage)? {
-                let (k, v) = item.map_err(storage)?;
-                if doomed(&codec::decode(v.value()).map_err(storage)?) {
-                    found.push((k.value().to_vec(), v.value().to_vec()));
-                }
-            }
-            for (composite, encoded) in found {
-                tables.replace(&composite, Some(&encoded), None)?;
-                tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
-                removed += 1;
-            }
-        }
-        txn.commit().map_err(storage)?;
-        *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
-        *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
-        Ok(removed)
-    }
-
-    /// Whether a resync started by [`Store::discard_before`] or [`Store::reincarnate`] has not
-    /// been finished.
-    pub fn resyncing(&self) -> Result<bool, KvError> {
-        Ok(self.resync_began()?.is_some())
-    }
-
-    /// When the resync under way began (this store's clock), if one is.
-    pub fn resync_began(&self) -> Result<Option<Hlc>, KvError> {
-        Ok(*self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Records that the resync is finished: a full anti-entropy session with a peer that accepts
-    /// this site completed after it started. `since` stays the watermark it discarded to (a peer
-    /// with a lower watermark must not vouch for more).
-    pub fn finish_resync(&self) -> Result<(), KvError> {
-        let txn = self.inner.db.begin_write().map_err(storage)?;
-        txn.open_table(META).map_err(storage)?.remove(RESYNCING).map_err(storage)?;
-        txn.commit().map_err(storage)?;
-        *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        Ok(())
-    }
-
     /// Every [`Store::meta`] value whose name starts with `prefix`, by name (without `sync/`).
     pub fn meta_list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;
@@ -793,187 +658,4 @@ impl Store {
         }
         Ok(out)
     }
-}
-
-const COLLECTED: &str = "collected";
-const RESYNCING: &str = "resyncing";
-
-/// Marks a resync under way from now, unless one already is (it keeps its start); returns the
-/// start.
-fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -> Result<Hlc, KvError> {
-    if let Some(began) = read_resync(meta)? {
-        return Ok(began);
-    }
-    let began = clock.now();
-    meta.insert(RESYNCING, encode_hlc(began).as_slice()).map_err(storage)?;
-    // The clock never reads below it again, even after a crash and a clock stepped back.
-    meta.insert("hlc", encode_hlc(began).as_slice()).map_err(storage)?;
-    Ok(began)
-}
-
-/// When the resync under way began, if one is: the HLC stored under `"resyncing"` (a one-byte
-/// marker from before the start was stored counts as begun after everything).
-fn read_resync(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Option<Hlc>, KvError> {
-    let Some(v) = meta.get(RESYNCING).map_err(storage)? else { return Ok(None) };
-    if v.value().len() == 1 {
-        return Ok(Some(Hlc { physical_ms: u64::MAX, logical: u32::MAX }));
-    }
-    Ok(Some(decode_hlc(v.value())?))
-}
-
-/// Each job's results, in order.
-type BatchResults = Vec<Vec<Result<Written, KvError>>>;
-
-/// The writer thread: group commit.
-/// What the writer thread shares with the store.
-struct Shared {
-    /// The writer id to stamp local writes with.
-    site: Arc<RwLock<String>>,
-    /// The clock as of the last durable commit.
-    durable: Arc<Mutex<Hlc>>,
-    /// See [`Store::set_tombstone_floor`].
-    floor: Arc<Mutex<Hlc>>,
-}
-
-fn write_loop(
-    db: &Database,
-    clock: &Clock,
-    shared: &Shared,
-    max_batch: usize,
-    queue: &std::sync::mpsc::Receiver<Job>,
-    feed: &tokio::sync::broadcast::Sender<Arc<Vec<Change>>>,
-) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        let mut pending: usize = batch[0].writes.len();
-        while pending < max_batch {
-            match queue.try_recv() {
-                Ok(job) => {
-                    pending += job.writes.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        let writer_id = shared.site.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let floor = *shared.floor.lock().unwrap_or_else(|e| e.into_inner());
-        match commit_batch(db, clock, &writer_id, floor, &batch) {
-            Ok((results, changes, persisted)) => {
-                *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
-                if !changes.is_empty() {
-                    // No receiver is fine; a lagging one is told by the channel.
-                    let _ = feed.send(Arc::new(changes));
-                }
-                for (job, result) in batch.into_iter().zip(results) {
-                    let _ = job.reply.send(result);
-                }
-            }
-            Err(e) => {
-                tracing::error!("kv commit failed: {e}");
-                for job in batch {
-                    let n = job.writes.len();
-                    let _ = job.reply.send(vec![Err(e.clone()); n]);
-                }
-            }
-        }
-    }
-}
-
-fn commit_batch(
-    db: &Database,
-    clock: &Clock,
-    site: &str,
-    floor: Hlc,
-    batch: &[Job],
-) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
-    let txn = db.begin_write().map_err(storage)?;
-    // A barrier (an empty job) moves the clock, so the durable clock passes everything before it.
-    if batch.iter().any(|job| job.writes.is_empty()) {
-        clock.now();
-    }
-    let persisted;
-    let mut results = Vec::with_capacity(batch.len());
-    let mut changes = Vec::new();
-    {
-        let mut tables = Tables::open(&txn)?;
-        for job in batch {
-            let mut job_results = Vec::with_capacity(job.writes.len());
-            for (composite, write) in &job.writes {
-                let old =
-                    tables.entries.get(composite.as_slice()).map_err(storage)?.map(|v| v.value().to_vec());
-                let current = match &old {
-                    Some(bytes) => codec::decode(bytes).map_err(storage)?,
-                    None => Entry::absent(),
-                };
-                let origin = match write {
-                    Op::Local(_) => Origin::Local,
-                    Op::Merge(_) => Origin::Merged,
-                };
-                let change = match write {
-                    Op::Local(write) => {
-                        apply(&current, write, Stamp { hlc: clock.now(), site: site.to_owned() })
-                    }
-                    // A tombstone every site held, for a key collected here: nothing to store.
-                    Op::Merge(remote)
-                        if old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>
-                    {
-                        Ok(None)
-                    }
-                    Op::Merge(remote) => {
-                        clock.observe(remote.changed.hlc);
-                        let merged = current.merge(remote);
-                        Ok((merged != current).then_some((merged, Written::Done)))
-                    }
-                };
-                let (next, written) = match change {
-                    Ok(Some(change)) => change,
-                    // Nothing to write: a compare-and-swap that did not match, or a merge that
-                    // brought nothing new.
-                    Ok(None) => {
-                        job_results.push(Ok(Written::Swapped(false)));
-                        continue;
-                    }
-                    Err(e) => {
-                        job_results.push(Err(e));
-                        continue;
-                    }
-                };
-                let encoded = codec::encode(&next);
-                tables.replace(composite, old.as_deref(), Some(&encoded))?;
-                if next.is_tombstone() {
-                    // Arrival here, on this site's clock: after every session already started.
-                    let arrived = encode_hlc(clock.now());
-                    tables.tombstones.insert(composite.as_slice(), arrived.as_slice()).map_err(storage)?;
-                } else if old.is_some() && current.is_tombstone() {
-                    tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
-                }
-                changes.push(Change { key: composite.clone(), entry: next, origin });
-                job_results.push(Ok(written));
-            }
-            results.push(job_results);
-        }
-        let mut meta = txn.open_table(META).map_err(storage)?;
-        persisted = clock.last();
-        meta.insert("hlc", encode_hlc(persisted).as_slice()).map_err(storage)?;
-    }
-    txn.commit().map_err(storage)?;
-    Ok((results, changes, persisted))
-}
-
-/// The entry after `write`; `None` when a compare-and-swap does not match.
-fn apply(current: &Entry, write: &Write, stamp: Stamp) -> Result<Option<(Entry, Written)>, KvError> {
-    Ok(Some(match write {
-        Write::Set(v) => (Entry::set(v.clone(), stamp), Written::Done),
-        Write::Delete => (Entry::delete(stamp), Written::Done),
-        Write::Increment(delta) => {
-            let (next, total) = current.increment(*delta, stamp)?;
-            (next, Written::Total(total))
-        }
-        Write::CompareAndSwap { expected, new } => {
-            if current.read().into_bytes() != *expected {
-                return Ok(None);
-            }
-            (Entry::set(new.clone(), stamp), Written::Swapped(true))
-        }
-    }))
 }

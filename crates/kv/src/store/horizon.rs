@@ -1,0 +1,165 @@
+//! The replication horizon in the store: tombstone collection and its watermark, and the resync a
+//! site cut off past the horizon goes through (discard what may have been deleted elsewhere,
+//! then pull the rest again).
+
+use redb::{ReadableDatabase, ReadableTable};
+
+use super::{KvError, Store, storage};
+use crate::codec;
+use crate::entry::Entry;
+use crate::hlc::{Clock, Hlc};
+use crate::tables::{META, Tables, decode_hlc, encode_hlc};
+
+impl Store {
+    /// Removes tombstones (deleted keys without increments) that **arrived at this site** before
+    /// the HLC reading `before`, and returns how many went. This is the separate, explicit
+    /// collection step: the store never drops a tombstone by itself, and replication decides when
+    /// `before` is safe (every known site completed a session with this site that started after
+    /// the tombstone arrived here). Runs as its own transaction; digests follow, and so does the
+    /// collection watermark ([`Store::collected`]): it can never be behind what was removed.
+    pub fn collect_tombstones(&self, before: Hlc) -> Result<usize, KvError> {
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        let mut removed = 0;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let collected = match meta.get(COLLECTED).map_err(storage)? {
+                Some(v) => decode_hlc(v.value())?,
+                None => Hlc::ZERO,
+            };
+            meta.insert(COLLECTED, encode_hlc(collected.max(before)).as_slice()).map_err(storage)?;
+        }
+        {
+            let mut tables = Tables::open(&txn)?;
+            let mut found = Vec::new();
+            for item in tables.tombstones.iter().map_err(storage)? {
+                let (k, arrived) = item.map_err(storage)?;
+                if decode_hlc(arrived.value())? < before {
+                    found.push(k.value().to_vec());
+                }
+            }
+            for composite in found {
+                let encoded =
+                    tables.entries.get(composite.as_slice()).map_err(storage)?.map(|v| v.value().to_vec());
+                if let Some(encoded) = encoded
+                    && codec::decode(&encoded).map_err(storage)?.is_tombstone()
+                {
+                    tables.replace(&composite, Some(&encoded), None)?;
+                    removed += 1;
+                }
+                tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(removed)
+    }
+
+    /// The tombstone collection watermark: tombstones that arrived before it are gone.
+    pub fn collected(&self) -> Result<Hlc, KvError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(META).map_err(storage)?;
+        match table.get(COLLECTED).map_err(storage)? {
+            Some(v) => decode_hlc(v.value()),
+            None => Ok(Hlc::ZERO),
+        }
+    }
+
+    /// Starts a resync from the collection watermark `before` of a peer that cut this site off:
+    /// removes every entry whose register was written before `before` (its increments with it),
+    /// tombstone or not, since it may be a value deleted elsewhere whose tombstone is gone; and,
+    /// in the same transaction, records that the data now reaches back only to `before`
+    /// ([`Identity::since`]) and that a resync is under way ([`Store::resyncing`]). Returns how
+    /// many entries went.
+    ///
+    /// A value goes by its register's stamp, not the entry's last change: an increment made
+    /// recently on top of a value deleted (and collected) elsewhere would otherwise bring the
+    /// deleted value back. A counter on no value goes by its last change.
+    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
+        // A full scan: only for resync after being cut off.
+        // A register written before `before` may be a value deleted elsewhere: it goes, with the
+        // increments on it. Increments on no value (a counter never set) go only if they are all
+        // older: newer ones cannot bring any deleted value back.
+        let doomed = |e: &Entry| {
+            e.stamp.hlc < before
+                && (matches!(e.register, crate::entry::Register::Value(_)) || e.changed.hlc < before)
+        };
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        let mut removed = 0;
+        let mut identity = self.identity();
+        let began;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            identity.since = identity.since.max(before);
+            identity.save(&mut meta)?;
+            began = begin_resync(&mut meta, &self.inner.clock)?;
+        }
+        {
+            let mut tables = Tables::open(&txn)?;
+            let mut found = Vec::new();
+            for item in tables.entries.iter().map_err(storage)? {
+                let (k, v) = item.map_err(storage)?;
+                if doomed(&codec::decode(v.value()).map_err(storage)?) {
+                    found.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }
+            for (composite, encoded) in found {
+                tables.replace(&composite, Some(&encoded), None)?;
+                tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
+                removed += 1;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
+        *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
+        Ok(removed)
+    }
+
+    /// Whether a resync started by [`Store::discard_before`] or [`Store::reincarnate`] has not
+    /// been finished.
+    pub fn resyncing(&self) -> Result<bool, KvError> {
+        Ok(self.resync_began()?.is_some())
+    }
+
+    /// When the resync under way began (this store's clock), if one is.
+    pub fn resync_began(&self) -> Result<Option<Hlc>, KvError> {
+        Ok(*self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Records that the resync is finished: a full anti-entropy session with a peer that accepts
+    /// this site completed after it started. `since` stays the watermark it discarded to (a peer
+    /// with a lower watermark must not vouch for more).
+    pub fn finish_resync(&self) -> Result<(), KvError> {
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        txn.open_table(META).map_err(storage)?.remove(RESYNCING).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+        *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+}
+
+const COLLECTED: &str = "collected";
+const RESYNCING: &str = "resyncing";
+
+/// Marks a resync under way from now, unless one already is (it keeps its start); returns the
+/// start.
+pub(super) fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -> Result<Hlc, KvError> {
+    if let Some(began) = read_resync(meta)? {
+        return Ok(began);
+    }
+    let began = clock.now();
+    meta.insert(RESYNCING, encode_hlc(began).as_slice()).map_err(storage)?;
+    // The clock never reads below it again, even after a crash and a clock stepped back.
+    meta.insert("hlc", encode_hlc(began).as_slice()).map_err(storage)?;
+    Ok(began)
+}
+
+/// When the resync under way began, if one is: the HLC stored under `"resyncing"` (a one-byte
+/// marker from before the start was stored counts as begun after everything).
+pub(super) fn read_resync(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<Hlc>, KvError> {
+    let Some(v) = meta.get(RESYNCING).map_err(storage)? else { return Ok(None) };
+    if v.value().len() == 1 {
+        return Ok(Some(Hlc { physical_ms: u64::MAX, logical: u32::MAX }));
+    }
+    Ok(Some(decode_hlc(v.value())?))
+}

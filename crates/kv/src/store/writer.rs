@@ -1,0 +1,183 @@
+//! The writer thread: group commit. It takes every write waiting into one transaction, commits it
+//! durably, and only then answers each writer.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use redb::{Database, ReadableTable};
+
+use super::{Change, KvError, Origin, Write, Written, storage};
+use crate::codec;
+use crate::entry::{Entry, Stamp};
+use crate::hlc::{Clock, Hlc};
+use crate::tables::{META, Tables, encode_hlc};
+
+type Reply = tokio::sync::oneshot::Sender<Vec<Result<Written, KvError>>>;
+
+/// What the writer applies to one composite key.
+pub(super) enum Op {
+    /// A write made here.
+    Local(Write),
+    /// An entry received from another site, merged in.
+    Merge(Entry),
+}
+
+pub(super) struct Job {
+    pub(super) writes: Vec<(Vec<u8>, Op)>,
+    pub(super) reply: Reply,
+}
+
+/// Each job's results, in order.
+type BatchResults = Vec<Vec<Result<Written, KvError>>>;
+
+/// What the writer thread shares with the store.
+pub(super) struct Shared {
+    /// The writer id to stamp local writes with.
+    pub(super) site: Arc<RwLock<String>>,
+    /// The clock as of the last durable commit.
+    pub(super) durable: Arc<Mutex<Hlc>>,
+    /// See [`Store::set_tombstone_floor`].
+    pub(super) floor: Arc<Mutex<Hlc>>,
+}
+
+pub(super) fn write_loop(
+    db: &Database,
+    clock: &Clock,
+    shared: &Shared,
+    max_batch: usize,
+    queue: &std::sync::mpsc::Receiver<Job>,
+    feed: &tokio::sync::broadcast::Sender<Arc<Vec<Change>>>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        let mut pending: usize = batch[0].writes.len();
+        while pending < max_batch {
+            match queue.try_recv() {
+                Ok(job) => {
+                    pending += job.writes.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let writer_id = shared.site.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let floor = *shared.floor.lock().unwrap_or_else(|e| e.into_inner());
+        match commit_batch(db, clock, &writer_id, floor, &batch) {
+            Ok((results, changes, persisted)) => {
+                *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
+                if !changes.is_empty() {
+                    // No receiver is fine; a lagging one is told by the channel.
+                    let _ = feed.send(Arc::new(changes));
+                }
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!("kv commit failed: {e}");
+                for job in batch {
+                    let n = job.writes.len();
+                    let _ = job.reply.send(vec![Err(e.clone()); n]);
+                }
+            }
+        }
+    }
+}
+
+fn commit_batch(
+    db: &Database,
+    clock: &Clock,
+    site: &str,
+    floor: Hlc,
+    batch: &[Job],
+) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
+    let txn = db.begin_write().map_err(storage)?;
+    // A barrier (an empty job) moves the clock, so the durable clock passes everything before it.
+    if batch.iter().any(|job| job.writes.is_empty()) {
+        clock.now();
+    }
+    let persisted;
+    let mut results = Vec::with_capacity(batch.len());
+    let mut changes = Vec::new();
+    {
+        let mut tables = Tables::open(&txn)?;
+        for job in batch {
+            let mut job_results = Vec::with_capacity(job.writes.len());
+            for (composite, write) in &job.writes {
+                let old =
+                    tables.entries.get(composite.as_slice()).map_err(storage)?.map(|v| v.value().to_vec());
+                let current = match &old {
+                    Some(bytes) => codec::decode(bytes).map_err(storage)?,
+                    None => Entry::absent(),
+                };
+                let origin = match write {
+                    Op::Local(_) => Origin::Local,
+                    Op::Merge(_) => Origin::Merged,
+                };
+                let change = match write {
+                    Op::Local(write) => {
+                        apply(&current, write, Stamp { hlc: clock.now(), site: site.to_owned() })
+                    }
+                    // A tombstone every site held, for a key collected here: nothing to store.
+                    Op::Merge(remote)
+                        if old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>
+                    {
+                        Ok(None)
+                    }
+                    Op::Merge(remote) => {
+                        clock.observe(remote.changed.hlc);
+                        let merged = current.merge(remote);
+                        Ok((merged != current).then_some((merged, Written::Done)))
+                    }
+                };
+                let (next, written) = match change {
+                    Ok(Some(change)) => change,
+                    // Nothing to write: a compare-and-swap that did not match, or a merge that
+                    // brought nothing new.
+                    Ok(None) => {
+                        job_results.push(Ok(Written::Swapped(false)));
+                        continue;
+                    }
+                    Err(e) => {
+                        job_results.push(Err(e));
+                        continue;
+                    }
+                };
+                let encoded = codec::encode(&next);
+                tables.replace(composite, old.as_deref(), Some(&encoded))?;
+                if next.is_tombstone() {
+                    // Arrival here, on this site's clock: after every session already started.
+                    let arrived = encode_hlc(clock.now());
+                    tables.tombstones.insert(composite.as_slice(), arrived.as_slice()).map_err(storage)?;
+                } else if old.is_some() && current.is_tombstone() {
+                    tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
+                }
+                changes.push(Change { key: composite.clone(), entry: next, origin });
+                job_results.push(Ok(written));
+            }
+            results.push(job_results);
+        }
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        persisted = clock.last();
+        meta.insert("hlc", encode_hlc(persisted).as_slice()).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    Ok((results, changes, persisted))
+}
+
+/// The entry after `write`; `None` when a compare-and-swap does not match.
+fn apply(current: &Entry, write: &Write, stamp: Stamp) -> Result<Option<(Entry, Written)>, KvError> {
+    Ok(Some(match write {
+        Write::Set(v) => (Entry::set(v.clone(), stamp), Written::Done),
+        Write::Delete => (Entry::delete(stamp), Written::Done),
+        Write::Increment(delta) => {
+            let (next, total) = current.increment(*delta, stamp)?;
+            (next, Written::Total(total))
+        }
+        Write::CompareAndSwap { expected, new } => {
+            if current.read().into_bytes() != *expected {
+                return Ok(None);
+            }
+            (Entry::set(new.clone(), stamp), Written::Swapped(true))
+        }
+    }))
+}

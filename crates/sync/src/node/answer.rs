@@ -1,0 +1,117 @@
+//! Answers to other sites' requests: a hello, a push, an anti-entropy round, each admitted (or
+//! refused) by what this site knows of its sender first.
+
+use anyhow::Result;
+
+use super::Node;
+use crate::membership::Verdict;
+use crate::message::{Reply, Request, Sender, hlc_wire};
+use crate::reconcile;
+use crate::store::SyncStore;
+
+impl<S: SyncStore> Node<S> {
+    /// The verdict on a push or reconcile round from `from`.
+    pub(super) fn admit(&self, from: &Sender, now_ms: u64) -> Verdict {
+        let mut state = self.state();
+        let collected = state.collected;
+        match state.members.get_mut(&from.site) {
+            Some(m) => m.admit(from, collected, now_ms),
+            None => Verdict::Introduce,
+        }
+    }
+
+    pub(super) fn refusal(verdict: Verdict) -> Option<Reply> {
+        match verdict {
+            Verdict::Accept => None,
+            Verdict::Introduce => Some(Reply::Introduce),
+            Verdict::Reincarnate => Some(Reply::Reincarnate),
+            Verdict::Resync(w) => Some(Reply::ResyncRequired(hlc_wire(w))),
+            Verdict::Refused(reason) => Some(Reply::Refused(reason)),
+        }
+    }
+
+    /// Merges entries from `site` unless one is past the clock bound (then the peer is flagged).
+    pub(super) async fn merge_from(
+        &self,
+        site: &str,
+        entries: Vec<(Vec<u8>, atoll_kv::Entry)>,
+        now_ms: u64,
+    ) -> Result<usize> {
+        match self.store.merge(entries, self.clock_bound(now_ms)).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                if let Some(ahead) = e.downcast_ref::<crate::store::AheadOfClock>() {
+                    self.flag(site, format!("refused entries from {site}: {ahead}"));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Answers a request from another site (already authenticated and decoded).
+    pub async fn handle(&self, request: Request, now_ms: u64) -> Result<Reply> {
+        match request {
+            Request::Hello(hello) => {
+                let verdict = self.learn(&hello.me.url, &hello, now_ms, false);
+                if let Some(refusal) = Self::refusal(verdict) {
+                    return Ok(refusal);
+                }
+                Ok(Reply::Hello(self.hello(now_ms)?))
+            }
+            Request::Push(from, wire) => {
+                if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
+                    return Ok(refusal);
+                }
+                if from.resyncing {
+                    // Not merged until it has finished (anti-entropy brings it later).
+                    return Ok(Reply::Pushed(0));
+                }
+                let entries = crate::message::entries(wire);
+                let lag = lag(&entries, now_ms);
+                let n = entries.len() as u64;
+                let changed = match self.merge_from(&from.site, entries, now_ms).await {
+                    Ok(changed) => changed,
+                    Err(e) if e.is::<crate::store::AheadOfClock>() => {
+                        return Ok(Reply::AheadOfClock(format!("{e:#}")));
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.with_site(&from.site, |p| {
+                    p.entries_received += n;
+                    p.lag_ms = lag.or(p.lag_ms);
+                    p.last_contact_ms = Some(now_ms);
+                });
+                Ok(Reply::Pushed(changed as u32))
+            }
+            Request::Reconcile(from, round) => {
+                if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
+                    return Ok(refusal);
+                }
+                let limits = reconcile::Limits {
+                    budget: self.config.budget,
+                    refuse_from: self.clock_bound(now_ms),
+                    take: !from.resyncing,
+                };
+                let processed = reconcile::process(&self.store, round, limits).await;
+                let (out, moved) = match processed {
+                    Ok(done) => done,
+                    Err(e) if e.is::<crate::store::AheadOfClock>() => {
+                        self.flag(&from.site, format!("refused entries from {}: {e:#}", from.site));
+                        return Ok(Reply::AheadOfClock(format!("{e:#}")));
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.with_site(&from.site, |p| {
+                    p.entries_received += moved.received as u64;
+                    p.entries_sent += moved.sent as u64;
+                    p.last_contact_ms = Some(now_ms);
+                });
+                Ok(Reply::Reconcile(out))
+            }
+        }
+    }
+}
+
+fn lag(entries: &[(Vec<u8>, atoll_kv::Entry)], now_ms: u64) -> Option<u64> {
+    entries.iter().map(|(_, e)| e.changed.hlc.physical_ms).max().map(|t| now_ms.saturating_sub(t))
+}

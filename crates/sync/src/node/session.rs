@@ -1,0 +1,305 @@
+//! This site's side of a conversation with a peer: a hello, a push, an anti-entropy session, and
+//! what it does when a peer answers that it must take a new incarnation or resync.
+
+use anyhow::{Result, bail};
+use atoll_kv::Hlc;
+
+use super::{Node, Transport};
+use crate::membership::{Member, Verdict};
+use crate::message::{Reply, Request, WireEntry, hlc_from_wire};
+use crate::reconcile;
+use crate::store::SyncStore;
+
+impl<S: SyncStore> Node<S> {
+    pub(super) async fn call(
+        &self,
+        transport: &impl Transport,
+        url: &str,
+        request: Request,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        let result = match transport.call(url, request).await {
+            Ok(exchange) => {
+                self.exchanged(url, &exchange, now_ms);
+                match exchange.reply {
+                    Reply::ResyncRequired(w) => self.resync(url, hlc_from_wire(w), now_ms),
+                    Reply::Introduce => {
+                        self.with_peer(url, |p| p.introduced = false);
+                        Err(anyhow::anyhow!("{url} does not know this site (or this incarnation) yet"))
+                    }
+                    Reply::Reincarnate => self.reincarnate(url, now_ms),
+                    Reply::AheadOfClock(reason) => {
+                        // The peer's clock, or this site's, is off: the gate's clock rule decides
+                        // which (offsets to every peer); this exchange just failed.
+                        self.with_peer(url, |p| {
+                            p.flag = Some(format!("refused this site's entries: {reason}"))
+                        });
+                        Err(anyhow::anyhow!("{url} refused entries past its clock bound: {reason}"))
+                    }
+                    Reply::Refused(reason) => {
+                        self.state().refused = Some((url.to_owned(), reason.clone()));
+                        tracing::error!(peer = %url, "refused by a peer: {reason}");
+                        Err(anyhow::anyhow!("{url} refused this site: {reason}"))
+                    }
+                    reply => return Ok(reply),
+                }
+            }
+            Err(e) => {
+                if let Some(clock) = e.downcast_ref::<crate::http::ClockOffset>() {
+                    let reason = format!("clocks too far apart to talk: {clock}");
+                    self.with_peer(url, |p| {
+                        p.clock_offset_ms = Some(clock.offset_ms);
+                        p.offset_at_ms = now_ms;
+                        p.flag = Some(reason);
+                    });
+                }
+                Err(e)
+            }
+        };
+        let e = result.err().unwrap_or_else(|| anyhow::anyhow!("{url}: no answer"));
+        self.failed(url, &e);
+        Err(e)
+    }
+
+    /// A peer says this site runs on an older copy of its data dir: take a new incarnation, so
+    /// that no stamp or counter contribution is ever reused, then say hello again.
+    pub(super) fn reincarnate(&self, url: &str, now_ms: u64) -> Result<()> {
+        let old = self.store.identity();
+        let new = self.store.reincarnate()?;
+        tracing::warn!(
+            peer = %url,
+            old = format!("{:016x}", old.incarnation),
+            new = format!("{:016x}", new.incarnation),
+            "a peer has seen a newer state of this site than its data dir holds (restored from an older copy?): took a new incarnation"
+        );
+        {
+            let mut state = self.state();
+            state.confirmed.clear();
+            state.resync_epoch += 1;
+            for p in state.peers.values_mut() {
+                p.introduced = false;
+                p.needs_anti_entropy = true;
+            }
+        }
+        // Guests stop at once (not at the gate task's next turn).
+        self.update_gate(now_ms);
+        bail!("{url}: this site took a new incarnation; saying hello again")
+    }
+
+    /// This site was cut off by the peer at `url` past the horizon: drop every entry older than
+    /// its collection watermark (it may be a value whose tombstone is gone) and pull the rest
+    /// again. The watermark is checked first: it cannot be from the future, and a resync this
+    /// site already did from a later watermark is not repeated.
+    pub(super) fn resync(&self, url: &str, watermark: Hlc, now_ms: u64) -> Result<()> {
+        if watermark > self.clock_bound(now_ms) {
+            bail!("{url} asked for a resync from a watermark in the future ({watermark}): refused");
+        }
+        if self.store.identity().since >= watermark {
+            bail!(
+                "{url} requires a resync from {watermark}; this site's data reaches back no further: saying hello again"
+            );
+        }
+        let dropped = self.store.discard_before(watermark)?;
+        tracing::warn!(peer = %url, %watermark, dropped, "this site was cut off past the replication horizon; resyncing");
+        {
+            let mut state = self.state();
+            state.resync_epoch += 1;
+            for p in state.peers.values_mut() {
+                p.introduced = false;
+            }
+        }
+        self.note_lost_changes();
+        self.update_gate(now_ms);
+        bail!(
+            "{url} requires a resync: dropped {dropped} entries older than {watermark}, pulling the rest again"
+        )
+    }
+
+    /// Says hello to `url` and learns the peers it knows.
+    pub async fn say_hello(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<()> {
+        match self.call(transport, url, Request::Hello(self.hello(now_ms)?), now_ms).await? {
+            Reply::Hello(hello) => {
+                let verdict = self.learn(url, &hello, now_ms, true);
+                let mut state = self.state();
+                if let Some(p) = state.peers.get_mut(url) {
+                    p.introduced = verdict == Verdict::Accept;
+                }
+                if state.refused.as_ref().is_some_and(|(by, _)| by == url) {
+                    state.refused = None;
+                }
+                if hello.me.site != self.me.site {
+                    // The peer answered in kind: it accepts this site as it is.
+                    state.confirmed.insert(hello.me.site.clone());
+                }
+                drop(state);
+                match verdict {
+                    Verdict::Accept => Ok(()),
+                    other => bail!("{url} ({}) is not accepted here: {other:?}", hello.me.site),
+                }
+            }
+            other => bail!("unexpected answer to hello: {other:?}"),
+        }
+    }
+
+    pub(super) async fn introduce(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<()> {
+        let introduced = self.state().peers.get(url).is_some_and(|p| p.introduced);
+        if !introduced {
+            self.say_hello(transport, url, now_ms).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the keys waiting for `url` (their current entries) in one push, up to the push
+    /// budget (count and bytes; the rest stays queued). A failed push is not retried as such:
+    /// the peer is marked for anti-entropy, which carries the same entries.
+    pub async fn push(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<usize> {
+        self.introduce(transport, url, now_ms).await?;
+        let keys: Vec<Vec<u8>> = {
+            let mut state = self.state();
+            let Some(peer) = state.peers.get_mut(url) else { return Ok(0) };
+            let mut keys = Vec::new();
+            while keys.len() < self.config.push_batch {
+                let Some(k) = peer.pending.pop_first() else { break };
+                keys.push(k);
+            }
+            keys
+        };
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        // The entries as they are now: a push never carries a state older than its signature.
+        // Read in small chunks so that the byte budget holds while the message is assembled.
+        let mut wire: Vec<WireEntry> = Vec::new();
+        let mut bytes = 0;
+        let mut taken = 0;
+        for chunk in keys.chunks(4) {
+            if bytes >= self.config.push_bytes && !wire.is_empty() {
+                break;
+            }
+            let read = match self.store.entries_at(chunk) {
+                Ok(read) => read,
+                Err(e) => {
+                    self.with_peer(url, |p| p.needs_anti_entropy = true);
+                    return Err(e);
+                }
+            };
+            for (k, e) in read {
+                let w = WireEntry::new(k, &e);
+                bytes += w.size();
+                wire.push(w);
+            }
+            taken += chunk.len();
+        }
+        if taken < keys.len() {
+            let mut state = self.state();
+            if let Some(peer) = state.peers.get_mut(url) {
+                peer.pending.extend(keys[taken..].iter().cloned());
+            }
+        }
+        let n = wire.len();
+        match self.call(transport, url, Request::Push(self.sender(), wire), now_ms).await? {
+            Reply::Pushed(_) => {
+                self.with_peer(url, |p| p.entries_sent += n as u64);
+                Ok(n)
+            }
+            other => bail!("unexpected answer to push: {other:?}"),
+        }
+    }
+
+    /// Runs one anti-entropy session with `url`, salted with `salt`; returns the number of
+    /// rounds. On success the peer holds everything this site held when the session started.
+    pub async fn anti_entropy(
+        &self,
+        transport: &impl Transport,
+        url: &str,
+        salt: u32,
+        now_ms: u64,
+    ) -> Result<usize> {
+        self.introduce(transport, url, now_ms).await?;
+        let epoch = self.state().resync_epoch;
+        // While this site resyncs, what it sends is not merged: the session acknowledges nothing.
+        let resyncing = self.store.resync_began()?.is_some();
+        // The durable clock after a barrier, read before the digests: every tombstone that arrived
+        // before it is committed and in them; one in a batch not yet committed arrived after it,
+        // so this session never counts as having carried it.
+        let started = self.store.barrier().await?;
+        let mut round = reconcile::start(&self.store, salt)?;
+        let mut rounds = 0;
+        let (mut sent, mut received, mut merged) = (0, 0, 0);
+        let site = self.state().peers.get(url).and_then(|p| p.site.clone()).unwrap_or_default();
+        // A peer that resyncs: what it sends is not merged until it has finished.
+        let take = !self.state().members.get(&site).is_some_and(|m| m.resyncing);
+        let limits =
+            reconcile::Limits { budget: self.config.budget, refuse_from: self.clock_bound(now_ms), take };
+        loop {
+            rounds += 1;
+            if rounds > self.config.max_rounds {
+                bail!("anti-entropy with {url} did not finish in {} rounds", self.config.max_rounds);
+            }
+            let reply =
+                match self.call(transport, url, Request::Reconcile(self.sender(), round), now_ms).await? {
+                    Reply::Reconcile(reply) => reply,
+                    other => bail!("unexpected answer to reconcile: {other:?}"),
+                };
+            let processed = reconcile::process(&self.store, reply, limits).await;
+            let (next, moved) = match processed {
+                Ok(done) => done,
+                Err(e) => {
+                    if e.is::<crate::store::AheadOfClock>() {
+                        self.flag(&site, format!("refused entries from {site}: {e:#}"));
+                    }
+                    self.failed(url, &e);
+                    return Err(e);
+                }
+            };
+            (sent, received, merged) = (sent + moved.sent, received + moved.received, merged + moved.merged);
+            self.with_peer(url, |p| {
+                p.entries_received += moved.received as u64;
+                p.entries_sent += moved.sent as u64;
+                p.lag_ms = moved.newest_ms.map(|t| now_ms.saturating_sub(t)).or(p.lag_ms);
+            });
+            if next.is_empty() {
+                break;
+            }
+            round = next;
+        }
+        if sent + received > 0 {
+            tracing::info!(peer = %url, rounds, sent, received, merged, "anti-entropy repaired a difference");
+        } else {
+            tracing::debug!(peer = %url, rounds, "anti-entropy: in sync");
+        }
+        let began = self.store.resync_began()?;
+        let finished_resync = {
+            let mut state = self.state();
+            let before = |m: &Member| began.is_some_and(|b| hlc_from_wire(m.record.introduced) < b);
+            // A copy older than every introduction (nobody known yet when it was taken) has no
+            // one to wait for: any peer that accepts it vouches.
+            let nobody_before = !state.members.values().any(before);
+            let same_epoch = state.resync_epoch == epoch;
+            let mut vouches = false;
+            if let Some(m) = state.members.get_mut(&site) {
+                // Only a session the peer merged acknowledges anything (a resync that began
+                // during it stopped that).
+                if !resyncing && same_epoch {
+                    m.acknowledged(started, now_ms);
+                }
+                m.flag = None;
+                // A peer that resyncs itself gave nothing (and took nothing): it cannot vouch.
+                vouches = take && !m.resyncing && (before(m) || nobody_before);
+            }
+            if let Some(p) = state.peers.get_mut(url) {
+                p.last_sync_ms = Some(now_ms);
+                p.needs_anti_entropy = false;
+            }
+            // Only a site known before the resync began can vouch for it (when there is one): one
+            // met since may never have held what the others collected (a new site, say).
+            same_epoch && vouches
+        };
+        if finished_resync {
+            self.store.finish_resync()?;
+            tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
+            self.update_gate(now_ms);
+        }
+        Ok(rounds)
+    }
+}
