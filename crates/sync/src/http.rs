@@ -123,9 +123,7 @@ impl Transport for HttpTransport {
                 && let Ok(theirs) = self.secret.signed_at(time_proof, "clock", b"")
             {
                 let ours = sent_at / 2 + received_at / 2;
-                let offset_ms = i64::try_from(theirs)
-                    .unwrap_or(i64::MAX)
-                    .saturating_sub(i64::try_from(ours).unwrap_or(i64::MAX));
+                let offset_ms = message::offset_ms(theirs, ours);
                 return Err(ClockOffset { offset_ms, detail: format!("{url} answered 401: {text}") }.into());
             }
             bail!("{url} answered {}: {text}", parts.status);
@@ -135,9 +133,7 @@ impl Transport for HttpTransport {
             if let auth::AuthError::Stale(_) = e
                 && let Ok(at) = self.secret.signed_at(proof, "reply", &bytes)
             {
-                let offset_ms = i64::try_from(at)
-                    .unwrap_or(i64::MAX)
-                    .saturating_sub(i64::try_from(received_at).unwrap_or(i64::MAX));
+                let offset_ms = message::offset_ms(at, received_at);
                 return Err(ClockOffset { offset_ms, detail: format!("{url}'s answer: {e}") }.into());
             }
             return Err(anyhow::Error::new(e).context(format!("{url}'s answer")));
@@ -231,8 +227,7 @@ async fn sync<S: SyncStore>(
             && let Ok(at) = server.secret.signed_at(proof, SYNC_PATH, &bytes)
             && let Ok(Request::Hello(hello)) = message::decode::<Request>(&bytes)
         {
-            let offset =
-                i64::try_from(at).unwrap_or(i64::MAX).saturating_sub(i64::try_from(now).unwrap_or(i64::MAX));
+            let offset = message::offset_ms(at, now);
             server.node.note_clock_too_far(&hello.me, offset, now);
         }
         // The time, so that a caller whose clock is off learns by how much (it proves nothing).

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::message::{Hello, Seen, Sender, hlc_from_wire};
 
 /// The version byte of a stored member record.
-const RECORD_VERSION: u8 = 2;
+const RECORD_VERSION: u8 = 3;
 /// Most retired incarnations remembered per site.
 const MAX_RETIRED: usize = 16;
 /// Most completed sessions waiting to mature, per site.
@@ -64,6 +64,9 @@ pub struct Record {
     /// How far back its data reaches, as its last accepted hello said: a message sent before a
     /// resync (reaching back further) is refused.
     pub since: (u64, u32),
+    /// Cut off past the horizon: it was not counted when tombstones were collected, so it may
+    /// never have seen those deletes (its resync discards its counters too).
+    pub uncounted: bool,
 }
 
 impl Record {
@@ -74,15 +77,13 @@ impl Record {
         out
     }
 
-    /// Reads a stored record (version 1 lacks the last two fields: they read as zero).
+    /// Reads a stored record (earlier versions were never released).
     pub fn decode(bytes: &[u8]) -> anyhow::Result<Record> {
         match bytes.split_first() {
             Some((&RECORD_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
-            Some((1, rest)) => {
-                let zero = postcard::to_stdvec(&((0u64, 0u32), (0u64, 0u32)))?;
-                Ok(postcard::from_bytes(&[rest, zero.as_slice()].concat())?)
-            }
-            Some((v, _)) => anyhow::bail!("member record version {v} is not supported"),
+            Some((v, _)) => anyhow::bail!(
+                "member record version {v} is not supported (this build reads {RECORD_VERSION})"
+            ),
             None => anyhow::bail!("empty member record"),
         }
     }
@@ -112,8 +113,14 @@ pub enum Verdict {
     Introduce,
     /// It runs on an older copy of its data dir.
     Reincarnate,
-    /// It is cut off: it must resync from this watermark.
-    Resync(Hlc),
+    /// Its data reaches back before what this site collected: it must resync from this
+    /// watermark (`uncounted`: it was cut off past the horizon).
+    Resync {
+        /// This site's collection watermark.
+        watermark: Hlc,
+        /// It was not counted when tombstones were collected.
+        uncounted: bool,
+    },
     /// Refused, for this reason.
     Refused(String),
 }
@@ -143,7 +150,7 @@ impl Member {
             return Verdict::Reincarnate;
         }
         if self.record.cut_off {
-            return Verdict::Resync(collected);
+            return Verdict::Resync { watermark: collected, uncounted: self.record.uncounted };
         }
         if from.since < self.record.since {
             // Sent before its resync (a delayed or replayed copy): its data reached back further.
@@ -238,18 +245,15 @@ fn wire(h: Hlc) -> (u64, u32) {
 /// lineage holds the known boot with the same nonce, and the boot after it opened at or after
 /// the highest durable clock seen from the known boot. A restored copy opens before that, and
 /// restarting it again does not hide the boot that opened on the copy. A lineage that no longer
-/// reaches back that far does not follow; a hello with none is judged by its clock at open.
+/// reaches back to the known boot proves nothing, so it does not follow: more than 32 restarts
+/// while this site did not hear from it (a crash loop, say) cost a new incarnation, which is
+/// safe; accepting could let a copy pass that forked at the boot this site never saw close.
 fn follows(hello: &Hello, known: &Record) -> bool {
     let at = |boot: u64| hello.boots.iter().find(|b| b.boot == boot);
-    // A lineage that no longer reaches the boot after the known one proves nothing: more than
-    // 32 restarts while this site did not hear from it (a crash loop, say) cost a new
-    // incarnation, which is safe; accepting could let a restored copy pass.
-    if hello.boots.first().is_some_and(|b| b.boot > known.boot.saturating_add(1)) {
+    let (Some(same), Some(next)) = (at(known.boot), at(known.boot.saturating_add(1))) else {
         return false;
-    }
-    let same_known = at(known.boot).is_none_or(|b| known.boot_nonce == 0 || b.nonce == known.boot_nonce);
-    let next_opened = at(known.boot.saturating_add(1)).map_or(hello.opened_at, |b| b.opened_at);
-    same_known && next_opened >= known.durable
+    };
+    same.nonce == known.boot_nonce && next.opened_at >= known.durable
 }
 
 /// How a hello changes what this site knows of its sender.
@@ -299,14 +303,15 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         last_matured: None,
         introduced: wire(rules.now),
         since: hello.since,
+        uncounted: false,
     };
+    let resync = |uncounted| Verdict::Resync { watermark: rules.collected, uncounted };
     let Some(mut m) = member else {
         let m = Member { dirty: true, resyncing: hello.resyncing, ..Member::from_record(fresh(Vec::new())) };
-        let verdict = if old_data { Verdict::Resync(rules.collected) } else { Verdict::Accept };
+        let verdict = if old_data { resync(false) } else { Verdict::Accept };
         return (m, verdict);
     };
     m.dirty = true;
-    m.resyncing = hello.resyncing;
     let r = &mut m.record;
     if hello.incarnation != r.incarnation {
         if r.retired.contains(&hello.incarnation) {
@@ -334,11 +339,13 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         if retired.len() > MAX_RETIRED {
             retired.remove(0);
         }
-        let introduced = r.introduced;
-        m.record = Record { introduced, ..fresh(retired) };
+        // A new incarnation of a site cut off past the horizon descends from data that was
+        // not counted either.
+        let (introduced, uncounted) = (r.introduced, old_data && r.cut_off && r.uncounted);
+        m.record = Record { introduced, uncounted, ..fresh(retired) };
         m.reset_acks();
         m.resyncing = hello.resyncing;
-        let verdict = if old_data { Verdict::Resync(rules.collected) } else { Verdict::Accept };
+        let verdict = if old_data { resync(uncounted) } else { Verdict::Accept };
         return (m, verdict);
     }
     if r.reincarnate {
@@ -354,6 +361,13 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         r.reincarnate = true;
         return (m, Verdict::Reincarnate);
     }
+    if hello.since < r.since {
+        // Sent before its resync (a delayed or replayed copy): it says nothing of it now.
+        return (m, Verdict::Introduce);
+    }
+    // Only a current hello of the accepted incarnation says whether it resyncs.
+    m.resyncing = hello.resyncing;
+    let r = &mut m.record;
     // Only the accepted incarnation moves the record's address (a refused one may not).
     r.region = hello.me.region.clone();
     r.url = hello.me.url.clone();
@@ -365,10 +379,12 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     r.since = r.since.max(hello.since);
     if r.cut_off {
         if old_data {
-            return (m, Verdict::Resync(rules.collected));
+            let uncounted = r.uncounted;
+            return (m, resync(uncounted));
         }
         tracing::info!(site = %r.site, "a cut-off site resynced; accepting its entries again");
         r.cut_off = false;
+        r.uncounted = false;
         m.reset_acks();
     }
     (m, Verdict::Accept)
@@ -398,6 +414,12 @@ mod tests {
         }
     }
 
+    /// `next`, a later boot of the data dir that said `prev`: its lineage continues prev's.
+    fn then(prev: &Hello, next: Hello) -> Hello {
+        let boots = prev.boots.iter().chain(&next.boots).copied().collect();
+        Hello { boots, ..next }
+    }
+
     fn rules(collected: u64, now_ms: u64) -> Rules {
         Rules {
             collected: Hlc { physical_ms: collected, logical: 0 },
@@ -409,17 +431,19 @@ mod tests {
 
     #[test]
     fn a_restart_is_accepted_and_an_older_copy_must_reincarnate() {
-        let (m, v) = learn(None, &hello(7, 1, 10, 50, 5), rules(0, 100));
+        let first = hello(7, 1, 10, 50, 5);
+        let (m, v) = learn(None, &first, rules(0, 100));
         assert_eq!(v, Verdict::Accept);
         // Restarted: next boot, opened at its last durable clock.
-        let (m, v) = learn(Some(m), &hello(7, 2, 60, 70, 5), rules(0, 200));
+        let second = then(&first, hello(7, 2, 60, 70, 5));
+        let (m, v) = learn(Some(m), &second, rules(0, 200));
         assert_eq!(v, Verdict::Accept);
         // A copy taken at boot 1 (clock 40) started again: boot 2 again, opened at 40.
         let (m2, v) = learn(Some(m.clone()), &hello(7, 2, 40, 45, 5), rules(0, 300));
         assert_eq!(v, Verdict::Reincarnate);
         assert!(m2.record.reincarnate);
         // A copy restored after the site ran on: a later boot opened before what it reported.
-        let (_, v) = learn(Some(m.clone()), &hello(7, 3, 65, 90, 5), rules(0, 300));
+        let (_, v) = learn(Some(m.clone()), &then(&second, hello(7, 3, 65, 90, 5)), rules(0, 300));
         assert_eq!(v, Verdict::Reincarnate);
         // Then it reincarnates: accepted at once, being the one told to.
         let (m3, v) = learn(Some(m2), &hello(8, 3, 40, 45, 5), rules(0, 400));
@@ -455,6 +479,15 @@ mod tests {
         restarted.boots[0].nonce = 1010;
         let (m, v) = learn(Some(m), &restarted, rules(0, 200));
         assert_eq!(v, Verdict::Accept);
+        // A lineage that starts just after the known boot cannot show it is the same boot 3.
+        let mut short = restarted.clone();
+        short.boot = 5;
+        short.boots = vec![
+            BootSeen { boot: 4, nonce: 4, opened_at: (96, 0) },
+            BootSeen { boot: 5, nonce: 5, opened_at: (97, 0) },
+        ];
+        let (_, v) = learn(Some(m.clone()), &short, rules(0, 250));
+        assert_eq!(v, Verdict::Reincarnate);
         // A lineage that no longer reaches the boot after the known one proves nothing.
         let mut looped = hello(7, 40, 500, 510, 5);
         looped.boots = (8..=40).map(|b| BootSeen { boot: b, nonce: b, opened_at: (400 + b, 0) }).collect();
@@ -486,10 +519,11 @@ mod tests {
 
     #[test]
     fn data_older_than_the_watermark_must_resync_first() {
-        let (m, v) = learn(None, &hello(7, 1, 10, 50, 5), rules(20, 100));
-        assert_eq!(v, Verdict::Resync(Hlc { physical_ms: 20, logical: 0 }));
+        let first = hello(7, 1, 10, 50, 5);
+        let (m, v) = learn(None, &first, rules(20, 100));
+        assert_eq!(v, Verdict::Resync { watermark: Hlc { physical_ms: 20, logical: 0 }, uncounted: false });
         assert!(m.record.cut_off);
-        let (m, v) = learn(Some(m), &hello(7, 2, 60, 70, 20), rules(20, 200));
+        let (m, v) = learn(Some(m), &then(&first, hello(7, 2, 60, 70, 20)), rules(20, 200));
         assert_eq!(v, Verdict::Accept);
         assert!(!m.record.cut_off);
         let bytes = m.record.encode();
@@ -511,15 +545,25 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_record_reads_with_zero_for_the_fields_it_lacks() {
+    fn only_a_current_hello_of_the_accepted_incarnation_says_whether_it_resyncs() {
         let (m, _) = learn(None, &hello(7, 1, 10, 50, 5), rules(0, 100));
-        let mut v1 = vec![1u8];
-        let full = postcard::to_stdvec(&m.record).expect("encodes");
-        // The two trailing pairs are (introduced, since): 4 varint bytes at most each here.
-        let tail = postcard::to_stdvec(&(m.record.introduced, m.record.since)).expect("encodes");
-        v1.extend_from_slice(&full[..full.len() - tail.len()]);
-        let read = Record::decode(&v1).expect("decodes");
-        assert_eq!(read, Record { introduced: (0, 0), since: (0, 0), ..m.record });
+        let resyncing = Hello { resyncing: true, since: (20, 0), ..hello(7, 1, 10, 60, 20) };
+        let (m, v) = learn(Some(m), &resyncing, rules(0, 200));
+        assert_eq!(v, Verdict::Accept);
+        assert!(m.resyncing);
+        // A delayed or replayed hello from before its resync (reaching back further) is ignored.
+        let (m, v) = learn(Some(m), &hello(7, 1, 10, 50, 5), rules(0, 300));
+        assert_eq!(v, Verdict::Introduce);
+        assert!(m.resyncing, "a stale hello lifted the quarantine");
+        // A hello from an older copy (a lower boot) does not lift it either.
+        let (m, v) = learn(Some(m), &Hello { resyncing: false, ..hello(7, 0, 5, 8, 20) }, rules(0, 400));
+        assert_eq!(v, Verdict::Reincarnate);
+        assert!(m.resyncing, "an older copy lifted the quarantine");
+    }
+
+    #[test]
+    fn a_record_of_another_version_is_refused_by_name() {
         assert!(Record::decode(&[9, 1, 2]).expect_err("refused").to_string().contains("version 9"));
+        assert!(Record::decode(&[]).is_err());
     }
 }

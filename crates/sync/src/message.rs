@@ -240,8 +240,14 @@ pub enum Reply {
     /// The receiver's round.
     Reconcile(Round),
     /// The receiver will not take entries from the sender until it resyncs from this collection
-    /// watermark (it was cut off past the horizon; see ALGORITHM.md, "Tombstones").
-    ResyncRequired((u64, u32)),
+    /// watermark (its data reaches back further; see ALGORITHM.md, "Tombstones").
+    ResyncRequired {
+        /// The receiver's collection watermark.
+        watermark: (u64, u32),
+        /// The sender was cut off past the horizon (not counted when tombstones were
+        /// collected), so its counters from before the watermark go too.
+        uncounted: bool,
+    },
     /// The receiver does not know the sender (or this incarnation of it): say hello first.
     Introduce,
     /// The receiver has seen a newer state of the sender's incarnation than the sender holds: the
@@ -324,7 +330,7 @@ impl Validate for Reply {
                 Err("a refusal's reason is too long".into())
             }
             Reply::Pushed(_)
-            | Reply::ResyncRequired(_)
+            | Reply::ResyncRequired { .. }
             | Reply::Introduce
             | Reply::Reincarnate
             | Reply::Refused(_)
@@ -401,6 +407,12 @@ fn validate_round(r: &Round) -> Result<(), String> {
         }
     }
     validate_entries(&r.entries)
+}
+
+/// How far a clock that read `theirs` is ahead of one that read `ours` at the same moment (ms;
+/// negative: behind).
+pub fn offset_ms(theirs: u64, ours: u64) -> i64 {
+    i64::try_from(theirs).unwrap_or(i64::MAX).saturating_sub(i64::try_from(ours).unwrap_or(i64::MAX))
 }
 
 /// An HLC as sent on the wire.

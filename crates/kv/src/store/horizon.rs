@@ -67,20 +67,25 @@ impl Store {
     /// removes every entry whose register was written before `before` (its increments with it),
     /// tombstone or not, since it may be a value deleted elsewhere whose tombstone is gone; and,
     /// in the same transaction, records that the data now reaches back only to `before`
-    /// ([`Identity::since`]) and that a resync is under way ([`Store::resyncing`]). Returns how
-    /// many entries went.
+    /// ([`Identity::since`]) and that a resync is under way ([`Store::resync_began`]). Returns
+    /// how many entries went.
     ///
-    /// A value goes by its register's stamp, not the entry's last change: an increment made
-    /// recently on top of a value deleted (and collected) elsewhere would otherwise bring the
-    /// deleted value back. A counter on no value goes by its last change.
-    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
+    /// A value goes by its register's stamp, not the entry's last change: increments made
+    /// recently on top of a value deleted (and collected) elsewhere would otherwise bring it
+    /// back. A counter on no value (or on a tombstone) goes by its last change, unless
+    /// `uncounted`: this site was cut off past the horizon, so it may never have seen a delete
+    /// that was collected, and a counter keeps one running total per site, so its increments
+    /// after such a delete cannot be told from those before it: every counter older than the
+    /// watermark goes, with any increments on it that no peer holds. (A site that was counted
+    /// saw every collected delete before it counted: its later increments start on the
+    /// tombstone.)
+    pub fn discard_before(&self, before: Hlc, uncounted: bool) -> Result<usize, KvError> {
         // A full scan: only for resync after being cut off.
-        // A register written before `before` may be a value deleted elsewhere: it goes, with the
-        // increments on it. Increments on no value (a counter never set) go only if they are all
-        // older: newer ones cannot bring any deleted value back.
         let doomed = |e: &Entry| {
             e.stamp.hlc < before
-                && (matches!(e.register, crate::entry::Register::Value(_)) || e.changed.hlc < before)
+                && (uncounted
+                    || matches!(e.register, crate::entry::Register::Value(_))
+                    || e.changed.hlc < before)
         };
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
@@ -111,12 +116,6 @@ impl Store {
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         Ok(removed)
-    }
-
-    /// Whether a resync started by [`Store::discard_before`] or [`Store::reincarnate`] has not
-    /// been finished.
-    pub fn resyncing(&self) -> Result<bool, KvError> {
-        Ok(self.resync_began()?.is_some())
     }
 
     /// When the resync under way began (this store's clock), if one is.

@@ -393,7 +393,7 @@ impl Store {
     /// Takes a new random incarnation, durably, and stamps every later write with it: what a site
     /// does when it learns that its data dir is an older copy of itself (a restore), so that it
     /// never reuses a stamp or a counter contribution it made before. In the same transaction the
-    /// store starts a resync ([`Store::resyncing`]): guests wait until it is finished. Returns the
+    /// store starts a resync ([`Store::resync_began`]): guests wait until it is finished. Returns the
     /// new identity.
     pub fn reincarnate(&self) -> Result<Identity, KvError> {
         let txn = self.inner.db.begin_write().map_err(storage)?;

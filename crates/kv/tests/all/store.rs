@@ -216,3 +216,46 @@ async fn tombstones_stay_until_collected_and_collection_keeps_digests_true() {
     b.merge(a.entries().expect("entries")).await.expect("merge");
     assert_eq!(a.digests(), b.digests());
 }
+
+#[tokio::test]
+async fn a_resync_discards_what_a_delete_elsewhere_may_have_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for uncounted in [false, true] {
+        let a = open(&dir.path().join(format!("a-{uncounted}.redb")), "a");
+        let n = ns(&a, "app", "");
+        set(&a, &n, "old", "v").await;
+        set(&a, &n, "old-number", "10").await;
+        a.write(&n, b"old-counter", Write::Increment(5)).await.expect("increment");
+        a.write(&n, b"counter", Write::Increment(5)).await.expect("increment");
+        a.write(&n, b"deleted", Write::Delete).await.expect("delete");
+        let watermark = a.clock().now();
+        // After the watermark: new increments on old registers, and new registers.
+        a.write(&n, b"old-number", Write::Increment(1)).await.expect("increment");
+        a.write(&n, b"counter", Write::Increment(1)).await.expect("increment");
+        set(&a, &n, "new", "w").await;
+        a.write(&n, b"new-counter", Write::Delete).await.expect("delete");
+        a.write(&n, b"new-counter", Write::Increment(2)).await.expect("increment");
+        assert_eq!(a.resync_began(), Ok(None));
+        let mut gone = vec!["old", "old-number", "old-counter", "deleted"];
+        if uncounted {
+            // Its increments after the watermark cannot be told from those before a delete.
+            gone.push("counter");
+        } else {
+            assert_eq!(a.get(&n, b"counter"), Ok(Some(b"6".to_vec())));
+        }
+        assert_eq!(a.discard_before(watermark, uncounted), Ok(gone.len()));
+        for key in gone {
+            assert_eq!(a.entries_at(&[n.key(key.as_bytes())]).expect("read"), vec![], "{key} stayed");
+        }
+        assert_eq!(a.get(&n, b"new"), Ok(Some(b"w".to_vec())));
+        assert_eq!(a.get(&n, b"new-counter"), Ok(Some(b"2".to_vec())));
+        assert_eq!(a.identity().since, watermark, "the data now reaches back to the watermark");
+        assert!(a.resync_began().expect("read").is_some(), "a resync is under way");
+        // Digests follow: a store holding only the survivors has the same.
+        let b = open(&dir.path().join(format!("b-{uncounted}.redb")), "b");
+        b.merge(a.entries().expect("entries")).await.expect("merge");
+        assert_eq!(a.digests(), b.digests());
+        a.finish_resync().expect("finish");
+        assert_eq!(a.resync_began(), Ok(None));
+    }
+}

@@ -25,7 +25,9 @@ impl<S: SyncStore> Node<S> {
             Verdict::Accept => None,
             Verdict::Introduce => Some(Reply::Introduce),
             Verdict::Reincarnate => Some(Reply::Reincarnate),
-            Verdict::Resync(w) => Some(Reply::ResyncRequired(hlc_wire(w))),
+            Verdict::Resync { watermark, uncounted } => {
+                Some(Reply::ResyncRequired { watermark: hlc_wire(watermark), uncounted })
+            }
             Verdict::Refused(reason) => Some(Reply::Refused(reason)),
         }
     }

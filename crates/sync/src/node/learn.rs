@@ -3,11 +3,11 @@
 //! "Membership"), and the verdict on a hello's sender.
 
 use crate::membership::{self, Member, Record, Rules, Verdict};
-use crate::message::{BootSeen, Hello, PeerInfo, Sender, hlc_wire};
+use crate::message::{BootSeen, Hello, PeerInfo, Sender, hlc_wire, offset_ms};
 use crate::store::SyncStore;
 use anyhow::Result;
 
-use super::{Node, Peer};
+use super::{Node, Peer, State};
 
 impl<S: SyncStore> Node<S> {
     /// This site's hello.
@@ -88,41 +88,8 @@ impl<S: SyncStore> Node<S> {
         let (verdict, record) = {
             let mut state = self.state();
             let state = &mut *state;
-            let known_as = state
-                .peers
-                .iter()
-                .find(|(_, p)| p.site.as_deref() == Some(hello.me.site.as_str()))
-                .map(|(u, _)| u.clone());
-            match known_as {
-                // A site reached at a new URL (restarted elsewhere) is the same site: forget the old URL.
-                Some(old) if reached && old != url => {
-                    state.peers.remove(&old);
-                }
-                // A known site calling in: keep the URL this site reaches it at (its advertised one
-                // may differ, e.g. a name instead of an address).
-                Some(old) if !reached => url = old,
-                _ => {}
-            }
-            for info in &hello.peers {
-                let known = state.peers.contains_key(&info.url)
-                    || state.peers.values().any(|p| p.site.as_deref() == Some(info.site.as_str()));
-                if info.url != self.me.url && info.site != self.me.site && !known {
-                    tracing::info!(site = %info.site, region = %info.region, url = %info.url, "learned a peer");
-                    state.peers.insert(info.url.clone(), Peer::new(info.url.clone(), now_ms));
-                }
-            }
-            // What the sender has seen of the others, and what it has collected, counts too.
-            for seen in &hello.seen {
-                if seen.site == self.me.site {
-                    continue;
-                }
-                if let Some(m) = state.members.get_mut(&seen.site) {
-                    m.witness(seen);
-                }
-            }
-            let collected = state.collected;
             let rules = Rules {
-                collected,
+                collected: state.collected,
                 replace_after_ms: self.config.replace_after_ms,
                 now_ms,
                 now: self.store.now(),
@@ -135,8 +102,8 @@ impl<S: SyncStore> Node<S> {
                     site = %hello.me.site,
                     "this site has seen a newer state of that site than it now holds: it runs on an older copy of its data dir and must take a new incarnation"
                 ),
-                Verdict::Resync(w) if was_admitted != Some(false) => tracing::warn!(
-                    site = %hello.me.site, watermark = %w,
+                Verdict::Resync { watermark, .. } if was_admitted != Some(false) => tracing::warn!(
+                    site = %hello.me.site, %watermark,
                     "site holds data older than what was collected here: it must resync before its entries are accepted"
                 ),
                 Verdict::Refused(reason) => tracing::error!(site = %hello.me.site, "refused: {reason}"),
@@ -145,27 +112,67 @@ impl<S: SyncStore> Node<S> {
             let record = member.record.clone();
             member.dirty = false;
             state.members.insert(hello.me.site.clone(), member);
-            let peer = state.peers.entry(url.clone()).or_insert_with(|| Peer::new(url.clone(), now_ms));
-            peer.site = Some(hello.me.site.clone());
-            peer.region = Some(hello.me.region.clone());
-            peer.is_self = false;
-            peer.last_contact_ms = Some(now_ms);
-            peer.clock_offset_ms = Some(
-                i64::try_from(hello.wall_ms)
-                    .unwrap_or(i64::MAX)
-                    .saturating_sub(i64::try_from(now_ms).unwrap_or(i64::MAX)),
-            );
-            peer.offset_at_ms = now_ms;
-            peer.flag = None;
+            // Only the site itself as this site accepts it (cut off or not) moves its address,
+            // names peers or speaks for the others: an older copy, a second site with its name or a
+            // stale hello must not move the real site's URL or clock offset.
+            if matches!(verdict, Verdict::Accept | Verdict::Resync { .. }) {
+                self.learn_from(state, &mut url, hello, now_ms, reached);
+            }
             (verdict, record)
         };
         self.save(&record);
         verdict
     }
 
+    /// What a hello from an accepted sender teaches about its address, its peers and the others.
+    fn learn_from(&self, state: &mut State, url: &mut String, hello: &Hello, now_ms: u64, reached: bool) {
+        let known_as = state
+            .peers
+            .iter()
+            .find(|(_, p)| p.site.as_deref() == Some(hello.me.site.as_str()))
+            .map(|(u, _)| u.clone());
+        match known_as {
+            // A site reached at a new URL (restarted elsewhere) is the same site: forget the old URL.
+            Some(old) if reached && old != *url => {
+                state.peers.remove(&old);
+            }
+            // A known site calling in: keep the URL this site reaches it at (its advertised one
+            // may differ, e.g. a name instead of an address).
+            Some(old) if !reached => *url = old,
+            _ => {}
+        }
+        for info in &hello.peers {
+            let known = state.peers.contains_key(&info.url)
+                || state.peers.values().any(|p| p.site.as_deref() == Some(info.site.as_str()));
+            if info.url != self.me.url && info.site != self.me.site && !known {
+                tracing::info!(site = %info.site, region = %info.region, url = %info.url, "learned a peer");
+                state.peers.insert(info.url.clone(), Peer::new(info.url.clone(), now_ms));
+            }
+        }
+        // What the sender has seen of the others counts too.
+        for seen in &hello.seen {
+            if seen.site == self.me.site {
+                continue;
+            }
+            if let Some(m) = state.members.get_mut(&seen.site) {
+                m.witness(seen);
+            }
+        }
+        let peer = state.peers.entry(url.clone()).or_insert_with(|| Peer::new(url.clone(), now_ms));
+        peer.site = Some(hello.me.site.clone());
+        peer.region = Some(hello.me.region.clone());
+        peer.is_self = false;
+        peer.last_contact_ms = Some(now_ms);
+        peer.clock_offset_ms = Some(offset_ms(hello.wall_ms, now_ms));
+        peer.offset_at_ms = now_ms;
+        peer.flag = None;
+    }
+
     pub(super) fn save(&self, record: &Record) {
-        if let Err(e) = self.store.save_record(&format!("member/{}", record.site), &record.encode()) {
-            tracing::error!(site = %record.site, "cannot save a member record: {e:#}");
+        let name = format!("member/{}", record.site);
+        match self.store.save_record(&name, &record.encode()) {
+            Ok(()) => self.state().unreadable.retain(|n| *n != name),
+            Err(e) => tracing::error!(site = %record.site, "cannot save a member record: {e:#}"),
         }
     }
 }

@@ -198,6 +198,9 @@ struct State {
     /// Tombstones that arrived before this are collected here (durable, in the store).
     collected: Hlc,
 
+    /// Member records that could not be read: the sites they name count, unknown, so nothing
+    /// is collected.
+    unreadable: Vec<String>,
     /// Counts resyncs started; a session that began before the last one does not finish it.
     resync_epoch: u64,
     /// The sites that accepted this site's hello since it started (or since it reincarnated):
@@ -238,6 +241,7 @@ impl<S: SyncStore> Node<S> {
     /// read back from the store.
     pub fn new(store: S, me: PeerInfo, config: NodeConfig, seeds: &[String], now_ms: u64) -> Node<S> {
         let mut members = BTreeMap::new();
+        let mut unreadable = Vec::new();
         match store.records("member/") {
             Ok(records) => {
                 for (name, bytes) in records {
@@ -245,11 +249,17 @@ impl<S: SyncStore> Node<S> {
                         Ok(r) => {
                             members.insert(r.site.clone(), Member::from_record(r));
                         }
-                        Err(e) => tracing::error!(record = %name, "cannot read a member record: {e:#}"),
+                        Err(e) => {
+                            tracing::error!(record = %name, "cannot read a member record: {e:#}; no tombstone is collected until it is fixed or removed");
+                            unreadable.push(name);
+                        }
                     }
                 }
             }
-            Err(e) => tracing::error!("cannot read the member records: {e:#}"),
+            Err(e) => {
+                tracing::error!("cannot read the member records: {e:#}; no tombstone is collected");
+                unreadable.push("member/".to_owned());
+            }
         }
         let collected = store.collected().unwrap_or_else(|e| {
             tracing::error!("cannot read the collection watermark: {e:#}");
@@ -271,6 +281,7 @@ impl<S: SyncStore> Node<S> {
                 peers,
                 members,
                 collected,
+                unreadable,
                 resync_epoch: 0,
                 confirmed: BTreeSet::new(),
                 refused: None,

@@ -22,7 +22,9 @@ impl<S: SyncStore> Node<S> {
             Ok(exchange) => {
                 self.exchanged(url, &exchange, now_ms);
                 match exchange.reply {
-                    Reply::ResyncRequired(w) => self.resync(url, hlc_from_wire(w), now_ms),
+                    Reply::ResyncRequired { watermark, uncounted } => {
+                        self.resync(url, hlc_from_wire(watermark), uncounted, now_ms)
+                    }
                     Reply::Introduce => {
                         self.with_peer(url, |p| p.introduced = false);
                         Err(anyhow::anyhow!("{url} does not know this site (or this incarnation) yet"))
@@ -65,6 +67,7 @@ impl<S: SyncStore> Node<S> {
     /// that no stamp or counter contribution is ever reused, then say hello again.
     pub(super) fn reincarnate(&self, url: &str, now_ms: u64) -> Result<()> {
         let old = self.store.identity();
+        self.start_over();
         let new = self.store.reincarnate()?;
         tracing::warn!(
             peer = %url,
@@ -72,15 +75,7 @@ impl<S: SyncStore> Node<S> {
             new = format!("{:016x}", new.incarnation),
             "a peer has seen a newer state of this site than its data dir holds (restored from an older copy?): took a new incarnation"
         );
-        {
-            let mut state = self.state();
-            state.confirmed.clear();
-            state.resync_epoch += 1;
-            for p in state.peers.values_mut() {
-                p.introduced = false;
-                p.needs_anti_entropy = true;
-            }
-        }
+        self.state().confirmed.clear();
         // Guests stop at once (not at the gate task's next turn).
         self.update_gate(now_ms);
         bail!("{url}: this site took a new incarnation; saying hello again")
@@ -90,7 +85,7 @@ impl<S: SyncStore> Node<S> {
     /// its collection watermark (it may be a value whose tombstone is gone) and pull the rest
     /// again. The watermark is checked first: it cannot be from the future, and a resync this
     /// site already did from a later watermark is not repeated.
-    pub(super) fn resync(&self, url: &str, watermark: Hlc, now_ms: u64) -> Result<()> {
+    pub(super) fn resync(&self, url: &str, watermark: Hlc, uncounted: bool, now_ms: u64) -> Result<()> {
         if watermark > self.clock_bound(now_ms) {
             bail!("{url} asked for a resync from a watermark in the future ({watermark}): refused");
         }
@@ -99,20 +94,30 @@ impl<S: SyncStore> Node<S> {
                 "{url} requires a resync from {watermark}; this site's data reaches back no further: saying hello again"
             );
         }
-        let dropped = self.store.discard_before(watermark)?;
-        tracing::warn!(peer = %url, %watermark, dropped, "this site was cut off past the replication horizon; resyncing");
-        {
-            let mut state = self.state();
-            state.resync_epoch += 1;
-            for p in state.peers.values_mut() {
-                p.introduced = false;
-            }
-        }
-        self.note_lost_changes();
+        self.start_over();
+        let dropped = self.store.discard_before(watermark, uncounted)?;
+        let why = if uncounted {
+            "this site was cut off past the replication horizon"
+        } else {
+            "this site's data reaches back before what a peer has collected (an older copy, or data from before it was known)"
+        };
+        tracing::warn!(peer = %url, %watermark, dropped, "{why}; resyncing");
         self.update_gate(now_ms);
         bail!(
             "{url} requires a resync: dropped {dropped} entries older than {watermark}, pulling the rest again"
         )
+    }
+
+    /// A resync or a new incarnation is about to begin: the sessions under way count for nothing
+    /// (the epoch moves before the store changes, so none of them can acknowledge or finish
+    /// what is starting), and every peer hears a hello and a full session again.
+    fn start_over(&self) {
+        let mut state = self.state();
+        state.resync_epoch += 1;
+        for p in state.peers.values_mut() {
+            p.introduced = false;
+            p.needs_anti_entropy = true;
+        }
     }
 
     /// Says hello to `url` and learns the peers it knows.
@@ -271,6 +276,7 @@ impl<S: SyncStore> Node<S> {
         let began = self.store.resync_began()?;
         let finished_resync = {
             let mut state = self.state();
+            let state = &mut *state;
             let before = |m: &Member| began.is_some_and(|b| hlc_from_wire(m.record.introduced) < b);
             // A copy older than every introduction (nobody known yet when it was taken) has no
             // one to wait for: any peer that accepts it vouches.
@@ -293,10 +299,15 @@ impl<S: SyncStore> Node<S> {
             }
             // Only a site known before the resync began can vouch for it (when there is one): one
             // met since may never have held what the others collected (a new site, say).
-            same_epoch && vouches
+            let finished = began.is_some() && same_epoch && vouches;
+            if finished {
+                // Under the state lock: a resync that begins now moves the epoch first, so it
+                // cannot start between the check above and this.
+                self.store.finish_resync()?;
+            }
+            finished
         };
         if finished_resync {
-            self.store.finish_resync()?;
             tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
             self.update_gate(now_ms);
         }
