@@ -11,7 +11,7 @@
 //! Stored in the meta table under `"identity"`: version byte 2, then the name's length (u16 LE)
 //! and bytes, incarnation (u64 LE), boot count (u64 LE), `since` (HLC, 12 bytes), previous
 //! incarnation (u64 LE), then the recent boots: a count (u8) and, for each, boot count (u64 LE),
-//! nonce (u64 LE) and clock at open (HLC, 12 bytes). Version 1 (no boots) is read and upgraded.
+//! nonce (u64 LE) and clock at open (HLC, 12 bytes).
 
 use redb::{ReadableTable, Table};
 
@@ -150,8 +150,10 @@ impl Identity {
     fn decode(bytes: &[u8]) -> Result<Identity, KvError> {
         let bad = || KvError::Storage("corrupt store identity".into());
         let (&version, rest) = bytes.split_first().ok_or_else(bad)?;
-        if version != 1 && version != VERSION {
-            return Err(bad());
+        if version != VERSION {
+            return Err(KvError::Storage(format!(
+                "store identity version {version} is not supported (this build reads {VERSION})"
+            )));
         }
         let len = u16::from_le_bytes(rest.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
         let rest = &rest[2..];
@@ -161,16 +163,14 @@ impl Identity {
             Ok(u64::from_le_bytes(rest.get(at..at + 8).ok_or_else(bad)?.try_into().map_err(|_| bad())?))
         };
         let mut boots = Vec::new();
-        if version == 2 {
-            let count = *rest.get(36).ok_or_else(bad)? as usize;
-            for i in 0..count {
-                let at = 37 + i * 28;
-                boots.push(Boot {
-                    boot: u64_at(at)?,
-                    nonce: u64_at(at + 8)?,
-                    opened_at: decode_hlc(rest.get(at + 16..at + 28).ok_or_else(bad)?)?,
-                });
-            }
+        let count = *rest.get(36).ok_or_else(bad)? as usize;
+        for i in 0..count {
+            let at = 37 + i * 28;
+            boots.push(Boot {
+                boot: u64_at(at)?,
+                nonce: u64_at(at + 8)?,
+                opened_at: decode_hlc(rest.get(at + 16..at + 28).ok_or_else(bad)?)?,
+            });
         }
         // The last boot's nonce is kept: the next opening's lineage names it.
         let last = boots.last().copied();

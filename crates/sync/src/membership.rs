@@ -399,7 +399,6 @@ mod tests {
         Hello {
             me: PeerInfo { site: "c".into(), region: "r".into(), url: "http://c".into() },
             peers: vec![],
-            hlc: (durable, 0),
             wall_ms: durable,
             incarnation,
             previous_incarnation: 0,

@@ -40,8 +40,6 @@ pub struct Hello {
     pub me: PeerInfo,
     /// Every other site the sender knows (membership spreads by these lists).
     pub peers: Vec<PeerInfo>,
-    /// The sender's clock.
-    pub hlc: (u64, u32),
     /// The sender's wall clock (unix ms) when it sent this: peers measure their offset to it.
     pub wall_ms: u64,
     /// The sender's data dir incarnation.

@@ -22,10 +22,7 @@ impl Store {
         let mut removed = 0;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
-            let collected = match meta.get(COLLECTED).map_err(storage)? {
-                Some(v) => decode_hlc(v.value())?,
-                None => Hlc::ZERO,
-            };
+            let collected = read_collected(&meta)?;
             meta.insert(COLLECTED, encode_hlc(collected.max(before)).as_slice()).map_err(storage)?;
         }
         {
@@ -56,11 +53,7 @@ impl Store {
     /// The tombstone collection watermark: tombstones that arrived before it are gone.
     pub fn collected(&self) -> Result<Hlc, KvError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(META).map_err(storage)?;
-        match table.get(COLLECTED).map_err(storage)? {
-            Some(v) => decode_hlc(v.value()),
-            None => Ok(Hlc::ZERO),
-        }
+        read_collected(&txn.open_table(META).map_err(storage)?)
     }
 
     /// Starts a resync from the collection watermark `before` of a peer that cut this site off:
@@ -151,14 +144,18 @@ pub(super) fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -
     Ok(began)
 }
 
-/// When the resync under way began, if one is: the HLC stored under `"resyncing"` (a one-byte
-/// marker from before the start was stored counts as begun after everything).
+/// The collection watermark stored under `"collected"` (zero before the first collection).
+fn read_collected(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Hlc, KvError> {
+    match meta.get(COLLECTED).map_err(storage)? {
+        Some(v) => decode_hlc(v.value()),
+        None => Ok(Hlc::ZERO),
+    }
+}
+
+/// When the resync under way began, if one is: the HLC stored under `"resyncing"`.
 pub(super) fn read_resync(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Option<Hlc>, KvError> {
     let Some(v) = meta.get(RESYNCING).map_err(storage)? else { return Ok(None) };
-    if v.value().len() == 1 {
-        return Ok(Some(Hlc { physical_ms: u64::MAX, logical: u32::MAX }));
-    }
     Ok(Some(decode_hlc(v.value())?))
 }

@@ -167,7 +167,12 @@ impl KvView<'_> {
         let ns = self.ns(bucket)?;
         metrics::counter!("atoll_kv_operations_total", "op" => "get").increment(1);
         match self.store() {
-            Ok(store) => outcome(store.get(&ns, key.as_bytes())),
+            Ok(store) => {
+                // Checked on every read, not only at open: a resync may begin while a request
+                // holds a bucket.
+                outcome(store.gate())?.ok();
+                outcome(store.get(&ns, key.as_bytes()))
+            }
             Err(e) => Ok(Err(e)),
         }
     }
@@ -215,6 +220,7 @@ impl KvView<'_> {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
+        outcome(store.gate())?.ok();
         let page = store.bounds().max_page;
         Ok(outcome(store.list_keys(&ns, after.map(str::as_bytes), page))?.map(|(keys, next)| {
             let keys = keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()).collect();

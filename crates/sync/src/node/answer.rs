@@ -32,22 +32,14 @@ impl<S: SyncStore> Node<S> {
         }
     }
 
-    /// Merges entries from `site` unless one is past the clock bound (then the peer is flagged).
-    pub(super) async fn merge_from(
-        &self,
-        site: &str,
-        entries: Vec<(Vec<u8>, atoll_kv::Entry)>,
-        now_ms: u64,
-    ) -> Result<usize> {
-        match self.store.merge(entries, self.clock_bound(now_ms)).await {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                if let Some(ahead) = e.downcast_ref::<crate::store::AheadOfClock>() {
-                    self.flag(site, format!("refused entries from {site}: {ahead}"));
-                }
-                Err(e)
-            }
+    /// Whether `error` is entries from `site` refused past the clock bound (then the site is
+    /// flagged: shown in the status, logged once).
+    pub(super) fn flag_if_ahead(&self, site: &str, error: &anyhow::Error) -> bool {
+        let ahead = error.is::<crate::store::AheadOfClock>();
+        if ahead {
+            self.flag(site, format!("refused entries from {site}: {error:#}"));
         }
+        ahead
     }
 
     /// Answers a request from another site (already authenticated and decoded).
@@ -71,9 +63,9 @@ impl<S: SyncStore> Node<S> {
                 let entries = crate::message::entries(wire);
                 let lag = lag(&entries, now_ms);
                 let n = entries.len() as u64;
-                let changed = match self.merge_from(&from.site, entries, now_ms).await {
+                let changed = match self.store.merge(entries, self.clock_bound(now_ms)).await {
                     Ok(changed) => changed,
-                    Err(e) if e.is::<crate::store::AheadOfClock>() => {
+                    Err(e) if self.flag_if_ahead(&from.site, &e) => {
                         return Ok(Reply::AheadOfClock(format!("{e:#}")));
                     }
                     Err(e) => return Err(e),
@@ -97,8 +89,7 @@ impl<S: SyncStore> Node<S> {
                 let processed = reconcile::process(&self.store, round, limits).await;
                 let (out, moved) = match processed {
                     Ok(done) => done,
-                    Err(e) if e.is::<crate::store::AheadOfClock>() => {
-                        self.flag(&from.site, format!("refused entries from {}: {e:#}", from.site));
+                    Err(e) if self.flag_if_ahead(&from.site, &e) => {
                         return Ok(Reply::AheadOfClock(format!("{e:#}")));
                     }
                     Err(e) => return Err(e),

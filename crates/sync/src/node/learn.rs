@@ -33,7 +33,6 @@ impl<S: SyncStore> Node<S> {
         Ok(Hello {
             me: self.me.clone(),
             peers,
-            hlc: hlc_wire(self.store.now()),
             wall_ms: now_ms,
             incarnation: id.incarnation,
             previous_incarnation: id.previous,

@@ -214,10 +214,10 @@ struct State {
     gate_unready: bool,
 }
 
-impl State {
-    fn active(&self, peer: &Peer) -> bool {
-        !peer.is_self && peer.site.as_ref().and_then(|s| self.members.get(s)).is_none_or(Member::admitted)
-    }
+/// Whether this site talks to `peer`: not itself, and not a site it does not admit (cut off,
+/// or told to reincarnate).
+fn active(members: &BTreeMap<String, Member>, peer: &Peer) -> bool {
+    !peer.is_self && peer.site.as_ref().and_then(|s| members.get(s)).is_none_or(Member::admitted)
 }
 
 /// One site's replication.
@@ -351,7 +351,7 @@ impl<S: SyncStore> Node<S> {
     /// The URLs this site should talk to now.
     pub fn active_peers(&self) -> Vec<String> {
         let state = self.state();
-        state.peers.values().filter(|p| state.active(p)).map(|p| p.url.clone()).collect()
+        state.peers.values().filter(|p| active(&state.members, p)).map(|p| p.url.clone()).collect()
     }
 
     /// The URLs of peers whose push queue holds keys.
@@ -360,7 +360,7 @@ impl<S: SyncStore> Node<S> {
         state
             .peers
             .values()
-            .filter(|p| state.active(p) && !p.pending.is_empty())
+            .filter(|p| active(&state.members, p) && !p.pending.is_empty())
             .map(|p| p.url.clone())
             .collect()
     }
@@ -403,10 +403,7 @@ impl<S: SyncStore> Node<S> {
         let state = &mut *state;
         let cap = self.config.push_queue;
         let members = &state.members;
-        let active = |p: &Peer| {
-            !p.is_self && p.site.as_ref().and_then(|s| members.get(s)).is_none_or(Member::admitted)
-        };
-        for peer in state.peers.values_mut().filter(|p| active(p)) {
+        for peer in state.peers.values_mut().filter(|p| active(members, p)) {
             for change in changes.iter().filter(|c| c.origin == Origin::Local) {
                 if peer.pending.len() >= cap {
                     if !peer.needs_anti_entropy {

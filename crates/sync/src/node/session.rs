@@ -250,9 +250,7 @@ impl<S: SyncStore> Node<S> {
             let (next, moved) = match processed {
                 Ok(done) => done,
                 Err(e) => {
-                    if e.is::<crate::store::AheadOfClock>() {
-                        self.flag(&site, format!("refused entries from {site}: {e:#}"));
-                    }
+                    self.flag_if_ahead(&site, &e);
                     self.failed(url, &e);
                     return Err(e);
                 }

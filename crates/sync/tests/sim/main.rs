@@ -449,12 +449,17 @@ impl Sim {
         }
         let url = peers[self.rng.usize(..peers.len())].clone();
         let salt = self.rng.u32(..);
+        let _ = self.session(i, &url, salt).await;
+        self.drain_feeds();
+    }
+
+    /// Site `i` says hello to `url` and, if that is accepted, runs an anti-entropy session.
+    async fn session(&self, i: usize, url: &str, salt: u32) -> Result<usize> {
+        let node = self.sites[i].node.clone();
         let link = self.link(i);
         let span = tracing::info_span!("s", i);
-        if node.say_hello(&link, &url, self.wall(i)).instrument(span.clone()).await.is_ok() {
-            let _ = node.anti_entropy(&link, &url, salt, self.wall(i)).instrument(span).await;
-        }
-        self.drain_feeds();
+        node.say_hello(&link, url, self.wall(i)).instrument(span.clone()).await?;
+        node.anti_entropy(&link, url, salt, self.wall(i)).instrument(span).await
     }
 
     /// The site goes down: its node and everything it held in memory are gone.
@@ -691,17 +696,8 @@ impl Sim {
                 let node = self.sites[i].node.clone();
                 for url in node.active_peers() {
                     // A refusal (a clock still ahead, a site told to resync) is retried next time.
-                    let span = tracing::info_span!("s", i);
-                    if node
-                        .say_hello(&self.link(i), &url, self.wall(i))
-                        .instrument(span.clone())
-                        .await
-                        .is_ok()
-                    {
-                        let salt = self.rng.u32(..);
-                        let _ =
-                            node.anti_entropy(&self.link(i), &url, salt, self.wall(i)).instrument(span).await;
-                    }
+                    let salt = self.rng.u32(..);
+                    let _ = self.session(i, &url, salt).await;
                 }
                 self.collected += node.collect(self.wall(i))?;
                 self.drain_feeds();
