@@ -362,8 +362,14 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         return (m, Verdict::Reincarnate);
     }
     if hello.since < r.since {
-        // Sent before its resync (a delayed or replayed copy): it says nothing of it now.
-        return (m, Verdict::Introduce);
+        if hello.boot == r.boot {
+            // This boot's hello from before its resync (delayed or replayed): it says nothing
+            // of the site now.
+            return (m, Verdict::Introduce);
+        }
+        // A later boot whose data reaches back further than this one's did: an older copy.
+        r.reincarnate = true;
+        return (m, Verdict::Reincarnate);
     }
     // Only a current hello of the accepted incarnation says whether it resyncs.
     m.resyncing = hello.resyncing;
@@ -558,6 +564,13 @@ mod tests {
         let (m, v) = learn(Some(m), &Hello { resyncing: false, ..hello(7, 0, 5, 8, 20) }, rules(0, 400));
         assert_eq!(v, Verdict::Reincarnate);
         assert!(m.resyncing, "an older copy lifted the quarantine");
+        // A later boot reaching back further than the resync (a copy from before it, restarted
+        // at a clock no earlier than anything seen) is an older copy too.
+        let (m, _) = learn(None, &hello(7, 1, 10, 50, 5), rules(0, 100));
+        let (m, _) = learn(Some(m), &Hello { since: (20, 0), ..hello(7, 1, 10, 50, 20) }, rules(0, 200));
+        let (m, v) = learn(Some(m), &then(&hello(7, 1, 10, 50, 5), hello(7, 2, 50, 55, 5)), rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
+        assert!(m.record.reincarnate);
     }
 
     #[test]
