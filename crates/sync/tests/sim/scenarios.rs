@@ -212,6 +212,52 @@ async fn a_member_record_that_cannot_be_read_holds_collection() {
     assert_eq!(collected[0], 1, "site 0 collects once the record is whole again");
 }
 
+/// A restored copy that reincarnated is quarantined: nothing it sends is merged (by push or by
+/// anti-entropy) until a session with a site it knew before its resync began ends it. A site met
+/// since (here one that joined after the tombstone was collected everywhere) never held the
+/// tombstone, so it must neither take the copy's deleted value nor vouch for the copy.
+#[tokio::test(flavor = "current_thread")]
+async fn a_restored_copy_is_quarantined_until_a_site_known_before_vouches() {
+    let mut sim = Sim::quiet(3, node_config());
+    sim.set(2, "k", "v").await;
+    for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+        sim.sync(i, j).await.expect("sync");
+    }
+    sim.snapshot(2);
+    sim.delete(0, "k").await;
+    let collected = sim.rounds(&[(0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1)]).await;
+    assert!(collected.iter().all(|&c| c == 1), "k's tombstone collected everywhere: {collected:?}");
+    let newcomer = sim.add_site();
+    sim.restore(2);
+    assert_eq!(sim.get(2, "k").as_deref(), Some("v"), "the copy holds the deleted value");
+    // Site 0 has seen a newer state of site 2: it must take a new incarnation (and resync).
+    assert!(sim.sync(2, 0).await.is_err());
+    assert!(sim.sites[2].store.resync_began().expect("read").is_some(), "site 2 resyncs");
+    sim.cut(2, 0);
+    sim.cut(2, 1);
+    // While it resyncs, it meets only the newcomer: a host write pushed, sessions both ways.
+    sim.set(2, "during-resync", "x").await;
+    sim.push(2).await;
+    assert_eq!(sim.get(newcomer, "during-resync"), None, "a resyncing site's push was merged");
+    for _ in 0..2 {
+        let _ = sim.sync(2, newcomer).await;
+        let _ = sim.sync(newcomer, 2).await;
+        assert_eq!(sim.get(newcomer, "k"), None, "the newcomer took the copy's deleted value");
+        assert!(
+            sim.sites[2].store.resync_began().expect("read").is_some(),
+            "a site met after the resync began vouched for it"
+        );
+    }
+    // Back in touch with the sites it knew: the resync ends, and nothing deleted comes back.
+    sim.net.cut.lock().unwrap().clear();
+    sim.heal().await.expect("heal");
+    assert_eq!(sim.sites[2].store.resync_began().expect("read"), None);
+    for i in 0..sim.n {
+        assert_eq!(sim.get(i, "k"), None, "k came back at site {i}");
+        assert_eq!(sim.get(i, "during-resync").as_deref(), Some("x"), "site {i}");
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn one_difference_among_many_keys_takes_three_round_trips_and_little_data() {
     let config = NodeConfig::default();
