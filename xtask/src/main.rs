@@ -132,8 +132,8 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         what: "writer ids ignore the incarnation (a restored site reuses its stamps and counters)",
         file: "crates/kv/src/identity.rs",
-        from: "format!(\"{}~{:08x}\", self.name, self.incarnation as u32)",
-        to: "format!(\"{}~{:08x}\", self.name, 0u32)",
+        from: "self.incarnation as u32 ^ self.writer_epoch",
+        to: "self.writer_epoch",
     },
     Mutant {
         what: "an older copy of a data dir is never recognised",
@@ -178,10 +178,28 @@ const MUTANTS: &[Mutant] = &[
         to: "if false && from.since < self.record.since {",
     },
     Mutant {
+        what: "a resync keeps the writer id (increments after it fall into a slot peers hold higher)",
+        file: "crates/kv/src/store/horizon.rs",
+        from: "identity.writer_epoch = identity.writer_epoch.wrapping_add(1);",
+        to: "",
+    },
+    Mutant {
+        what: "increments a resync set aside are never made again",
+        file: "crates/kv/src/store/writer.rs",
+        from: "if merged.stamp < saved.stamp {",
+        to: "if true {",
+    },
+    Mutant {
+        what: "any session ends a resync (none under way, or one begun during the session)",
+        file: "crates/sync/src/node/session.rs",
+        from: "let finished = began.is_some() && same_epoch && vouches;",
+        to: "let finished = vouches;",
+    },
+    Mutant {
         what: "a site told to resync keeps its old data (no discard)",
         file: "crates/kv/src/store/horizon.rs",
-        from: "            e.stamp.hlc < before\n",
-        to: "            e.stamp.hlc < before && false\n",
+        from: "if entry.stamp.hlc < before {",
+        to: "if entry.stamp.hlc < before && false {",
     },
 ];
 

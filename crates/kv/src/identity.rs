@@ -8,10 +8,10 @@
 //! a restart (boot up, clock at open not behind anything they saw) from a restore (see
 //! atoll-sync's ALGORITHM.md, "Identity").
 //!
-//! Stored in the meta table under `"identity"`: version byte 2, then the name's length (u16 LE)
+//! Stored in the meta table under `"identity"`: version byte 3, then the name's length (u16 LE)
 //! and bytes, incarnation (u64 LE), boot count (u64 LE), `since` (HLC, 12 bytes), previous
 //! incarnation (u64 LE), then the recent boots: a count (u8) and, for each, boot count (u64 LE),
-//! nonce (u64 LE) and clock at open (HLC, 12 bytes).
+//! nonce (u64 LE) and clock at open (HLC, 12 bytes); then the writer epoch (u32 LE).
 
 use redb::{ReadableTable, Table};
 
@@ -20,7 +20,7 @@ use crate::store::{KvError, storage};
 use crate::tables::{decode_hlc, encode_hlc};
 
 const KEY: &str = "identity";
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 /// Most recent boots kept in the lineage.
 pub const LINEAGE: usize = 32;
 
@@ -62,14 +62,23 @@ pub struct Identity {
     /// restored copy cannot pass by restarting before a peer sees it (each restart opens at a
     /// later clock, but its lineage still holds the boot that opened on the copy).
     pub boots: Vec<Boot>,
+    /// Counts the resyncs that discarded entries: part of the writer id, so increments made
+    /// after one are never absorbed by this site's own older contributions that peers hold.
+    pub writer_epoch: u32,
 }
 
 impl Identity {
-    /// The id in this store's stamps and counter contributions: `name~` and the incarnation's low
-    /// 32 bits in hex (8 digits: every entry carries it twice, so it is kept short; two
-    /// incarnations of one name share it with a chance of one in 2^32).
+    /// The id in this store's stamps and counter contributions: `name~` and 32 bits in hex, the
+    /// incarnation's low 32 bits mixed with the writer epoch (8 digits: every entry carries it
+    /// twice, so it is kept short; two incarnations or epochs of one name share it with a chance
+    /// of one in 2^32).
     pub fn writer(&self) -> String {
-        format!("{}~{:08x}", self.name, self.incarnation as u32)
+        format!("{}~{:08x}", self.name, self.incarnation as u32 ^ self.writer_epoch.wrapping_mul(0x9e37_79b9))
+    }
+
+    /// What every writer id of this site starts with, whatever its incarnation or epoch.
+    pub fn writer_prefix(&self) -> String {
+        format!("{}~", self.name)
     }
 
     /// A fresh random incarnation, different from `old` (in its writer id too).
@@ -106,6 +115,7 @@ impl Identity {
                 boot_nonce: 0,
                 opened_at: Hlc::ZERO,
                 boots: Vec::new(),
+                writer_epoch: 0,
                 since: if fresh { clock.now() } else { other.map_or(Hlc::ZERO, |o| o.since) },
             },
         };
@@ -144,6 +154,7 @@ impl Identity {
             out.extend_from_slice(&b.nonce.to_le_bytes());
             out.extend_from_slice(&encode_hlc(b.opened_at));
         }
+        out.extend_from_slice(&self.writer_epoch.to_le_bytes());
         out
     }
 
@@ -172,6 +183,9 @@ impl Identity {
                 opened_at: decode_hlc(rest.get(at + 16..at + 28).ok_or_else(bad)?)?,
             });
         }
+        let at = 37 + count * 28;
+        let writer_epoch =
+            u32::from_le_bytes(rest.get(at..at + 4).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
         // The last boot's nonce is kept: the next opening's lineage names it.
         let last = boots.last().copied();
         Ok(Identity {
@@ -183,6 +197,7 @@ impl Identity {
             since: decode_hlc(rest.get(16..28).ok_or_else(bad)?)?,
             previous: u64_at(28)?,
             boots,
+            writer_epoch,
         })
     }
 }

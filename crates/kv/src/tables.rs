@@ -12,6 +12,9 @@ pub(crate) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("
 pub(crate) const DIGESTS: TableDefinition<u32, &[u8]> = TableDefinition::new("digests");
 pub(crate) const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
 pub(crate) const TOMBSTONES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tombstones");
+/// Entries a resync discarded that hold this site's own increments, kept until a peer's entry on
+/// the same register shows those increments are still wanted (see `Store::discard_before`).
+pub(crate) const SET_ASIDE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("set_aside");
 
 /// The writable tables of one transaction, changed together by [`Tables::replace`].
 pub(crate) struct Tables<'t> {

@@ -108,7 +108,9 @@ async fn side(name: &str) -> Result<Side> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let me = PeerInfo { site: name.into(), region: "bench".into(), url: url.clone() };
-    let node = Arc::new(Node::new(store, me, NodeConfig::default(), &[], atoll_sync::http::wall_ms()));
+    let node = Arc::new(
+        Node::new(store, me, NodeConfig::default(), &[], atoll_sync::http::wall_ms()).expect("node"),
+    );
     let server = Server {
         node: node.clone(),
         secret: atoll_sync::auth::Secret::new(SECRET)?,

@@ -64,9 +64,6 @@ pub struct Record {
     /// How far back its data reaches, as its last accepted hello said: a message sent before a
     /// resync (reaching back further) is refused.
     pub since: (u64, u32),
-    /// Cut off past the horizon: it was not counted when tombstones were collected, so it may
-    /// never have seen those deletes (its resync discards its counters too).
-    pub uncounted: bool,
 }
 
 impl Record {
@@ -113,14 +110,9 @@ pub enum Verdict {
     Introduce,
     /// It runs on an older copy of its data dir.
     Reincarnate,
-    /// Its data reaches back before what this site collected: it must resync from this
-    /// watermark (`uncounted`: it was cut off past the horizon).
-    Resync {
-        /// This site's collection watermark.
-        watermark: Hlc,
-        /// It was not counted when tombstones were collected.
-        uncounted: bool,
-    },
+    /// Its data reaches back before what this site collected (it was cut off, or is new or an
+    /// older copy): it must resync from this watermark.
+    Resync(Hlc),
     /// Refused, for this reason.
     Refused(String),
 }
@@ -150,7 +142,7 @@ impl Member {
             return Verdict::Reincarnate;
         }
         if self.record.cut_off {
-            return Verdict::Resync { watermark: collected, uncounted: self.record.uncounted };
+            return Verdict::Resync(collected);
         }
         if from.since < self.record.since {
             // Sent before its resync (a delayed or replayed copy): its data reached back further.
@@ -303,12 +295,11 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         last_matured: None,
         introduced: wire(rules.now),
         since: hello.since,
-        uncounted: false,
     };
-    let resync = |uncounted| Verdict::Resync { watermark: rules.collected, uncounted };
+    let resync = || Verdict::Resync(rules.collected);
     let Some(mut m) = member else {
         let m = Member { dirty: true, resyncing: hello.resyncing, ..Member::from_record(fresh(Vec::new())) };
-        let verdict = if old_data { resync(false) } else { Verdict::Accept };
+        let verdict = if old_data { resync() } else { Verdict::Accept };
         return (m, verdict);
     };
     m.dirty = true;
@@ -339,13 +330,11 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         if retired.len() > MAX_RETIRED {
             retired.remove(0);
         }
-        // A new incarnation of a site cut off past the horizon descends from data that was
-        // not counted either.
-        let (introduced, uncounted) = (r.introduced, old_data && r.cut_off && r.uncounted);
-        m.record = Record { introduced, uncounted, ..fresh(retired) };
+        let introduced = r.introduced;
+        m.record = Record { introduced, ..fresh(retired) };
         m.reset_acks();
         m.resyncing = hello.resyncing;
-        let verdict = if old_data { resync(uncounted) } else { Verdict::Accept };
+        let verdict = if old_data { resync() } else { Verdict::Accept };
         return (m, verdict);
     }
     if r.reincarnate {
@@ -385,12 +374,10 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     r.since = r.since.max(hello.since);
     if r.cut_off {
         if old_data {
-            let uncounted = r.uncounted;
-            return (m, resync(uncounted));
+            return (m, resync());
         }
         tracing::info!(site = %r.site, "a cut-off site resynced; accepting its entries again");
         r.cut_off = false;
-        r.uncounted = false;
         m.reset_acks();
     }
     (m, Verdict::Accept)
@@ -526,7 +513,7 @@ mod tests {
     fn data_older_than_the_watermark_must_resync_first() {
         let first = hello(7, 1, 10, 50, 5);
         let (m, v) = learn(None, &first, rules(20, 100));
-        assert_eq!(v, Verdict::Resync { watermark: Hlc { physical_ms: 20, logical: 0 }, uncounted: false });
+        assert_eq!(v, Verdict::Resync(Hlc { physical_ms: 20, logical: 0 }));
         assert!(m.record.cut_off);
         let (m, v) = learn(Some(m), &then(&first, hello(7, 2, 60, 70, 20)), rules(20, 200));
         assert_eq!(v, Verdict::Accept);

@@ -239,13 +239,7 @@ pub enum Reply {
     Reconcile(Round),
     /// The receiver will not take entries from the sender until it resyncs from this collection
     /// watermark (its data reaches back further; see ALGORITHM.md, "Tombstones").
-    ResyncRequired {
-        /// The receiver's collection watermark.
-        watermark: (u64, u32),
-        /// The sender was cut off past the horizon (not counted when tombstones were
-        /// collected), so its counters from before the watermark go too.
-        uncounted: bool,
-    },
+    ResyncRequired((u64, u32)),
     /// The receiver does not know the sender (or this incarnation of it): say hello first.
     Introduce,
     /// The receiver has seen a newer state of the sender's incarnation than the sender holds: the
@@ -328,7 +322,7 @@ impl Validate for Reply {
                 Err("a refusal's reason is too long".into())
             }
             Reply::Pushed(_)
-            | Reply::ResyncRequired { .. }
+            | Reply::ResyncRequired(_)
             | Reply::Introduce
             | Reply::Reincarnate
             | Reply::Refused(_)

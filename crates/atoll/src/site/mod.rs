@@ -184,7 +184,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
             options.config.node_config(),
             &fixed,
             atoll_sync::http::wall_ms(),
-        ));
+        )?);
         let _ = site.sync.set(node.clone());
         let transport =
             Arc::new(atoll_sync::http::HttpTransport::new(secret.clone(), Duration::from_secs(10)));

@@ -2,13 +2,14 @@
 //! site cut off past the horizon goes through (discard what may have been deleted elsewhere,
 //! then pull the rest again).
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::{KvError, Store, storage};
 use crate::codec;
 use crate::entry::Entry;
 use crate::hlc::{Clock, Hlc};
-use crate::tables::{META, Tables, decode_hlc, encode_hlc};
+use crate::tables::{META, SET_ASIDE, Tables, decode_hlc, encode_hlc};
+use std::sync::atomic::Ordering;
 
 impl Store {
     /// Removes tombstones (deleted keys without increments) that **arrived at this site** before
@@ -46,6 +47,24 @@ impl Store {
                 tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
             }
         }
+        {
+            // Set-aside increments whose register no known site still holds (every site had a
+            // session with this one since they were set aside) are gone with it.
+            let mut aside = txn.open_table(SET_ASIDE).map_err(storage)?;
+            let mut expired = Vec::new();
+            for item in aside.iter().map_err(storage)? {
+                let (k, row) = item.map_err(storage)?;
+                if decode_aside(row.value())?.0 < before {
+                    expired.push(k.value().to_vec());
+                }
+            }
+            for k in expired {
+                aside.remove(k.as_slice()).map_err(storage)?;
+            }
+            if aside.is_empty().map_err(storage)? {
+                self.inner.aside.store(false, Ordering::Relaxed);
+            }
+        }
         txn.commit().map_err(storage)?;
         Ok(removed)
     }
@@ -58,54 +77,62 @@ impl Store {
 
     /// Starts a resync from the collection watermark `before` of a peer that cut this site off:
     /// removes every entry whose register was written before `before` (its increments with it),
-    /// tombstone or not, since it may be a value deleted elsewhere whose tombstone is gone; and,
-    /// in the same transaction, records that the data now reaches back only to `before`
-    /// ([`Identity::since`]) and that a resync is under way ([`Store::resync_began`]). Returns
-    /// how many entries went.
+    /// tombstone or not, since it may be a value or a counter deleted elsewhere whose tombstone
+    /// is gone; and, in the same transaction, records that the data now reaches back only to
+    /// `before` ([`Identity::since`]) and that a resync is under way
+    /// ([`Store::resync_began`]). Returns how many entries went.
     ///
-    /// A value goes by its register's stamp, not the entry's last change: increments made
-    /// recently on top of a value deleted (and collected) elsewhere would otherwise bring it
-    /// back. A counter on no value (or on a tombstone) goes by its last change, unless
-    /// `uncounted`: this site was cut off past the horizon, so it may never have seen a delete
-    /// that was collected, and a counter keeps one running total per site, so its increments
-    /// after such a delete cannot be told from those before it: every counter older than the
-    /// watermark goes, with any increments on it that no peer holds. (A site that was counted
-    /// saw every collected delete before it counted: its later increments start on the
-    /// tombstone.)
-    pub fn discard_before(&self, before: Hlc, uncounted: bool) -> Result<usize, KvError> {
+    /// An entry goes by its register's stamp, not its last change: increments made recently on
+    /// top of a register deleted (and collected) elsewhere would otherwise bring it back, and a
+    /// counter keeps one running total per site, so its increments after such a delete cannot be
+    /// told from those before it. What this site's own increments on a discarded entry were is
+    /// set aside: when a peer's entry on the same register arrives (the register is still live),
+    /// the increments no peer has yet are made again (see the writer). And the writer id moves to
+    /// a new epoch, so increments made from now on never fall into a slot a peer holds higher.
+    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
         // A full scan: only for resync after being cut off.
-        let doomed = |e: &Entry| {
-            e.stamp.hlc < before
-                && (uncounted
-                    || matches!(e.register, crate::entry::Register::Value(_))
-                    || e.changed.hlc < before)
-        };
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
         let mut identity = self.identity();
+        let own = identity.writer_prefix();
         let began;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             identity.since = identity.since.max(before);
+            identity.writer_epoch = identity.writer_epoch.wrapping_add(1);
             identity.save(&mut meta)?;
             began = begin_resync(&mut meta, &self.inner.clock)?;
         }
         {
             let mut tables = Tables::open(&txn)?;
+            let mut aside = txn.open_table(SET_ASIDE).map_err(storage)?;
             let mut found = Vec::new();
             for item in tables.entries.iter().map_err(storage)? {
                 let (k, v) = item.map_err(storage)?;
-                if doomed(&codec::decode(v.value()).map_err(storage)?) {
-                    found.push((k.value().to_vec(), v.value().to_vec()));
+                let entry = codec::decode(v.value()).map_err(storage)?;
+                if entry.stamp.hlc < before {
+                    found.push((k.value().to_vec(), v.value().to_vec(), entry));
                 }
             }
-            for (composite, encoded) in found {
+            for (composite, encoded, entry) in found {
                 tables.replace(&composite, Some(&encoded), None)?;
                 tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
+                if entry.counter.keys().any(|w| w.starts_with(&own)) {
+                    let kept = match aside.get(composite.as_slice()).map_err(storage)? {
+                        Some(row) => decode_aside(row.value())?.1.merge(&entry),
+                        None => entry,
+                    };
+                    aside
+                        .insert(composite.as_slice(), encode_aside(began, &kept).as_slice())
+                        .map_err(storage)?;
+                    // Before the commit: a merge committed right after must look.
+                    self.inner.aside.store(true, Ordering::Relaxed);
+                }
                 removed += 1;
             }
         }
         txn.commit().map_err(storage)?;
+        *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = identity.writer();
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         Ok(removed)
@@ -142,6 +169,18 @@ pub(super) fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -
     // The clock never reads below it again, even after a crash and a clock stepped back.
     meta.insert("hlc", encode_hlc(began).as_slice()).map_err(storage)?;
     Ok(began)
+}
+
+/// A set-aside row: when it was set aside (this store's clock), then the discarded entry.
+pub(super) fn encode_aside(at: Hlc, entry: &Entry) -> Vec<u8> {
+    let mut row = encode_hlc(at).to_vec();
+    row.extend(codec::encode(entry));
+    row
+}
+
+pub(super) fn decode_aside(row: &[u8]) -> Result<(Hlc, Entry), KvError> {
+    let at = decode_hlc(row.get(..12).ok_or_else(|| KvError::Storage("corrupt set-aside row".into()))?)?;
+    Ok((at, codec::decode(&row[12..]).map_err(storage)?))
 }
 
 /// The collection watermark stored under `"collected"` (zero before the first collection).

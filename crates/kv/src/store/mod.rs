@@ -28,9 +28,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 mod horizon;
 mod writer;
@@ -40,7 +41,8 @@ use crate::entry::{Entry, EntryError, SiteId};
 use crate::hlc::{Clock, Hlc};
 use crate::identity::Identity;
 use crate::tables::{
-    DIGESTS, ENTRIES, INDEX, META, TOMBSTONES, decode_hlc, decode_u128, encode_hlc, entry_hash, index_key,
+    DIGESTS, ENTRIES, INDEX, META, SET_ASIDE, TOMBSTONES, decode_hlc, decode_u128, encode_hlc, entry_hash,
+    index_key,
 };
 use horizon::{begin_resync, read_resync};
 use writer::{Job, Op, Shared, write_loop};
@@ -275,6 +277,8 @@ struct Inner {
     floor: Arc<Mutex<Hlc>>,
     /// When the resync under way began, if one is (a cache of the meta table).
     resync: Mutex<Option<Hlc>>,
+    /// The set-aside table may hold rows (the writer looks only then).
+    aside: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -313,6 +317,7 @@ impl Store {
         let txn = db.begin_write().map_err(storage)?;
         let identity;
         let resync;
+        let aside;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let format = meta.get("format").map_err(storage)?.map(|v| v.value().to_vec());
@@ -337,8 +342,10 @@ impl Store {
             txn.open_table(DIGESTS).map_err(storage)?;
             txn.open_table(INDEX).map_err(storage)?;
             txn.open_table(TOMBSTONES).map_err(storage)?;
+            aside = !txn.open_table(SET_ASIDE).map_err(storage)?.is_empty().map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
+        let aside = Arc::new(AtomicBool::new(aside));
 
         let db = Arc::new(db);
         let (feed, _) = tokio::sync::broadcast::channel(config.change_feed.max(1));
@@ -348,7 +355,12 @@ impl Store {
         let durable = Arc::new(Mutex::new(identity.opened_at));
         let floor = Arc::new(Mutex::new(Hlc::ZERO));
         let writer = {
-            let shared = Shared { site: writer_id.clone(), durable: durable.clone(), floor: floor.clone() };
+            let shared = Shared {
+                site: writer_id.clone(),
+                durable: durable.clone(),
+                floor: floor.clone(),
+                aside: aside.clone(),
+            };
             let (db, clock, max_batch, feed) =
                 (db.clone(), clock.clone(), config.max_batch.max(1), feed.clone());
             std::thread::Builder::new()
@@ -370,6 +382,7 @@ impl Store {
                 gate: RwLock::new(None),
                 floor,
                 resync: Mutex::new(resync),
+                aside,
             }),
         })
     }

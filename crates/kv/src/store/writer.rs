@@ -1,15 +1,17 @@
 //! The writer thread: group commit. It takes every write waiting into one transaction, commits it
 //! durably, and only then answers each writer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, ReadableTable};
 
+use super::horizon::decode_aside;
 use super::{Change, KvError, Origin, Write, Written, storage};
 use crate::codec;
 use crate::entry::{Entry, Stamp};
 use crate::hlc::{Clock, Hlc};
-use crate::tables::{META, Tables, encode_hlc};
+use crate::tables::{META, SET_ASIDE, Tables, encode_hlc};
 
 type Reply = tokio::sync::oneshot::Sender<Vec<Result<Written, KvError>>>;
 
@@ -37,6 +39,8 @@ pub(super) struct Shared {
     pub(super) durable: Arc<Mutex<Hlc>>,
     /// See [`Store::set_tombstone_floor`].
     pub(super) floor: Arc<Mutex<Hlc>>,
+    /// The set-aside table may hold rows (see [`Store::discard_before`]).
+    pub(super) aside: Arc<AtomicBool>,
 }
 
 pub(super) fn write_loop(
@@ -61,7 +65,8 @@ pub(super) fn write_loop(
         }
         let writer_id = shared.site.read().unwrap_or_else(|e| e.into_inner()).clone();
         let floor = *shared.floor.lock().unwrap_or_else(|e| e.into_inner());
-        match commit_batch(db, clock, &writer_id, floor, &batch) {
+        let aside = shared.aside.load(Ordering::Relaxed);
+        match commit_batch(db, clock, &writer_id, floor, aside, &batch) {
             Ok((results, changes, persisted)) => {
                 *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
                 if !changes.is_empty() {
@@ -88,6 +93,7 @@ fn commit_batch(
     clock: &Clock,
     site: &str,
     floor: Hlc,
+    aside: bool,
     batch: &[Job],
 ) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
     let txn = db.begin_write().map_err(storage)?;
@@ -100,6 +106,7 @@ fn commit_batch(
     let mut changes = Vec::new();
     {
         let mut tables = Tables::open(&txn)?;
+        let mut aside = if aside { Some(txn.open_table(SET_ASIDE).map_err(storage)?) } else { None };
         for job in batch {
             let mut job_results = Vec::with_capacity(job.writes.len());
             for (composite, write) in &job.writes {
@@ -109,7 +116,7 @@ fn commit_batch(
                     Some(bytes) => codec::decode(bytes).map_err(storage)?,
                     None => Entry::absent(),
                 };
-                let origin = match write {
+                let mut origin = match write {
                     Op::Local(_) => Origin::Local,
                     Op::Merge(_) => Origin::Merged,
                 };
@@ -125,7 +132,13 @@ fn commit_batch(
                     }
                     Op::Merge(remote) => {
                         clock.observe(remote.changed.hlc);
-                        let merged = current.merge(remote);
+                        let mut merged = current.merge(remote);
+                        if let Some(aside) = aside.as_mut()
+                            && let Some(rescued) = rescue(aside, composite, &merged, clock, site)?
+                        {
+                            merged = rescued;
+                            origin = Origin::Local;
+                        }
                         Ok((merged != current).then_some((merged, Written::Done)))
                     }
                 };
@@ -162,6 +175,51 @@ fn commit_batch(
     }
     txn.commit().map_err(storage)?;
     Ok((results, changes, persisted))
+}
+
+/// When `merged`, just merged from a peer, is on the register of an entry a resync set aside
+/// ([`Store::discard_before`]), the register is live: the increments this site made on it that
+/// the peer does not hold are made again (under today's writer id), and the row goes. A newer
+/// register (set or deleted since) won over those increments: the row goes. An older one says
+/// nothing yet: the row stays (until collection passes it).
+fn rescue(
+    aside: &mut redb::Table<&'static [u8], &'static [u8]>,
+    composite: &[u8],
+    merged: &Entry,
+    clock: &Clock,
+    site: &str,
+) -> Result<Option<Entry>, KvError> {
+    let saved = match aside.get(composite).map_err(storage)? {
+        Some(row) => decode_aside(row.value())?.1,
+        None => return Ok(None),
+    };
+    if merged.stamp < saved.stamp {
+        return Ok(None);
+    }
+    aside.remove(composite).map_err(storage)?;
+    if merged.stamp > saved.stamp {
+        return Ok(None);
+    }
+    let own = site.rsplit_once('~').map_or(site, |(name, _)| name);
+    let (mut up, mut down) = (0u64, 0u64);
+    for (writer, mine) in &saved.counter {
+        if writer.rsplit_once('~').is_some_and(|(name, _)| name == own) {
+            let held = merged.counter.get(writer).copied().unwrap_or_default();
+            up = up.saturating_add(mine.up.saturating_sub(held.up));
+            down = down.saturating_add(mine.down.saturating_sub(held.down));
+        }
+    }
+    let delta = i64::try_from(i128::from(up) - i128::from(down)).unwrap_or(0);
+    if delta == 0 {
+        return Ok(None);
+    }
+    match merged.increment(delta, Stamp { hlc: clock.now(), site: site.to_owned() }) {
+        Ok((next, _)) => Ok(Some(next)),
+        Err(e) => {
+            tracing::warn!("increments set aside by a resync could not be made again ({e}): they are lost");
+            Ok(None)
+        }
+    }
 }
 
 /// The entry after `write`; `None` when a compare-and-swap does not match.

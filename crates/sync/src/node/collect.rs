@@ -25,8 +25,7 @@ impl<S: SyncStore> Node<S> {
         let (watermark, changed) = {
             let mut state = self.state();
             let mut watermark: Option<Hlc> = None;
-            // A member record that cannot be read names a site that may not have everything.
-            let mut blocked = !state.unreadable.is_empty();
+            let mut blocked = false;
             let mut changed = Vec::new();
             // Cut off only from the side that keeps a majority of the sites: a site that finds
             // (most of) the others silent past the horizon is the one that was away, and cutting
@@ -52,7 +51,6 @@ impl<S: SyncStore> Node<S> {
                     } else if silent > self.config.horizon_ms {
                         tracing::warn!(site = %m.record.site, "peer silent past the horizon: cut off; it must resync to rejoin");
                         m.record.cut_off = true;
-                        m.record.uncounted = true;
                         m.dirty = true;
                     } else {
                         match m.watermark() {

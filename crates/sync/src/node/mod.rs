@@ -198,9 +198,6 @@ struct State {
     /// Tombstones that arrived before this are collected here (durable, in the store).
     collected: Hlc,
 
-    /// Member records that could not be read: the sites they name count, unknown, so nothing
-    /// is collected.
-    unreadable: Vec<String>,
     /// Counts resyncs started; a session that began before the last one does not finish it.
     resync_epoch: u64,
     /// The sites that accepted this site's hello since it started (or since it reincarnated):
@@ -238,33 +235,19 @@ impl<S> std::fmt::Debug for Node<S> {
 impl<S: SyncStore> Node<S> {
     /// A node for site `me` over `store`, with the peers at `seeds` (URLs). What this site knew
     /// of other sites before (members, cut-offs, acknowledgements, the collection watermark) is
-    /// read back from the store.
-    pub fn new(store: S, me: PeerInfo, config: NodeConfig, seeds: &[String], now_ms: u64) -> Node<S> {
+    /// read back from the store; a record that cannot be read is an error (a site that forgot
+    /// one could collect without that site, or take an older copy of it for new).
+    pub fn new(store: S, me: PeerInfo, config: NodeConfig, seeds: &[String], now_ms: u64) -> Result<Node<S>> {
         let mut members = BTreeMap::new();
-        let mut unreadable = Vec::new();
-        match store.records("member/") {
-            Ok(records) => {
-                for (name, bytes) in records {
-                    match Record::decode(&bytes) {
-                        Ok(r) => {
-                            members.insert(r.site.clone(), Member::from_record(r));
-                        }
-                        Err(e) => {
-                            tracing::error!(record = %name, "cannot read a member record: {e:#}; no tombstone is collected until it is fixed or removed");
-                            unreadable.push(name);
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!("cannot read the member records: {e:#}; no tombstone is collected");
-                unreadable.push("member/".to_owned());
-            }
+        for (name, bytes) in store.records("member/")? {
+            let record = Record::decode(&bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "the member record {name:?} in the data dir cannot be read ({e:#}): run the build that wrote it, or restore the data dir"
+                )
+            })?;
+            members.insert(record.site.clone(), Member::from_record(record));
         }
-        let collected = store.collected().unwrap_or_else(|e| {
-            tracing::error!("cannot read the collection watermark: {e:#}");
-            Hlc::ZERO
-        });
+        let collected = store.collected()?;
         let mut peers = BTreeMap::new();
         // Known sites are peers from the start, at the URL they advertised last.
         for m in members.values() {
@@ -281,7 +264,6 @@ impl<S: SyncStore> Node<S> {
                 peers,
                 members,
                 collected,
-                unreadable,
                 resync_epoch: 0,
                 confirmed: BTreeSet::new(),
                 refused: None,
@@ -295,7 +277,7 @@ impl<S: SyncStore> Node<S> {
         }
         node.store.set_tombstone_floor(node.tombstone_floor(collected));
         node.update_gate(now_ms);
-        node
+        Ok(node)
     }
 
     /// The store.

@@ -22,9 +22,7 @@ impl<S: SyncStore> Node<S> {
             Ok(exchange) => {
                 self.exchanged(url, &exchange, now_ms);
                 match exchange.reply {
-                    Reply::ResyncRequired { watermark, uncounted } => {
-                        self.resync(url, hlc_from_wire(watermark), uncounted, now_ms)
-                    }
+                    Reply::ResyncRequired(watermark) => self.resync(url, hlc_from_wire(watermark), now_ms),
                     Reply::Introduce => {
                         self.with_peer(url, |p| p.introduced = false);
                         Err(anyhow::anyhow!("{url} does not know this site (or this incarnation) yet"))
@@ -67,8 +65,7 @@ impl<S: SyncStore> Node<S> {
     /// that no stamp or counter contribution is ever reused, then say hello again.
     pub(super) fn reincarnate(&self, url: &str, now_ms: u64) -> Result<()> {
         let old = self.store.identity();
-        self.start_over();
-        let new = self.store.reincarnate()?;
+        let new = self.start_over(|| self.store.reincarnate())?;
         tracing::warn!(
             peer = %url,
             old = format!("{:016x}", old.incarnation),
@@ -85,7 +82,7 @@ impl<S: SyncStore> Node<S> {
     /// its collection watermark (it may be a value whose tombstone is gone) and pull the rest
     /// again. The watermark is checked first: it cannot be from the future, and a resync this
     /// site already did from a later watermark is not repeated.
-    pub(super) fn resync(&self, url: &str, watermark: Hlc, uncounted: bool, now_ms: u64) -> Result<()> {
+    pub(super) fn resync(&self, url: &str, watermark: Hlc, now_ms: u64) -> Result<()> {
         if watermark > self.clock_bound(now_ms) {
             bail!("{url} asked for a resync from a watermark in the future ({watermark}): refused");
         }
@@ -94,30 +91,34 @@ impl<S: SyncStore> Node<S> {
                 "{url} requires a resync from {watermark}; this site's data reaches back no further: saying hello again"
             );
         }
-        self.start_over();
-        let dropped = self.store.discard_before(watermark, uncounted)?;
-        let why = if uncounted {
-            "this site was cut off past the replication horizon"
-        } else {
-            "this site's data reaches back before what a peer has collected (an older copy, or data from before it was known)"
-        };
-        tracing::warn!(peer = %url, %watermark, dropped, "{why}; resyncing");
+        let dropped = self.start_over(|| self.store.discard_before(watermark))?;
+        tracing::warn!(
+            peer = %url, %watermark, dropped,
+            "this site's data reaches back before what a peer has collected (cut off past the replication horizon, an older copy, or data from before it was known): resyncing"
+        );
         self.update_gate(now_ms);
         bail!(
             "{url} requires a resync: dropped {dropped} entries older than {watermark}, pulling the rest again"
         )
     }
 
-    /// A resync or a new incarnation is about to begin: the sessions under way count for nothing
-    /// (the epoch moves before the store changes, so none of them can acknowledge or finish
-    /// what is starting), and every peer hears a hello and a full session again.
-    fn start_over(&self) {
-        let mut state = self.state();
-        state.resync_epoch += 1;
-        for p in state.peers.values_mut() {
-            p.introduced = false;
-            p.needs_anti_entropy = true;
+    /// Begins a resync or a new incarnation with `change` (the store's side): the sessions under
+    /// way count for nothing, and every peer hears a hello and a full session again. The epoch
+    /// moves before the store changes (a session that began before cannot acknowledge or end
+    /// what is starting) and again after (one that began in between may have read the store
+    /// before the change).
+    fn start_over<T>(&self, change: impl FnOnce() -> Result<T>) -> Result<T> {
+        {
+            let mut state = self.state();
+            state.resync_epoch += 1;
+            for p in state.peers.values_mut() {
+                p.introduced = false;
+                p.needs_anti_entropy = true;
+            }
         }
+        let changed = change();
+        self.state().resync_epoch += 1;
+        changed
     }
 
     /// Says hello to `url` and learns the peers it knows.

@@ -311,7 +311,7 @@ impl Sim {
         // Every site is configured with every other site's address, as `atoll dev` and the
         // Kubernetes manifests do (a new site knows the ones before it; they learn of it by hello).
         let seeds: Vec<String> = (0..self.initial.max(i + 1)).chain(0..self.n).map(url).collect();
-        Arc::new(Node::new(store.clone(), me, self.config.clone(), &seeds, self.net.wall(i)))
+        Arc::new(Node::new(store.clone(), me, self.config.clone(), &seeds, self.net.wall(i)).expect("node"))
     }
 
     fn now(&self) -> u64 {
@@ -477,13 +477,16 @@ impl Sim {
             Clock::with_source(Box::new(|| 0)),
         )
         .expect("placeholder store");
-        self.sites[i].node = Arc::new(Node::new(
-            placeholder.clone(),
-            PeerInfo { site: "placeholder".into(), region: String::new(), url: String::new() },
-            self.config.clone(),
-            &[],
-            0,
-        ));
+        self.sites[i].node = Arc::new(
+            Node::new(
+                placeholder.clone(),
+                PeerInfo { site: "placeholder".into(), region: String::new(), url: String::new() },
+                self.config.clone(),
+                &[],
+                0,
+            )
+            .expect("placeholder node"),
+        );
         self.sites[i].store = placeholder;
     }
 

@@ -190,26 +190,19 @@ async fn a_counter_deleted_while_a_site_was_cut_off_stays_deleted() {
     }
 }
 
+/// A member record that cannot be read (damaged, or written by another build) stops the site
+/// with an error naming it: a site that forgot a member could collect without it, or take an
+/// older copy of it for a new site.
 #[tokio::test(flavor = "current_thread")]
-async fn a_member_record_that_cannot_be_read_holds_collection() {
-    let mut sim = Sim::quiet(3, node_config());
-    sim.set(0, "k", "v").await;
-    for (i, j) in [(0, 1), (0, 2), (1, 2)] {
-        sim.sync(i, j).await.expect("sync");
-    }
-    // Site 0's record of site 2 is damaged (or from a build that wrote another version), and
-    // site 2 cannot reach site 0 to introduce itself again.
+async fn a_member_record_that_cannot_be_read_stops_the_site_with_its_name() {
+    let sim = Sim::quiet(3, node_config());
+    sim.sync(0, 2).await.expect("sync");
     sim.sites[0].store.set_meta("member/s2", &[9, 1, 2]).expect("write");
-    sim.restart(0);
-    sim.cut(0, 2);
-    sim.delete(1, "k").await;
-    let collected = sim.rounds(&[(0, 1), (1, 0), (1, 2), (2, 1)]).await;
-    assert_eq!(collected[0], 0, "site 0 collected without a member it could not read");
-    assert_eq!(collected[1], 1, "site 1 knows every site");
-    // Site 2 introduces itself again: its record is whole, and collection goes on.
-    sim.net.cut.lock().unwrap().clear();
-    let collected = sim.rounds(&[(0, 1), (0, 2), (1, 0), (2, 0)]).await;
-    assert_eq!(collected[0], 1, "site 0 collects once the record is whole again");
+    let me = PeerInfo { site: "s0".into(), region: "sim".into(), url: url(0) };
+    let refused = Node::new(sim.sites[0].store.clone(), me, node_config(), &[], sim.now())
+        .expect_err("a site that cannot read a member record does not start");
+    let text = format!("{refused:#}");
+    assert!(text.contains("member/s2") && text.contains("version 9"), "{text}");
 }
 
 /// A restored copy that reincarnated is quarantined: nothing it sends is merged (by push or by
@@ -256,6 +249,57 @@ async fn a_restored_copy_is_quarantined_until_a_site_known_before_vouches() {
         assert_eq!(sim.get(i, "k"), None, "k came back at site {i}");
         assert_eq!(sim.get(i, "during-resync").as_deref(), Some("x"), "site {i}");
     }
+}
+
+/// A transport that, at the first anti-entropy round it carries, first has `node` say hello to
+/// `hook` (which tells it to take a new incarnation): a resync begins during a session.
+struct Interrupting {
+    inner: Link,
+    node: Arc<Node<Store>>,
+    hook: String,
+    now_ms: u64,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl Transport for Interrupting {
+    async fn call(&self, url: &str, request: Request) -> Result<Exchange> {
+        if matches!(request, Request::Reconcile(..)) && !self.fired.swap(true, Ordering::Relaxed) {
+            let told = self.node.say_hello(&self.inner, &self.hook, self.now_ms).await;
+            assert!(told.is_err_and(|e| e.to_string().contains("new incarnation")));
+        }
+        self.inner.call(url, request).await
+    }
+}
+
+/// A resync that begins while a session is under way is not ended by that session, whoever the
+/// peer is: the session read the store before the resync began.
+#[tokio::test(flavor = "current_thread")]
+async fn a_session_under_way_when_a_resync_begins_does_not_end_it() {
+    let mut sim = Sim::quiet(3, node_config());
+    let newcomer = sim.add_site();
+    for j in [0, 1, newcomer] {
+        sim.sync(2, j).await.expect("sync");
+    }
+    sim.snapshot(2);
+    sim.set(2, "after-the-copy", "x").await;
+    sim.sync(2, 0).await.expect("sync");
+    sim.restore(2);
+    // The copy (as empty as the newcomer) meets the newcomer, which takes it as it is.
+    sim.sites[2].node.say_hello(&sim.link(2), &url(newcomer), sim.now()).await.expect("hello");
+    assert_eq!(sim.sites[2].store.resync_began().expect("read"), None);
+    let interrupting = Interrupting {
+        inner: sim.link(2),
+        node: sim.sites[2].node.clone(),
+        hook: url(0),
+        now_ms: sim.now(),
+        fired: false.into(),
+    };
+    let rounds = sim.sites[2].node.anti_entropy(&interrupting, &url(newcomer), 7, sim.now()).await;
+    assert_eq!(rounds.expect("the session ran to its end"), 1);
+    assert!(
+        sim.sites[2].store.resync_began().expect("read").is_some(),
+        "a session under way when the resync began ended it"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -357,13 +401,10 @@ async fn a_peer_known_by_another_url_than_it_advertises_stays_one_peer() {
     sim.cut(0, 2);
     // Site 0 knows site 1 only as "sim://alias-1" (say, a DNS name); site 1 advertises "sim://site-1".
     let me = PeerInfo { site: "s0".into(), region: "sim".into(), url: url(0) };
-    let node = Arc::new(Node::new(
-        sim.sites[0].store.clone(),
-        me,
-        node_config(),
-        &["sim://alias-1".into()],
-        sim.now(),
-    ));
+    let node = Arc::new(
+        Node::new(sim.sites[0].store.clone(), me, node_config(), &["sim://alias-1".into()], sim.now())
+            .expect("node"),
+    );
     sim.sites[0].node = node.clone();
     sim.net.sites.lock().unwrap()[0] = Some(node.clone());
     let peers = |sim: &Sim| -> Vec<(String, Option<String>)> {
