@@ -2,9 +2,10 @@
 //! data dir is created and again whenever the site learns that its data dir is an older copy of
 //! itself (a restored backup, a VM snapshot, a disk that lost its last writes).
 //!
-//! Stamps and counter contributions carry the *writer id* `name~incarnation`, so a restored site
-//! never reuses a stamp it used before, and its new increments are never absorbed by a max-merge
-//! with its own older contributions. The boot count and the clock reading at open let peers tell
+//! Stamps and counter contributions carry the *writer id* (`name~` and the incarnation mixed with
+//! the writer epoch, which each resync's discard moves), so a restored or resynced site never
+//! reuses a stamp it used before, and its new increments are never absorbed by a max-merge with
+//! its own older contributions. The boot count and the clock reading at open let peers tell
 //! a restart (boot up, clock at open not behind anything they saw) from a restore (see
 //! atoll-sync's ALGORITHM.md, "Identity").
 //!

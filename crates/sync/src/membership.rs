@@ -64,6 +64,9 @@ pub struct Record {
     /// How far back its data reaches, as its last accepted hello said: a message sent before a
     /// resync (reaching back further) is refused.
     pub since: (u64, u32),
+    /// Cut off past the horizon: it was not counted when tombstones were collected, so it may
+    /// never have seen those deletes (its resync sets none of its increments aside).
+    pub uncounted: bool,
 }
 
 impl Record {
@@ -111,8 +114,14 @@ pub enum Verdict {
     /// It runs on an older copy of its data dir.
     Reincarnate,
     /// Its data reaches back before what this site collected (it was cut off, or is new or an
-    /// older copy): it must resync from this watermark.
-    Resync(Hlc),
+    /// older copy): it must resync from this watermark (`uncounted`: it was cut off past the
+    /// horizon).
+    Resync {
+        /// This site's collection watermark.
+        watermark: Hlc,
+        /// It was not counted when tombstones were collected.
+        uncounted: bool,
+    },
     /// Refused, for this reason.
     Refused(String),
 }
@@ -142,7 +151,7 @@ impl Member {
             return Verdict::Reincarnate;
         }
         if self.record.cut_off {
-            return Verdict::Resync(collected);
+            return Verdict::Resync { watermark: collected, uncounted: self.record.uncounted };
         }
         if from.since < self.record.since {
             // Sent before its resync (a delayed or replayed copy): its data reached back further.
@@ -295,11 +304,12 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         last_matured: None,
         introduced: wire(rules.now),
         since: hello.since,
+        uncounted: false,
     };
-    let resync = || Verdict::Resync(rules.collected);
+    let resync = |uncounted| Verdict::Resync { watermark: rules.collected, uncounted };
     let Some(mut m) = member else {
         let m = Member { dirty: true, resyncing: hello.resyncing, ..Member::from_record(fresh(Vec::new())) };
-        let verdict = if old_data { resync() } else { Verdict::Accept };
+        let verdict = if old_data { resync(false) } else { Verdict::Accept };
         return (m, verdict);
     };
     m.dirty = true;
@@ -330,11 +340,13 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         if retired.len() > MAX_RETIRED {
             retired.remove(0);
         }
-        let introduced = r.introduced;
-        m.record = Record { introduced, ..fresh(retired) };
+        // A new incarnation of a site cut off past the horizon descends from data that was not
+        // counted either.
+        let (introduced, uncounted) = (r.introduced, old_data && r.cut_off && r.uncounted);
+        m.record = Record { introduced, uncounted, ..fresh(retired) };
         m.reset_acks();
         m.resyncing = hello.resyncing;
-        let verdict = if old_data { resync() } else { Verdict::Accept };
+        let verdict = if old_data { resync(uncounted) } else { Verdict::Accept };
         return (m, verdict);
     }
     if r.reincarnate {
@@ -374,10 +386,12 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     r.since = r.since.max(hello.since);
     if r.cut_off {
         if old_data {
-            return (m, resync());
+            let uncounted = r.uncounted;
+            return (m, resync(uncounted));
         }
         tracing::info!(site = %r.site, "a cut-off site resynced; accepting its entries again");
         r.cut_off = false;
+        r.uncounted = false;
         m.reset_acks();
     }
     (m, Verdict::Accept)
@@ -513,7 +527,7 @@ mod tests {
     fn data_older_than_the_watermark_must_resync_first() {
         let first = hello(7, 1, 10, 50, 5);
         let (m, v) = learn(None, &first, rules(20, 100));
-        assert_eq!(v, Verdict::Resync(Hlc { physical_ms: 20, logical: 0 }));
+        assert_eq!(v, Verdict::Resync { watermark: Hlc { physical_ms: 20, logical: 0 }, uncounted: false });
         assert!(m.record.cut_off);
         let (m, v) = learn(Some(m), &then(&first, hello(7, 2, 60, 70, 20)), rules(20, 200));
         assert_eq!(v, Verdict::Accept);

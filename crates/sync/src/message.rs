@@ -239,7 +239,13 @@ pub enum Reply {
     Reconcile(Round),
     /// The receiver will not take entries from the sender until it resyncs from this collection
     /// watermark (its data reaches back further; see ALGORITHM.md, "Tombstones").
-    ResyncRequired((u64, u32)),
+    ResyncRequired {
+        /// The receiver's collection watermark.
+        watermark: (u64, u32),
+        /// The sender was cut off past the horizon (not counted when tombstones were
+        /// collected): none of its increments on what it discards are made again.
+        uncounted: bool,
+    },
     /// The receiver does not know the sender (or this incarnation of it): say hello first.
     Introduce,
     /// The receiver has seen a newer state of the sender's incarnation than the sender holds: the
@@ -322,7 +328,7 @@ impl Validate for Reply {
                 Err("a refusal's reason is too long".into())
             }
             Reply::Pushed(_)
-            | Reply::ResyncRequired(_)
+            | Reply::ResyncRequired { .. }
             | Reply::Introduce
             | Reply::Reincarnate
             | Reply::Refused(_)

@@ -34,8 +34,8 @@ pub trait SyncStore: Send + Sync {
     /// The collection watermark reached so far (durable).
     fn collected(&self) -> Result<Hlc>;
     /// Starts a resync from `before`: removes every entry a delete collected elsewhere may have
-    /// removed (see `atoll_kv::Store::discard_before`).
-    fn discard_before(&self, before: Hlc) -> Result<usize>;
+    /// removed (see `atoll_kv::Store::discard_before`; `uncounted`: this site was cut off).
+    fn discard_before(&self, before: Hlc, uncounted: bool) -> Result<usize>;
     /// When the resync under way began (this store's clock), if one is.
     fn resync_began(&self) -> Result<Option<Hlc>>;
     /// Records that the resync is finished.
@@ -110,8 +110,8 @@ impl SyncStore for Store {
         Ok(Store::collected(self)?)
     }
 
-    fn discard_before(&self, before: Hlc) -> Result<usize> {
-        Ok(Store::discard_before(self, before)?)
+    fn discard_before(&self, before: Hlc, uncounted: bool) -> Result<usize> {
+        Ok(Store::discard_before(self, before, uncounted)?)
     }
 
     fn resync_began(&self) -> Result<Option<Hlc>> {

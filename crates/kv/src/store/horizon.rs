@@ -54,7 +54,7 @@ impl Store {
             let mut expired = Vec::new();
             for item in aside.iter().map_err(storage)? {
                 let (k, row) = item.map_err(storage)?;
-                if decode_aside(row.value())?.0 < before {
+                if decode_aside(row.value())?.at < before {
                     expired.push(k.value().to_vec());
                 }
             }
@@ -85,11 +85,12 @@ impl Store {
     /// An entry goes by its register's stamp, not its last change: increments made recently on
     /// top of a register deleted (and collected) elsewhere would otherwise bring it back, and a
     /// counter keeps one running total per site, so its increments after such a delete cannot be
-    /// told from those before it. What this site's own increments on a discarded entry were is
-    /// set aside: when a peer's entry on the same register arrives (the register is still live),
-    /// the increments no peer has yet are made again (see the writer). And the writer id moves to
-    /// a new epoch, so increments made from now on never fall into a slot a peer holds higher.
-    pub fn discard_before(&self, before: Hlc) -> Result<usize, KvError> {
+    /// told from those before it. Unless `uncounted` (this site was cut off past the horizon, so
+    /// it never saw the deletes collected meanwhile), this site's own contributions to discarded
+    /// entries changed since the watermark are set aside: when a peer's entry on the same
+    /// register arrives, they are put back (see the writer). And the writer id moves to a new
+    /// epoch, so increments made from now on never fall into a slot a peer holds higher.
+    pub fn discard_before(&self, before: Hlc, uncounted: bool) -> Result<usize, KvError> {
         // A full scan: only for resync after being cut off.
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
@@ -117,22 +118,35 @@ impl Store {
             for (composite, encoded, entry) in found {
                 tables.replace(&composite, Some(&encoded), None)?;
                 tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
-                if entry.counter.keys().any(|w| w.starts_with(&own)) {
-                    let kept = match aside.get(composite.as_slice()).map_err(storage)? {
-                        Some(row) => decode_aside(row.value())?.1.merge(&entry),
-                        None => entry,
-                    };
-                    aside
-                        .insert(composite.as_slice(), encode_aside(began, &kept).as_slice())
-                        .map_err(storage)?;
-                    // Before the commit: a merge committed right after must look.
-                    self.inner.aside.store(true, Ordering::Relaxed);
-                }
                 removed += 1;
+                // Changed before the watermark, the entry as it was then reached every peer
+                // that counted this site; a site not counted gets nothing back.
+                if uncounted
+                    || entry.changed.hlc < before
+                    || !entry.counter.keys().any(|w| w.starts_with(&own))
+                {
+                    continue;
+                }
+                let kept = match aside.get(composite.as_slice()).map_err(storage)? {
+                    Some(row) => decode_aside(row.value())?.entry.merge(&entry),
+                    None => entry,
+                };
+                let row = Aside { at: began, watermark: before, entry: kept };
+                aside.insert(composite.as_slice(), row.encode().as_slice()).map_err(storage)?;
             }
         }
-        txn.commit().map_err(storage)?;
-        *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = identity.writer();
+        // Before the commit: a batch the writer commits right after it stamps with the new id
+        // and looks for set-aside rows (it reads both once it holds the write lock).
+        let previous = std::mem::replace(
+            &mut *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()),
+            identity.writer(),
+        );
+        let had_rows = self.inner.aside.swap(true, Ordering::Relaxed);
+        if let Err(e) = txn.commit() {
+            *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = previous;
+            self.inner.aside.store(had_rows, Ordering::Relaxed);
+            return Err(storage(e));
+        }
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         Ok(removed)
@@ -171,16 +185,32 @@ pub(super) fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -
     Ok(began)
 }
 
-/// A set-aside row: when it was set aside (this store's clock), then the discarded entry.
-pub(super) fn encode_aside(at: Hlc, entry: &Entry) -> Vec<u8> {
-    let mut row = encode_hlc(at).to_vec();
-    row.extend(codec::encode(entry));
-    row
+/// A set-aside row: this site's contributions to an entry a resync discarded.
+pub(super) struct Aside {
+    /// When it was set aside (this store's clock): it goes when collection passes it.
+    pub(super) at: Hlc,
+    /// The watermark the resync discarded to.
+    pub(super) watermark: Hlc,
+    /// The entry as it was discarded.
+    pub(super) entry: Entry,
 }
 
-pub(super) fn decode_aside(row: &[u8]) -> Result<(Hlc, Entry), KvError> {
-    let at = decode_hlc(row.get(..12).ok_or_else(|| KvError::Storage("corrupt set-aside row".into()))?)?;
-    Ok((at, codec::decode(&row[12..]).map_err(storage)?))
+impl Aside {
+    fn encode(&self) -> Vec<u8> {
+        let mut row = encode_hlc(self.at).to_vec();
+        row.extend(encode_hlc(self.watermark));
+        row.extend(codec::encode(&self.entry));
+        row
+    }
+}
+
+pub(super) fn decode_aside(row: &[u8]) -> Result<Aside, KvError> {
+    let bad = || KvError::Storage("corrupt set-aside row".into());
+    Ok(Aside {
+        at: decode_hlc(row.get(..12).ok_or_else(bad)?)?,
+        watermark: decode_hlc(row.get(12..24).ok_or_else(bad)?)?,
+        entry: codec::decode(row.get(24..).ok_or_else(bad)?).map_err(storage)?,
+    })
 }
 
 /// The collection watermark stored under `"collected"` (zero before the first collection).

@@ -1,6 +1,6 @@
 //! The site's key-value store on redb, with group commit and range digests.
 //!
-//! Layout (store format version 2), in one redb file:
+//! Layout (store format version 3), in one redb file:
 //! - `meta`: `"format"` → u64, `"hlc"` → the highest HLC issued (physical u64, logical u32).
 //! - `entries`: composite key → encoded [`Entry`] (see [`crate::codec`]). The composite key is
 //!   `len(app) app len(bucket) bucket key`, so one app's keys can never be named by another app,
@@ -19,6 +19,9 @@
 //!   site* when the tombstone arrived here (by a local delete or a merge). Collection goes by
 //!   arrival, not by the tombstone's own stamp: a tombstone stamped long ago by another site can
 //!   arrive late, after the replication sessions that the collection rule counts on.
+//! - `set_aside`: composite key → when a resync discarded it, the watermark, and the entry: this
+//!   site's contributions to it, put back when a peer shows the register is live (see
+//!   [`Store::discard_before`]). Looked up by merges only while it holds rows.
 //!
 //! Writes go through one writer thread that takes every write waiting (up to
 //! [`StoreConfig::max_batch`]) into one transaction, commits it durably, and only then answers each

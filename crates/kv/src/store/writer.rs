@@ -63,10 +63,7 @@ pub(super) fn write_loop(
                 Err(_) => break,
             }
         }
-        let writer_id = shared.site.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let floor = *shared.floor.lock().unwrap_or_else(|e| e.into_inner());
-        let aside = shared.aside.load(Ordering::Relaxed);
-        match commit_batch(db, clock, &writer_id, floor, aside, &batch) {
+        match commit_batch(db, clock, shared, &batch) {
             Ok((results, changes, persisted)) => {
                 *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
                 if !changes.is_empty() {
@@ -91,12 +88,15 @@ pub(super) fn write_loop(
 fn commit_batch(
     db: &Database,
     clock: &Clock,
-    site: &str,
-    floor: Hlc,
-    aside: bool,
+    shared: &Shared,
     batch: &[Job],
 ) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
     let txn = db.begin_write().map_err(storage)?;
+    // Read once this batch holds the write lock: a resync's discard committed just before
+    // changed them.
+    let site = shared.site.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let floor = *shared.floor.lock().unwrap_or_else(|e| e.into_inner());
+    let aside = shared.aside.load(Ordering::Relaxed);
     // A barrier (an empty job) moves the clock, so the durable clock passes everything before it.
     if batch.iter().any(|job| job.writes.is_empty()) {
         clock.now();
@@ -122,11 +122,15 @@ fn commit_batch(
                 };
                 let change = match write {
                     Op::Local(write) => {
-                        apply(&current, write, Stamp { hlc: clock.now(), site: site.to_owned() })
+                        apply(&current, write, Stamp { hlc: clock.now(), site: site.clone() })
                     }
-                    // A tombstone every site held, for a key collected here: nothing to store.
+                    // A tombstone every site held, for a key collected here: nothing to store
+                    // (unless this site set increments on its register aside).
                     Op::Merge(remote)
-                        if old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>
+                        if old.is_none()
+                            && remote.is_tombstone()
+                            && remote.changed.hlc < floor
+                            && !has_row(aside.as_ref(), composite)? =>
                     {
                         Ok(None)
                     }
@@ -134,7 +138,7 @@ fn commit_batch(
                         clock.observe(remote.changed.hlc);
                         let mut merged = current.merge(remote);
                         if let Some(aside) = aside.as_mut()
-                            && let Some(rescued) = rescue(aside, composite, &merged, clock, site)?
+                            && let Some(rescued) = rescue(aside, composite, &merged, clock, &site)?
                         {
                             merged = rescued;
                             origin = Origin::Local;
@@ -177,11 +181,22 @@ fn commit_batch(
     Ok((results, changes, persisted))
 }
 
+fn has_row(
+    aside: Option<&redb::Table<&'static [u8], &'static [u8]>>,
+    composite: &[u8],
+) -> Result<bool, KvError> {
+    match aside {
+        Some(aside) => Ok(aside.get(composite).map_err(storage)?.is_some()),
+        None => Ok(false),
+    }
+}
+
 /// When `merged`, just merged from a peer, is on the register of an entry a resync set aside
-/// ([`Store::discard_before`]), the register is live: the increments this site made on it that
-/// the peer does not hold are made again (under today's writer id), and the row goes. A newer
-/// register (set or deleted since) won over those increments: the row goes. An older one says
-/// nothing yet: the row stays (until collection passes it).
+/// ([`Store::discard_before`]), the register is live: this site's contributions to it are put
+/// back, each into its own slot by maximum (so putting them back twice, or merging another copy
+/// of them later, changes nothing), and the row goes. A newer register (set or deleted since)
+/// won over them: the row goes. An older one says nothing yet: the row stays (until collection
+/// passes it).
 fn rescue(
     aside: &mut redb::Table<&'static [u8], &'static [u8]>,
     composite: &[u8],
@@ -190,7 +205,7 @@ fn rescue(
     site: &str,
 ) -> Result<Option<Entry>, KvError> {
     let saved = match aside.get(composite).map_err(storage)? {
-        Some(row) => decode_aside(row.value())?.1,
+        Some(row) => decode_aside(row.value())?.entry,
         None => return Ok(None),
     };
     if merged.stamp < saved.stamp {
@@ -201,25 +216,19 @@ fn rescue(
         return Ok(None);
     }
     let own = site.rsplit_once('~').map_or(site, |(name, _)| name);
-    let (mut up, mut down) = (0u64, 0u64);
+    let mut next = merged.clone();
     for (writer, mine) in &saved.counter {
         if writer.rsplit_once('~').is_some_and(|(name, _)| name == own) {
-            let held = merged.counter.get(writer).copied().unwrap_or_default();
-            up = up.saturating_add(mine.up.saturating_sub(held.up));
-            down = down.saturating_add(mine.down.saturating_sub(held.down));
+            let slot = next.counter.entry(writer.clone()).or_default();
+            slot.up = slot.up.max(mine.up);
+            slot.down = slot.down.max(mine.down);
         }
     }
-    let delta = i64::try_from(i128::from(up) - i128::from(down)).unwrap_or(0);
-    if delta == 0 {
+    if next == *merged {
         return Ok(None);
     }
-    match merged.increment(delta, Stamp { hlc: clock.now(), site: site.to_owned() }) {
-        Ok((next, _)) => Ok(Some(next)),
-        Err(e) => {
-            tracing::warn!("increments set aside by a resync could not be made again ({e}): they are lost");
-            Ok(None)
-        }
-    }
+    next.changed = next.changed.clone().max(Stamp { hlc: clock.now(), site: site.to_owned() });
+    Ok(Some(next))
 }
 
 /// The entry after `write`; `None` when a compare-and-swap does not match.

@@ -237,7 +237,7 @@ async fn a_resync_discards_every_register_older_than_the_watermark() {
     let writer = a.identity().writer();
     assert_eq!(a.resync_began(), Ok(None));
     let gone = ["old", "old-number", "counter", "deleted"];
-    assert_eq!(a.discard_before(watermark), Ok(gone.len()));
+    assert_eq!(a.discard_before(watermark, false), Ok(gone.len()));
     for key in gone {
         assert_eq!(a.entries_at(&[n.key(key.as_bytes())]).expect("read"), vec![], "{key} stayed");
     }
@@ -256,40 +256,65 @@ async fn a_resync_discards_every_register_older_than_the_watermark() {
 
 /// What a resync discards of this site's own increments comes back when a peer's entry shows
 /// the register is still live, and only then: a counter deleted elsewhere stays deleted, a live
-/// one loses none of this site's increments, even those the peer never saw, and increments made
-/// after the resync are not absorbed by the peer's copy of this site's older total.
+/// one loses none of this site's increments, even those no peer saw, copies of them arriving
+/// from several peers count once, and increments made after the resync are not absorbed by a
+/// peer's copy of this site's older total. A site cut off past the horizon gets nothing back.
 #[tokio::test]
 async fn increments_a_resync_set_aside_count_again_where_the_register_is_live() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = open(&dir.path().join("a.redb"), "a");
-    let b = open(&dir.path().join("b.redb"), "b");
+    let store = |name: &str, site: &str| open(&dir.path().join(format!("{name}.redb")), site);
+    let (a, b, c) = (store("a", "a"), store("b", "b"), store("c", "c"));
     let n = ns(&a, "app", "");
-    for key in ["live", "deleted"] {
-        a.write(&n, key.as_bytes(), Write::Increment(5)).await.expect("increment");
-    }
+    let incr = |s: &Store, key: &'static str, by: i64| {
+        let (s, n) = (s.clone(), n.clone());
+        async move { s.write(&n, key.as_bytes(), Write::Increment(by)).await.expect("increment") }
+    };
+    incr(&a, "live", 3).await;
+    incr(&a, "deleted", 5).await;
+    c.merge(a.entries().expect("entries")).await.expect("to c");
+    incr(&a, "live", 2).await;
     b.merge(a.entries().expect("entries")).await.expect("to b");
-    // At a only: 3 more on the live counter; at b only: the other one is deleted.
-    a.write(&n, b"live", Write::Increment(3)).await.expect("increment");
-    a.write(&n, b"only-here", Write::Increment(7)).await.expect("increment");
-    b.write(&n, b"deleted", Write::Delete).await.expect("delete");
     let watermark = a.clock().now();
-    assert_eq!(a.discard_before(watermark), Ok(3));
-    // The resync pulls b's entries.
+    // Since the watermark, at a only: 3 more on the live counter, and a new counter; at b only:
+    // the other counter is deleted.
+    incr(&a, "live", 3).await;
+    incr(&a, "only-here", 7).await;
+    b.write(&n, b"deleted", Write::Delete).await.expect("delete");
+    assert_eq!(a.discard_before(watermark, false), Ok(3));
+    // The resync pulls c's entries (a's total 3 on the live counter), then b's (5).
+    a.merge(c.entries().expect("entries")).await.expect("from c");
+    assert_eq!(a.get(&n, b"live"), Ok(Some(b"8".to_vec())), "3 held by c, and a's own 8 put back");
     a.merge(b.entries().expect("entries")).await.expect("from b");
-    assert_eq!(a.get(&n, b"live"), Ok(Some(b"8".to_vec())), "5 held by b, 3 made again");
+    assert_eq!(a.get(&n, b"live"), Ok(Some(b"8".to_vec())), "counted once");
     assert_eq!(a.get(&n, b"deleted"), Ok(None), "the delete wins over the set-aside increments");
-    assert_eq!(a.get(&n, b"only-here"), Ok(None), "no peer holds it: not made again (yet)");
-    a.write(&n, b"live", Write::Increment(1)).await.expect("increment");
-    b.merge(a.entries().expect("entries")).await.expect("back to b");
-    assert_eq!(b.get(&n, b"live"), Ok(Some(b"9".to_vec())), "every acknowledged increment counts");
-    // Merged again, nothing is made twice.
-    a.merge(b.entries().expect("entries")).await.expect("again");
-    assert_eq!(a.get(&n, b"live"), Ok(Some(b"9".to_vec())));
+    assert_eq!(a.get(&n, b"only-here"), Ok(None), "no peer holds it: not put back (yet)");
+    incr(&a, "live", 1).await;
+    for peer in [&b, &c] {
+        peer.merge(a.entries().expect("entries")).await.expect("back");
+        assert_eq!(peer.get(&n, b"live"), Ok(Some(b"9".to_vec())), "every acknowledged increment counts");
+    }
     // Once collection passes the resync, what no peer claimed is gone for good.
     a.collect_tombstones(a.clock().now()).expect("collect");
-    let late = vec![(n.key(b"only-here"), b.entries_at(&[n.key(b"live")]).expect("read")[0].1.clone())];
-    a.merge(late).await.expect("late");
-    assert_eq!(a.get(&n, b"only-here"), Ok(Some(b"9".to_vec())), "a register merged in as it is");
+    let stranger =
+        atoll_kv::Entry::absent().increment(1, atoll_kv::Stamp { hlc: a.clock().now(), site: "x~1".into() });
+    a.merge(vec![(n.key(b"only-here"), stranger.expect("increment").0)]).await.expect("late");
+    assert_eq!(a.get(&n, b"only-here"), Ok(Some(b"1".to_vec())), "the expired row put nothing back");
+    // A site cut off past the horizon was not counted: nothing is set aside.
+    let d = store("d", "a");
+    incr(&d, "live", 4).await;
+    let watermark = d.clock().now();
+    incr(&d, "live", 1).await;
+    assert_eq!(d.discard_before(watermark, true), Ok(1));
+    d.merge(vec![(
+        n.key(b"live"),
+        atoll_kv::Entry::absent()
+            .increment(2, atoll_kv::Stamp { hlc: watermark, site: "b~1".into() })
+            .expect("increment")
+            .0,
+    )])
+    .await
+    .expect("merge");
+    assert_eq!(d.get(&n, b"live"), Ok(Some(b"2".to_vec())));
 }
 
 /// A data dir restored from an older copy, told by a peer to reincarnate, with its clock behind

@@ -25,7 +25,9 @@ impl<S: SyncStore> Node<S> {
             Verdict::Accept => None,
             Verdict::Introduce => Some(Reply::Introduce),
             Verdict::Reincarnate => Some(Reply::Reincarnate),
-            Verdict::Resync(watermark) => Some(Reply::ResyncRequired(hlc_wire(watermark))),
+            Verdict::Resync { watermark, uncounted } => {
+                Some(Reply::ResyncRequired { watermark: hlc_wire(watermark), uncounted })
+            }
             Verdict::Refused(reason) => Some(Reply::Refused(reason)),
         }
     }

@@ -101,7 +101,7 @@ impl<S: SyncStore> Node<S> {
                     site = %hello.me.site,
                     "this site has seen a newer state of that site than it now holds: it runs on an older copy of its data dir and must take a new incarnation"
                 ),
-                Verdict::Resync(watermark) if was_admitted != Some(false) => tracing::warn!(
+                Verdict::Resync { watermark, .. } if was_admitted != Some(false) => tracing::warn!(
                     site = %hello.me.site, %watermark,
                     "site holds data older than what was collected here: it must resync before its entries are accepted"
                 ),
@@ -114,7 +114,7 @@ impl<S: SyncStore> Node<S> {
             // Only the site itself as this site accepts it (cut off or not) moves its address,
             // names peers or speaks for the others: an older copy, a second site with its name or a
             // stale hello must not move the real site's URL or clock offset.
-            if matches!(verdict, Verdict::Accept | Verdict::Resync(_)) {
+            if matches!(verdict, Verdict::Accept | Verdict::Resync { .. }) {
                 self.learn_from(state, &mut url, hello, now_ms, reached);
             }
             (verdict, record)

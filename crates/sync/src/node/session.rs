@@ -22,7 +22,9 @@ impl<S: SyncStore> Node<S> {
             Ok(exchange) => {
                 self.exchanged(url, &exchange, now_ms);
                 match exchange.reply {
-                    Reply::ResyncRequired(watermark) => self.resync(url, hlc_from_wire(watermark), now_ms),
+                    Reply::ResyncRequired { watermark, uncounted } => {
+                        self.resync(url, hlc_from_wire(watermark), uncounted, now_ms)
+                    }
                     Reply::Introduce => {
                         self.with_peer(url, |p| p.introduced = false);
                         Err(anyhow::anyhow!("{url} does not know this site (or this incarnation) yet"))
@@ -82,7 +84,7 @@ impl<S: SyncStore> Node<S> {
     /// its collection watermark (it may be a value whose tombstone is gone) and pull the rest
     /// again. The watermark is checked first: it cannot be from the future, and a resync this
     /// site already did from a later watermark is not repeated.
-    pub(super) fn resync(&self, url: &str, watermark: Hlc, now_ms: u64) -> Result<()> {
+    pub(super) fn resync(&self, url: &str, watermark: Hlc, uncounted: bool, now_ms: u64) -> Result<()> {
         if watermark > self.clock_bound(now_ms) {
             bail!("{url} asked for a resync from a watermark in the future ({watermark}): refused");
         }
@@ -91,7 +93,7 @@ impl<S: SyncStore> Node<S> {
                 "{url} requires a resync from {watermark}; this site's data reaches back no further: saying hello again"
             );
         }
-        let dropped = self.start_over(|| self.store.discard_before(watermark))?;
+        let dropped = self.start_over(|| self.store.discard_before(watermark, uncounted))?;
         tracing::warn!(
             peer = %url, %watermark, dropped,
             "this site's data reaches back before what a peer has collected (cut off past the replication horizon, an older copy, or data from before it was known): resyncing"
