@@ -126,8 +126,8 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         what: "tombstones already collected are stored again (no floor)",
         file: "crates/kv/src/store/writer.rs",
-        from: "if old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>",
-        to: "if false && old.is_none() && remote.is_tombstone() && remote.changed.hlc < floor =>",
+        from: "&& remote.changed.hlc < floor\n",
+        to: "&& remote.changed.hlc < floor && false\n",
     },
     Mutant {
         what: "writer ids ignore the incarnation (a restored site reuses its stamps and counters)",
@@ -184,7 +184,7 @@ const MUTANTS: &[Mutant] = &[
         to: "",
     },
     Mutant {
-        what: "increments a resync set aside are never made again",
+        what: "increments a resync set aside are never put back",
         file: "crates/kv/src/store/writer.rs",
         from: "if merged.stamp < saved.stamp {",
         to: "if true {",
