@@ -196,6 +196,18 @@ const MUTANTS: &[Mutant] = &[
         to: "let finished = vouches;",
     },
     Mutant {
+        what: "a site cut off past the horizon is told it was counted (its counters are put back)",
+        file: "crates/sync/src/membership.rs",
+        from: "let uncounted = collected == Hlc::ZERO || self.counted_at != wire(collected);",
+        to: "let uncounted = false;",
+    },
+    Mutant {
+        what: "a guest's write is committed on a store the gate has closed since",
+        file: "crates/kv/src/store/writer.rs",
+        from: "if job.guest\n",
+        to: "if false && job.guest\n",
+    },
+    Mutant {
         what: "a site told to resync keeps its old data (no discard)",
         file: "crates/kv/src/store/horizon.rs",
         from: "if entry.stamp.hlc < before {",

@@ -135,6 +135,14 @@ impl Identity {
         Ok(identity)
     }
 
+    /// The identity as stored (in the transaction `meta` belongs to).
+    pub(crate) fn load(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Identity, KvError> {
+        match meta.get(KEY).map_err(storage)? {
+            Some(v) => Identity::decode(v.value()),
+            None => Err(KvError::Storage("the store has no identity".into())),
+        }
+    }
+
     pub(crate) fn save(&self, meta: &mut Table<&str, &[u8]>) -> Result<(), KvError> {
         meta.insert(KEY, self.encode().as_slice()).map_err(storage)?;
         Ok(())

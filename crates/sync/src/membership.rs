@@ -64,9 +64,19 @@ pub struct Record {
     /// How far back its data reaches, as its last accepted hello said: a message sent before a
     /// resync (reaching back further) is refused.
     pub since: (u64, u32),
-    /// Cut off past the horizon: it was not counted when tombstones were collected, so it may
-    /// never have seen those deletes (its resync sets none of its increments aside).
-    pub uncounted: bool,
+    /// The collection watermark up to which it was counted, when it was told to resync while
+    /// still counted (a new incarnation of a site this one counted, with older data); zero
+    /// otherwise. A resync from any other watermark is *uncounted*: tombstones were collected
+    /// without it (cut off past the horizon, never known, or away while its resync was pending).
+    pub counted_at: (u64, u32),
+}
+
+impl Record {
+    /// What this site tells it to resync from, if it must.
+    fn resync(&self, collected: Hlc) -> Verdict {
+        let uncounted = collected == Hlc::ZERO || self.counted_at != wire(collected);
+        Verdict::Resync { watermark: collected, uncounted }
+    }
 }
 
 impl Record {
@@ -114,8 +124,8 @@ pub enum Verdict {
     /// It runs on an older copy of its data dir.
     Reincarnate,
     /// Its data reaches back before what this site collected (it was cut off, or is new or an
-    /// older copy): it must resync from this watermark (`uncounted`: it was cut off past the
-    /// horizon).
+    /// older copy): it must resync from this watermark (`uncounted`: tombstones were collected
+    /// without it).
     Resync {
         /// This site's collection watermark.
         watermark: Hlc,
@@ -151,7 +161,7 @@ impl Member {
             return Verdict::Reincarnate;
         }
         if self.record.cut_off {
-            return Verdict::Resync { watermark: collected, uncounted: self.record.uncounted };
+            return self.record.resync(collected);
         }
         if from.since < self.record.since {
             // Sent before its resync (a delayed or replayed copy): its data reached back further.
@@ -304,12 +314,11 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         last_matured: None,
         introduced: wire(rules.now),
         since: hello.since,
-        uncounted: false,
+        counted_at: (0, 0),
     };
-    let resync = |uncounted| Verdict::Resync { watermark: rules.collected, uncounted };
     let Some(mut m) = member else {
         let m = Member { dirty: true, resyncing: hello.resyncing, ..Member::from_record(fresh(Vec::new())) };
-        let verdict = if old_data { resync(false) } else { Verdict::Accept };
+        let verdict = if old_data { m.record.resync(rules.collected) } else { Verdict::Accept };
         return (m, verdict);
     };
     m.dirty = true;
@@ -340,13 +349,13 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         if retired.len() > MAX_RETIRED {
             retired.remove(0);
         }
-        // A new incarnation of a site cut off past the horizon descends from data that was not
-        // counted either.
-        let (introduced, uncounted) = (r.introduced, old_data && r.cut_off && r.uncounted);
-        m.record = Record { introduced, uncounted, ..fresh(retired) };
+        // The incarnation it replaces was counted up to now, unless it was cut off.
+        let counted_at = if old_data && !r.cut_off { wire(rules.collected) } else { (0, 0) };
+        let introduced = r.introduced;
+        m.record = Record { introduced, counted_at, ..fresh(retired) };
         m.reset_acks();
         m.resyncing = hello.resyncing;
-        let verdict = if old_data { resync(uncounted) } else { Verdict::Accept };
+        let verdict = if old_data { m.record.resync(rules.collected) } else { Verdict::Accept };
         return (m, verdict);
     }
     if r.reincarnate {
@@ -386,12 +395,12 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     r.since = r.since.max(hello.since);
     if r.cut_off {
         if old_data {
-            let uncounted = r.uncounted;
-            return (m, resync(uncounted));
+            let verdict = r.resync(rules.collected);
+            return (m, verdict);
         }
         tracing::info!(site = %r.site, "a cut-off site resynced; accepting its entries again");
         r.cut_off = false;
-        r.uncounted = false;
+        r.counted_at = (0, 0);
         m.reset_acks();
     }
     (m, Verdict::Accept)
@@ -527,7 +536,7 @@ mod tests {
     fn data_older_than_the_watermark_must_resync_first() {
         let first = hello(7, 1, 10, 50, 5);
         let (m, v) = learn(None, &first, rules(20, 100));
-        assert_eq!(v, Verdict::Resync { watermark: Hlc { physical_ms: 20, logical: 0 }, uncounted: false });
+        assert_eq!(v, Verdict::Resync { watermark: Hlc { physical_ms: 20, logical: 0 }, uncounted: true });
         assert!(m.record.cut_off);
         let (m, v) = learn(Some(m), &then(&first, hello(7, 2, 60, 70, 20)), rules(20, 200));
         assert_eq!(v, Verdict::Accept);
@@ -572,6 +581,33 @@ mod tests {
         let (m, v) = learn(Some(m), &then(&hello(7, 1, 10, 50, 5), hello(7, 2, 50, 55, 5)), rules(0, 300));
         assert_eq!(v, Verdict::Reincarnate);
         assert!(m.record.reincarnate);
+    }
+
+    #[test]
+    fn only_a_new_incarnation_of_a_site_counted_until_now_resyncs_as_counted() {
+        let resync = |v: &Verdict| match v {
+            Verdict::Resync { uncounted, .. } => Some(*uncounted),
+            _ => None,
+        };
+        let first = hello(7, 1, 10, 50, 5);
+        let (m, _) = learn(None, &first, rules(0, 100));
+        // An older copy, reincarnated, while the site was counted: counted at this watermark...
+        let copy = Hello { previous_incarnation: 7, ..hello(8, 2, 40, 45, 5) };
+        let (m2, v) = learn(Some(m.clone()), &copy, rules(20, 200));
+        assert_eq!(resync(&v), Some(false));
+        // ...and only at it: once collection moved on without it, not.
+        let (m2, v) = learn(Some(m2), &copy, rules(20, 300));
+        assert_eq!(resync(&v), Some(false));
+        let (_, v) = learn(Some(m2), &copy, rules(30, 400));
+        assert_eq!(resync(&v), Some(true));
+        // A site never met, with old data, was never counted.
+        let (_, v) = learn(None, &first, rules(20, 100));
+        assert_eq!(resync(&v), Some(true));
+        // Nor was a new incarnation of a site cut off past the horizon.
+        let mut cut = m;
+        cut.record.cut_off = true;
+        let (_, v) = learn(Some(cut), &copy, rules(20, 200));
+        assert_eq!(resync(&v), Some(true));
     }
 
     #[test]

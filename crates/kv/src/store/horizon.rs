@@ -6,8 +6,9 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::{KvError, Store, storage};
 use crate::codec;
-use crate::entry::Entry;
+use crate::entry::{Entry, Stamp};
 use crate::hlc::{Clock, Hlc};
+use crate::identity::Identity;
 use crate::tables::{META, SET_ASIDE, Tables, decode_hlc, encode_hlc};
 use std::sync::atomic::Ordering;
 
@@ -85,20 +86,26 @@ impl Store {
     /// An entry goes by its register's stamp, not its last change: increments made recently on
     /// top of a register deleted (and collected) elsewhere would otherwise bring it back, and a
     /// counter keeps one running total per site, so its increments after such a delete cannot be
-    /// told from those before it. Unless `uncounted` (this site was cut off past the horizon, so
-    /// it never saw the deletes collected meanwhile), this site's own contributions to discarded
-    /// entries changed since the watermark are set aside: when a peer's entry on the same
-    /// register arrives, they are put back (see the writer). And the writer id moves to a new
-    /// epoch, so increments made from now on never fall into a slot a peer holds higher.
+    /// told from those before it. This site's own contributions to discarded entries are set
+    /// aside, and put back when a peer's entry on the same register arrives (see the writer):
+    /// those changed since the watermark, if this site was counted when tombstones were
+    /// collected (every collected delete reached it, and its entries as they were at the
+    /// watermark reached its peers); if it was not (`uncounted`: cut off past the horizon, or
+    /// away while its resync was pending), only those on a register with a real stamp (a value,
+    /// or a counter on a delete), which no other register shares. A counter never set is on the
+    /// zero register at every site, before and after a delete collected meanwhile: its rows are
+    /// dropped. And the writer id moves to a new epoch, so increments made from now on never
+    /// fall into a slot a peer holds higher.
     pub fn discard_before(&self, before: Hlc, uncounted: bool) -> Result<usize, KvError> {
         // A full scan: only for resync after being cut off.
         let txn = self.inner.db.begin_write().map_err(storage)?;
         let mut removed = 0;
-        let mut identity = self.identity();
-        let own = identity.writer_prefix();
+        let mut identity;
         let began;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
+            // As stored: a resync or new incarnation committed just before changed it.
+            identity = Identity::load(&meta)?;
             identity.since = identity.since.max(before);
             identity.writer_epoch = identity.writer_epoch.wrapping_add(1);
             identity.save(&mut meta)?;
@@ -107,6 +114,21 @@ impl Store {
         {
             let mut tables = Tables::open(&txn)?;
             let mut aside = txn.open_table(SET_ASIDE).map_err(storage)?;
+            if uncounted {
+                // Rows on the zero register from an earlier discard: a delete collected since
+                // may have removed them.
+                let mut zero = Vec::new();
+                for item in aside.iter().map_err(storage)? {
+                    let (k, row) = item.map_err(storage)?;
+                    if decode_aside(row.value())?.entry.stamp == Stamp::zero() {
+                        zero.push(k.value().to_vec());
+                    }
+                }
+                for k in zero {
+                    aside.remove(k.as_slice()).map_err(storage)?;
+                }
+            }
+            let own = identity.writer_prefix();
             let mut found = Vec::new();
             for item in tables.entries.iter().map_err(storage)? {
                 let (k, v) = item.map_err(storage)?;
@@ -119,34 +141,27 @@ impl Store {
                 tables.replace(&composite, Some(&encoded), None)?;
                 tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
                 removed += 1;
-                // Changed before the watermark, the entry as it was then reached every peer
-                // that counted this site; a site not counted gets nothing back.
-                if uncounted
-                    || entry.changed.hlc < before
-                    || !entry.counter.keys().any(|w| w.starts_with(&own))
-                {
+                let wanted = if uncounted {
+                    entry.stamp != Stamp::zero()
+                } else {
+                    // Changed before the watermark, the entry as it was then reached every peer.
+                    entry.changed.hlc >= before
+                };
+                if !wanted || !entry.counter.keys().any(|w| w.starts_with(&own)) {
                     continue;
                 }
                 let kept = match aside.get(composite.as_slice()).map_err(storage)? {
                     Some(row) => decode_aside(row.value())?.entry.merge(&entry),
                     None => entry,
                 };
-                let row = Aside { at: began, watermark: before, entry: kept };
+                let row = Aside { at: began, entry: kept };
                 aside.insert(composite.as_slice(), row.encode().as_slice()).map_err(storage)?;
             }
         }
-        // Before the commit: a batch the writer commits right after it stamps with the new id
-        // and looks for set-aside rows (it reads both once it holds the write lock).
-        let previous = std::mem::replace(
-            &mut *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()),
-            identity.writer(),
-        );
-        let had_rows = self.inner.aside.swap(true, Ordering::Relaxed);
-        if let Err(e) = txn.commit() {
-            *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = previous;
-            self.inner.aside.store(had_rows, Ordering::Relaxed);
-            return Err(storage(e));
-        }
+        // Before the commit: a batch the writer commits right after looks for set-aside rows
+        // (it reads the flag, and the writer id, once it holds the write lock).
+        self.inner.aside.store(true, Ordering::Relaxed);
+        self.commit_with_writer(txn, identity.writer())?;
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         Ok(removed)
@@ -189,8 +204,6 @@ pub(super) fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -
 pub(super) struct Aside {
     /// When it was set aside (this store's clock): it goes when collection passes it.
     pub(super) at: Hlc,
-    /// The watermark the resync discarded to.
-    pub(super) watermark: Hlc,
     /// The entry as it was discarded.
     pub(super) entry: Entry,
 }
@@ -198,7 +211,6 @@ pub(super) struct Aside {
 impl Aside {
     fn encode(&self) -> Vec<u8> {
         let mut row = encode_hlc(self.at).to_vec();
-        row.extend(encode_hlc(self.watermark));
         row.extend(codec::encode(&self.entry));
         row
     }
@@ -208,8 +220,7 @@ pub(super) fn decode_aside(row: &[u8]) -> Result<Aside, KvError> {
     let bad = || KvError::Storage("corrupt set-aside row".into());
     Ok(Aside {
         at: decode_hlc(row.get(..12).ok_or_else(bad)?)?,
-        watermark: decode_hlc(row.get(12..24).ok_or_else(bad)?)?,
-        entry: codec::decode(row.get(24..).ok_or_else(bad)?).map_err(storage)?,
+        entry: codec::decode(row.get(12..).ok_or_else(bad)?).map_err(storage)?,
     })
 }
 

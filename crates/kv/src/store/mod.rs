@@ -273,8 +273,9 @@ struct Inner {
     writer_id: Arc<RwLock<String>>,
     /// The clock's high-water mark as of the last durable commit.
     durable: Arc<Mutex<Hlc>>,
-    /// Why guests may not use the store now, if they may not, and whether they may still read.
-    gate: RwLock<Option<(String, bool)>>,
+    /// Why guests may not use the store now, if they may not, and whether they may still read
+    /// (the writer checks it for guests' writes too).
+    gate: Arc<RwLock<Option<(String, bool)>>>,
     /// Merged tombstones stamped before this, for keys this store does not hold, are not stored
     /// ([`Store::set_tombstone_floor`]).
     floor: Arc<Mutex<Hlc>>,
@@ -357,8 +358,10 @@ impl Store {
         let writer_id = Arc::new(RwLock::new(identity.writer()));
         let durable = Arc::new(Mutex::new(identity.opened_at));
         let floor = Arc::new(Mutex::new(Hlc::ZERO));
+        let gate = Arc::new(RwLock::new(None));
         let writer = {
             let shared = Shared {
+                gate: gate.clone(),
                 site: writer_id.clone(),
                 durable: durable.clone(),
                 floor: floor.clone(),
@@ -382,7 +385,7 @@ impl Store {
                 identity: RwLock::new(identity),
                 writer_id,
                 durable,
-                gate: RwLock::new(None),
+                gate,
                 floor,
                 resync: Mutex::new(resync),
                 aside,
@@ -416,7 +419,8 @@ impl Store {
         let began;
         let next = {
             let mut meta = txn.open_table(META).map_err(storage)?;
-            let mut next = self.identity();
+            // As stored: a resync committed just before this transaction changed it.
+            let mut next = Identity::load(&meta)?;
             next.previous = next.incarnation;
             next.incarnation = Identity::random_incarnation(next.incarnation);
             next.save(&mut meta)?;
@@ -425,11 +429,26 @@ impl Store {
             began = begin_resync(&mut meta, &self.inner.clock)?;
             next
         };
-        txn.commit().map_err(storage)?;
+        self.commit_with_writer(txn, next.writer())?;
         *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
-        *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = next.writer();
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
         Ok(next)
+    }
+
+    /// Commits `txn`, which changes the writer id to `writer`: set before the commit, so that a
+    /// batch the writer thread commits right after (it reads the id once it holds the write lock)
+    /// stamps with it; put back if the commit fails.
+    pub(super) fn commit_with_writer(
+        &self,
+        txn: redb::WriteTransaction,
+        writer: String,
+    ) -> Result<(), KvError> {
+        let previous =
+            std::mem::replace(&mut *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()), writer);
+        txn.commit().map_err(|e| {
+            *self.inner.writer_id.write().unwrap_or_else(|e| e.into_inner()) = previous;
+            storage(e)
+        })
     }
 
     /// Tombstones merged from other sites for keys this store does not hold are not stored when
@@ -572,6 +591,26 @@ impl Store {
         ns: &Namespace,
         writes: Vec<(Vec<u8>, Write)>,
     ) -> Result<Vec<Result<Written, KvError>>, KvError> {
+        self.submit(self.local(ns, writes)?, false).await
+    }
+
+    /// [`Store::write_many`] for a guest: refused ([`KvError::Unavailable`]) if the gate is closed
+    /// to writes when the writer commits it, not only when the guest asked (a resync may begin
+    /// in between).
+    pub async fn guest_write_many(
+        &self,
+        ns: &Namespace,
+        writes: Vec<(Vec<u8>, Write)>,
+    ) -> Result<Vec<Result<Written, KvError>>, KvError> {
+        self.submit(self.local(ns, writes)?, true).await
+    }
+
+    /// [`Store::write`] for a guest (see [`Store::guest_write_many`]).
+    pub async fn guest_write(&self, ns: &Namespace, key: &[u8], write: Write) -> Result<Written, KvError> {
+        self.guest_write_many(ns, vec![(key.to_vec(), write)]).await?.pop().unwrap_or(Err(KvError::Closed))
+    }
+
+    fn local(&self, ns: &Namespace, writes: Vec<(Vec<u8>, Write)>) -> Result<Vec<(Vec<u8>, Op)>, KvError> {
         let bounds = *self.bounds();
         let mut composite = Vec::with_capacity(writes.len());
         for (key, write) in writes {
@@ -581,7 +620,7 @@ impl Store {
             }
             composite.push((ns.key(&key), Op::Local(write)));
         }
-        self.submit(composite).await
+        Ok(composite)
     }
 
     /// Waits until every write submitted before it is committed, and moves the durable clock
@@ -589,7 +628,7 @@ impl Store {
     /// must be after the arrival of every tombstone the session can see and before that of any
     /// it cannot.
     pub async fn barrier(&self) -> Result<Hlc, KvError> {
-        self.submit(Vec::new()).await?;
+        self.submit(Vec::new(), false).await?;
         Ok(self.durable_hlc())
     }
 
@@ -597,7 +636,7 @@ impl Store {
     /// returns how many changed this store. Order and duplication do not matter.
     pub async fn merge(&self, items: Vec<(Vec<u8>, Entry)>) -> Result<usize, KvError> {
         let ops = items.into_iter().map(|(k, e)| (k, Op::Merge(e))).collect();
-        let results = self.submit(ops).await?;
+        let results = self.submit(ops, false).await?;
         let mut changed = 0;
         for r in results {
             if r? == Written::Done {
@@ -619,13 +658,16 @@ impl Store {
         Ok(out)
     }
 
-    async fn submit(&self, writes: Vec<(Vec<u8>, Op)>) -> Result<Vec<Result<Written, KvError>>, KvError> {
-        let composite = writes;
+    async fn submit(
+        &self,
+        writes: Vec<(Vec<u8>, Op)>,
+        guest: bool,
+    ) -> Result<Vec<Result<Written, KvError>>, KvError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let jobs =
             self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(KvError::Closed)?;
         // `send` waits when the queue is full: back-pressure rather than unbounded buffering.
-        jobs.send(Job { writes: composite, reply }).map_err(|_| KvError::Closed)?;
+        jobs.send(Job { writes, reply, guest }).map_err(|_| KvError::Closed)?;
         answer.await.map_err(|_| KvError::Closed)
     }
 

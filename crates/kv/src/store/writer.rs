@@ -26,6 +26,8 @@ pub(super) enum Op {
 pub(super) struct Job {
     pub(super) writes: Vec<(Vec<u8>, Op)>,
     pub(super) reply: Reply,
+    /// A guest's writes: refused if the gate is closed when they are committed.
+    pub(super) guest: bool,
 }
 
 /// Each job's results, in order.
@@ -33,6 +35,8 @@ type BatchResults = Vec<Vec<Result<Written, KvError>>>;
 
 /// What the writer thread shares with the store.
 pub(super) struct Shared {
+    /// The store's gate (see [`Store::set_gate`]).
+    pub(super) gate: Arc<RwLock<Option<(String, bool)>>>,
     /// The writer id to stamp local writes with.
     pub(super) site: Arc<RwLock<String>>,
     /// The clock as of the last durable commit.
@@ -97,6 +101,8 @@ fn commit_batch(
     let site = shared.site.read().unwrap_or_else(|e| e.into_inner()).clone();
     let floor = *shared.floor.lock().unwrap_or_else(|e| e.into_inner());
     let aside = shared.aside.load(Ordering::Relaxed);
+    let closed =
+        shared.gate.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(reason, _)| reason.clone());
     // A barrier (an empty job) moves the clock, so the durable clock passes everything before it.
     if batch.iter().any(|job| job.writes.is_empty()) {
         clock.now();
@@ -108,6 +114,12 @@ fn commit_batch(
         let mut tables = Tables::open(&txn)?;
         let mut aside = if aside { Some(txn.open_table(SET_ASIDE).map_err(storage)?) } else { None };
         for job in batch {
+            if job.guest
+                && let Some(reason) = &closed
+            {
+                results.push(vec![Err(KvError::Unavailable(reason.clone())); job.writes.len()]);
+                continue;
+            }
             let mut job_results = Vec::with_capacity(job.writes.len());
             for (composite, write) in &job.writes {
                 let old =
@@ -125,12 +137,12 @@ fn commit_batch(
                         apply(&current, write, Stamp { hlc: clock.now(), site: site.clone() })
                     }
                     // A tombstone every site held, for a key collected here: nothing to store
-                    // (unless this site set increments on its register aside).
+                    // (unless this site set increments on that very register aside).
                     Op::Merge(remote)
                         if old.is_none()
                             && remote.is_tombstone()
                             && remote.changed.hlc < floor
-                            && !has_row(aside.as_ref(), composite)? =>
+                            && !aside_on(aside.as_ref(), composite, &remote.stamp)? =>
                     {
                         Ok(None)
                     }
@@ -181,12 +193,14 @@ fn commit_batch(
     Ok((results, changes, persisted))
 }
 
-fn has_row(
+/// Whether a set-aside row for `composite` is on the register stamped `stamp`.
+fn aside_on(
     aside: Option<&redb::Table<&'static [u8], &'static [u8]>>,
     composite: &[u8],
+    stamp: &Stamp,
 ) -> Result<bool, KvError> {
-    match aside {
-        Some(aside) => Ok(aside.get(composite).map_err(storage)?.is_some()),
+    match aside.map(|a| a.get(composite)).transpose().map_err(storage)?.flatten() {
+        Some(row) => Ok(decode_aside(row.value())?.entry.stamp == *stamp),
         None => Ok(false),
     }
 }

@@ -191,7 +191,7 @@ impl KvView<'_> {
                 // Closed to guest writes while the site resyncs, has a clock off, is refused by
                 // its peers or waits for them to confirm it (the request fails with 503).
                 outcome(store.write_gate())?.ok();
-                outcome(store.write(&ns, key.as_bytes(), write).await)
+                outcome(store.guest_write(&ns, key.as_bytes(), write).await)
             }
             Err(e) => Ok(Err(e)),
         }
@@ -246,7 +246,7 @@ impl KvView<'_> {
             Err(e) => return Ok(Err(e)),
         };
         outcome(store.write_gate())?.ok();
-        let results = match outcome(store.write_many(&ns, writes).await)? {
+        let results = match outcome(store.guest_write_many(&ns, writes).await)? {
             Ok(results) => results,
             Err(e) => return Ok(Err(e)),
         };
@@ -296,7 +296,7 @@ impl KvView<'_> {
         };
         let write = Write::CompareAndSwap { expected: current, new: value };
         outcome(store.write_gate())?.ok();
-        match outcome(store.write(&ns, key.as_bytes(), write).await)? {
+        match outcome(store.guest_write(&ns, key.as_bytes(), write).await)? {
             Ok(Written::Swapped(true)) => Ok(Ok(Ok(()))),
             Ok(_) => {
                 let now = match outcome(store.get(&ns, key.as_bytes()))? {

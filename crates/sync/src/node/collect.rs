@@ -51,7 +51,7 @@ impl<S: SyncStore> Node<S> {
                     } else if silent > self.config.horizon_ms {
                         tracing::warn!(site = %m.record.site, "peer silent past the horizon: cut off; it must resync to rejoin");
                         m.record.cut_off = true;
-                        m.record.uncounted = true;
+                        m.record.counted_at = (0, 0);
                         m.dirty = true;
                     } else {
                         match m.watermark() {

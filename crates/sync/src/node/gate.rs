@@ -8,6 +8,9 @@ use super::{Node, Peer};
 use crate::message::PeerInfo;
 use crate::store::SyncStore;
 
+/// What guests are told while the site resyncs.
+pub(super) const RESYNCING: &str = "this site is resyncing (cut off past the replication horizon, or running on an older copy of its data dir): it takes no guest reads or writes until a peer it knew before has brought it up to date";
+
 impl<S: SyncStore> Node<S> {
     /// The bound on remote stamps: entries changed at or after it are not merged.
     pub(super) fn clock_bound(&self, now_ms: u64) -> Hlc {
@@ -54,6 +57,7 @@ impl<S: SyncStore> Node<S> {
     pub fn update_gate(&self, now_ms: u64) -> Option<String> {
         let resyncing = self.store.resync_began().map_or(true, |b| b.is_some());
         let mut state = self.state();
+        let resyncing = resyncing || state.starting_over > 0;
         let bound = i64::try_from(self.config.max_clock_offset_ms).unwrap_or(i64::MAX);
         let measured: Vec<i64> = state
             .peers
@@ -69,10 +73,7 @@ impl<S: SyncStore> Node<S> {
                 || (state.confirmed.is_empty() && has_peers);
         let mut unready = true;
         let gate = if resyncing {
-            Some(
-                "this site is resyncing (cut off past the replication horizon, or running on an older copy of its data dir): it takes no guest reads or writes until a peer it knew before has brought it up to date"
-                    .to_owned(),
-            )
+            Some(RESYNCING.to_owned())
         } else if let Some((url, reason)) = &state.refused {
             Some(format!("this site is refused by its peer {url}: {reason}"))
         } else if measured.len() >= 2 && off * 2 > measured.len() {
@@ -99,9 +100,10 @@ impl<S: SyncStore> Node<S> {
             state.gate = gate.clone();
         }
         state.gate_unready = unready && gate.is_some();
-        drop(state);
-        // Only a resync hides what the store holds; the other causes refuse writes.
+        // Only a resync hides what the store holds; the other causes refuse writes. Set under
+        // the state lock: a resync starting now closes it under the same lock.
         self.store.set_gate(gate.clone(), !resyncing);
+        drop(state);
         gate
     }
 }

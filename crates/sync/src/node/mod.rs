@@ -198,6 +198,8 @@ struct State {
     /// Tombstones that arrived before this are collected here (durable, in the store).
     collected: Hlc,
 
+    /// Resyncs or new incarnations being started (the gate stays closed meanwhile).
+    starting_over: u32,
     /// Counts resyncs started; a session that began before the last one does not finish it.
     resync_epoch: u64,
     /// The sites that accepted this site's hello since it started (or since it reincarnated):
@@ -264,6 +266,7 @@ impl<S: SyncStore> Node<S> {
                 peers,
                 members,
                 collected,
+                starting_over: 0,
                 resync_epoch: 0,
                 confirmed: BTreeSet::new(),
                 refused: None,

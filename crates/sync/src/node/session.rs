@@ -104,22 +104,28 @@ impl<S: SyncStore> Node<S> {
         )
     }
 
-    /// Begins a resync or a new incarnation with `change` (the store's side): the sessions under
-    /// way count for nothing, and every peer hears a hello and a full session again. The epoch
-    /// moves before the store changes (a session that began before cannot acknowledge or end
-    /// what is starting) and again after (one that began in between may have read the store
-    /// before the change).
+    /// Begins a resync or a new incarnation with `change` (the store's side): guests stop first
+    /// (the store refuses their writes from its next batch on, so none lands on half-discarded
+    /// state); the sessions under way count for nothing, and every peer hears a hello and a
+    /// full session again. The epoch moves before the store changes (a session that began
+    /// before cannot acknowledge or end what is starting) and again after (one that began in
+    /// between may have read the store before the change).
     fn start_over<T>(&self, change: impl FnOnce() -> Result<T>) -> Result<T> {
         {
             let mut state = self.state();
+            state.starting_over += 1;
             state.resync_epoch += 1;
+            state.gate = Some(super::gate::RESYNCING.to_owned());
+            self.store.set_gate(state.gate.clone(), false);
             for p in state.peers.values_mut() {
                 p.introduced = false;
                 p.needs_anti_entropy = true;
             }
         }
         let changed = change();
-        self.state().resync_epoch += 1;
+        let mut state = self.state();
+        state.resync_epoch += 1;
+        state.starting_over -= 1;
         changed
     }
 
