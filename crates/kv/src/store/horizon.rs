@@ -88,12 +88,11 @@ impl Store {
     /// counter keeps one running total per site, so its increments after such a delete cannot be
     /// told from those before it. This site's own contributions to discarded entries are set
     /// aside, and put back when a peer's entry on the same register arrives (see the writer):
-    /// those changed since the watermark, if this site was counted when tombstones were
-    /// collected (every collected delete reached it, and its entries as they were at the
-    /// watermark reached its peers); if it was not (`uncounted`: cut off past the horizon, or
-    /// away while its resync was pending), only those on a register with a real stamp (a value,
-    /// or a counter on a delete), which no other register shares. A counter never set is on the
-    /// zero register at every site, before and after a delete collected meanwhile: its rows are
+    /// all of them if this site was counted when tombstones were collected (every collected
+    /// delete reached it); if it was not (`uncounted`: cut off past the horizon, or away while
+    /// its resync was pending), only those on a register with a real stamp (a value, or a
+    /// counter on a delete), which no other register shares. A counter never set is on the zero
+    /// register at every site, before and after a delete collected meanwhile: its rows are
     /// dropped. And the writer id moves to a new epoch, so increments made from now on never
     /// fall into a slot a peer holds higher.
     pub fn discard_before(&self, before: Hlc, uncounted: bool) -> Result<usize, KvError> {
@@ -120,7 +119,7 @@ impl Store {
                 let mut zero = Vec::new();
                 for item in aside.iter().map_err(storage)? {
                     let (k, row) = item.map_err(storage)?;
-                    if decode_aside(row.value())?.entry.stamp == Stamp::zero() {
+                    if !provable(&decode_aside(row.value())?.entry, &identity.writer_prefix()) {
                         zero.push(k.value().to_vec());
                     }
                 }
@@ -141,13 +140,9 @@ impl Store {
                 tables.replace(&composite, Some(&encoded), None)?;
                 tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
                 removed += 1;
-                let wanted = if uncounted {
-                    entry.stamp != Stamp::zero()
-                } else {
-                    // Changed before the watermark, the entry as it was then reached every peer.
-                    entry.changed.hlc >= before
-                };
-                if !wanted || !entry.counter.keys().any(|w| w.starts_with(&own)) {
+                if (uncounted && !provable(&entry, &own))
+                    || !entry.counter.keys().any(|w| w.starts_with(&own))
+                {
                     continue;
                 }
                 let kept = match aside.get(composite.as_slice()).map_err(storage)? {
@@ -198,6 +193,15 @@ pub(super) fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -
     // The clock never reads below it again, even after a crash and a clock stepped back.
     meta.insert("hlc", encode_hlc(began).as_slice()).map_err(storage)?;
     Ok(began)
+}
+
+/// Whether a peer's entry could show that `entry`'s register is still the one this site saw,
+/// had this site missed a delete: a real stamp (no other register shares it), or, on the zero
+/// register, other sites' contributions the peer must hold at least as high (a counter made
+/// afresh after a delete starts them again from nothing). A counter only this site ever
+/// incremented, on the zero register, proves nothing.
+fn provable(entry: &Entry, own: &str) -> bool {
+    entry.stamp != Stamp::zero() || entry.counter.keys().any(|w| !w.starts_with(own))
 }
 
 /// A set-aside row: this site's contributions to an entry a resync discarded.

@@ -225,18 +225,27 @@ fn rescue(
     if merged.stamp < saved.stamp {
         return Ok(None);
     }
+    let own = site.rsplit_once('~').map_or(site, |(name, _)| name);
+    let mine = |writer: &str| writer.rsplit_once('~').is_some_and(|(name, _)| name == own);
+    // The same register, and the same counter on it: every other site's contribution this site
+    // had seen is there. A lower one is a peer behind on it, or a counter made afresh on the
+    // zero register after a delete: wait for another peer (or for collection).
+    if merged.stamp == saved.stamp
+        && !saved.counter.iter().filter(|(w, _)| !mine(w)).all(|(w, seen)| {
+            merged.counter.get(w).is_some_and(|held| held.up >= seen.up && held.down >= seen.down)
+        })
+    {
+        return Ok(None);
+    }
     aside.remove(composite).map_err(storage)?;
     if merged.stamp > saved.stamp {
         return Ok(None);
     }
-    let own = site.rsplit_once('~').map_or(site, |(name, _)| name);
     let mut next = merged.clone();
-    for (writer, mine) in &saved.counter {
-        if writer.rsplit_once('~').is_some_and(|(name, _)| name == own) {
-            let slot = next.counter.entry(writer.clone()).or_default();
-            slot.up = slot.up.max(mine.up);
-            slot.down = slot.down.max(mine.down);
-        }
+    for (writer, kept) in saved.counter.iter().filter(|(w, _)| mine(w)) {
+        let slot = next.counter.entry(writer.clone()).or_default();
+        slot.up = slot.up.max(kept.up);
+        slot.down = slot.down.max(kept.down);
     }
     if next == *merged {
         return Ok(None);

@@ -95,7 +95,7 @@ impl<S: SyncStore> Node<S> {
         }
         let dropped = self.start_over(|| self.store.discard_before(watermark, uncounted))?;
         tracing::warn!(
-            peer = %url, %watermark, dropped,
+            peer = %url, %watermark, dropped, uncounted,
             "this site's data reaches back before what a peer has collected (cut off past the replication horizon, an older copy, or data from before it was known): resyncing"
         );
         self.update_gate(now_ms);
