@@ -77,9 +77,10 @@ impl Identity {
         format!("{}~{:08x}", self.name, self.incarnation as u32 ^ self.writer_epoch.wrapping_mul(0x9e37_79b9))
     }
 
-    /// What every writer id of this site starts with, whatever its incarnation or epoch.
-    pub fn writer_prefix(&self) -> String {
-        format!("{}~", self.name)
+    /// Whether two writer ids belong to one site (whatever their incarnations or epochs).
+    pub fn same_site(a: &str, b: &str) -> bool {
+        let name = |w: &str| w.rsplit_once('~').map_or(w, |(name, _)| name).to_owned();
+        name(a) == name(b)
     }
 
     /// A fresh random incarnation, different from `old` (in its writer id too).

@@ -119,7 +119,7 @@ impl Store {
                 let mut zero = Vec::new();
                 for item in aside.iter().map_err(storage)? {
                     let (k, row) = item.map_err(storage)?;
-                    if !provable(&decode_aside(row.value())?.entry, &identity.writer_prefix()) {
+                    if !provable(&decode_aside(row.value())?.entry, &identity.writer()) {
                         zero.push(k.value().to_vec());
                     }
                 }
@@ -127,7 +127,7 @@ impl Store {
                     aside.remove(k.as_slice()).map_err(storage)?;
                 }
             }
-            let own = identity.writer_prefix();
+            let own = identity.writer();
             let mut found = Vec::new();
             for item in tables.entries.iter().map_err(storage)? {
                 let (k, v) = item.map_err(storage)?;
@@ -141,7 +141,7 @@ impl Store {
                 tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
                 removed += 1;
                 if (uncounted && !provable(&entry, &own))
-                    || !entry.counter.keys().any(|w| w.starts_with(&own))
+                    || !entry.counter.keys().any(|w| Identity::same_site(w, &own))
                 {
                     continue;
                 }
@@ -200,8 +200,8 @@ pub(super) fn begin_resync(meta: &mut redb::Table<&str, &[u8]>, clock: &Clock) -
 /// register, other sites' contributions the peer must hold at least as high (a counter made
 /// afresh after a delete starts them again from nothing). A counter only this site ever
 /// incremented, on the zero register, proves nothing.
-fn provable(entry: &Entry, own: &str) -> bool {
-    entry.stamp != Stamp::zero() || entry.counter.keys().any(|w| !w.starts_with(own))
+fn provable(entry: &Entry, writer: &str) -> bool {
+    entry.stamp != Stamp::zero() || entry.counter.keys().any(|w| !Identity::same_site(w, writer))
 }
 
 /// A set-aside row: this site's contributions to an entry a resync discarded.

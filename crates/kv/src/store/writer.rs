@@ -11,6 +11,7 @@ use super::{Change, KvError, Origin, Write, Written, storage};
 use crate::codec;
 use crate::entry::{Entry, Stamp};
 use crate::hlc::{Clock, Hlc};
+use crate::identity::Identity;
 use crate::tables::{META, SET_ASIDE, Tables, encode_hlc};
 
 type Reply = tokio::sync::oneshot::Sender<Vec<Result<Written, KvError>>>;
@@ -225,8 +226,7 @@ fn rescue(
     if merged.stamp < saved.stamp {
         return Ok(None);
     }
-    let own = site.rsplit_once('~').map_or(site, |(name, _)| name);
-    let mine = |writer: &str| writer.rsplit_once('~').is_some_and(|(name, _)| name == own);
+    let mine = |writer: &str| Identity::same_site(writer, site);
     // The same register, and the same counter on it: every other site's contribution this site
     // had seen is there. A lower one is a peer behind on it, or a counter made afresh on the
     // zero register after a delete: wait for another peer (or for collection).
