@@ -11,6 +11,7 @@ mod observability;
 mod replication;
 mod restart;
 mod routing;
+mod security;
 mod shutdown;
 mod ui;
 
@@ -23,6 +24,17 @@ use std::time::{Duration, Instant};
 const ATOLL: &str = env!("CARGO_BIN_EXE_atoll");
 const TOKEN: &str = "e2e-admin-token";
 const PEER_SECRET: &str = "e2e-peer-secret-0123456789";
+
+/// The deploy key every test site holds (and so signs what its admin token admits), as
+/// `atoll dev` does; `security.rs` also runs sites that hold only its public key.
+fn deploy_key_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("atoll-e2e-deploy-{}.key", std::process::id()));
+        std::fs::write(&path, format!("{}\n", "5a".repeat(32))).expect("write the deploy key");
+        path
+    })
+}
 
 /// A running `atoll site` process, killed when dropped.
 struct Site {
@@ -84,6 +96,7 @@ impl Site {
             .args(extra)
             .env("ATOLL_ADMIN_TOKEN", TOKEN)
             .env("ATOLL_PEER_SECRET", PEER_SECRET)
+            .env("ATOLL_ADMIN__DEPLOY_KEY_FILE", deploy_key_file())
             .env("RUST_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())

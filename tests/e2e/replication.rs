@@ -179,7 +179,7 @@ fn a_killed_site_catches_up_and_an_empty_site_joins_with_everything() {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as u64
 }
 
@@ -204,10 +204,21 @@ fn push_at(
     mangle: impl Fn(&mut Vec<u8>),
 ) -> crate::Response {
     use atoll_kv::{Entry, Hlc, Namespace, Stamp};
-    use atoll_sync::message::{Request, Sender, WireEntry};
+    use atoll_sync::message::WireEntry;
     let ns = Namespace::new("kv", "b", &atoll_kv::Bounds::default()).expect("ns");
     let stamp = Stamp { hlc: Hlc { physical_ms: at, logical: 0 }, site: "intruder~1".into() };
     let entry = Entry::set(value.as_bytes().to_vec(), stamp);
+    push_entries(site, vec![WireEntry::new(ns.key(key.as_bytes()), &entry)], secret, mangle)
+}
+
+/// Pushes `entries` as the site "intruder" (see [`introduce_intruder`]).
+pub(crate) fn push_entries(
+    site: &Site,
+    entries: Vec<atoll_sync::message::WireEntry>,
+    secret: Option<&str>,
+    mangle: impl Fn(&mut Vec<u8>),
+) -> crate::Response {
+    use atoll_sync::message::{Request, Sender};
     let from = Sender {
         site: "intruder".into(),
         incarnation: 1,
@@ -218,8 +229,30 @@ fn push_at(
         // How far back its data reaches: what its hello below says too.
         since: (1, 0),
     };
-    let request = Request::Push(from, vec![WireEntry::new(ns.key(key.as_bytes()), &entry)]);
+    let request = Request::Push(from, entries);
     send_sync(site, &request, secret, mangle)
+}
+
+/// Says hello as the site "intruder", which holds the peer secret (a compromised peer).
+pub(crate) fn introduce_intruder(site: &Site) -> crate::Response {
+    use atoll_sync::message::{Hello, PeerInfo, Request};
+    let now = now_ms();
+    let hello = Hello {
+        me: PeerInfo { site: "intruder".into(), region: "us-east".into(), url: "http://127.0.0.1:9".into() },
+        peers: vec![],
+        wall_ms: now,
+        incarnation: 1,
+        previous_incarnation: 0,
+        boot: 1,
+        boot_nonce: 1,
+        opened_at: (now, 0),
+        boots: vec![],
+        durable: (now, 0),
+        since: (1, 0),
+        resyncing: false,
+        seen: vec![],
+    };
+    send_sync(site, &Request::Hello(hello), Some(PEER_SECRET), |_| {})
 }
 
 /// Sends a sync request signed with `secret` (None: unsigned), its encoding changed by `mangle`.
@@ -271,27 +304,11 @@ fn sync_requests_without_valid_proof_or_well_formed_body_are_refused_and_change_
     assert_eq!(get(a, "k").as_deref(), Some("original"));
 
     // Properly signed, but from a site never introduced: it must say hello first.
-    use atoll_sync::message::{Hello, PeerInfo, Reply, Request};
+    use atoll_sync::message::Reply;
     let stranger = push_at(a, "k", "pushed", now_ms(), Some(PEER_SECRET), |_| {});
     assert_eq!((stranger.status, stranger.body), (200, reply_body(&Reply::Introduce)));
     assert_eq!(get(a, "k").as_deref(), Some("original"));
-    let now = now_ms();
-    let hello = Hello {
-        me: PeerInfo { site: "intruder".into(), region: "us-east".into(), url: "http://127.0.0.1:9".into() },
-        peers: vec![],
-        wall_ms: now,
-        incarnation: 1,
-        previous_incarnation: 0,
-        boot: 1,
-        boot_nonce: 1,
-        opened_at: (now, 0),
-        boots: vec![],
-        durable: (now, 0),
-        since: (1, 0),
-        resyncing: false,
-        seen: vec![],
-    };
-    let introduced = send_sync(a, &Request::Hello(hello), Some(PEER_SECRET), |_| {});
+    let introduced = introduce_intruder(a);
     assert_eq!(introduced.status, 200, "{}", introduced.body);
     // Introduced, but stamped far past this site's clock: not merged, and the reason is given.
     let ahead = push(a, "k", "forged", Some(PEER_SECRET), |_| {});

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use crate::signing::{self, DeployParams, DeployRecord};
 use crate::{ClientArgs, DeleteArgs, DeployArgs};
 
 #[derive(Debug, Deserialize)]
@@ -57,15 +58,27 @@ impl Site {
 pub fn deploy(args: &DeployArgs) -> Result<()> {
     let wasm = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let site = Site::new(&args.client);
+    let params = DeployParams {
+        deadline_ms: args.deadline_ms,
+        memory_mb: args.memory_mb,
+        allow_hosts: (!args.allow_hosts.is_empty()).then(|| args.allow_hosts.join(",")),
+        ..Default::default()
+    };
     let mut request = site.agent.put(site.url(&format!("/_atoll/apps/{}", args.app)));
-    if let Some(ms) = args.deadline_ms {
+    if let Some(ms) = params.deadline_ms {
         request = request.query("deadline_ms", ms.to_string());
     }
-    if let Some(mb) = args.memory_mb {
+    if let Some(mb) = params.memory_mb {
         request = request.query("memory_mb", mb.to_string());
     }
-    if !args.allow_hosts.is_empty() {
-        request = request.query("allow_hosts", args.allow_hosts.join(","));
+    if let Some(hosts) = &params.allow_hosts {
+        request = request.query("allow_hosts", hosts);
+    }
+    if let Some(key) = &args.client.deploy_key {
+        use sha2::Digest;
+        let version: String = sha2::Sha256::digest(&wasm).iter().map(|b| format!("{b:02x}")).collect();
+        let record = DeployRecord { version: Some(version), size: wasm.len() as u64, ..unsigned(params) };
+        request = signed(request, key, &args.app, record)?;
     }
     // With `Expect: 100-continue` a refusal (401, 413) arrives before the component is sent.
     let request =
@@ -122,9 +135,40 @@ pub fn apps(args: &ClientArgs) -> Result<()> {
 pub fn delete(args: &DeleteArgs) -> Result<()> {
     let site = Site::new(&args.client);
     let url = site.url(&format!("/_atoll/apps/{}", args.app));
-    site.check("delete", site.auth(site.agent.delete(url)).call())?;
+    let mut request = site.agent.delete(url);
+    if let Some(key) = &args.client.deploy_key {
+        request = signed(request, key, &args.app, unsigned(DeployParams::default()))?;
+    }
+    site.check("delete", site.auth(request).call())?;
     println!("deleted {} from {}", args.app, site.base);
     Ok(())
+}
+
+/// A record of a delete with `params`, signed now (the deploy sets version and size).
+fn unsigned(params: DeployParams) -> DeployRecord {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    DeployRecord {
+        version: None,
+        size: 0,
+        params,
+        signed_at_ms: now.as_millis() as u64,
+        key: None,
+        signature: None,
+    }
+}
+
+/// Signs `record` for `app` with the key in `key_file`, and adds the signature's headers.
+fn signed<B>(
+    request: ureq::RequestBuilder<B>,
+    key_file: &std::path::Path,
+    app: &str,
+    mut record: DeployRecord,
+) -> Result<ureq::RequestBuilder<B>> {
+    signing::sign_with_file(key_file, app, &mut record)?;
+    Ok(request
+        .header(signing::SIGNED_AT_HEADER, record.signed_at_ms.to_string())
+        .header(signing::KEY_HEADER, record.key.unwrap_or_default())
+        .header(signing::SIGNATURE_HEADER, record.signature.unwrap_or_default()))
 }
 
 #[cfg(test)]

@@ -118,6 +118,11 @@ pub struct RuntimeSection {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub max_upload_bytes: Option<u64>,
+    /// The deploy keys (hex, from `atoll keygen`) whose signatures this site trusts.
+    #[serde(default)]
+    pub deploy_public_keys: Vec<String>,
+    /// A deploy key this site signs the uploads its admin token admits with (and trusts).
+    pub deploy_key_file: Option<std::path::PathBuf>,
 }
 
 /// Sets `a.b.c` in `table` to `raw` read as a TOML value (else a string).
@@ -144,6 +149,9 @@ fn set_field(table: &mut toml::Table, field: &str, raw: &str) -> Result<()> {
 
 /// The default cap on an uploaded component.
 pub const DEFAULT_MAX_UPLOAD: u64 = 50 << 20;
+
+/// The most a request or response body buffered for a guest may be (per app setting).
+pub const MAX_BODY_BYTES: u64 = 256 << 20;
 
 impl FileConfig {
     /// Reads `path` (or starts from the defaults), then applies every override: environment
@@ -208,7 +216,33 @@ impl FileConfig {
                 bail!("config field {field} must be greater than 0");
             }
         }
+        // The site's defaults go through the same bounds as an app's settings.
+        let defaults = crate::signing::DeployParams {
+            deadline_ms: self.limits.deadline_ms,
+            memory_mb: self.limits.memory_mb,
+            max_request_body_bytes: self.limits.max_request_body_bytes,
+            max_response_body_bytes: self.limits.max_response_body_bytes,
+            allow_hosts: None,
+        };
+        defaults
+            .settings(&Limits::default(), &self.caps())
+            .map_err(|e| anyhow::anyhow!("config section [limits]: {e}"))?;
+        if self.max_upload() > atoll_sync::http::MAX_BLOB as u64 {
+            bail!(
+                "config field admin.max_upload_bytes must be at most {} (what a peer fetches of a \
+                 component: every deployable component must replicate)",
+                atoll_sync::http::MAX_BLOB
+            );
+        }
         Ok(())
+    }
+
+    /// What any app may be given at most on this site.
+    pub fn caps(&self) -> crate::signing::Caps {
+        crate::signing::Caps {
+            max_memory_mb: (self.runtime_config().max_memory_bytes >> 20) as u64,
+            max_body_bytes: MAX_BODY_BYTES,
+        }
     }
 
     /// The per-app limits every app starts from.

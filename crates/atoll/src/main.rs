@@ -9,6 +9,7 @@ mod listen;
 mod metrics;
 mod registry;
 mod router;
+mod signing;
 mod site;
 mod ui;
 
@@ -44,6 +45,15 @@ enum Command {
     Apps(ClientArgs),
     /// Remove an app from a site.
     Delete(DeleteArgs),
+    /// Make a deploy key: the private key into a file, the public key on stdout.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Where to write the private key (must not exist; made readable by its owner only).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +118,10 @@ struct ClientArgs {
     /// The admin token (default: $ATOLL_ADMIN_TOKEN).
     #[arg(long, env = "ATOLL_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The deploy key file (atoll keygen) to sign the deploy or delete with; without one, the
+    /// site signs it if it holds a deploy key itself, and refuses it otherwise.
+    #[arg(long, env = "ATOLL_DEPLOY_KEY_FILE")]
+    deploy_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +163,7 @@ fn main() -> ExitCode {
         Command::Deploy(args) => client::deploy(&args),
         Command::Apps(args) => client::apps(&args),
         Command::Delete(args) => client::delete(&args),
+        Command::Keygen(args) => keygen(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -168,6 +183,18 @@ fn init_tracing(format: &str) {
     } else {
         builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
     }
+}
+
+fn keygen(args: &KeygenArgs) -> Result<()> {
+    let public = signing::keygen(&args.out)?;
+    println!("{public}");
+    eprintln!(
+        "wrote the deploy key to {}: keep it where you deploy from (atoll deploy --deploy-key FILE).\n\
+         Give every site the public key above: [admin] deploy_public_keys = [\"{public}\"]\n\
+         (or ATOLL_ADMIN__DEPLOY_PUBLIC_KEYS='[\"{public}\"]').",
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn run_router(args: RouterArgs) -> Result<()> {
@@ -195,6 +222,19 @@ fn run_site(args: SiteArgs) -> Result<()> {
         ),
         None => None,
     };
+    let trust = signing::Trust::new(
+        &config.admin.deploy_public_keys,
+        config.admin.deploy_key_file.as_deref(),
+        args.insecure_dev,
+    )?;
+    if peer_secret.is_some() && !trust.configured() {
+        bail!(
+            "no deploy key: a replicating site runs only deploys signed by a key it trusts. Run \
+             `atoll keygen --out deploy.key` and give every site its public key ([admin] \
+             deploy_public_keys), or give the sites the key itself ([admin] deploy_key_file) to have \
+             them sign what their admin token admits"
+        );
+    }
     let advertise = args.advertise.or_else(|| config.sync.advertise.clone());
     let options = site::SiteOptions {
         name: args.name,
@@ -206,6 +246,7 @@ fn run_site(args: SiteArgs) -> Result<()> {
         peers,
         advertise,
         peer_secret,
+        trust,
     };
     site::run(options)
 }

@@ -33,7 +33,7 @@ struct Inner {
     version: Version,
     pre: ProxyPre<Host>,
     settings: AppSettings,
-    allowed_hosts: Arc<[String]>,
+    egress: crate::egress::Policy,
 }
 
 impl std::fmt::Debug for App {
@@ -54,8 +54,8 @@ impl App {
         pre: ProxyPre<Host>,
         settings: AppSettings,
     ) -> App {
-        let allowed_hosts = settings.allowed_hosts.clone().into();
-        App { inner: Arc::new(Inner { shared, name: name.into(), version, pre, settings, allowed_hosts }) }
+        let egress = crate::egress::Policy::new(&settings.allowed_hosts);
+        App { inner: Arc::new(Inner { shared, name: name.into(), version, pre, settings, egress }) }
     }
 
     /// The app's name.
@@ -129,7 +129,7 @@ impl App {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).build(),
-            egress: Egress { allowed_hosts: inner.allowed_hosts.clone() },
+            egress: Egress { policy: inner.egress.clone() },
             kv: KvCtx { store: inner.shared.config.kv.clone(), app: inner.name.clone() },
         };
         let mut store = Store::new(&inner.shared.engine, host);

@@ -66,7 +66,9 @@ impl Default for Limits {
 pub struct AppSettings {
     /// Resource limits of each request.
     pub limits: Limits,
-    /// Hosts the guest may reach with `wasi:http/outgoing-handler`, as `host` or `host:port`.
-    /// Empty (the default): no outbound requests at all.
+    /// Hosts the guest may reach with `wasi:http/outgoing-handler`, as `host`, `host:port` or
+    /// an address ([`crate::AllowedHost`]; without a port: 80 and 443). A name is used only at
+    /// public addresses; an internal one must be listed itself. Empty (the default): no
+    /// outbound requests at all.
     pub allowed_hosts: Vec<String>,
 }

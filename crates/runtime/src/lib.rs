@@ -9,7 +9,7 @@
 //! Guests get WASI 0.2 with no preopened directories, no sockets, the environment of
 //! [`RuntimeConfig::guest_env`], stdout/stderr as `tracing` events (target `atoll::guest`, tagged
 //! with app and request id), and outbound `wasi:http` only to the hosts in
-//! [`AppSettings::allowed_hosts`].
+//! [`AppSettings::allowed_hosts`], at public addresses unless an entry names the address.
 //!
 //! This crate knows nothing of sites, storage or routing; it is usable on its own:
 //!
@@ -32,6 +32,7 @@
 
 mod app;
 mod config;
+mod egress;
 mod error;
 mod guest_log;
 mod host;
@@ -41,6 +42,7 @@ mod version;
 
 pub use app::App;
 pub use config::{AppSettings, Limits, RuntimeConfig};
+pub use egress::{AllowedHost, is_internal};
 pub use error::{HandleError, LoadError, RuntimeError};
 pub use runtime::Runtime;
 pub use version::Version;

@@ -30,6 +30,10 @@ use crate::message::{self, MAX_MESSAGE, Reply, Request, hlc_wire};
 use crate::node::{Exchange, Node, Transport};
 use crate::store::SyncStore;
 
+/// The largest component a peer fetches (a site's upload cap may not exceed it, so every
+/// deployable component replicates).
+pub const MAX_BLOB: usize = 64 << 20;
+
 /// The path of the sync endpoint.
 pub const SYNC_PATH: &str = "/_atoll/sync";
 
@@ -64,13 +68,17 @@ impl HttpTransport {
         HttpTransport { client, secret, timeout }
     }
 
-    async fn send(&self, request: http::Request<Full<Bytes>>) -> Result<(http::response::Parts, Bytes)> {
+    async fn send(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        limit: usize,
+    ) -> Result<(http::response::Parts, Bytes)> {
         let response = tokio::time::timeout(self.timeout, self.client.request(request))
             .await
             .context("timed out")?
             .context("cannot connect")?;
         let (parts, body) = response.into_parts();
-        let limited = http_body_util::Limited::new(body, MAX_MESSAGE);
+        let limited = http_body_util::Limited::new(body, limit);
         let body = tokio::time::timeout(self.timeout, limited.collect())
             .await
             .context("timed out reading the answer")?
@@ -82,11 +90,14 @@ impl HttpTransport {
     /// Fetches a component by version from the site at `url`, checking its SHA-256.
     pub async fn fetch_blob(&self, url: &str, version: &str) -> Result<Vec<u8>> {
         use sha2::Digest;
+        if !is_version(version) {
+            bail!("{version:?} is not a component version (SHA-256 hex)");
+        }
         let path = format!("{SYNC_PATH}/blobs/{version}");
         let request = http::Request::get(format!("{url}{path}"))
             .header(auth::HEADER, self.secret.sign(wall_ms(), &path, b""))
             .body(Full::new(Bytes::new()))?;
-        let (parts, body) = self.send(request).await?;
+        let (parts, body) = self.send(request, MAX_BLOB).await?;
         if parts.status != StatusCode::OK {
             bail!("{url} answered {} for component {version}", parts.status);
         }
@@ -113,7 +124,7 @@ impl Transport for HttpTransport {
         // wire is what `cargo bench -p atoll-sync --bench reconcile` measures).
         let sent_bytes = body_len + header_bytes(request.headers()) + url.len() + 70;
         let sent_at = wall_ms();
-        let (parts, bytes) = self.send(request).await.with_context(|| url.to_string())?;
+        let (parts, bytes) = self.send(request, MAX_MESSAGE).await.with_context(|| url.to_string())?;
         let received_at = wall_ms();
         if parts.status != StatusCode::OK {
             let text = String::from_utf8_lossy(&bytes).trim().to_owned();
@@ -263,6 +274,9 @@ async fn blob<S: SyncStore>(
     Path(version): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    if !is_version(&version) {
+        return refuse(StatusCode::BAD_REQUEST, "a component version is 64 lowercase hex digits");
+    }
     let path = format!("{SYNC_PATH}/blobs/{version}");
     let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
     if let Err(e) = server.secret.verify(proof, wall_ms(), &path, b"") {
@@ -272,6 +286,11 @@ async fn blob<S: SyncStore>(
         Some(bytes) => ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response(),
         None => refuse(StatusCode::NOT_FOUND, format!("no component with version {version} here")),
     }
+}
+
+/// Whether `version` is a SHA-256 in lowercase hex (checked before it is used in a path).
+fn is_version(version: &str) -> bool {
+    version.len() == 64 && version.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// This site's replication status as JSON.

@@ -8,13 +8,18 @@
 //! | PUT | `/_atoll/apps/NAME?deadline_ms=&memory_mb=&max_request_body_bytes=&max_response_body_bytes=&allow_hosts=a,b` | 201 `AppInfo` (body: the component) |
 //! | DELETE | `/_atoll/apps/NAME` | 204, 404 |
 //!
-//! Errors are `{"error": "reason"}` with 400 (bad component or parameter), 401 (token),
-//! 404, 413 (upload too large) or 500.
+//! Errors are `{"error": "reason"}` with 400 (bad component or parameter), 401 (token), 403
+//! (a signature that is missing, wrong or by a key the site does not trust), 404, 409 (older
+//! than the deploy the site holds), 413 (upload too large) or 500.
+//!
+//! A PUT or DELETE may carry a deploy signature (`x-atoll-deploy-signed-at`, `-key`,
+//! `-signature`: what `atoll deploy --deploy-key` sends); without one, a site holding a deploy
+//! key signs it, and any other site refuses it (see [`crate::signing`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use atoll_runtime::{AppSettings, Version};
+use atoll_runtime::Version;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -28,6 +33,7 @@ use subtle::ConstantTimeEq;
 
 use super::{Deployed, Site};
 use crate::registry::{AppRecord, StoredSettings};
+use crate::signing::{self, DeployParams, DeployRecord};
 
 pub(super) fn routes() -> axum::Router<Arc<Site>> {
     axum::Router::new()
@@ -48,6 +54,10 @@ pub(crate) struct ApiError(StatusCode, String);
 impl ApiError {
     fn new(status: StatusCode, reason: impl Into<String>) -> ApiError {
         ApiError(status, reason.into())
+    }
+
+    pub(crate) fn reason(&self) -> &str {
+        &self.1
     }
 }
 
@@ -238,63 +248,67 @@ fn no_such_app(name: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no app named {name:?} is deployed on this site"))
 }
 
-/// Per-app settings a deploy may give; anything left out takes the site's default.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UploadParams {
-    deadline_ms: Option<u64>,
-    memory_mb: Option<u64>,
-    max_request_body_bytes: Option<u64>,
-    max_response_body_bytes: Option<u64>,
-    /// Comma-separated `host` or `host:port` entries.
-    allow_hosts: Option<String>,
-}
-
-impl UploadParams {
-    fn settings(&self, site: &Site) -> Result<AppSettings, ApiError> {
-        let bad = |reason: &str| ApiError::new(StatusCode::BAD_REQUEST, reason.to_owned());
-        let mut limits = site.default_limits.clone();
-        if let Some(ms) = self.deadline_ms {
-            if !(1..=3_600_000).contains(&ms) {
-                return Err(bad("deadline_ms must be between 1 and 3600000"));
-            }
-            limits.deadline = Duration::from_millis(ms);
+/// Signs `record` for `name`, or checks the signature the request carries: the statement a
+/// site stores and replicates. Also refuses a deploy older than the one recorded here.
+fn sign_or_verify(
+    site: &Site,
+    name: &str,
+    record: &mut DeployRecord,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
+    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let given = signing::headers_signature(
+        header(signing::SIGNED_AT_HEADER),
+        header(signing::KEY_HEADER),
+        header(signing::SIGNATURE_HEADER),
+    )
+    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let recorded = super::deploys::record(site, name)?.map_or(0, |r| r.signed_at_ms);
+    match given {
+        Some((at, key, signature)) => {
+            (record.signed_at_ms, record.key, record.signature) = (at, Some(key), Some(signature));
+            site.trust.verify(name, record).map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e))?;
         }
-        if let Some(mb) = self.memory_mb {
-            if mb == 0 {
-                return Err(bad("memory_mb must be greater than 0"));
-            }
-            limits.max_memory_bytes = usize::try_from(mb << 20).map_err(|_| bad("memory_mb is too large"))?;
+        None if site.trust.signs() => {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+            record.signed_at_ms = now.max(recorded + 1);
+            site.trust.sign(name, record)?;
         }
-        if let Some(bytes) = self.max_request_body_bytes {
-            limits.max_request_body = bytes as usize;
+        None if site.trust.configured() => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this site runs signed deploys only: deploy with --deploy-key FILE (see atoll keygen)",
+            ));
         }
-        if let Some(bytes) = self.max_response_body_bytes {
-            limits.max_response_body = bytes as usize;
+        None => {
+            record.signed_at_ms =
+                SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
         }
-        let allowed_hosts = self
-            .allow_hosts
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|h| !h.is_empty())
-            .map(str::to_owned)
-            .collect();
-        Ok(AppSettings { limits, allowed_hosts })
     }
+    if record.signed_at_ms <= recorded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "this deploy of {name} was signed at {} ms, not after the one recorded here ({recorded} ms)",
+                record.signed_at_ms
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn upload(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
-    Query(params): Query<UploadParams>,
+    Query(params): Query<DeployParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&site, &headers)?;
     validate_name(&name)?;
-    let settings = params.settings(&site)?;
+    let settings = params
+        .settings(&site.default_limits, &site.caps)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let max = site.max_upload;
     let too_large = || {
         ApiError::new(
@@ -329,14 +343,22 @@ async fn upload(
             .map_err(|e| anyhow::anyhow!("compile task failed: {e}"))?
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?
     };
+    let _guard = site.admin_lock.lock().await;
+    let mut deploy = DeployRecord {
+        version: Some(app.version().to_string()),
+        size: wasm.len() as u64,
+        params,
+        signed_at_ms: 0,
+        key: None,
+        signature: None,
+    };
+    sign_or_verify(&site, &name, &mut deploy, &headers)?;
     let record = AppRecord {
         version: app.version().to_string(),
         size: wasm.len() as u64,
-        uploaded_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
+        uploaded_at_ms: deploy.signed_at_ms,
         settings: (&settings).into(),
     };
-
-    let _guard = site.admin_lock.lock().await;
     {
         let (site, name, record, wasm) = (site.clone(), name.clone(), record.clone(), wasm.clone());
         tokio::task::spawn_blocking(move || site.registry.put(&name, &record, &wasm))
@@ -349,7 +371,7 @@ async fn upload(
         .unwrap_or_else(|e| e.into_inner())
         .insert(name.clone(), Deployed { app, record: record.clone() });
     forget_if_unused(&site, previous);
-    super::deploys::publish(&site, &name, Some(&record)).await?;
+    super::deploys::publish(&site, &name, &deploy).await?;
     tracing::info!(app = %name, version = %record.version, size = record.size, "deployed");
     Ok((StatusCode::CREATED, Json(AppInfo::new(&name, &record))).into_response())
 }
@@ -360,7 +382,20 @@ async fn delete_app(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&site, &headers)?;
+    validate_name(&name)?;
     let _guard = site.admin_lock.lock().await;
+    if site.app(&name).is_none() {
+        return Err(no_such_app(&name));
+    }
+    let mut deploy = DeployRecord {
+        version: None,
+        size: 0,
+        params: DeployParams::default(),
+        signed_at_ms: 0,
+        key: None,
+        signature: None,
+    };
+    sign_or_verify(&site, &name, &mut deploy, &headers)?;
     let existed = {
         let (site, name) = (site.clone(), name.clone());
         tokio::task::spawn_blocking(move || site.registry.delete(&name))
@@ -372,7 +407,7 @@ async fn delete_app(
         return Err(no_such_app(&name));
     }
     forget_if_unused(&site, removed);
-    super::deploys::publish(&site, &name, None).await?;
+    super::deploys::publish(&site, &name, &deploy).await?;
     tracing::info!(app = %name, "deleted");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -1,8 +1,11 @@
 //! Deploy replication: which version each app runs is replicated state like any other key.
 //!
-//! Each app's [`AppRecord`] (version hash, size, settings) is a JSON value in the reserved
-//! key-value namespace `_atoll`/`apps` (no guest can name it: app names are DNS labels), so it
-//! replicates, merges (last writer wins) and is deleted (tombstones) exactly like handler data.
+//! Each app's signed [`DeployRecord`] (version hash, parameters, when and by which deploy key it
+//! was signed; a delete is a record too) is a JSON value in the reserved key-value namespace
+//! `_atoll`/`apps` (no guest can name it: app names are DNS labels), so it replicates and merges
+//! (last writer wins) like handler data. [`admit`] is the door: a record from another site lands
+//! in the store only when a trusted deploy key signed it, its name and parameters pass the
+//! upload's validation, and it is not older than the one here (see [`crate::signing`]).
 //! The component bytes travel separately, by version, from any peer that has them
 //! (`GET /_atoll/sync/blobs/{version}`, checked against the hash): each site fetches and compiles
 //! a version once. [`apply`] makes the registry and the app table match the record; it runs after
@@ -13,34 +16,85 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use atoll_kv::{Namespace, Origin, Write};
+use atoll_kv::{Entry, Namespace, Origin, Register, Write};
 use atoll_sync::Node;
 use atoll_sync::http::HttpTransport;
 
 use super::{Deployed, Site};
 use crate::registry::AppRecord;
+use crate::signing::DeployRecord;
 
 fn namespace(site: &Site) -> Result<Namespace> {
     Ok(Namespace::new("_atoll", "apps", site.kv.bounds())?)
 }
 
 /// Records the app's new version (or its deletion) in the replicated namespace.
-pub(crate) async fn publish(site: &Site, name: &str, record: Option<&AppRecord>) -> Result<()> {
-    let write = match record {
-        Some(r) => Write::Set(serde_json::to_vec(r)?),
-        None => Write::Delete,
-    };
+pub(crate) async fn publish(site: &Site, name: &str, record: &DeployRecord) -> Result<()> {
+    let write = Write::Set(serde_json::to_vec(record)?);
     site.kv.write(&namespace(site)?, name.as_bytes(), write).await.context("cannot record the deploy")?;
     Ok(())
 }
 
-/// The replicated record of `name`, if it has one.
-fn record(site: &Site, name: &str) -> Result<Option<AppRecord>> {
+/// The replicated record of `name`, if it has one (a record this build cannot read counts as
+/// none: startup records the registry's app again).
+pub(crate) fn record(site: &Site, name: &str) -> Result<Option<DeployRecord>> {
     let Some(bytes) = site.kv.get(&namespace(site)?, name.as_bytes())? else { return Ok(None) };
-    Ok(Some(
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("app {name}'s replicated record is corrupt"))?,
-    ))
+    match serde_json::from_slice(&bytes) {
+        Ok(record) => Ok(Some(record)),
+        Err(e) => {
+            tracing::warn!(app = %name, "the replicated deploy record cannot be read: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Whether an entry from another site may be merged: the store's admission for this site.
+/// Keys of apps are data (a DNS-label app name); of the reserved namespaces only `_atoll`/`apps`
+/// is replicated, and only as signed records ([`check_record`]).
+pub(crate) fn admit(site: &Site, key: &[u8], entry: &Entry) -> Result<(), String> {
+    let Some((ns, name)) = Namespace::split(key) else { return Err("not a composite key".into()) };
+    if ns.app() != "_atoll" {
+        return super::admin::validate_name(ns.app())
+            .map_err(|_| format!("namespace {:?} is not an app's", ns.app()));
+    }
+    if ns.bucket() != "apps" {
+        return Err(format!("the reserved namespace _atoll/{} is not replicated", ns.bucket()));
+    }
+    let name = std::str::from_utf8(name).map_err(|_| "a deploy record's name is not UTF-8".to_owned())?;
+    let record = match (&entry.register, entry.counter.is_empty()) {
+        (Register::Value(bytes), true) => serde_json::from_slice::<DeployRecord>(bytes)
+            .map_err(|e| format!("the deploy record of {name:?} does not parse: {e}"))?,
+        _ => return Err(format!("the deploy record of {name:?} is not a signed record")),
+    };
+    check_record(site, name, &record)?;
+    // Not older than the deploy this site holds: a replayed record cannot roll an app back.
+    let here = record_of(site, name).map_err(|e| format!("{e:#}"))?;
+    if let Some(here) = here
+        && here.signed_at_ms > record.signed_at_ms
+    {
+        return Err(format!(
+            "the deploy record of {name:?} was signed at {} ms, before the one here ({} ms)",
+            record.signed_at_ms, here.signed_at_ms
+        ));
+    }
+    Ok(())
+}
+
+fn record_of(site: &Site, name: &str) -> Result<Option<DeployRecord>> {
+    let Some(bytes) = site.kv.get(&namespace(site)?, name.as_bytes())? else { return Ok(None) };
+    Ok(serde_json::from_slice(&bytes).ok())
+}
+
+/// What an upload checks, for a record: the name, the version, the parameters, the signature.
+pub(crate) fn check_record(site: &Site, name: &str, record: &DeployRecord) -> Result<(), String> {
+    super::admin::validate_name(name).map_err(|e| e.reason().to_owned())?;
+    if let Some(version) = &record.version
+        && !crate::signing::is_version(version)
+    {
+        return Err(format!("the deploy record of {name:?} has a malformed version"));
+    }
+    record.params.settings(&site.default_limits, &site.caps)?;
+    site.trust.verify(name, record)
 }
 
 /// Makes this site serve what the replicated record of `name` says, fetching the component from
@@ -51,7 +105,26 @@ pub(crate) async fn apply(
     peers: Option<(&Node<atoll_kv::Store>, &HttpTransport)>,
 ) -> Result<()> {
     let _guard = site.admin_lock.lock().await;
-    let wanted = record(site, name)?;
+    let wanted = match record(site, name)? {
+        Some(deploy) => match &deploy.version {
+            Some(version) => {
+                let settings = deploy
+                    .params
+                    .settings(&site.default_limits, &site.caps)
+                    .map_err(|e| anyhow::anyhow!("the deploy record of {name} is refused: {e}"))?;
+                Some(AppRecord {
+                    version: version.clone(),
+                    size: deploy.size,
+                    uploaded_at_ms: deploy.signed_at_ms,
+                    settings: (&settings).into(),
+                })
+            }
+            None => None,
+        },
+        // No record: what startup has not recorded yet is kept (see `startup`).
+        None if site.apps.read().unwrap_or_else(|e| e.into_inner()).contains_key(name) => return Ok(()),
+        None => None,
+    };
     let current = site.apps.read().unwrap_or_else(|e| e.into_inner()).get(name).map(|d| d.record.clone());
     if current == wanted {
         return Ok(());
@@ -68,6 +141,7 @@ pub(crate) async fn apply(
         Some(wasm) => wasm,
         None => fetch(name, &record.version, peers).await?,
     };
+    let record = AppRecord { size: wasm.len() as u64, ..record };
     let app = {
         let (runtime, n, w, settings) =
             (site.runtime.clone(), name.to_owned(), wasm.clone(), (&record.settings).into());
@@ -107,25 +181,35 @@ async fn fetch(
     anyhow::bail!("no peer could send app {name} version {version}: {}", errors.join("; "))
 }
 
-/// At startup: once per data dir, records apps deployed before deploys replicated (a registry
-/// without records); then applies every record, and removes apps that have none (finishing what
-/// a crash interrupted, or a resync dropped).
+/// At startup: records apps deployed without a (readable) record, signed by this site if it
+/// holds a deploy key; then applies every record, and removes apps whose record deletes them
+/// (finishing what a crash interrupted, or a resync dropped).
 pub(crate) async fn startup(site: &Arc<Site>) -> Result<()> {
-    let ns = namespace(site)?;
-    if site.kv.meta("deploy_records")?.is_none() {
-        let registered: Vec<(String, AppRecord)> = site
-            .apps
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(n, d)| (n.clone(), d.record.clone()))
-            .collect();
-        for (name, record) in registered {
-            if site.kv.entries_at(&[ns.key(name.as_bytes())])?.is_empty() {
-                publish(site, &name, Some(&record)).await?;
-            }
+    let registered: Vec<(String, AppRecord)> = site
+        .apps
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(n, d)| (n.clone(), d.record.clone()))
+        .collect();
+    for (name, app) in registered {
+        if record(site, &name)?.is_some() {
+            continue;
         }
-        site.kv.set_meta("deploy_records", b"1")?;
+        let mut deploy = DeployRecord {
+            version: Some(app.version.clone()),
+            size: app.size,
+            params: params_of(&app),
+            signed_at_ms: app.uploaded_at_ms,
+            key: None,
+            signature: None,
+        };
+        if site.trust.signs() {
+            site.trust.sign(&name, &mut deploy)?;
+        } else if site.trust.configured() {
+            tracing::warn!(app = %name, "no signed deploy record, and this site holds no deploy key: deploy it again to replicate it");
+        }
+        publish(site, &name, &deploy).await?;
     }
     for name in all_names(site) {
         if let Err(e) = apply(site, &name, None).await {
@@ -133,6 +217,18 @@ pub(crate) async fn startup(site: &Arc<Site>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The parameters that give an app's settings exactly, whatever the site's defaults.
+fn params_of(app: &AppRecord) -> crate::signing::DeployParams {
+    let s = &app.settings;
+    crate::signing::DeployParams {
+        deadline_ms: Some(s.deadline_ms),
+        memory_mb: Some(s.max_memory_bytes >> 20),
+        max_request_body_bytes: Some(s.max_request_body),
+        max_response_body_bytes: Some(s.max_response_body),
+        allow_hosts: (!s.allowed_hosts.is_empty()).then(|| s.allowed_hosts.join(",")),
+    }
 }
 
 /// Serves components by version to peers.

@@ -35,6 +35,8 @@ pub struct SiteOptions {
     pub advertise: Option<String>,
     /// The peer secret; `None`: this site does not replicate (no sync endpoints).
     pub peer_secret: Option<atoll_sync::auth::Secret>,
+    /// The deploy keys this site trusts, and the one it signs with.
+    pub trust: crate::signing::Trust,
 }
 
 /// The peer secret `--insecure-dev` uses when `ATOLL_PEER_SECRET` is unset: every dev site
@@ -60,6 +62,10 @@ pub(crate) struct Site {
     admin_lock: tokio::sync::Mutex<()>,
     admin_token: Option<String>,
     default_limits: Limits,
+    /// What any app may be given at most.
+    caps: crate::signing::Caps,
+    /// Who may deploy: the keys whose signed records this site runs.
+    trust: crate::signing::Trust,
     max_upload: u64,
 }
 
@@ -149,8 +155,17 @@ pub fn run(options: SiteOptions) -> Result<()> {
         admin_lock: tokio::sync::Mutex::new(()),
         admin_token: options.admin_token,
         default_limits: options.config.default_limits(),
+        caps: options.config.caps(),
+        trust: options.trust,
         max_upload: options.config.max_upload(),
     });
+    // What other sites send passes this site's rules for reserved namespaces and deploys (the
+    // store holds the rule, so a weak reference: the site owns the store).
+    let weak = Arc::downgrade(&site);
+    kv.set_admission(Arc::new(move |key, entry| match weak.upgrade() {
+        Some(site) => deploys::admit(&site, key, entry).inspect_err(|reason| refused(key, reason)),
+        None => Err("the site is stopping".into()),
+    }));
     if site.admin_token.is_none() {
         tracing::warn!("--insecure-dev: the admin API accepts requests without a token");
     }
@@ -243,6 +258,26 @@ pub fn run(options: SiteOptions) -> Result<()> {
     }
     tracing::info!("stopped");
     drained
+}
+
+/// Logs an entry from another site that was not merged (once a minute per key and reason:
+/// anti-entropy offers it again every session), and counts it.
+fn refused(key: &[u8], reason: &str) {
+    type Seen = HashMap<(Vec<u8>, String), std::time::Instant>;
+    static LAST: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
+    metrics::counter!("atoll_sync_entries_refused_total").increment(1);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let last = last.get_or_insert_with(HashMap::new);
+    let now = std::time::Instant::now();
+    let seen = (key.to_vec(), reason.to_owned());
+    if last.get(&seen).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60)) {
+        return;
+    }
+    if last.len() > 10_000 {
+        last.clear();
+    }
+    last.insert(seen, now);
+    tracing::warn!("refused an entry from another site: {reason}");
 }
 
 /// Keeps the peers given by DNS name resolved: every address found becomes a peer (a site that

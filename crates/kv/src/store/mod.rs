@@ -283,7 +283,12 @@ struct Inner {
     resync: Mutex<Option<Hlc>>,
     /// The set-aside table may hold rows (the writer looks only then).
     aside: Arc<AtomicBool>,
+    /// What decides which entries from other sites may be merged ([`Store::set_admission`]).
+    admission: RwLock<Option<Admission>>,
 }
+
+/// Decides whether an entry from another site may be merged: `Err(reason)` refuses it.
+pub type Admission = Arc<dyn Fn(&[u8], &Entry) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -367,6 +372,7 @@ impl Store {
                 floor: floor.clone(),
                 aside: aside.clone(),
             };
+
             let (db, clock, max_batch, feed) =
                 (db.clone(), clock.clone(), config.max_batch.max(1), feed.clone());
             std::thread::Builder::new()
@@ -389,6 +395,7 @@ impl Store {
                 floor,
                 resync: Mutex::new(resync),
                 aside,
+                admission: RwLock::new(None),
             }),
         })
     }
@@ -457,6 +464,12 @@ impl Store {
     /// that collect at different moments echo it back and forth (see atoll-sync's ALGORITHM.md).
     pub fn set_tombstone_floor(&self, floor: Hlc) {
         *self.inner.floor.lock().unwrap_or_else(|e| e.into_inner()) = floor;
+    }
+
+    /// Sets what decides which entries from other sites are merged (the embedder's rules for
+    /// its reserved namespaces, say); the function reports what it refuses.
+    pub fn set_admission(&self, admission: Admission) {
+        *self.inner.admission.write().unwrap_or_else(|e| e.into_inner()) = Some(admission);
     }
 
     /// Closes the store to guests (`Some(reason)`) or opens it again (`None`): to their writes
@@ -634,8 +647,14 @@ impl Store {
 
     /// Merges entries received from another site (composite key, entry), as replication does;
     /// returns how many changed this store. Order and duplication do not matter.
+    /// Entries the admission ([`Store::set_admission`]) refuses are left out.
     pub async fn merge(&self, items: Vec<(Vec<u8>, Entry)>) -> Result<usize, KvError> {
-        let ops = items.into_iter().map(|(k, e)| (k, Op::Merge(e))).collect();
+        let admission = self.inner.admission.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let ops = items
+            .into_iter()
+            .filter(|(k, e)| admission.as_ref().is_none_or(|admit| admit(k, e).is_ok()))
+            .map(|(k, e)| (k, Op::Merge(e)))
+            .collect();
         let results = self.submit(ops, false).await?;
         let mut changed = 0;
         for r in results {

@@ -1,0 +1,276 @@
+//! Trust boundaries, tried as an attacker would: each test is an attack that fails with a clear
+//! status and nothing changed.
+
+use std::process::Command;
+
+use ed25519_dalek::{Signer, SigningKey};
+
+use crate::replication::{WAIT, deploy_kv, get, introduce_intruder, mesh, now_ms, push_entries, put};
+use crate::{ATOLL, PEER_SECRET, Site, TOKEN, atoll, eventually, json};
+
+/// The seed of the key every e2e site holds (see `deploy_key_file`).
+const SITE_SEED: [u8; 32] = [0x5a; 32];
+
+/// A deploy record as sites replicate it, signed with `seed` (the statement's text is the wire
+/// format of `crate::signing`, written out here so that a change to it shows).
+fn record(seed: [u8; 32], app: &str, version: Option<&str>, size: u64, params: &str, at: u64) -> Vec<u8> {
+    let canonical: String = params.lines().map(|l| format!("{l}\n")).collect();
+    let text = format!(
+        "atoll-deploy-v1\napp={app}\nversion={}\nsize={size}\nsigned_at_ms={at}\n{canonical}",
+        version.unwrap_or("deleted")
+    );
+    let key = SigningKey::from_bytes(&seed);
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut params_json = serde_json::Map::new();
+    for line in params.lines() {
+        let (k, v) = line.split_once('=').expect("name=value");
+        let v = v.parse::<u64>().map(serde_json::Value::from).unwrap_or_else(|_| v.into());
+        params_json.insert(k.into(), v);
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "version": version,
+        "size": size,
+        "params": params_json,
+        "signed_at_ms": at,
+        "key": hex(key.verifying_key().as_bytes()),
+        "signature": hex(&key.sign(text.as_bytes()).to_bytes()),
+    }))
+    .expect("json")
+}
+
+/// An entry at `_atoll/apps/NAME` (or any namespace) stamped now by the intruder.
+fn entry(app: &str, bucket: &str, key: &str, value: Option<Vec<u8>>) -> atoll_sync::message::WireEntry {
+    use atoll_kv::{Entry, Hlc, Namespace, Stamp};
+    let ns = Namespace::new(app, bucket, &atoll_kv::Bounds::default()).expect("ns");
+    let stamp = Stamp { hlc: Hlc { physical_ms: now_ms(), logical: 0 }, site: "intruder~1".into() };
+    let entry = match value {
+        Some(v) => Entry::set(v, stamp),
+        None => Entry::delete(stamp),
+    };
+    atoll_sync::message::WireEntry::new(ns.key(key.as_bytes()), &entry)
+}
+
+/// What a site serves and holds, to compare before and after an attack.
+fn state(site: &Site) -> (String, Option<String>) {
+    let apps = json(&site.admin("GET", "/_atoll/apps", None).body);
+    let apps: Vec<String> = apps
+        .as_array()
+        .expect("apps")
+        .iter()
+        .map(|a| format!("{} {} {}", a["name"], a["version"], a["settings"]))
+        .collect();
+    (apps.join("\n"), get(site, "k"))
+}
+
+#[test]
+fn a_deploy_record_forged_with_the_peer_secret_is_not_run() {
+    let sites = mesh(&["a"]);
+    let version = deploy_kv(&sites);
+    let version = version.trim_matches('"').to_owned();
+    let a = &sites[0];
+    put(a, "k", "original");
+    let before = state(a);
+    assert_eq!(introduce_intruder(a).status, 200);
+
+    // A compromised peer holds the peer secret, but not a trusted deploy key.
+    let stranger = [7u8; 32];
+    let at = now_ms() + 1;
+    let attacks = vec![
+        // Its own code as a new app, signed by its own key.
+        entry("_atoll", "apps", "evil", Some(record(stranger, "evil", Some(&version), 1, "", at))),
+        // The trusted app's record re-signed by its key with a wider allow-list.
+        entry(
+            "_atoll",
+            "apps",
+            "kv",
+            Some(record(stranger, "kv", Some(&version), 1, "allow_hosts=169.254.169.254", at)),
+        ),
+        // A tombstone for the app (deletes are signed records).
+        entry("_atoll", "apps", "kv", None),
+        // A record with no signature at all.
+        entry(
+            "_atoll",
+            "apps",
+            "evil2",
+            Some(br#"{"version":null,"size":0,"params":{},"signed_at_ms":9}"#.to_vec()),
+        ),
+        // Another reserved namespace, and one no app can have.
+        entry("_atoll", "secrets", "x", Some(b"1".to_vec())),
+        entry("Not_An_App", "b", "x", Some(b"1".to_vec())),
+    ];
+    for attack in attacks {
+        let r = push_entries(a, vec![attack], Some(PEER_SECRET), |_| {});
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // A genuine record, signed by the trusted key but older than the one here (replayed to roll
+    // the app back), and one with a deadline past the bound (a valid signature does not make
+    // settings valid).
+    let old = record(SITE_SEED, "kv", Some(&"0".repeat(64)), 1, "", 1);
+    let out_of_range = record(SITE_SEED, "kv", Some(&version), 1, &format!("deadline_ms={}", u64::MAX), at);
+    for attack in [old, out_of_range] {
+        let r = push_entries(a, vec![entry("_atoll", "apps", "kv", Some(attack))], Some(PEER_SECRET), |_| {});
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    // Nothing changed: the same apps with the same settings, the data, and no evil app.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(state(a), before);
+    assert_eq!(a.get("/apps/evil/").status, 404);
+    let log = a.stderr();
+    for reason in [
+        "not in this site's admin.deploy_public_keys",
+        "is not a signed record",
+        "is not signed",
+        "_atoll/secrets is not replicated",
+        "is not an app's",
+        "before the one here",
+        "deadline_ms must be between",
+    ] {
+        assert!(log.contains(reason), "no refusal saying {reason:?} in the log:\n{log}");
+    }
+
+    // The same door lets a genuine, newer record in: the refusals above were the rules.
+    let newer = record(SITE_SEED, "kv", Some(&version), 1, "deadline_ms=1234", now_ms() + 5);
+    let r = push_entries(a, vec![entry("_atoll", "apps", "kv", Some(newer))], Some(PEER_SECRET), |_| {});
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(WAIT, "the genuine record applied", || {
+        let app = json(&a.admin("GET", "/_atoll/apps/kv", None).body);
+        (app["settings"]["deadline_ms"] == 1234).then_some(())
+    });
+}
+
+/// Starts a site that trusts `public` and holds no deploy key.
+fn verifying_site(name: &str, public: &str, peer: Option<&str>) -> Site {
+    let keys = format!("[\"{public}\"]");
+    let mut extra = vec![];
+    if let Some(p) = peer {
+        extra = vec!["--peer", p];
+    }
+    Site::start_with_env(
+        name,
+        &extra,
+        Some(crate::replication::FAST),
+        &[("ATOLL_ADMIN__DEPLOY_KEY_FILE", ""), ("ATOLL_ADMIN__DEPLOY_PUBLIC_KEYS", &keys)],
+    )
+}
+
+#[test]
+fn sites_that_hold_only_public_keys_run_only_deploys_signed_by_a_trusted_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("deploy.key");
+    let wrong = dir.path().join("wrong.key");
+    let out = atoll(&["keygen", "--out", key.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(public.len(), 64, "{public}");
+    assert!(atoll(&["keygen", "--out", wrong.to_str().expect("path")]).status.success());
+    // keygen never overwrites a key.
+    assert!(!atoll(&["keygen", "--out", key.to_str().expect("path")]).status.success());
+
+    let a = verifying_site("a", &public, None);
+    let b = verifying_site("b", &public, Some(&a.url));
+    let deploy = |extra: &[&str]| {
+        let mut args = vec!["deploy", "--site", &a.url, "--app", "hello", atoll_test_guests::HELLO];
+        args.extend_from_slice(extra);
+        atoll(&args)
+    };
+    let unsigned = deploy(&[]);
+    assert!(!unsigned.status.success());
+    assert!(String::from_utf8_lossy(&unsigned.stderr).contains("403"), "{unsigned:?}");
+    assert!(String::from_utf8_lossy(&unsigned.stderr).contains("signed deploys only"), "{unsigned:?}");
+    let wrongly = deploy(&["--deploy-key", wrong.to_str().expect("path")]);
+    assert!(String::from_utf8_lossy(&wrongly.stderr).contains("not in this site's"), "{wrongly:?}");
+    assert_eq!(a.get("/apps/hello/").status, 404);
+
+    let signed = deploy(&["--deploy-key", key.to_str().expect("path")]);
+    assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
+    // Replicated to the other site, which verifies the same signature.
+    eventually(WAIT, "hello served at b", || (b.get("/apps/hello/").status == 200).then_some(()));
+
+    // Deleting is signed too.
+    let delete = |extra: &[&str]| {
+        let mut args = vec!["delete", "--site", &b.url, "--app", "hello"];
+        args.extend_from_slice(extra);
+        atoll(&args)
+    };
+    assert!(!delete(&[]).status.success());
+    assert_eq!(a.get("/apps/hello/").status, 200);
+    assert!(delete(&["--deploy-key", key.to_str().expect("path")]).status.success());
+    eventually(WAIT, "hello deleted at a", || (a.get("/apps/hello/").status == 404).then_some(()));
+}
+
+#[test]
+fn a_replicating_site_without_a_deploy_key_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(ATOLL)
+        .args(["site", "--name", "a", "--region", "us-east", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .args(["--peer", "http://127.0.0.1:9"])
+        .env("ATOLL_ADMIN_TOKEN", TOKEN)
+        .env("ATOLL_PEER_SECRET", PEER_SECRET)
+        .output()
+        .expect("run atoll site");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no deploy key") && stderr.contains("atoll keygen"), "{stderr}");
+}
+
+#[test]
+fn settings_out_of_range_are_refused_at_deploy() {
+    let site = Site::start("a");
+    let wasm = crate::read(atoll_test_guests::HELLO);
+    for (query, reason) in [
+        (format!("deadline_ms={}", u64::MAX), "deadline_ms"),
+        ("memory_mb=1000000".to_owned(), "memory_mb"),
+        (format!("max_request_body_bytes={}", u64::MAX), "max_request_body_bytes"),
+        ("allow_hosts=http://x/".to_owned(), "allow_hosts"),
+    ] {
+        let r = site.admin("PUT", &format!("/_atoll/apps/hello?{query}"), Some(&wasm));
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+        assert!(r.body.contains(reason), "{query}: {}", r.body);
+    }
+    assert_eq!(site.admin("GET", "/_atoll/apps", None).body, "[]");
+}
+
+/// A local server that counts the connections it accepts (what a guest must not reach).
+fn counting_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ =
+                stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nsecret");
+        }
+    });
+    (port.to_string(), hits)
+}
+
+#[test]
+fn an_allowed_name_that_resolves_to_loopback_reaches_nothing() {
+    let (port, hits) = counting_server();
+    let site = Site::start("egress");
+    // `localhost` is allowed by name (with the port), but resolves to loopback: refused.
+    site.deploy("byname", atoll_test_guests::PROBE, &["--allow-host", &format!("localhost:{port}")]);
+    // An address entry without a port allows 80 and 443 only.
+    site.deploy("noport", atoll_test_guests::PROBE, &["--allow-host", "127.0.0.1"]);
+    // The address named with its port is allowed: the operator said so explicitly.
+    site.deploy("named", atoll_test_guests::PROBE, &["--allow-host", &format!("127.0.0.1:{port}")]);
+
+    let by_name = site.get(&format!("/apps/byname/fetch?url=http://localhost:{port}/"));
+    assert_eq!(by_name.status, 502, "{by_name:?}");
+    assert!(by_name.body.contains("DestinationIpProhibited"), "{}", by_name.body);
+    let no_port = site.get(&format!("/apps/noport/fetch?url=http://127.0.0.1:{port}/"));
+    assert_eq!(no_port.status, 502, "{no_port:?}");
+    assert!(no_port.body.contains("HttpRequestDenied"), "{}", no_port.body);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "a refused request reached the server");
+
+    let named = site.get(&format!("/apps/named/fetch?url=http://127.0.0.1:{port}/"));
+    assert_eq!((named.status, named.body.as_str()), (200, "fetched: 200\n"));
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
