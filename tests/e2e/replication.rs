@@ -264,8 +264,9 @@ fn send_sync(
 ) -> crate::Response {
     let mut body = atoll_sync::message::encode(message);
     mangle(&mut body);
-    let proof = secret
-        .map(|s| atoll_sync::auth::Secret::new(s).expect("secret").sign(now_ms(), "/_atoll/sync", &body));
+    let proof = secret.map(|s| {
+        atoll_sync::auth::Secret::new(s).expect("secret").sign(now_ms(), &site.name, "/_atoll/sync", &body)
+    });
     let mut headers = vec![];
     if let Some(p) = &proof {
         headers.push(("x-atoll-sync-auth", p.as_str()));

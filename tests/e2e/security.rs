@@ -137,6 +137,14 @@ fn a_deploy_record_forged_with_the_peer_secret_is_not_run() {
         let app = json(&a.admin("GET", "/_atoll/apps/kv", None).body);
         (app["settings"]["deadline_ms"] == 1234).then_some(())
     });
+
+    // Deleted, the app stays deleted: that genuine record, replayed, is older than the delete.
+    assert_eq!(a.admin("DELETE", "/_atoll/apps/kv", None).status, 204);
+    let replayed = record(SITE_SEED, "kv", Some(&version), 1, "deadline_ms=1234", now_ms() - 60_000);
+    let r = push_entries(a, vec![entry("_atoll", "apps", "kv", Some(replayed))], Some(PEER_SECRET), |_| {});
+    assert_eq!(r.status, 200, "{}", r.body);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(a.admin("GET", "/_atoll/apps/kv", None).status, 404);
 }
 
 /// Starts a site that trusts `public` and holds no deploy key.
@@ -273,4 +281,56 @@ fn an_allowed_name_that_resolves_to_loopback_reaches_nothing() {
     let named = site.get(&format!("/apps/named/fetch?url=http://127.0.0.1:{port}/"));
     assert_eq!((named.status, named.body.as_str()), (200, "fetched: 200\n"));
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_captured_sync_request_is_refused_when_replayed_or_sent_to_another_site() {
+    use atoll_sync::message::{Request, Sender};
+    let sites = mesh(&["a", "b"]);
+    deploy_kv(&sites);
+    let (a, b) = (&sites[0], &sites[1]);
+    assert_eq!(introduce_intruder(a).status, 200);
+    assert_eq!(introduce_intruder(b).status, 200);
+    let from = Sender {
+        site: "intruder".into(),
+        incarnation: 1,
+        boot: 1,
+        boot_nonce: 1,
+        durable: (now_ms(), 0),
+        resyncing: false,
+        since: (1, 0),
+    };
+    let body = atoll_sync::message::encode(&Request::Push(
+        from,
+        vec![entry("kv", "b", "k", Some(b"pushed".to_vec()))],
+    ));
+    // Captured on its way to a: signed for a, with its nonce.
+    let proof = atoll_sync::auth::Secret::new(PEER_SECRET).expect("secret").sign(
+        now_ms(),
+        "a",
+        "/_atoll/sync",
+        &body,
+    );
+    let send = |site: &Site| {
+        crate::request(
+            "POST",
+            &format!("{}/_atoll/sync", site.url),
+            &[("x-atoll-sync-auth", &proof)],
+            Some(&body),
+        )
+    };
+    assert_eq!(send(a).status, 200);
+    assert_eq!(get(a, "k").as_deref(), Some("pushed"));
+    // Delete it at a, then replay the captured push: refused, the delete stands.
+    let r = crate::request("DELETE", &format!("{}/apps/kv/b/k", a.url), &[], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let replayed = send(a);
+    assert_eq!(replayed.status, 409, "{}", replayed.body);
+    assert!(replayed.body.contains("replay"), "{}", replayed.body);
+    // Sent to b instead: signed for another site.
+    let elsewhere = send(b);
+    assert_eq!(elsewhere.status, 401, "{}", elsewhere.body);
+    assert!(elsewhere.body.contains("another site"), "{}", elsewhere.body);
+    assert_eq!(get(a, "k"), None);
+    crate::replication::converge(&sites, "k", None);
 }

@@ -4,6 +4,9 @@
 //! - `meta`: `"format"` → the format version (u64).
 //! - `apps`: app name → JSON [`AppRecord`] (explicit fields, versioned by `meta.format`).
 //! - `components`: version (SHA-256 hex) → component bytes, shared by apps with the same bytes.
+//! - `signed`: app name → the newest `signed_at_ms` of a deploy or delete this site ran (kept
+//!   after a delete, never replicated nor discarded by a resync: an older signed record is never
+//!   run again; added without a format change, an older registry simply has none).
 //!
 //! Every change is one redb transaction committed with immediate durability: an upload the
 //! client saw succeed survives a crash of the site.
@@ -17,6 +20,7 @@ use serde::{Deserialize, Serialize};
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const COMPONENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("components");
+const SIGNED: TableDefinition<&str, u64> = TableDefinition::new("signed");
 
 /// The registry format this build reads and writes.
 pub const FORMAT_VERSION: u64 = 1;
@@ -101,6 +105,7 @@ impl Registry {
             }
             txn.open_table(APPS)?;
             txn.open_table(COMPONENTS)?;
+            txn.open_table(SIGNED)?;
         }
         txn.commit()?;
         Ok(Registry { db })
@@ -139,6 +144,27 @@ impl Registry {
         };
         txn.commit()?;
         Ok(existed)
+    }
+
+    /// The newest signing time of a deploy or delete of `name` this site ran (0: none).
+    pub fn signed_at(&self, name: &str) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        let signed = txn.open_table(SIGNED)?;
+        Ok(signed.get(name)?.map_or(0, |v| v.value()))
+    }
+
+    /// Raises the newest signing time of `name` to `at` (durably).
+    pub fn raise_signed_at(&self, name: &str, at: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut signed = txn.open_table(SIGNED)?;
+            let current = signed.get(name)?.map_or(0, |v| v.value());
+            if at > current {
+                signed.insert(name, at)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// The component with this version, if stored.

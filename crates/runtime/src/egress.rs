@@ -78,29 +78,40 @@ impl AllowedHost {
     }
 }
 
-/// Loopback, private, link-local, shared, unspecified or metadata space: reachable by a guest
-/// only through an entry naming the address.
+/// Not a public unicast address: loopback, private, link-local, shared, benchmarking, reserved,
+/// multicast, unspecified, metadata (169.254.169.254, Azure's 168.63.129.16), or an IPv6 form
+/// that carries an IPv4 address (mapped, compatible, translated, NAT64, 6to4), whatever that
+/// address is. Reachable by a guest only through an entry naming the address.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, d] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
+                || v4.is_multicast()
                 || a == 0
+                || a >= 240
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (b == 18 || b == 19))
+                || [a, b, c, d] == [168, 63, 129, 16]
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
+            let s = v6.segments();
+            let embeds_v4 = v6.to_ipv4_mapped().is_some()
+                || s[..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible (and :: and ::1)
+                || s[..6] == [0, 0, 0, 0, 0xffff, 0] // IPv4-translated
+                || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] // NAT64
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64
+                || s[0] == 0x2002; // 6to4
+            embeds_v4
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
         }
     }
 }
@@ -199,11 +210,15 @@ pub(crate) async fn send_to(
     let _ = stream.set_nodelay(true);
     // Only the path goes on the wire (the authority is the Host header).
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    if !request.headers().contains_key(http::header::HOST)
-        && let Some(authority) = request.uri().authority()
-        && let Ok(value) = http::HeaderValue::from_str(authority.as_str())
-    {
-        request.headers_mut().insert(http::header::HOST, value);
+    if !request.headers().contains_key(http::header::HOST) {
+        // Host and port only (never a userinfo part of the authority).
+        let host_header = match request.uri().port_u16() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        if let Ok(value) = http::HeaderValue::from_str(&host_header) {
+            request.headers_mut().insert(http::header::HOST, value);
+        }
     }
     *request.uri_mut() = path.parse().map_err(|_| HttpError::HttpRequestUriInvalid)?;
     let handshake = async {
@@ -308,6 +323,18 @@ mod tests {
             "fd12::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "64:ff9b::a00:5",
+            "64:ff9b:1::1",
+            "::7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "2002:a00:1::1",
+            "fec0::1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "224.0.0.1",
+            "168.63.129.16",
+            "192.0.0.8",
+            "ff02::1",
         ] {
             let denied = p.usable("api.example.com", 443, &ips(&[inside]));
             assert!(matches!(denied, Err(Denied::Internal(_))), "{inside}: {denied:?}");

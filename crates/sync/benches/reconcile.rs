@@ -115,6 +115,7 @@ async fn side(name: &str) -> Result<Side> {
         node: node.clone(),
         secret: atoll_sync::auth::Secret::new(SECRET)?,
         blobs: Arc::new(NoBlobs),
+        replays: Default::default(),
     };
     let router = atoll_sync::http::routes(Arc::new(server));
     let wire = Arc::new(AtomicU64::new(0));

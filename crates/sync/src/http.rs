@@ -95,7 +95,7 @@ impl HttpTransport {
         }
         let path = format!("{SYNC_PATH}/blobs/{version}");
         let request = http::Request::get(format!("{url}{path}"))
-            .header(auth::HEADER, self.secret.sign(wall_ms(), &path, b""))
+            .header(auth::HEADER, self.secret.sign(wall_ms(), "", &path, b""))
             .body(Full::new(Bytes::new()))?;
         let (parts, body) = self.send(request, MAX_BLOB).await?;
         if parts.status != StatusCode::OK {
@@ -114,10 +114,11 @@ fn header_bytes(headers: &HeaderMap) -> usize {
 }
 
 impl Transport for HttpTransport {
-    async fn call(&self, url: &str, request: Request) -> Result<Exchange> {
+    async fn call(&self, url: &str, to: &str, request: Request) -> Result<Exchange> {
         let body = message::encode(&request);
+        let request_proof = self.secret.sign(wall_ms(), to, SYNC_PATH, &body);
         let request = http::Request::post(format!("{url}{SYNC_PATH}"))
-            .header(auth::HEADER, self.secret.sign(wall_ms(), SYNC_PATH, &body))
+            .header(auth::HEADER, request_proof.as_str())
             .body(Full::new(Bytes::from(body)))?;
         let body_len = body_len_of(&request);
         // Approximate: the headers' plain size (HTTP/2 compresses them; the exact count on the
@@ -131,20 +132,23 @@ impl Transport for HttpTransport {
             // A peer that refused the proof's timestamp says what time it is: the offset.
             let time_proof = parts.headers.get(TIME_HEADER).and_then(|v| v.to_str().ok());
             if parts.status == StatusCode::UNAUTHORIZED
-                && let Ok(theirs) = self.secret.signed_at(time_proof, "clock", b"")
+                && let Ok(theirs) = self.secret.signed_at(time_proof, "", &clock_purpose(&request_proof), b"")
             {
                 let ours = sent_at / 2 + received_at / 2;
-                let offset_ms = message::offset_ms(theirs, ours);
+                let offset_ms = message::offset_ms(theirs.at_ms, ours);
                 return Err(ClockOffset { offset_ms, detail: format!("{url} answered 401: {text}") }.into());
             }
             bail!("{url} answered {}: {text}", parts.status);
         }
+        // The answer must be signed for this very request: a captured answer to another (an
+        // empty round, say) proves nothing here.
         let proof = parts.headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
-        if let Err(e) = self.secret.verify(proof, received_at, "reply", &bytes) {
+        let purpose = Secret::reply_purpose(&request_proof);
+        if let Err(e) = self.secret.verify(proof, received_at, "", &purpose, &bytes) {
             if let auth::AuthError::Stale(_) = e
-                && let Ok(at) = self.secret.signed_at(proof, "reply", &bytes)
+                && let Ok(at) = self.secret.signed_at(proof, "", &purpose, &bytes)
             {
-                let offset_ms = message::offset_ms(at, received_at);
+                let offset_ms = message::offset_ms(at.at_ms, received_at);
                 return Err(ClockOffset { offset_ms, detail: format!("{url}'s answer: {e}") }.into());
             }
             return Err(anyhow::Error::new(e).context(format!("{url}'s answer")));
@@ -180,6 +184,8 @@ pub struct Server<S> {
     pub secret: Secret,
     /// Components by version.
     pub blobs: Arc<dyn Blobs>,
+    /// The nonces of the requests taken lately (a replay is refused).
+    pub replays: auth::Replays,
 }
 
 impl<S> std::fmt::Debug for Server<S> {
@@ -188,10 +194,14 @@ impl<S> std::fmt::Debug for Server<S> {
     }
 }
 
-/// On a 401, the refusing site's wall clock, signed like a message (purpose `clock`, empty body):
-/// a caller whose clock is off learns by how much, and nobody without the secret can tell it
-/// otherwise.
+/// On a 401, the refusing site's wall clock, signed like an answer to the refused request
+/// (purpose `clock` and the request's proof, empty body): a caller whose clock is off learns by
+/// how much, and nobody without the secret can tell it otherwise, nor replay an old one.
 pub const TIME_HEADER: &str = "x-atoll-time";
+
+fn clock_purpose(request_proof: &str) -> String {
+    format!("clock\n{request_proof}")
+}
 
 /// A peer could not be talked to because the two clocks are further apart than the signature
 /// window: the offset (the peer's clock minus this site's, in ms) is known all the same.
@@ -230,21 +240,37 @@ async fn sync<S: SyncStore>(
     };
     let now = wall_ms();
     let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
-    if let Err(e) = server.secret.verify(proof, now, SYNC_PATH, &bytes) {
-        tracing::warn!("refused a sync request: {e}");
-        // A genuine hello (the signature holds) from a site whose clock is too far off to talk:
-        // show who it is and by how much, and admit nothing.
-        if let auth::AuthError::Stale(_) = e
-            && let Ok(at) = server.secret.signed_at(proof, SYNC_PATH, &bytes)
-            && let Ok(Request::Hello(hello)) = message::decode::<Request>(&bytes)
-        {
-            let offset = message::offset_ms(at, now);
-            server.node.note_clock_too_far(&hello.me, offset, now);
+    let me = server.node.me().site.clone();
+    // For this site by name; or for no one in particular, which only a hello may be (its sender
+    // may know this site by address only).
+    let verified = match server.secret.verify(proof, now, &me, SYNC_PATH, &bytes) {
+        Err(auth::AuthError::BadSignature) => {
+            server.secret.verify(proof, now, "", SYNC_PATH, &bytes).map(|p| (p, false))
         }
-        // The time, so that a caller whose clock is off learns by how much (it proves nothing).
-        let time = server.secret.sign(now, "clock", b"");
-        return (StatusCode::UNAUTHORIZED, [(TIME_HEADER, time)], format!("{e}\n")).into_response();
-    }
+        other => other.map(|p| (p, true)),
+    };
+    let (verified, addressed) = match verified {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("refused a sync request: {e}");
+            // A genuine hello (the signature holds) from a site whose clock is too far off to
+            // talk: show who it says it is (a replay of an old hello looks the same, so this
+            // only flags; offsets come from this site's own requests), and admit nothing.
+            if let auth::AuthError::Stale(_) = e
+                && let Ok(at) = server
+                    .secret
+                    .signed_at(proof, &me, SYNC_PATH, &bytes)
+                    .or_else(|_| server.secret.signed_at(proof, "", SYNC_PATH, &bytes))
+                && let Ok(Request::Hello(hello)) = message::decode::<Request>(&bytes)
+            {
+                let offset = message::offset_ms(at.at_ms, now);
+                server.node.note_clock_too_far(&hello.me, offset, now);
+            }
+            // The time, so that a caller whose clock is off learns by how much (it proves nothing).
+            let time = server.secret.sign(now, "", &clock_purpose(proof.unwrap_or("")), b"");
+            return (StatusCode::UNAUTHORIZED, [(TIME_HEADER, time)], format!("{e}\n")).into_response();
+        }
+    };
     let request: Request = match message::decode(&bytes) {
         Ok(r) => r,
         Err(e) => {
@@ -252,10 +278,19 @@ async fn sync<S: SyncStore>(
             return refuse(StatusCode::BAD_REQUEST, e);
         }
     };
+    if !addressed && !matches!(request, Request::Hello(_)) {
+        tracing::warn!("refused a sync request signed for another site");
+        return refuse(StatusCode::UNAUTHORIZED, "this request was signed for another site");
+    }
+    if !server.replays.first_time(verified, now) {
+        tracing::warn!("refused a replayed sync request");
+        return refuse(StatusCode::CONFLICT, "this request was taken already (a replay)");
+    }
+    let request_proof = proof.unwrap_or("");
     match server.node.handle(request, now).await {
         Ok(reply) => {
             let body = message::encode(&reply);
-            let proof = server.secret.sign(wall_ms(), "reply", &body);
+            let proof = server.secret.sign(wall_ms(), "", &Secret::reply_purpose(request_proof), &body);
             (
                 [(auth::HEADER, proof.as_str()), (header::CONTENT_TYPE.as_str(), "application/octet-stream")],
                 body,
@@ -279,7 +314,7 @@ async fn blob<S: SyncStore>(
     }
     let path = format!("{SYNC_PATH}/blobs/{version}");
     let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
-    if let Err(e) = server.secret.verify(proof, wall_ms(), &path, b"") {
+    if let Err(e) = server.secret.verify(proof, wall_ms(), "", &path, b"") {
         return refuse(StatusCode::UNAUTHORIZED, e);
     }
     match server.blobs.blob(&version) {

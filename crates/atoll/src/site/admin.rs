@@ -263,7 +263,8 @@ fn sign_or_verify(
         header(signing::SIGNATURE_HEADER),
     )
     .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    let recorded = super::deploys::record(site, name)?.map_or(0, |r| r.signed_at_ms);
+    let recorded =
+        super::deploys::record(site, name)?.map_or(0, |r| r.signed_at_ms).max(site.registry.signed_at(name)?);
     match given {
         Some((at, key, signature)) => {
             (record.signed_at_ms, record.key, record.signature) = (at, Some(key), Some(signature));
@@ -361,9 +362,13 @@ async fn upload(
     };
     {
         let (site, name, record, wasm) = (site.clone(), name.clone(), record.clone(), wasm.clone());
-        tokio::task::spawn_blocking(move || site.registry.put(&name, &record, &wasm))
-            .await
-            .map_err(|e| anyhow::anyhow!("registry task failed: {e}"))??;
+        let at = deploy.signed_at_ms;
+        tokio::task::spawn_blocking(move || {
+            site.registry.raise_signed_at(&name, at)?;
+            site.registry.put(&name, &record, &wasm)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("registry task failed: {e}"))??;
     }
     let previous = site
         .apps
@@ -397,10 +402,13 @@ async fn delete_app(
     };
     sign_or_verify(&site, &name, &mut deploy, &headers)?;
     let existed = {
-        let (site, name) = (site.clone(), name.clone());
-        tokio::task::spawn_blocking(move || site.registry.delete(&name))
-            .await
-            .map_err(|e| anyhow::anyhow!("registry task failed: {e}"))??
+        let (site, name, at) = (site.clone(), name.clone(), deploy.signed_at_ms);
+        tokio::task::spawn_blocking(move || {
+            site.registry.raise_signed_at(&name, at)?;
+            site.registry.delete(&name)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("registry task failed: {e}"))??
     };
     let removed = site.apps.write().unwrap_or_else(|e| e.into_inner()).remove(&name);
     if !existed {

@@ -67,22 +67,36 @@ pub(crate) fn admit(site: &Site, key: &[u8], entry: &Entry) -> Result<(), String
         _ => return Err(format!("the deploy record of {name:?} is not a signed record")),
     };
     check_record(site, name, &record)?;
-    // Not older than the deploy this site holds: a replayed record cannot roll an app back.
-    let here = record_of(site, name).map_err(|e| format!("{e:#}"))?;
-    if let Some(here) = here
-        && here.signed_at_ms > record.signed_at_ms
-    {
+    // Not older than the newest deploy this site ran (the registry keeps it through deletes and
+    // resyncs) nor than the record it holds: a replayed record cannot roll an app back or bring
+    // a deleted one back.
+    let ran = site.registry.signed_at(name).map_err(|e| format!("{e:#}"))?;
+    let held = site.kv.entries_at(&[key.to_vec()]).map_err(|e| format!("{e:#}"))?.pop().map(|(_, e)| e);
+    let held_at = match held.as_ref().map(|e| &e.register) {
+        Some(Register::Value(bytes)) => match serde_json::from_slice::<DeployRecord>(bytes) {
+            Ok(here) => here.signed_at_ms,
+            // What this site holds cannot be read: nothing is admitted over it.
+            Err(_) => u64::MAX,
+        },
+        _ => 0,
+    };
+    let newest = ran.max(held_at);
+    if record.signed_at_ms < newest {
         return Err(format!(
-            "the deploy record of {name:?} was signed at {} ms, before the one here ({} ms)",
-            record.signed_at_ms, here.signed_at_ms
+            "the deploy record of {name:?} was signed at {} ms, before the one here ({newest} ms)",
+            record.signed_at_ms
         ));
     }
+    // The same signing time: only the very same entry (a copy by another path), never the same
+    // record stamped again (which would win the store's last-writer-wins order over a newer
+    // deploy still on its way).
+    if record.signed_at_ms == held_at
+        && let Some(held) = held
+        && held != *entry
+    {
+        return Err(format!("the deploy record of {name:?} is a copy of the one here with another stamp"));
+    }
     Ok(())
-}
-
-fn record_of(site: &Site, name: &str) -> Result<Option<DeployRecord>> {
-    let Some(bytes) = site.kv.get(&namespace(site)?, name.as_bytes())? else { return Ok(None) };
-    Ok(serde_json::from_slice(&bytes).ok())
 }
 
 /// What an upload checks, for a record: the name, the version, the parameters, the signature.
@@ -129,9 +143,19 @@ pub(crate) async fn apply(
     if current == wanted {
         return Ok(());
     }
+    let signed_at = record(site, name)?.map_or(0, |r| r.signed_at_ms);
+    let ran = site.registry.signed_at(name)?;
+    if signed_at < ran {
+        tracing::warn!(app = %name, signed_at, ran, "not running a deploy record older than the newest this site ran");
+        return Ok(());
+    }
     let Some(record) = wanted else {
         let (s, n) = (site.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || s.registry.delete(&n)).await??;
+        tokio::task::spawn_blocking(move || {
+            s.registry.raise_signed_at(&n, signed_at)?;
+            s.registry.delete(&n)
+        })
+        .await??;
         let removed = site.apps.write().unwrap_or_else(|e| e.into_inner()).remove(name);
         super::admin::forget_if_unused(site, removed);
         tracing::info!(app = %name, "deleted (replicated)");
@@ -149,7 +173,11 @@ pub(crate) async fn apply(
     };
     {
         let (s, n, r) = (site.clone(), name.to_owned(), record.clone());
-        tokio::task::spawn_blocking(move || s.registry.put(&n, &r, &wasm)).await??;
+        tokio::task::spawn_blocking(move || {
+            s.registry.raise_signed_at(&n, signed_at)?;
+            s.registry.put(&n, &r, &wasm)
+        })
+        .await??;
     }
     let previous = site
         .apps

@@ -207,6 +207,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
             node: node.clone(),
             secret,
             blobs: Arc::new(deploys::Blobs(site.clone())),
+            replays: Default::default(),
         };
         router = atoll_sync::http::routes(Arc::new(server)).merge(router);
         let (site, timing, changes) = (site.clone(), options.config.sync_timing(), kv.changes());

@@ -18,7 +18,7 @@ impl<S: SyncStore> Node<S> {
     }
 
     /// A site whose signed hello was refused because the two clocks are `offset_ms` apart (more
-    /// than the signature window): it is shown, flagged, with its offset, and nothing else.
+    /// than the signature window): it is shown and flagged, and nothing else.
     pub fn note_clock_too_far(&self, who: &PeerInfo, offset_ms: i64, now_ms: u64) {
         let url = who.url.trim_end_matches('/').to_owned();
         if url.is_empty() || url == self.me.url || who.site == self.me.site {
@@ -33,9 +33,12 @@ impl<S: SyncStore> Node<S> {
         let peer = state.peers.entry(known.unwrap_or(url.clone())).or_insert_with(|| Peer::new(url, now_ms));
         peer.site.get_or_insert_with(|| who.site.clone());
         peer.region.get_or_insert_with(|| who.region.clone());
-        peer.clock_offset_ms = Some(offset_ms);
-        peer.offset_at_ms = now_ms;
-        peer.flag = Some(format!("its clock is {offset_ms} ms from this site's: too far apart to talk"));
+        // Only a flag: a replayed old hello looks the same, so the offset that counts for the
+        // clock rule is the one this site measures on its own requests.
+        peer.flag = Some(format!(
+            "a hello signed {offset_ms} ms from this site's clock was refused (its clock is off, or \
+             the message was replayed)"
+        ));
     }
 
     /// Why guests may not use the store now, if they may not (as last computed by

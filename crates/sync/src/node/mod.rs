@@ -76,8 +76,9 @@ impl Default for NodeConfig {
 
 /// Carries requests to other sites.
 pub trait Transport: Send + Sync {
-    /// Sends `request` to the site at `url` and returns its answer.
-    fn call(&self, url: &str, request: Request) -> impl Future<Output = Result<Exchange>> + Send;
+    /// Sends `request` to the site at `url`, known by the name `to` ("" when its name is not
+    /// known yet), and returns its answer.
+    fn call(&self, url: &str, to: &str, request: Request) -> impl Future<Output = Result<Exchange>> + Send;
 }
 
 /// A request's answer and what it cost.

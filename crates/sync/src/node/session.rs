@@ -18,7 +18,8 @@ impl<S: SyncStore> Node<S> {
         request: Request,
         now_ms: u64,
     ) -> Result<Reply> {
-        let result = match transport.call(url, request).await {
+        let to = self.state().peers.get(url).and_then(|p| p.site.clone()).unwrap_or_default();
+        let result = match transport.call(url, &to, request).await {
             Ok(exchange) => {
                 self.exchanged(url, &exchange, now_ms);
                 match exchange.reply {

@@ -117,7 +117,7 @@ struct Link {
 }
 
 impl Transport for Link {
-    async fn call(&self, url: &str, request: Request) -> Result<Exchange> {
+    async fn call(&self, url: &str, _to: &str, request: Request) -> Result<Exchange> {
         let to = Net::index(url);
         let net = &self.net;
         let Some(node) = net.node(to) else { bail!("{url} is down") };

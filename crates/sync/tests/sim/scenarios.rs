@@ -263,12 +263,12 @@ struct Interrupting {
 }
 
 impl Transport for Interrupting {
-    async fn call(&self, url: &str, request: Request) -> Result<Exchange> {
+    async fn call(&self, url: &str, to: &str, request: Request) -> Result<Exchange> {
         if matches!(request, Request::Reconcile(..)) && !self.fired.swap(true, Ordering::Relaxed) {
             let told = self.node.say_hello(&self.inner, &self.hook, self.now_ms).await;
             assert!(told.is_err_and(|e| e.to_string().contains("new incarnation")));
         }
-        self.inner.call(url, request).await
+        self.inner.call(url, to, request).await
     }
 }
 
