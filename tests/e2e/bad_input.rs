@@ -76,7 +76,11 @@ fn invalid_app_name_and_parameters_are_400() {
     assert!(response.body.contains("deadline_ms"), "{}", response.body);
     let response = site.admin("PUT", "/_atoll/apps/ok?memory_mb=100000", Some(&hello));
     assert_eq!(response.status, 400);
-    assert!(response.body.contains("memory cap"), "{}", response.body);
+    assert!(
+        response.body.contains("memory_mb") && response.body.contains("instance pool"),
+        "{}",
+        response.body
+    );
     assert_eq!(site.get("/apps/ok/").status, 404, "nothing deployed");
 }
 

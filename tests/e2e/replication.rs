@@ -218,8 +218,13 @@ pub(crate) fn push_entries(
     secret: Option<&str>,
     mangle: impl Fn(&mut Vec<u8>),
 ) -> crate::Response {
-    use atoll_sync::message::{Request, Sender};
-    let from = Sender {
+    let request = atoll_sync::message::Request::Push(intruder(), entries);
+    send_sync(site, &request, secret, mangle)
+}
+
+/// The site "intruder" as a push names it.
+pub(crate) fn intruder() -> atoll_sync::message::Sender {
+    atoll_sync::message::Sender {
         site: "intruder".into(),
         incarnation: 1,
         boot: 1,
@@ -228,9 +233,7 @@ pub(crate) fn push_entries(
         resyncing: false,
         // How far back its data reaches: what its hello below says too.
         since: (1, 0),
-    };
-    let request = Request::Push(from, entries);
-    send_sync(site, &request, secret, mangle)
+    }
 }
 
 /// Says hello as the site "intruder", which holds the peer secret (a compromised peer).

@@ -285,21 +285,13 @@ fn an_allowed_name_that_resolves_to_loopback_reaches_nothing() {
 
 #[test]
 fn a_captured_sync_request_is_refused_when_replayed_or_sent_to_another_site() {
-    use atoll_sync::message::{Request, Sender};
+    use atoll_sync::message::Request;
     let sites = mesh(&["a", "b"]);
     deploy_kv(&sites);
     let (a, b) = (&sites[0], &sites[1]);
     assert_eq!(introduce_intruder(a).status, 200);
     assert_eq!(introduce_intruder(b).status, 200);
-    let from = Sender {
-        site: "intruder".into(),
-        incarnation: 1,
-        boot: 1,
-        boot_nonce: 1,
-        durable: (now_ms(), 0),
-        resyncing: false,
-        since: (1, 0),
-    };
+    let from = crate::replication::intruder();
     let body = atoll_sync::message::encode(&Request::Push(
         from,
         vec![entry("kv", "b", "k", Some(b"pushed".to_vec()))],
