@@ -282,8 +282,8 @@ fn sign_or_verify(
             ));
         }
         None => {
-            record.signed_at_ms =
-                SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+            record.signed_at_ms = now.max(recorded + 1);
         }
     }
     if record.signed_at_ms <= recorded {
