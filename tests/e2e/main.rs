@@ -8,6 +8,7 @@ mod faults;
 mod keyvalue;
 mod limits;
 mod observability;
+mod refusals;
 mod replication;
 mod restart;
 mod routing;

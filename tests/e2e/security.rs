@@ -5,7 +5,7 @@ use std::process::Command;
 
 use ed25519_dalek::{Signer, SigningKey};
 
-use crate::replication::{WAIT, deploy_kv, get, introduce_intruder, mesh, now_ms, push_entries, put};
+use crate::replication::{FAST, WAIT, deploy_kv, get, introduce_intruder, mesh, now_ms, push_entries, put};
 use crate::{ATOLL, PEER_SECRET, Site, TOKEN, atoll, eventually, json};
 
 /// The seed of the key every e2e site holds (see `deploy_key_file`).
@@ -325,4 +325,167 @@ fn a_captured_sync_request_is_refused_when_replayed_or_sent_to_another_site() {
     assert!(elsewhere.body.contains("another site"), "{}", elsewhere.body);
     assert_eq!(get(a, "k"), None);
     crate::replication::converge(&sites, "k", None);
+}
+
+/// A free port on 127.0.0.1 (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A request as `atoll deploy` sends it: with a body, `expect: 100-continue`, so that a refusal
+/// arrives before the body is sent (a refused body is not read).
+fn send_admin(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> crate::Response {
+    let mut headers = headers.to_vec();
+    if body.is_some() {
+        headers.push(("expect", "100-continue"));
+    }
+    crate::request(method, url, &headers, body)
+}
+
+/// What a site serves of `app`s and records: compared before and after an attack.
+fn apps_of(site_admin_url: &str) -> serde_json::Value {
+    let r = crate::request(
+        "GET",
+        &format!("{site_admin_url}/_atoll/apps"),
+        &[("authorization", &format!("Bearer {}", crate::TOKEN))],
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    json(&r.body)
+}
+
+#[test]
+fn the_admin_api_and_replication_are_never_reached_through_a_router() {
+    let site = Site::start("behind");
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    let before = apps_of(&site.url);
+    let router = crate::RouterProc::start(&[&site.url], None);
+    eventually(WAIT, "the router to see the site live", || {
+        (router.get("/apps/hello/", None).status == 200).then_some(())
+    });
+    let auth = format!("Bearer {TOKEN}");
+    let wasm = std::fs::read(atoll_test_guests::PROBE).expect("guest");
+    let attempts: [(&str, &str, Option<&[u8]>); 6] = [
+        ("GET", "/_atoll/apps", None),
+        ("PUT", "/_atoll/apps/evil", Some(&wasm)),
+        ("DELETE", "/_atoll/apps/hello", None),
+        ("POST", "/_atoll/sync", Some(b"anything")),
+        ("GET", "/_atoll/sync/status", None),
+        ("GET", "/_atoll/sync/blobs/00", None),
+    ];
+    for (method, path, body) in attempts {
+        for host in [None, Some("hello.localhost")] {
+            let mut headers = vec![("authorization", auth.as_str())];
+            headers.extend(host.map(|h| ("host", h)));
+            let r = send_admin(method, &format!("{}{path}", router.url), &headers, body);
+            assert_eq!(r.status, 404, "{method} {path} via the router (host {host:?}): {r:?}");
+            assert!(r.body.contains("never forwarded"), "{}", r.body);
+            assert!(!r.headers.contains_key("x-atoll-site"), "no site answered {method} {path}");
+        }
+    }
+    assert_eq!(apps_of(&site.url), before, "nothing changed at the site");
+    assert_eq!(router.get("/apps/hello/", None).status, 200, "apps are still served through the router");
+}
+
+#[test]
+fn with_an_admin_listener_the_public_one_serves_apps_and_nothing_of_the_admin_api() {
+    let (a_admin, b_admin) = (free_port(), free_port());
+    let a_admin_url = format!("http://127.0.0.1:{a_admin}");
+    let a = Site::start_with("pub-a", &["--admin-listen", &format!("127.0.0.1:{a_admin}")], Some(FAST));
+    let b = Site::start_with(
+        "pub-b",
+        &["--admin-listen", &format!("127.0.0.1:{b_admin}"), "--peer", &a_admin_url],
+        Some(FAST),
+    );
+    // Deploys go to the admin listener, and replicate between the admin listeners.
+    let out = atoll(&["deploy", "--site", &a_admin_url, "--app", "hello", atoll_test_guests::HELLO]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually(WAIT, "the deploy to replicate to pub-b", || {
+        (b.get("/apps/hello/").status == 200).then_some(())
+    });
+    assert_eq!(a.get("/apps/hello/").status, 200, "apps are served on the public listener");
+    assert_eq!(a.get("/_atoll/health").status, 200, "health too");
+    let before = apps_of(&a_admin_url);
+    // The public listener has no admin API and no replication, token or not.
+    let auth = format!("Bearer {TOKEN}");
+    let wasm = std::fs::read(atoll_test_guests::PROBE).expect("guest");
+    for (method, path, body) in [
+        ("GET", "/_atoll/apps", None),
+        ("PUT", "/_atoll/apps/evil", Some(&wasm[..])),
+        ("DELETE", "/_atoll/apps/hello", None),
+        ("POST", "/_atoll/sync", Some(&b"anything"[..])),
+        ("GET", "/_atoll/sync/blobs/00", None),
+    ] {
+        let r = send_admin(method, &format!("{}{path}", a.url), &[("authorization", auth.as_str())], body);
+        assert_eq!(r.status, 404, "{method} {path} on the public listener: {r:?}");
+        assert!(r.body.contains("admin listener"), "{}", r.body);
+    }
+    let out = atoll(&["deploy", "--site", &a.url, "--app", "evil", atoll_test_guests::PROBE]);
+    assert!(!out.status.success(), "a deploy to the public listener fails");
+    assert_eq!(apps_of(&a_admin_url), before, "nothing changed");
+    assert_eq!(b.get("/apps/hello/").status, 200);
+}
+
+#[test]
+fn protected_status_needs_the_token_and_wrong_tokens_are_locked_out() {
+    let site = Site::start_with("guarded", &[], Some("[admin]\nprotect_status = true\n"));
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    let auth = format!("Bearer {TOKEN}");
+    for path in ["/metrics", "/_atoll/ui/state", "/_atoll/sync/status", "/_atoll/router/status"] {
+        let r = site.get(path);
+        assert_eq!(r.status, 401, "{path} without the token: {r:?}");
+        let r = crate::request("GET", &format!("{}{path}", site.url), &[("authorization", &auth)], None);
+        assert_eq!(r.status, 200, "{path} with the token: {r:?}");
+    }
+    assert_eq!(site.get("/_atoll/health").status, 200, "health stays open (load balancers use it)");
+    assert_eq!(site.get("/_atoll/ui").status, 200, "the page itself asks for the token");
+    assert_eq!(site.get("/apps/hello/").status, 200);
+    // A guesser: ten wrong tokens, then even the right one is refused for a while.
+    for i in 0..10 {
+        let wrong = format!("Bearer guess-{i}");
+        let r =
+            crate::request("GET", &format!("{}/_atoll/apps", site.url), &[("authorization", &wrong)], None);
+        assert_eq!(r.status, 401, "{r:?}");
+    }
+    let locked =
+        crate::request("GET", &format!("{}/_atoll/apps", site.url), &[("authorization", &auth)], None);
+    assert_eq!(locked.status, 429, "{locked:?}");
+    assert!(locked.headers.contains_key("retry-after"), "{locked:?}");
+    let locked = send_admin(
+        "PUT",
+        &format!("{}/_atoll/apps/evil", site.url),
+        &[("authorization", &auth)],
+        Some(&std::fs::read(atoll_test_guests::PROBE).expect("guest")),
+    );
+    assert_eq!(locked.status, 429, "{locked:?}");
+    assert!(site.stderr().contains("locked out"), "the lockout is logged");
+    assert_eq!(site.get("/apps/hello/").status, 200, "apps are served meanwhile");
+    let evil = site.get("/apps/evil/");
+    assert_eq!(evil.status, 404, "nothing was deployed: {evil:?}");
+}
+
+#[test]
+fn forwarding_headers_from_clients_are_replaced_and_only_atoll_hops_are_believed() {
+    let spoofed = [("x-forwarded-for", "6.6.6.6"), ("x-atoll-forwarded-by", "evil-router")];
+    // A site that trusts no forwarder: whatever a client says, the guest sees the peer address.
+    let site = Site::start_with("hops", &[], Some("[routing]\ntrusted_forwarders = []\n"));
+    site.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let r = crate::request("GET", &format!("{}/apps/probe/headers", site.url), &spoofed, None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("x-forwarded-for: 127.0.0.1\n"), "{}", r.body);
+    assert!(!r.body.contains("6.6.6.6") && !r.body.contains("evil-router"), "{}", r.body);
+    assert_eq!(r.headers["x-atoll-route"], "nearest", "a client's hop header does not pin the request here");
+    // Through a router the site trusts (loopback, the default): the router is the first hop. The
+    // site listens on another loopback address, so that the client (127.0.0.1) is not taken
+    // for it by the router (a router believes the sites it routes to).
+    let behind = Site::start_with("behind-router", &["--listen", "127.0.0.2:0"], None);
+    behind.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let router = crate::RouterProc::start(&[&behind.url], Some("[routing]\ntrusted_forwarders = []\n"));
+    let r = eventually(WAIT, "the router to serve the probe", || {
+        let r = crate::request("GET", &format!("{}/apps/probe/headers", router.url), &spoofed, None);
+        (r.status == 200).then_some(r)
+    });
+    assert!(r.body.contains("x-forwarded-for: 127.0.0.1, 127.0.0.1\n"), "{}", r.body);
+    assert!(r.body.contains("x-atoll-forwarded-by: router\n"), "{}", r.body);
+    assert!(!r.body.contains("6.6.6.6") && !r.body.contains("evil-router"), "{}", r.body);
 }

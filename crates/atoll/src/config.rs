@@ -29,6 +29,21 @@ pub struct FileConfig {
     pub dns: DnsConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// `[server]`: what one client connection may cost (sites and routers).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Open connections at once (default 10000); past it, new ones wait to be accepted.
+    pub max_connections: Option<usize>,
+    /// A connection's first request, and an HTTP/1 request's headers, must arrive within this
+    /// (default 10000).
+    pub header_read_timeout_ms: Option<u64>,
+    /// A connection with no request in flight this long is closed (default 60000).
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// `[shutdown]`: what SIGTERM (or Ctrl-C) does.
@@ -111,6 +126,10 @@ pub struct RuntimeSection {
     /// Threads serving requests, each with its own runtime and socket (default: one per core).
     pub server_threads: Option<usize>,
     pub max_memory_mb: Option<u64>,
+    /// Instances one app may hold at once (default: half of max_instances).
+    pub max_instances_per_app: Option<u32>,
+    /// Request bodies buffered for guests, all apps together (default 512).
+    pub max_buffered_body_mb: Option<u64>,
 }
 
 /// `[admin]`: the admin API.
@@ -123,6 +142,10 @@ pub struct AdminConfig {
     pub deploy_public_keys: Vec<String>,
     /// A deploy key this site signs the uploads its admin token admits with (and trusts).
     pub deploy_key_file: Option<std::path::PathBuf>,
+    /// Whether the status endpoints (`/_atoll/ui/state`, `/_atoll/sync/status`,
+    /// `/_atoll/router/status`, `/metrics`) need the admin token too (default false).
+    #[serde(default)]
+    pub protect_status: bool,
 }
 
 /// Sets `a.b.c` in `table` to `raw` read as a TOML value (else a string).
@@ -210,6 +233,11 @@ impl FileConfig {
             ("sync.collect_interval_s", self.sync.collect_interval_s),
             ("sync.max_clock_offset_ms", self.sync.max_clock_offset_ms),
             ("dns.interval_s", self.dns.interval_s),
+            ("runtime.max_instances_per_app", self.runtime.max_instances_per_app.map(u64::from)),
+            ("runtime.max_buffered_body_mb", self.runtime.max_buffered_body_mb),
+            ("server.max_connections", self.server.max_connections.map(|n| n as u64)),
+            ("server.header_read_timeout_ms", self.server.header_read_timeout_ms),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
         ];
         for (field, value) in positive {
             if value == Some(0) {
@@ -227,6 +255,14 @@ impl FileConfig {
         defaults
             .settings(&Limits::default(), &self.caps())
             .map_err(|e| anyhow::anyhow!("config section [limits]: {e}"))?;
+        let runtime = self.runtime_config();
+        if runtime.max_instances_per_app > runtime.max_instances {
+            bail!(
+                "config field runtime.max_instances_per_app ({}) must be at most runtime.max_instances ({})",
+                runtime.max_instances_per_app,
+                runtime.max_instances
+            );
+        }
         if self.max_upload() > atoll_sync::http::MAX_BLOB as u64 {
             bail!(
                 "config field admin.max_upload_bytes must be at most {} (what a peer fetches of a \
@@ -270,7 +306,29 @@ impl FileConfig {
                 .max_memory_mb
                 .map(|mb| (mb << 20) as usize)
                 .unwrap_or(base.max_memory_bytes),
+            max_instances_per_app: self.runtime.max_instances_per_app.unwrap_or_else(|| {
+                RuntimeConfig::default_per_app(self.runtime.max_instances.unwrap_or(base.max_instances))
+            }),
+            max_buffered_body_bytes: self
+                .runtime
+                .max_buffered_body_mb
+                .map(|mb| (mb << 20) as usize)
+                .unwrap_or(base.max_buffered_body_bytes),
             ..base
+        }
+    }
+
+    /// What one client connection may cost.
+    pub(crate) fn connection_limits(&self) -> crate::listen::ConnectionLimits {
+        let base = crate::listen::ConnectionLimits::default();
+        let s = &self.server;
+        crate::listen::ConnectionLimits {
+            max_connections: s.max_connections.unwrap_or(base.max_connections),
+            header_read_timeout: s
+                .header_read_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(base.header_read_timeout),
+            idle_timeout: s.idle_timeout_ms.map(Duration::from_millis).unwrap_or(base.idle_timeout),
         }
     }
 
@@ -357,6 +415,14 @@ mod tests {
         assert_eq!(example.default_limits(), defaults.default_limits());
         let (a, b) = (example.runtime_config(), defaults.runtime_config());
         assert_eq!((a.max_instances, a.max_memory_bytes), (b.max_instances, b.max_memory_bytes));
+        assert_eq!(
+            (a.max_instances_per_app, a.max_buffered_body_bytes),
+            (b.max_instances_per_app, b.max_buffered_body_bytes)
+        );
+        assert_eq!(
+            format!("{:?}", example.connection_limits()),
+            format!("{:?}", defaults.connection_limits())
+        );
         assert_eq!(example.max_upload(), defaults.max_upload());
         assert_eq!(format!("{:?}", example.sync_timing()), format!("{:?}", defaults.sync_timing()));
         assert_eq!(example.node_config().horizon_ms, defaults.node_config().horizon_ms);

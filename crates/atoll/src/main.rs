@@ -67,6 +67,11 @@ struct SiteArgs {
     /// Address to listen on; port 0 picks a free port (printed on the first line of stdout).
     #[arg(long, env = "ATOLL_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Serve the admin API and replication on this address only, apart from the apps: the
+    /// listen address then serves apps, health and the status page, and nothing under
+    /// /_atoll/apps or /_atoll/sync. Peers reach this site here (the default advertised URL).
+    #[arg(long, env = "ATOLL_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Directory for this site's data (app registry, compiled components).
     #[arg(long, env = "ATOLL_DATA")]
     data: PathBuf,
@@ -240,6 +245,7 @@ fn run_site(args: SiteArgs) -> Result<()> {
         name: args.name,
         region: args.region,
         listen: args.listen,
+        admin_listen: args.admin_listen,
         data: args.data,
         config,
         admin_token,

@@ -74,7 +74,7 @@ pub fn run(options: RouterOptions) -> Result<()> {
     let listeners = crate::listen::bind(options.listen, threads)?;
     let addr = listeners[0].local_addr().context("no local address")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let workers = crate::listen::serve("atoll-router", listeners, app, &stopped)?;
+    let workers = crate::listen::serve("atoll-router", listeners, app, config.connection_limits(), &stopped)?;
     // The first line on stdout is for scripts and tests: where the router listens.
     println!("atoll router {name} listening on http://{addr}");
     tracing::info!(router = %name, %addr, sites = router.sites().len(), threads, "router started");

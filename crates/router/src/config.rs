@@ -29,6 +29,11 @@ pub struct RoutingConfig {
     /// another site after being sent (default 65 536). Larger bodies stream and are not retried
     /// once sent.
     pub replay_body_bytes: Option<u64>,
+    /// Addresses (`10.0.0.7`) and networks (`10.244.0.0/16`) whose `x-atoll-forwarded-by` and
+    /// `x-forwarded-for` are believed: other Atoll routers in front of this one. Besides these,
+    /// a site believes the sites it routes to. Default: loopback only. From anyone else both
+    /// headers are replaced: `x-forwarded-for` becomes the connection's peer address.
+    pub trusted_forwarders: Option<Vec<String>>,
     /// `[routing.health]`.
     #[serde(default)]
     pub health: HealthConfig,
@@ -69,6 +74,7 @@ pub struct Settings {
     pub fall: u32,
     pub rise: u32,
     pub regions: Regions,
+    pub trusted_forwarders: Vec<ipnet::IpNet>,
 }
 
 impl RoutingConfig {
@@ -116,7 +122,25 @@ impl RoutingConfig {
                  under [routing.regions])"
             )
         })?;
+        let trusted = match &self.trusted_forwarders {
+            Some(list) => list.clone(),
+            None => vec!["127.0.0.0/8".into(), "::1".into()],
+        };
+        let trusted_forwarders = trusted
+            .iter()
+            .map(|text| {
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "config field routing.trusted_forwarders: {text:?} is not an address or a network \
+                             (10.0.0.7, 10.244.0.0/16)"
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Settings {
+            trusted_forwarders,
             region_header,
             default_region,
             max_attempts: self.max_attempts.unwrap_or(3),

@@ -27,6 +27,10 @@ pub(crate) async fn run(router: Arc<Router>) {
     }
 }
 
+/// The most of a health answer read (a site's is ~200 bytes): a site, or anything at its
+/// address, cannot make a router buffer more.
+pub(crate) const MAX_HEALTH_BODY: usize = 64 << 10;
+
 async fn check(router: &Router, site: &SiteState) {
     let settings = &router.settings;
     let request = http::Request::get(site.uri("/_atoll/health?ready=1"))
@@ -37,7 +41,11 @@ async fn check(router: &Router, site: &SiteState) {
         let response =
             crate::proxy::client().request(request).await.map_err(|e| crate::proxy::describe(&e))?;
         let status = response.status();
-        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = http_body_util::Limited::new(response.into_body(), MAX_HEALTH_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("health check answer: {e}"))?
+            .to_bytes();
         if status != http::StatusCode::OK {
             return Err(format!("health check answered {status}"));
         }

@@ -220,6 +220,37 @@ impl<T: Unpin> futures_core::Stream for Once<T> {
     }
 }
 
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Sets `x-forwarded-for` as the first Atoll hop does: the connection's peer address, whatever
+/// the client sent; after another Atoll hop (`hop`), that hop's chain and its address. A hop
+/// header from anyone else is dropped.
+fn forwarded_for(headers: &mut HeaderMap, client: Option<IpAddr>, hop: bool) {
+    let prior = if hop { headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) } else { None };
+    let value = match (prior, client) {
+        (Some(prior), Some(ip)) => HeaderValue::from_str(&format!("{prior}, {ip}")).ok(),
+        (None, Some(ip)) => HeaderValue::from_str(&ip.to_string()).ok(),
+        (_, None) => None,
+    };
+    if !hop {
+        headers.remove(crate::HOP_HEADER);
+    }
+    match value {
+        Some(v) => {
+            headers.insert(FORWARDED_FOR, v);
+        }
+        None if !hop => {
+            headers.remove(FORWARDED_FOR);
+        }
+        None => {}
+    }
+}
+
+/// Whether `path` is under `/_atoll/`, which is never forwarded.
+fn is_reserved(path: &str) -> bool {
+    path == "/_atoll" || path.starts_with("/_atoll/")
+}
+
 fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -280,9 +311,27 @@ impl Router {
     /// Decides where `request` goes and, unless that is this site, proxies it there, failing
     /// over to the next live site as the retry rule allows. `client` is the peer address the
     /// request came from (for `x-forwarded-for`).
-    pub async fn route(&self, request: Request<Body>, client: Option<IpAddr>) -> Outcome {
+    pub async fn route(&self, mut request: Request<Body>, client: Option<IpAddr>) -> Outcome {
+        // Who sent it: another Atoll hop (a trusted forwarder, or a site this one routes to),
+        // whose hop header and forwarded-for chain hold; or anyone else, whose do not.
+        let hop = request.headers().contains_key(crate::HOP_HEADER) && self.trusts(client);
+        forwarded_for(request.headers_mut(), client, hop);
         let region = self.client_region(request.headers());
-        if self.me.is_some() && request.headers().contains_key(crate::HOP_HEADER) {
+        if is_reserved(request.uri().path()) {
+            // The admin API, replication and status of a site are its own: never reached
+            // through a router or another site, on any host.
+            let mut response = text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "{} is reserved: /_atoll/ paths are served by each site or router itself and \
+                     never forwarded\n",
+                    request.uri().path()
+                ),
+            );
+            RouteInfo { reason: "none", region }.apply(response.headers_mut());
+            return Outcome::Response(response);
+        }
+        if self.me.is_some() && hop {
             tracing::debug!(region = %region.region, "served here: forwarded by another router or site");
             return Outcome::Local(request, RouteInfo { reason: "forwarded", region });
         }
@@ -345,15 +394,6 @@ impl Router {
         };
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
-        if let Some(ip) = client {
-            let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prior) => format!("{prior}, {ip}"),
-                None => ip.to_string(),
-            };
-            if let Ok(v) = HeaderValue::from_str(&forwarded) {
-                headers.insert("x-forwarded-for", v);
-            }
-        }
         if let Ok(v) = HeaderValue::from_str(&self.name) {
             headers.insert(crate::HOP_HEADER, v);
         }
@@ -451,6 +491,33 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn reserved_paths_are_the_atoll_tree() {
+        for path in ["/_atoll", "/_atoll/", "/_atoll/apps", "/_atoll/sync", "/_atoll/apps/x"] {
+            assert!(is_reserved(path), "{path}");
+        }
+        for path in ["/", "/apps/x/_atoll/apps", "/_atollx", "/metrics"] {
+            assert!(!is_reserved(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn forwarded_for_is_the_peer_unless_an_atoll_hop_sent_it() {
+        let client: Option<IpAddr> = Some([203, 0, 113, 9].into());
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert(crate::HOP_HEADER, HeaderValue::from_static("evil"));
+        forwarded_for(&mut h, client, false);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
+        assert!(!h.contains_key(crate::HOP_HEADER), "a hop header from a client is dropped");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        h.insert(crate::HOP_HEADER, HeaderValue::from_static("router"));
+        forwarded_for(&mut h, client, true);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.9");
+        assert_eq!(h[crate::HOP_HEADER], "router");
     }
 
     #[test]

@@ -89,6 +89,11 @@ impl SiteState {
     }
 
     /// The base URL.
+    /// The site's address, when its URL names one (not a DNS name).
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        self.uri_base.host()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -34,6 +34,8 @@ struct Inner {
     pre: ProxyPre<Host>,
     settings: AppSettings,
     egress: crate::egress::Policy,
+    /// This app's share of the instance pool (shared with its other versions).
+    share: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for App {
@@ -55,7 +57,9 @@ impl App {
         settings: AppSettings,
     ) -> App {
         let egress = crate::egress::Policy::new(&settings.allowed_hosts);
-        App { inner: Arc::new(Inner { shared, name: name.into(), version, pre, settings, egress }) }
+        let name: Arc<str> = name.into();
+        let share = shared.shares.of(&name);
+        App { inner: Arc::new(Inner { shared, name, version, pre, settings, egress, share }) }
     }
 
     /// The app's name.
@@ -75,9 +79,11 @@ impl App {
 
     /// Serves one request with a fresh instance of the handler.
     ///
-    /// The request body is read (up to the app's cap) before the guest starts, so a slow client
-    /// never holds an instance. The response body is collected (up to its cap) within the app's
-    /// deadline. `request_id` tags the guest's log lines.
+    /// The request body is read (up to the app's cap, within its deadline, counted against the
+    /// runtime's body memory) before the guest starts, so a slow client never holds an
+    /// instance; then the request takes one of the app's share of instances. The response body
+    /// is collected (up to its cap) within the app's deadline. `request_id` tags the guest's
+    /// log lines.
     pub async fn handle<B>(
         &self,
         request: http::Request<B>,
@@ -87,20 +93,21 @@ impl App {
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let limits = &self.inner.settings.limits;
+        let inner = &*self.inner;
+        let limits = &inner.settings.limits;
         let (parts, body) = request.into_parts();
-        let too_large = HandleError::RequestBodyTooLarge { limit: limits.max_request_body };
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limits.max_request_body as u64) {
-            return Err(too_large);
-        }
-        let body = match Limited::new(body, limits.max_request_body).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large),
-            Err(e) => return Err(HandleError::RequestBody(e.to_string())),
+        let mut reservation = inner.shared.bodies.reservation();
+        let read = crate::budget::read_body(body, declared, limits.max_request_body, &mut reservation);
+        let body = match tokio::time::timeout(limits.deadline, read).await {
+            Ok(body) => body?,
+            Err(_elapsed) => return Err(HandleError::RequestBodyTimeout { deadline: limits.deadline }),
+        };
+        let Ok(_instance) = inner.share.try_acquire() else {
+            return Err(HandleError::AppAtCapacity { limit: inner.shared.shares.per_app() });
         };
         let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
         let deadline = limits.deadline;

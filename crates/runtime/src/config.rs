@@ -9,6 +9,13 @@ pub struct RuntimeConfig {
     /// How many handler instances may be alive at once (the pooling allocator's slots).
     /// A request arriving when all are busy gets [`crate::HandleError::AtCapacity`].
     pub max_instances: u32,
+    /// How many instances one app may hold at once, so that one app (busy, slow or hostile)
+    /// leaves instances for the others; past it its requests get
+    /// [`crate::HandleError::AppAtCapacity`]. Default: half of `max_instances`.
+    pub max_instances_per_app: u32,
+    /// Request bodies buffered for guests, all apps together, in bytes; a request whose body
+    /// would pass it gets [`crate::HandleError::BodyMemoryFull`].
+    pub max_buffered_body_bytes: usize,
     /// The largest linear memory any app may be allowed, in bytes: the pool's slot size.
     /// Per-app caps ([`Limits::max_memory_bytes`]) must not exceed it.
     pub max_memory_bytes: usize,
@@ -27,12 +34,21 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             max_instances: 1000,
+            max_instances_per_app: RuntimeConfig::default_per_app(1000),
+            max_buffered_body_bytes: 512 << 20,
             max_memory_bytes: 128 << 20,
             epoch_tick: Duration::from_millis(10),
             guest_env: Vec::new(),
             cache_dir: None,
             kv: None,
         }
+    }
+}
+
+impl RuntimeConfig {
+    /// The default per-app share of a pool of `max_instances`: half of it.
+    pub fn default_per_app(max_instances: u32) -> u32 {
+        (max_instances / 2).max(1)
     }
 }
 

@@ -92,6 +92,24 @@ pub enum HandleError {
     /// Every instance slot of the pool is in use.
     #[error("the site is at its instance capacity; retry shortly")]
     AtCapacity,
+    /// The app holds its whole share of the instance pool.
+    #[error("this app is at its share of {limit} instances at once; retry shortly")]
+    AppAtCapacity {
+        /// Instances one app may hold.
+        limit: usize,
+    },
+    /// The request bodies buffered for guests on this site are at their cap.
+    #[error("the site holds {cap} bytes of request bodies already; retry shortly")]
+    BodyMemoryFull {
+        /// The cap in bytes.
+        cap: usize,
+    },
+    /// The client did not send the whole request body within the app's deadline.
+    #[error("the request body did not arrive within {} ms", .deadline.as_millis())]
+    RequestBodyTimeout {
+        /// The deadline.
+        deadline: std::time::Duration,
+    },
     /// A host-side failure unrelated to the guest.
     #[error("internal error: {0}")]
     Internal(String),
@@ -103,8 +121,12 @@ impl HandleError {
         match self {
             HandleError::RequestBodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HandleError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            HandleError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             HandleError::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
-            HandleError::AtCapacity | HandleError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HandleError::AtCapacity
+            | HandleError::AppAtCapacity { .. }
+            | HandleError::BodyMemoryFull { .. }
+            | HandleError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             HandleError::Trap(_)
             | HandleError::NoResponse
             | HandleError::GuestError(_)

@@ -31,6 +31,7 @@
 #![deny(missing_docs)]
 
 mod app;
+mod budget;
 mod config;
 mod egress;
 mod error;

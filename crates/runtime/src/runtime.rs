@@ -33,6 +33,10 @@ pub(crate) struct Shared {
     compiled: Mutex<HashMap<Version, Component>>,
     ticker: Mutex<Option<JoinHandle<()>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Request bodies buffered for guests, all apps together.
+    pub(crate) bodies: crate::budget::BodyBudget,
+    /// Each app's share of the instance pool.
+    pub(crate) shares: crate::budget::AppShares,
 }
 
 impl Drop for Shared {
@@ -81,6 +85,8 @@ impl Runtime {
         Ok(Runtime {
             shared: Arc::new(Shared {
                 engine,
+                bodies: crate::budget::BodyBudget::new(config.max_buffered_body_bytes),
+                shares: crate::budget::AppShares::new(config.max_instances_per_app),
                 config,
                 linker,
                 compiled: Mutex::new(HashMap::new()),

@@ -1,8 +1,15 @@
 //! Proof of the shared peer secret (`ATOLL_PEER_SECRET`) on every sync message.
 //!
-//! The header `x-atoll-sync-auth: v2 <unix ms> <nonce> <hex>` carries an HMAC-SHA256 truncated to
-//! 128 bits (as RFC 2104 allows; forging it is still a 2^128 guess), keyed by the secret, over
-//! `atoll-sync-v2 \n <unix ms> \n <nonce> \n <recipient> \n <purpose> \n <body>`:
+//! The header `x-atoll-sync-auth: v3 <unix ms> <nonce> <length> <head tag> <tag>` carries two
+//! HMAC-SHA256s truncated to 128 bits (as RFC 2104 allows; forging one is still a 2^128 guess),
+//! keyed by the secret:
+//! - the **head tag** covers `atoll-sync-v3-head \n <unix ms> \n <nonce> \n <recipient> \n
+//!   <purpose> \n <length>`: a receiver checks it before reading any of the body, so a sender
+//!   without the secret is refused without a byte of its body read, and a sender with it is
+//!   read for exactly the length it signed;
+//! - the **tag** covers the same fields and then the body itself.
+//!
+//! The fields:
 //! - the **purpose** names what the message is: the request path, or for an answer `reply` and the
 //!   request's own proof, so an answer holds for the one request it answers (its body, time,
 //!   nonce and recipient) and for no other, and a signed answer is never a request;
@@ -23,13 +30,15 @@ const TAG_BYTES: usize = 16;
 /// How far a message's timestamp may be from the receiver's clock.
 pub const MAX_AGE_MS: u64 = 60_000;
 
-/// What a valid proof says: when it was made, and its nonce.
+/// What a valid proof says: when it was made, its nonce, and the length of its body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Proof {
     /// The signer's clock when it signed (ms since the Unix epoch).
     pub at_ms: u64,
     /// The message's random nonce.
     pub nonce: u64,
+    /// The length of the body it was signed for.
+    pub len: u64,
 }
 
 /// The shared secret.
@@ -48,7 +57,7 @@ pub enum AuthError {
     /// No header.
     #[error("missing {HEADER} header")]
     Missing,
-    /// Not `v1 <ms> <hex>`.
+    /// Not `v3 <ms> <nonce> <length> <hex> <hex>`.
     #[error("malformed {HEADER} header")]
     Malformed,
     /// Outside the time window.
@@ -68,11 +77,11 @@ impl Secret {
         Ok(Secret(text.as_bytes().to_vec()))
     }
 
-    fn mac(&self, at_ms: u64, nonce: u64, to: &str, purpose: &str, body: &[u8]) -> Hmac<Sha256> {
+    fn mac(&self, head: bool, at_ms: u64, nonce: u64, to: &str, purpose: &str, len: usize) -> Hmac<Sha256> {
         // HMAC takes keys of any length.
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
-        mac.update(format!("atoll-sync-v2\n{at_ms}\n{nonce:016x}\n{to}\n{purpose}\n").as_bytes());
-        mac.update(body);
+        let kind = if head { "atoll-sync-v3-head" } else { "atoll-sync-v3" };
+        mac.update(format!("{kind}\n{at_ms}\n{nonce:016x}\n{to}\n{purpose}\n{len}\n").as_bytes());
         mac
     }
 
@@ -83,9 +92,12 @@ impl Secret {
     }
 
     fn sign_with(&self, now_ms: u64, nonce: u64, to: &str, purpose: &str, body: &[u8]) -> String {
-        let tag = self.mac(now_ms, nonce, to, purpose, body).finalize().into_bytes();
-        let hex: String = tag[..TAG_BYTES].iter().map(|b| format!("{b:02x}")).collect();
-        format!("v2 {now_ms} {nonce:016x} {hex}")
+        let len = body.len();
+        let head = self.mac(true, now_ms, nonce, to, purpose, len).finalize().into_bytes();
+        let mut mac = self.mac(false, now_ms, nonce, to, purpose, len);
+        mac.update(body);
+        let tag = mac.finalize().into_bytes();
+        format!("v3 {now_ms} {nonce:016x} {len} {} {}", hex(&head[..TAG_BYTES]), hex(&tag[..TAG_BYTES]))
     }
 
     /// The purpose an answer to the request with proof `request_proof` is signed for.
@@ -120,11 +132,40 @@ impl Secret {
         purpose: &str,
         body: &[u8],
     ) -> Result<Proof, AuthError> {
+        let (proof, _, tag) = self.parse_head(header, to, purpose)?;
+        if proof.len != body.len() as u64 {
+            return Err(AuthError::BadSignature);
+        }
+        let mut mac = self.mac(false, proof.at_ms, proof.nonce, to, purpose, body.len());
+        mac.update(body);
+        mac.verify_truncated_left(&tag).map_err(|_| AuthError::BadSignature)?;
+        Ok(proof)
+    }
+
+    /// Checks the head tag only, whatever the time: what a receiver may know before reading the
+    /// body (who may send it, and how long it is).
+    pub fn head(&self, header: Option<&str>, to: &str, purpose: &str) -> Result<Proof, AuthError> {
+        self.parse_head(header, to, purpose).map(|(proof, _, _)| proof)
+    }
+
+    /// Parses a header and checks its head tag; returns the proof, the head tag and the tag.
+    fn parse_head(
+        &self,
+        header: Option<&str>,
+        to: &str,
+        purpose: &str,
+    ) -> Result<(Proof, Vec<u8>, Vec<u8>), AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let mut parts = header.split(' ');
-        let (Some("v2"), Some(at), Some(nonce), Some(hex), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some("v3"), Some(at), Some(nonce), Some(len), Some(head), Some(tag), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(AuthError::Malformed);
         };
         let at: u64 = at.parse().map_err(|_| AuthError::Malformed)?;
@@ -132,18 +173,27 @@ impl Secret {
             return Err(AuthError::Malformed);
         }
         let nonce = u64::from_str_radix(nonce, 16).map_err(|_| AuthError::Malformed)?;
-        if hex.len() != 2 * TAG_BYTES || !hex.is_ascii() {
-            return Err(AuthError::Malformed);
-        }
-        let tag: Vec<u8> = (0..TAG_BYTES)
-            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
-            .collect::<Result<_, _>>()
-            .map_err(|_| AuthError::Malformed)?;
-        self.mac(at, nonce, to, purpose, body)
-            .verify_truncated_left(&tag)
+        let len: usize = len.parse().map_err(|_| AuthError::Malformed)?;
+        let (head, tag) = (unhex(head)?, unhex(tag)?);
+        self.mac(true, at, nonce, to, purpose, len)
+            .verify_truncated_left(&head)
             .map_err(|_| AuthError::BadSignature)?;
-        Ok(Proof { at_ms: at, nonce })
+        Ok((Proof { at_ms: at, nonce, len: len as u64 }, head, tag))
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Result<Vec<u8>, AuthError> {
+    if text.len() != 2 * TAG_BYTES || !text.is_ascii() {
+        return Err(AuthError::Malformed);
+    }
+    (0..TAG_BYTES)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| AuthError::Malformed)
 }
 
 /// The nonces of the requests a site took within the time window: a request seen once is
@@ -194,8 +244,26 @@ mod tests {
             Err(AuthError::Stale(_))
         ));
         assert_eq!(s.verify(None, 1_000_000, "b", "/_atoll/sync", b"body"), Err(AuthError::Missing));
-        assert_eq!(s.verify(Some("v2 12 zz 00"), 1_000_000, "b", "/", b""), Err(AuthError::Malformed));
+        assert_eq!(s.verify(Some("v3 12 zz 0 00 00"), 1_000_000, "b", "/", b""), Err(AuthError::Malformed));
         assert!(Secret::new("short").is_err());
+    }
+
+    #[test]
+    fn the_head_is_checked_without_the_body_and_binds_its_length() {
+        let s = Secret::new("0123456789abcdef").expect("secret");
+        let h = s.sign(1_000_000, "b", "/_atoll/sync", b"body");
+        let head = s.head(Some(&h), "b", "/_atoll/sync").expect("head holds");
+        assert_eq!((head.at_ms, head.len), (1_000_000, 4));
+        assert_eq!(s.head(Some(&h), "c", "/_atoll/sync"), Err(AuthError::BadSignature));
+        let other = Secret::new("fedcba9876543210").expect("secret");
+        assert_eq!(other.head(Some(&h), "b", "/_atoll/sync"), Err(AuthError::BadSignature));
+        // A longer body under the same head: the length it signed differs.
+        let longer = h.replacen(" 4 ", " 5 ", 1);
+        assert_eq!(s.head(Some(&longer), "b", "/_atoll/sync"), Err(AuthError::BadSignature));
+        assert_eq!(
+            s.verify(Some(&h), 1_000_000, "b", "/_atoll/sync", b"body!"),
+            Err(AuthError::BadSignature)
+        );
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! multiplexed connection per peer, and headers that HPACK shrinks to a few bytes per round trip.
 //!
 //! - `POST /_atoll/sync`: one [`Request`] in, one [`Reply`] out, both as
-//!   [`crate::message`] bytes signed with the peer secret ([`crate::auth`]). No valid proof: 401.
-//!   Oversized, malformed or unknown-version body: 400. Nothing is changed in either case.
+//!   [`crate::message`] bytes signed with the peer secret ([`crate::auth`]). The proof's head
+//!   is checked before the body is read: no valid head, 401 with nothing of the body read; a
+//!   signed length over [`MAX_MESSAGE`], 413. Then the whole proof: invalid, 401; a replayed
+//!   request, 409; malformed or unknown-version body, 400. Nothing is changed in any case.
 //! - `GET /_atoll/sync/blobs/{version}`: a deployed component's bytes by version (SHA-256 hex),
 //!   for deploy replication; signed like a request with an empty body.
 //! - `GET /_atoll/sync/status`: this site's replication as JSON: per peer the last successful
@@ -232,15 +234,27 @@ async fn sync<S: SyncStore>(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_MESSAGE).await else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("sync message over the limit of {MAX_MESSAGE} bytes"),
-        );
-    };
-    let now = wall_ms();
     let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
     let me = server.node.me().site.clone();
+    // The head of the proof first: a sender without the secret is refused before a byte of its
+    // body is read, and one with it is read for the length it signed.
+    let head =
+        server.secret.head(proof, &me, SYNC_PATH).or_else(|_| server.secret.head(proof, "", SYNC_PATH));
+    let len = match head {
+        Ok(head) if head.len > MAX_MESSAGE as u64 => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("sync message over the limit of {MAX_MESSAGE} bytes"),
+            );
+        }
+        Ok(head) => head.len as usize,
+        Err(e) => return unauthorized(&server.secret, proof, wall_ms(), e),
+    };
+    let bytes = match http_body_util::Limited::new(body, len).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("cannot read the sync message: {e}")),
+    };
+    let now = wall_ms();
     // For this site by name; or for no one in particular, which only a hello may be (its sender
     // may know this site by address only).
     let verified = match server.secret.verify(proof, now, &me, SYNC_PATH, &bytes) {
@@ -252,7 +266,6 @@ async fn sync<S: SyncStore>(
     let (verified, addressed) = match verified {
         Ok(v) => v,
         Err(e) => {
-            tracing::warn!("refused a sync request: {e}");
             // A genuine hello (the signature holds) from a site whose clock is too far off to
             // talk: show who it says it is (a replay of an old hello looks the same, so this
             // only flags; offsets come from this site's own requests), and admit nothing.
@@ -266,9 +279,7 @@ async fn sync<S: SyncStore>(
                 let offset = message::offset_ms(at.at_ms, now);
                 server.node.note_clock_too_far(&hello.me, offset, now);
             }
-            // The time, so that a caller whose clock is off learns by how much (it proves nothing).
-            let time = server.secret.sign(now, "", &clock_purpose(proof.unwrap_or("")), b"");
-            return (StatusCode::UNAUTHORIZED, [(TIME_HEADER, time)], format!("{e}\n")).into_response();
+            return unauthorized(&server.secret, proof, now, e);
         }
     };
     let request: Request = match message::decode(&bytes) {
@@ -302,6 +313,14 @@ async fn sync<S: SyncStore>(
             refuse(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"))
         }
     }
+}
+
+/// 401, with this site's time signed for the refused request: a caller whose clock is off
+/// learns by how much (it proves nothing else).
+fn unauthorized(secret: &Secret, proof: Option<&str>, now: u64, e: auth::AuthError) -> Response {
+    tracing::warn!("refused a sync request: {e}");
+    let time = secret.sign(now, "", &clock_purpose(proof.unwrap_or("")), b"");
+    (StatusCode::UNAUTHORIZED, [(TIME_HEADER, time)], format!("{e}\n")).into_response()
 }
 
 async fn blob<S: SyncStore>(

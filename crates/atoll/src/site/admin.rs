@@ -35,16 +35,28 @@ use super::{Deployed, Site};
 use crate::registry::{AppRecord, StoredSettings};
 use crate::signing::{self, DeployParams, DeployRecord};
 
-pub(super) fn routes() -> axum::Router<Arc<Site>> {
+/// Health, the status page and its data, metrics: what every listener serves.
+fn status_routes() -> axum::Router<Arc<Site>> {
     axum::Router::new()
         .route("/_atoll/health", get(health))
         .route("/_atoll/router/status", get(router_status))
         .route("/metrics", get(metrics))
         .route("/_atoll/ui", get(crate::ui::page))
         .route("/_atoll/ui/state", get(ui_state))
+}
+
+/// Everything: the status routes and the admin API.
+pub(super) fn routes() -> axum::Router<Arc<Site>> {
+    status_routes()
         .route("/_atoll/apps", get(list_apps))
         .route("/_atoll/apps/{name}", get(get_app).put(upload).delete(delete_app))
         .route("/_atoll/{*rest}", axum::routing::any(unknown))
+}
+
+/// The public listener's when the admin API has its own (`--admin-listen`): the status routes,
+/// and no admin API or replication.
+pub(super) fn public_routes() -> axum::Router<Arc<Site>> {
+    status_routes().route("/_atoll/{*rest}", axum::routing::any(not_here))
 }
 
 /// An admin API error: a status and a reason for the person at the other end.
@@ -52,7 +64,7 @@ pub(super) fn routes() -> axum::Router<Arc<Site>> {
 pub(crate) struct ApiError(StatusCode, String);
 
 impl ApiError {
-    fn new(status: StatusCode, reason: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, reason: impl Into<String>) -> ApiError {
         ApiError(status, reason.into())
     }
 
@@ -82,7 +94,7 @@ impl From<anyhow::Error> for ApiError {
 
 /// Checks `Authorization: Bearer <token>` in constant time (over SHA-256 digests, so neither
 /// the content nor the length of the token leaks through timing).
-fn authorize(site: &Site, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(site: &Site, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &site.admin_token else { return Ok(()) };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -433,6 +445,16 @@ pub(super) fn forget_if_unused(site: &Site, gone: Option<Deployed>) {
 
 async fn unknown(Path(rest): Path<String>) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint /_atoll/{rest}"))
+}
+
+async fn not_here(Path(rest): Path<String>) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "/_atoll/{rest} is not served on this listener: the admin API and replication are on the \
+             site's admin listener (--admin-listen)"
+        ),
+    )
 }
 
 #[cfg(test)]

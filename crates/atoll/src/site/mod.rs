@@ -5,6 +5,7 @@
 
 mod admin;
 mod deploys;
+mod guard;
 mod routing;
 
 use std::collections::HashMap;
@@ -25,13 +26,15 @@ pub struct SiteOptions {
     pub name: String,
     pub region: String,
     pub listen: SocketAddr,
+    /// Where the admin API and replication are served apart from the apps (`--admin-listen`).
+    pub admin_listen: Option<SocketAddr>,
     pub data: PathBuf,
     pub config: FileConfig,
     /// The admin token; `None` only with `--insecure-dev`.
     pub admin_token: Option<String>,
     /// Peer base URLs (`--peer` and `[sync] peers`).
     pub peers: Vec<String>,
-    /// The URL peers reach this site at (default: http://<listen address>).
+    /// The URL peers reach this site at (default: http://<admin or listen address>).
     pub advertise: Option<String>,
     /// The peer secret; `None`: this site does not replicate (no sync endpoints).
     pub peer_secret: Option<atoll_sync::auth::Secret>,
@@ -61,6 +64,10 @@ pub(crate) struct Site {
     /// Serialises admin changes, so the registry and the app table change in the same order.
     admin_lock: tokio::sync::Mutex<()>,
     admin_token: Option<String>,
+    /// Whether the status endpoints need the admin token too.
+    protect_status: bool,
+    /// Addresses that sent too many wrong admin tokens.
+    lockout: guard::Lockout,
     default_limits: Limits,
     /// What any app may be given at most.
     caps: crate::signing::Caps,
@@ -154,6 +161,8 @@ pub fn run(options: SiteOptions) -> Result<()> {
         apps: RwLock::new(apps),
         admin_lock: tokio::sync::Mutex::new(()),
         admin_token: options.admin_token,
+        protect_status: options.config.admin.protect_status,
+        lockout: guard::Lockout::default(),
         default_limits: options.config.default_limits(),
         caps: options.config.caps(),
         trust: options.trust,
@@ -175,6 +184,16 @@ pub fn run(options: SiteOptions) -> Result<()> {
     let threads = options.config.server_threads();
     let listeners = crate::listen::bind(options.listen, threads)?;
     let addr = listeners[0].local_addr()?;
+    // With --admin-listen the admin API and replication have a listener of their own (one
+    // thread: they are not the hot path); peers reach the site there.
+    let admin_listeners = match options.admin_listen {
+        Some(admin) => Some(crate::listen::bind(admin, 1)?),
+        None => None,
+    };
+    let admin_addr = match &admin_listeners {
+        Some(l) => Some(l[0].local_addr()?),
+        None => None,
+    };
     let mut router = admin::routes().fallback(routing::serve_app).with_state(site.clone());
     // At shutdown: tell the replication thread to push what is queued, and hear how much was left.
     let mut flush = None;
@@ -184,7 +203,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
             region: site.region.clone(),
             url: options
                 .advertise
-                .unwrap_or_else(|| format!("http://{addr}"))
+                .unwrap_or_else(|| format!("http://{}", admin_addr.unwrap_or(addr)))
                 .trim_end_matches('/')
                 .to_owned(),
         };
@@ -235,9 +254,32 @@ pub fn run(options: SiteOptions) -> Result<()> {
         })?;
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let workers = crate::listen::serve("atoll", listeners, router, &stopped)?;
+    let limits = options.config.connection_limits();
+    let guarded = |router: axum::Router, admin: bool| {
+        let guard = guard::Guard { site: site.clone(), admin };
+        router.layer(axum::middleware::from_fn_with_state(guard, guard::guard))
+    };
+    let workers = match admin_listeners {
+        Some(admin_listeners) => {
+            let public = admin::public_routes().fallback(routing::serve_app).with_state(site.clone());
+            let mut workers =
+                crate::listen::serve("atoll", listeners, guarded(public, false), limits, &stopped)?;
+            workers.extend(crate::listen::serve(
+                "atoll-admin",
+                admin_listeners,
+                guarded(router, true),
+                limits,
+                &stopped,
+            )?);
+            workers
+        }
+        None => crate::listen::serve("atoll", listeners, guarded(router, true), limits, &stopped)?,
+    };
     // The first line on stdout is for scripts and tests: where the site listens.
     println!("atoll site {} ({}) listening on http://{addr}", site.name, site.region);
+    if let Some(admin) = admin_addr {
+        println!("atoll site {} admin API and replication on http://{admin}", site.name);
+    }
     tracing::info!(site = %site.name, region = %site.region, %addr, threads, "site started");
 
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(crate::shutdown_signal());

@@ -58,6 +58,15 @@ async fn main(mut request: Request<Body>) -> Result<Response<Body>, Error> {
             let n = REQUESTS_SEEN.fetch_add(1, Ordering::SeqCst) + 1;
             text(StatusCode::OK, format!("{n}\n"))
         }
+        "/headers" => {
+            let mut lines: Vec<String> = request
+                .headers()
+                .iter()
+                .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap_or("?")))
+                .collect();
+            lines.sort();
+            text(StatusCode::OK, lines.join("\n") + "\n")
+        }
         "/env" => {
             let mut vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
             vars.sort();

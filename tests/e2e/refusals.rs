@@ -1,0 +1,177 @@
+//! Cheap refusals: what a client without credentials, or a slow, idle or greedy one, can make a
+//! site hold. Each test is the attack, by real sockets against a real site, and what must hold
+//! meanwhile.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use super::*;
+
+fn addr(site: &Site) -> String {
+    site.url.trim_start_matches("http://").to_owned()
+}
+
+/// Whether the server has closed `stream`: a read returns end of file or an error within
+/// `wait` (a read that times out means it is still open).
+fn closed_by_server(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a response (408, say) before the close
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn an_unauthenticated_30_mib_sync_body_is_refused_without_being_read() {
+    let site = Site::start("unread");
+    let before = site.get("/_atoll/sync/status").body;
+    let len = 30usize << 20;
+    // A proof that looks right (fresh time, the length it claims) but has no secret behind it.
+    let proof = format!(
+        "v3 {} 0123456789abcdef {len} {} {}",
+        replication::now_ms(),
+        "ab".repeat(16),
+        "cd".repeat(16)
+    );
+    let mut stream = TcpStream::connect(addr(&site)).expect("connect");
+    let head = format!(
+        "POST /_atoll/sync HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\nx-atoll-sync-auth: {proof}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    let chunk = vec![0u8; 64 << 10];
+    stream.write_all(&chunk).expect("the first 64 KiB");
+    // The refusal comes while the body is still being sent...
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut answer = [0u8; 512];
+    let n = stream.read(&mut answer).expect("an answer before the body was sent");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("signature does not match"), "{answer}");
+    // ...and the rest is not read: the connection is closed under the sender, who cannot send
+    // the 30 MiB (at most what the kernels' buffers take).
+    let mut sent = chunk.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    stream.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    while sent < len && Instant::now() < deadline {
+        match stream.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(sent < len / 2, "the site read {sent} bytes of an unauthenticated body");
+    // Nothing changed; the site serves.
+    assert_eq!(site.get("/_atoll/health").status, 200);
+    let after = json(&site.get("/_atoll/sync/status").body);
+    assert_eq!(after["peers"], json(&before)["peers"]);
+    assert!(site.stderr().contains("refused a sync request"), "the refusal is logged");
+}
+
+#[test]
+fn a_slowloris_client_is_cut_off_while_other_clients_are_served() {
+    let site = Site::start_with("slow", &[], Some("[server]\nheader_read_timeout_ms = 1000\n"));
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    // One sends its headers a byte at a time; another connects and sends nothing at all.
+    let mut slow = TcpStream::connect(addr(&site)).expect("connect");
+    slow.write_all(b"GET /apps/hello/ HTTP/1.1\r\nhost: x\r\nx-slow: ").expect("start");
+    let mut silent = TcpStream::connect(addr(&site)).expect("connect");
+    let started = Instant::now();
+    let mut cut_off = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        if slow.write_all(b"a").is_err() || closed_by_server(&mut slow, Duration::from_millis(200)) {
+            cut_off = true;
+            break;
+        }
+        // Others are served meanwhile.
+        assert_eq!(site.get("/apps/hello/").status, 200);
+    }
+    assert!(cut_off, "a client sending one header byte every 200 ms was never cut off");
+    assert!(closed_by_server(&mut silent, Duration::from_secs(10)), "a silent connection stays open");
+    assert_eq!(site.get("/apps/hello/").status, 200);
+}
+
+#[test]
+fn a_thousand_idle_connections_are_shed_and_the_site_keeps_serving() {
+    let config = "[server]\nmax_connections = 100\nheader_read_timeout_ms = 1500\nidle_timeout_ms = 3000\n";
+    let site = Site::start_with("idle", &[], Some(config));
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    // A keep-alive client that made one request, then went quiet.
+    let mut kept = TcpStream::connect(addr(&site)).expect("connect");
+    kept.write_all(b"GET /apps/hello/ HTTP/1.1\r\nhost: x\r\n\r\n").expect("request");
+    let mut buf = [0u8; 1024];
+    kept.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    assert!(kept.read(&mut buf).expect("response") > 0);
+    let mut idle: Vec<TcpStream> =
+        (0..1000).map(|_| TcpStream::connect(addr(&site)).expect("connect an idle client")).collect();
+    // Far past the connection cap: a new client waits for the idle ones to be shed, then is served.
+    let served = request("GET", &format!("{}/apps/hello/", site.url), &[], None);
+    assert_eq!(served.status, 200, "{served:?}");
+    let metrics = site.get("/metrics").body;
+    assert!(metrics.contains("atoll_connections_at_cap_total"), "the cap was reached and counted");
+    assert!(site.stderr().contains("at the connection cap"), "the cap is logged");
+    // Every idle connection is closed by the site (the ones still queued once they are taken).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for stream in &mut idle {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        assert!(closed_by_server(stream, left), "an idle connection was never closed");
+    }
+    assert!(closed_by_server(&mut kept, Duration::from_secs(10)), "an idle keep-alive connection stays open");
+    assert_eq!(site.get("/apps/hello/").status, 200);
+}
+
+#[test]
+fn an_app_holding_its_whole_share_of_instances_leaves_the_others_serving() {
+    // Four instances in all; an app may hold two of them.
+    let site = Site::start_with("share", &[], Some("[runtime]\nmax_instances = 4\n"));
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    site.deploy("probe", atoll_test_guests::PROBE, &["--deadline-ms", "4000"]);
+    let url = format!("{}/apps/probe/loop", site.url);
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || request("GET", &url, &[], None))
+        })
+        .collect();
+    eventually(Duration::from_secs(30), "two requests to be looping", || {
+        (site.stderr().matches("probe: looping").count() >= 2).then_some(())
+    });
+    // The greedy app holds its share; every other app is served.
+    for _ in 0..5 {
+        let hello = site.get("/apps/hello/");
+        assert_eq!(hello.status, 200, "{hello:?}");
+    }
+    let statuses: Vec<Response> = loops.into_iter().map(|t| t.join().expect("join")).collect();
+    let refused: Vec<&Response> = statuses.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(refused.len(), 2, "two requests over the app's share: {statuses:?}");
+    assert!(refused.iter().all(|r| r.body.contains("share of 2 instances")), "{refused:?}");
+    assert_eq!(statuses.iter().filter(|r| r.status == 504).count(), 2, "{statuses:?}");
+    assert_eq!(site.get("/apps/probe/static").status, 200, "the app is served again once its requests end");
+}
+
+#[test]
+fn request_bodies_held_for_guests_count_against_one_cap() {
+    let site = Site::start_with("bodies", &[], Some("[runtime]\nmax_buffered_body_mb = 1\n"));
+    site.deploy("probe", atoll_test_guests::PROBE, &["--deadline-ms", "3000"]);
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    let body = vec![b'x'; 700 << 10];
+    let held = {
+        let (url, body) = (format!("{}/apps/probe/loop", site.url), body.clone());
+        std::thread::spawn(move || request("POST", &url, &[], Some(&body)))
+    };
+    eventually(Duration::from_secs(30), "the first request to be running", || {
+        site.stderr().contains("probe: looping").then_some(())
+    });
+    let refused = request("POST", &format!("{}/apps/hello/", site.url), &[], Some(&body));
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.body.contains("bytes of request bodies"), "{}", refused.body);
+    assert_eq!(site.get("/apps/hello/").status, 200, "requests without bodies are served");
+    assert_eq!(held.join().expect("join").status, 504);
+    let again = request("POST", &format!("{}/apps/hello/", site.url), &[], Some(&body));
+    assert_eq!(again.status, 200, "the memory is given back when the first request ends: {again:?}");
+}
