@@ -14,6 +14,7 @@ mod restart;
 mod routing;
 mod security;
 mod shutdown;
+mod tls;
 mod ui;
 
 use std::io::{BufRead, BufReader};

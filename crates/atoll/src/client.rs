@@ -23,9 +23,29 @@ struct Site {
 }
 
 impl Site {
-    fn new(args: &ClientArgs) -> Site {
-        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        Site { base: args.site.trim_end_matches('/').to_owned(), token: args.token.clone(), agent }
+    fn new(args: &ClientArgs) -> Result<Site> {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = &args.ca_file {
+            let certs = certificates(path)?;
+            if certs.is_empty() {
+                bail!("no PEM certificate in {}", path.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
+        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+            let chain = certificates(cert)?;
+            let key = pem(key)?
+                .into_iter()
+                .find_map(|item| match item {
+                    ureq::tls::PemItem::PrivateKey(key) => Some(key),
+                    _ => None,
+                })
+                .with_context(|| format!("no PEM private key in {}", key.display()))?;
+            tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)));
+        }
+        let agent =
+            ureq::Agent::config_builder().http_status_as_error(false).tls_config(tls.build()).build().into();
+        Ok(Site { base: args.site.trim_end_matches('/').to_owned(), token: args.token.clone(), agent })
     }
 
     fn url(&self, path: &str) -> String {
@@ -57,7 +77,7 @@ impl Site {
 
 pub fn deploy(args: &DeployArgs) -> Result<()> {
     let wasm = std::fs::read(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
-    let site = Site::new(&args.client);
+    let site = Site::new(&args.client)?;
     let params = DeployParams {
         deadline_ms: args.deadline_ms,
         memory_mb: args.memory_mb,
@@ -110,7 +130,7 @@ fn app_urls(base: &str, app: &str) -> Vec<String> {
 
 /// Whether `app` is deployed on the site at `base` (to wait for a deploy to replicate).
 pub fn is_deployed(args: &ClientArgs, app: &str) -> Result<bool> {
-    let site = Site::new(args);
+    let site = Site::new(args)?;
     let url = site.url(&format!("/_atoll/apps/{app}"));
     let response =
         site.auth(site.agent.get(url)).call().with_context(|| format!("cannot reach {}", site.base))?;
@@ -118,7 +138,7 @@ pub fn is_deployed(args: &ClientArgs, app: &str) -> Result<bool> {
 }
 
 pub fn apps(args: &ClientArgs) -> Result<()> {
-    let site = Site::new(args);
+    let site = Site::new(args)?;
     let body = site.check("listing apps", site.auth(site.agent.get(site.url("/_atoll/apps"))).call())?;
     let apps: Vec<AppInfo> = serde_json::from_str(&body).context("unexpected answer from the site")?;
     if apps.is_empty() {
@@ -133,7 +153,7 @@ pub fn apps(args: &ClientArgs) -> Result<()> {
 }
 
 pub fn delete(args: &DeleteArgs) -> Result<()> {
-    let site = Site::new(&args.client);
+    let site = Site::new(&args.client)?;
     let url = site.url(&format!("/_atoll/apps/{}", args.app));
     let mut request = site.agent.delete(url);
     if let Some(key) = &args.client.deploy_key {
@@ -169,6 +189,25 @@ fn signed<B>(
         .header(signing::SIGNED_AT_HEADER, record.signed_at_ms.to_string())
         .header(signing::KEY_HEADER, record.key.unwrap_or_default())
         .header(signing::SIGNATURE_HEADER, record.signature.unwrap_or_default()))
+}
+
+/// The certificates of a PEM file.
+fn certificates(path: &std::path::Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    Ok(pem(path)?
+        .into_iter()
+        .filter_map(|item| match item {
+            ureq::tls::PemItem::Certificate(cert) => Some(cert),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The PEM items of a file.
+fn pem(path: &std::path::Path) -> Result<Vec<ureq::tls::PemItem<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ureq::tls::parse_pem(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not PEM", path.display()))
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub struct FileConfig {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub server: ServerConfig,
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// `[server]`: what one client connection may cost (sites and routers).
@@ -255,6 +257,7 @@ impl FileConfig {
         defaults
             .settings(&Limits::default(), &self.caps())
             .map_err(|e| anyhow::anyhow!("config section [limits]: {e}"))?;
+        self.tls.validate()?;
         let runtime = self.runtime_config();
         if runtime.max_instances_per_app > runtime.max_instances {
             bail!(

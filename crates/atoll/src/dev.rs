@@ -204,7 +204,7 @@ pub fn run(args: DevArgs) -> Result<()> {
 
     let token = std::env::var("ATOLL_ADMIN_TOKEN").ok().filter(|t| !t.is_empty());
     for (file, app) in args.deploy.iter().zip(&args.apps) {
-        let client = ClientArgs { site: sites[0].2.url.clone(), token: token.clone(), deploy_key: None };
+        let client = ClientArgs::plain(sites[0].2.url.clone(), token.clone());
         let deploy = DeployArgs {
             client,
             app: app.clone(),
@@ -235,7 +235,7 @@ pub fn run(args: DevArgs) -> Result<()> {
 fn wait_until_deployed(sites: &[(String, String, Proc)], apps: &[String], token: Option<&str>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     for (name, _, site) in sites {
-        let client = ClientArgs { site: site.url.clone(), token: token.map(str::to_owned), deploy_key: None };
+        let client = ClientArgs::plain(site.url.clone(), token.map(str::to_owned));
         for app in apps {
             while !crate::client::is_deployed(&client, app)? {
                 if Instant::now() > deadline {

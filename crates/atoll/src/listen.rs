@@ -55,19 +55,23 @@ impl Default for ConnectionLimits {
 /// Serves `app` on every listener, each from its own thread (`NAME-serve-i`) and runtime, until
 /// `stop` turns true; then each finishes its in-flight requests and its thread ends.
 ///
-/// Connections are served by hyper-util's HTTP/1 + h2c server with `limits` applied: the
-/// connection cap is split evenly between the threads (the kernel spreads connections evenly).
+/// Connections are served by hyper-util's HTTP/1 + HTTP/2 server with `limits` applied (the
+/// connection cap is split evenly between the threads: the kernel spreads connections evenly),
+/// over TLS when `tls` is given (ALPN picks the protocol), else over plain TCP (h2c with prior
+/// knowledge).
 pub(crate) fn serve(
     name: &str,
     listeners: Vec<TcpListener>,
     app: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<std::thread::JoinHandle<Result<()>>>> {
     let per_thread = limits.max_connections.div_ceil(listeners.len().max(1)).max(1);
     let mut workers = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let (app, stopped) = (app.clone(), stop.clone());
+        let tls = tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let worker =
             std::thread::Builder::new().name(format!("{name}-serve-{i}")).spawn(move || -> Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -77,6 +81,7 @@ pub(crate) fn serve(
                         listener,
                         app,
                         ConnectionLimits { max_connections: per_thread, ..limits },
+                        tls,
                         stopped,
                     )
                     .await;
@@ -94,6 +99,7 @@ async fn accept(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -128,7 +134,21 @@ async fn accept(
             _ = stop.wait_for(|stop| *stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, peer, app.clone(), limits, stop.clone(), slot));
+        let (app, stop, tls) = (app.clone(), stop.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _open = OpenConnection::new();
+            let Some(tls) = tls else { return connection(stream, peer, app, limits, stop).await };
+            // The handshake counts against the first-request deadline.
+            match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
+                Ok(Ok(stream)) => connection(stream, peer, app, limits, stop).await,
+                Ok(Err(e)) => {
+                    metrics::counter!("atoll_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                }
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
     }
     // Every slot back: every connection has ended.
     let _ = slots.acquire_many(limits.max_connections as u32).await;
@@ -175,21 +195,21 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves one connection: HTTP/1.1 or h2c (prior knowledge), with the peer's address in each
-/// request's extensions (axum's `ConnectInfo`), closed when idle past the limits or at `stop`
-/// (after its requests in flight finish).
-async fn connection(
-    stream: tokio::net::TcpStream,
+/// Serves one connection: HTTP/1.1 or HTTP/2, with the peer's address in each request's
+/// extensions (axum's `ConnectInfo`), closed when idle past the limits or at `stop` (after its
+/// requests in flight finish).
+async fn connection<S>(
+    stream: S,
     peer: SocketAddr,
     app: axum::Router,
     limits: ConnectionLimits,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower::ServiceExt;
 
-    let _open = OpenConnection::new();
     let activity = Arc::new(Activity {
         opened: Instant::now(),
         in_flight: AtomicUsize::new(0),

@@ -11,6 +11,7 @@ mod registry;
 mod router;
 mod signing;
 mod site;
+mod tls;
 mod ui;
 
 use std::net::SocketAddr;
@@ -127,6 +128,22 @@ struct ClientArgs {
     /// site signs it if it holds a deploy key itself, and refuses it otherwise.
     #[arg(long, env = "ATOLL_DEPLOY_KEY_FILE")]
     deploy_key: Option<PathBuf>,
+    /// CA certificates (PEM) to verify an https:// site with (default: the public web roots).
+    #[arg(long, env = "ATOLL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// A client certificate chain (PEM) for a site that requires one ([tls] client_auth).
+    #[arg(long, env = "ATOLL_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "ATOLL_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The client of a plain-HTTP site (`atoll dev`'s).
+    fn plain(site: String, token: Option<String>) -> ClientArgs {
+        ClientArgs { site, token, deploy_key: None, ca_file: None, client_cert: None, client_key: None }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -32,6 +32,11 @@ pub fn run(options: RouterOptions) -> Result<()> {
     urls.extend(config.router.sites.iter().cloned());
     let discovery = config.discovery(&urls)?;
     let settings = config.routing("us-east")?;
+    // Sites reached over https:// are verified as [tls] says (before any client is made).
+    let tls = crate::tls::Tls::load(&config.tls)?;
+    if let Some(tls) = &tls {
+        atoll_router::set_tls((*tls.client).clone(), tls.server_name.clone());
+    }
     let router = Arc::new(Router::new(&name, settings));
     crate::metrics::install(&[("router", &name)])?;
     let interval = config.dns_interval();
@@ -74,9 +79,12 @@ pub fn run(options: RouterOptions) -> Result<()> {
     let listeners = crate::listen::bind(options.listen, threads)?;
     let addr = listeners[0].local_addr().context("no local address")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let workers = crate::listen::serve("atoll-router", listeners, app, config.connection_limits(), &stopped)?;
+    let serving = tls.as_ref().and_then(|t| t.public.clone());
+    let scheme = if serving.is_some() { "https" } else { "http" };
+    let workers =
+        crate::listen::serve("atoll-router", listeners, app, config.connection_limits(), serving, &stopped)?;
     // The first line on stdout is for scripts and tests: where the router listens.
-    println!("atoll router {name} listening on http://{addr}");
+    println!("atoll router {name} listening on {scheme}://{addr}");
     tracing::info!(router = %name, %addr, sites = router.sites().len(), threads, "router started");
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(crate::shutdown_signal());
     let _ = stop.send(true);

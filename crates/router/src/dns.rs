@@ -4,7 +4,8 @@
 //! - `http://IP:PORT`: used as is;
 //! - `http://NAME:PORT`: every A/AAAA address of NAME is a site at PORT;
 //! - `srv://NAME` (for example `srv://_http._tcp.atoll.default.svc.cluster.local`, what a
-//!   Kubernetes headless Service publishes): every SRV target, at its port, every address of it.
+//!   Kubernetes headless Service publishes): every SRV target, at its port, every address of it;
+//! - the same over TLS: `https://IP:PORT`, `https://NAME:PORT`, `srv+https://NAME`.
 //!
 //! Names are resolved again every interval (answers are cached no longer than that); a name that
 //! stops resolving stops listing its sites, and the router drops them once their health checks
@@ -22,24 +23,30 @@ use hickory_resolver::name_server::TokioConnectionProvider;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {
     Fixed(String),
-    Host { host: String, port: u16 },
-    Srv(String),
+    Host { scheme: &'static str, host: String, port: u16 },
+    Srv { scheme: &'static str, name: String },
 }
 
 fn parse(url: &str) -> Result<Source> {
     let url = url.trim().trim_end_matches('/');
-    if let Some(name) = url.strip_prefix("srv://") {
-        anyhow::ensure!(!name.is_empty() && !name.contains('/'), "{url:?}: expected srv://NAME");
-        return Ok(Source::Srv(name.to_owned()));
+    for (prefix, scheme) in [("srv://", "http"), ("srv+https://", "https")] {
+        if let Some(name) = url.strip_prefix(prefix) {
+            anyhow::ensure!(!name.is_empty() && !name.contains('/'), "{url:?}: expected {prefix}NAME");
+            return Ok(Source::Srv { scheme, name: name.to_owned() });
+        }
     }
     let uri: http::Uri = url.parse().map_err(|e| anyhow::anyhow!("{url:?} is not a URL: {e}"))?;
-    anyhow::ensure!(uri.scheme_str() == Some("http"), "{url:?}: expected http://HOST:PORT or srv://NAME");
+    let (scheme, default_port) = match uri.scheme_str() {
+        Some("http") => ("http", 80),
+        Some("https") => ("https", 443),
+        _ => anyhow::bail!("{url:?}: expected http(s)://HOST:PORT, srv://NAME or srv+https://NAME"),
+    };
     let authority = uri.authority().with_context(|| format!("{url:?}: no host"))?;
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
     if host.parse::<IpAddr>().is_ok() {
         return Ok(Source::Fixed(url.to_owned()));
     }
-    Ok(Source::Host { host: host.to_owned(), port: authority.port_u16().unwrap_or(80) })
+    Ok(Source::Host { scheme, host: host.to_owned(), port: authority.port_u16().unwrap_or(default_port) })
 }
 
 /// Whether `url` is a name to resolve (`http://NAME:PORT`, `srv://NAME`) rather than an address.
@@ -47,8 +54,8 @@ pub fn is_name(url: &str) -> bool {
     !matches!(parse(url), Ok(Source::Fixed(_)))
 }
 
-fn url_of(addr: SocketAddr) -> String {
-    format!("http://{addr}")
+fn url_of(scheme: &str, addr: SocketAddr) -> String {
+    format!("{scheme}://{addr}")
 }
 
 /// A set of addresses to keep resolved.
@@ -112,20 +119,19 @@ impl Discovery {
         let resolver = || self.resolver.as_ref().context("no resolver");
         match source {
             Source::Fixed(url) => Ok(vec![url.clone()]),
-            Source::Host { host, port } => {
+            Source::Host { scheme, host, port } => {
                 let ips = resolver()?.lookup_ip(host.as_str()).await.with_context(|| host.to_string())?;
-                Ok(ips.iter().map(|ip| url_of(SocketAddr::new(ip, *port))).collect())
+                Ok(ips.iter().map(|ip| url_of(scheme, SocketAddr::new(ip, *port))).collect())
             }
-            Source::Srv(name) => {
+            Source::Srv { scheme, name } => {
                 let srv =
                     resolver()?.srv_lookup(name.as_str()).await.with_context(|| format!("SRV {name}"))?;
                 let mut urls = Vec::new();
                 for record in srv.iter() {
                     let target = record.target().to_utf8();
                     match resolver()?.lookup_ip(target.as_str()).await {
-                        Ok(ips) => {
-                            urls.extend(ips.iter().map(|ip| url_of(SocketAddr::new(ip, record.port()))))
-                        }
+                        Ok(ips) => urls
+                            .extend(ips.iter().map(|ip| url_of(scheme, SocketAddr::new(ip, record.port())))),
                         Err(e) => tracing::warn!("DNS discovery: SRV {name} target {target}: {e}"),
                     }
                 }
@@ -148,10 +154,21 @@ mod tests {
         assert_eq!(parse("http://[::1]:8080").expect("ok"), Source::Fixed("http://[::1]:8080".into()));
         assert_eq!(
             parse("http://atoll-0.atoll:8080").expect("ok"),
-            Source::Host { host: "atoll-0.atoll".into(), port: 8080 }
+            Source::Host { scheme: "http", host: "atoll-0.atoll".into(), port: 8080 }
         );
-        assert_eq!(parse("srv://_http._tcp.atoll").expect("ok"), Source::Srv("_http._tcp.atoll".into()));
-        assert!(parse("https://x:1").is_err());
+        assert_eq!(
+            parse("srv://_http._tcp.atoll").expect("ok"),
+            Source::Srv { scheme: "http", name: "_http._tcp.atoll".into() }
+        );
+        assert_eq!(
+            parse("https://atoll-0.atoll").expect("ok"),
+            Source::Host { scheme: "https", host: "atoll-0.atoll".into(), port: 443 }
+        );
+        assert_eq!(
+            parse("srv+https://_admin._tcp.atoll").expect("ok"),
+            Source::Srv { scheme: "https", name: "_admin._tcp.atoll".into() }
+        );
+        assert!(parse("ftp://x:1").is_err());
         assert!(parse("srv://").is_err());
         assert!(parse("nonsense here").is_err());
     }

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 pub use config::{RoutingConfig, Settings};
-pub use proxy::{Outcome, RouteInfo};
+pub use proxy::{Outcome, RouteInfo, set_tls};
 pub use sites::{Health, SiteState};
 
 /// Response header: why this site served the request (`nearest`, `failover`).

@@ -28,7 +28,21 @@ use hyper_util::rt::TokioExecutor;
 use crate::health::log_transition;
 use crate::{ClientRegion, Router, Target};
 
-pub(crate) type Client = hyper_util::client::legacy::Client<HttpConnector, ProxyBody>;
+pub(crate) type Client = hyper_util::client::legacy::Client<Connector, ProxyBody>;
+
+/// What the router connects to sites with: `http://` as is, `https://` with TLS.
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The TLS settings of connections to `https://` sites, set once before serving.
+static TLS: std::sync::OnceLock<(rustls::ClientConfig, Option<rustls::pki_types::ServerName<'static>>)> =
+    std::sync::OnceLock::new();
+
+/// Sets how `https://` sites are verified (default: the public web roots and the URL's host):
+/// with `tls`, against `server_name` when given (sites reached by address whose certificates
+/// carry one shared name). Call before the first request; later calls change nothing.
+pub fn set_tls(tls: rustls::ClientConfig, server_name: Option<rustls::pki_types::ServerName<'static>>) {
+    let _ = TLS.set((tls, server_name));
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,9 +61,20 @@ pub(crate) fn client() -> Client {
 }
 
 fn new_client() -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.enforce_http(false);
+    let (tls, server_name) = TLS.get().cloned().unwrap_or_else(|| {
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
+        (rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(), None)
+    });
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let builder = match server_name {
+        Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
+        None => builder,
+    };
+    let connector = builder.enable_http1().wrap_connector(http);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(512)

@@ -63,8 +63,8 @@ impl SiteState {
         let url = url.trim_end_matches('/').to_owned();
         let uri_base: http::Uri =
             url.parse().map_err(|e| anyhow::anyhow!("site URL {url:?} is not a URL: {e}"))?;
-        if uri_base.scheme_str() != Some("http") || uri_base.authority().is_none() {
-            anyhow::bail!("site URL {url:?} must be http://HOST:PORT");
+        if !matches!(uri_base.scheme_str(), Some("http" | "https")) || uri_base.authority().is_none() {
+            anyhow::bail!("site URL {url:?} must be http://HOST:PORT or https://HOST:PORT");
         }
         if uri_base.path() != "/" && !uri_base.path().is_empty() {
             anyhow::bail!("site URL {url:?} must not have a path");
@@ -208,8 +208,10 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         assert!(SiteState::new("http://127.0.0.1:8080/", None, None).is_ok());
-        assert!(SiteState::new("https://x:1", None, None).is_err());
+        assert!(SiteState::new("https://x:1", None, None).is_ok());
         assert!(SiteState::new("http://x:1/path", None, None).is_err());
+        assert!(SiteState::new("https://127.0.0.1:8443", None, None).is_ok());
+        assert!(SiteState::new("ftp://127.0.0.1:21", None, None).is_err());
         assert!(SiteState::new("not a url", None, None).is_err());
         let s = SiteState::new("http://127.0.0.1:8080", None, None).expect("url");
         assert_eq!(s.uri("/apps/x?y=1").to_string(), "http://127.0.0.1:8080/apps/x?y=1");

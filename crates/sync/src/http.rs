@@ -1,6 +1,7 @@
 //! The HTTP transport: the client side ([`HttpTransport`]) and the `/_atoll/sync/` endpoints
-//! ([`routes`]). The client speaks HTTP/2 with prior knowledge (h2c) to its peers: one
-//! multiplexed connection per peer, and headers that HPACK shrinks to a few bytes per round trip.
+//! ([`routes`]). The client speaks HTTP/2 to its peers: one multiplexed connection per peer, and
+//! headers that HPACK shrinks to a few bytes per round trip; with prior knowledge (h2c) to
+//! `http://` peers, over TLS (ALPN h2) to `https://` ones.
 //!
 //! - `POST /_atoll/sync`: one [`Request`] in, one [`Reply`] out, both as
 //!   [`crate::message`] bytes signed with the peer secret ([`crate::auth`]). The proof's head
@@ -47,22 +48,52 @@ pub fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends sync requests over HTTP/1.1 with pooled connections.
+/// What the transport connects with: `http://` as is, `https://` with TLS.
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// A connector for peers, giving up on connecting after `timeout`: `https://` peers verified
+/// with `tls` (default: the public web roots) against `server_name` when given (peers reached by
+/// address whose certificates carry one shared name), else the URL's host.
+pub fn connector(
+    tls: Option<rustls::ClientConfig>,
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
+    timeout: Duration,
+) -> Connector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(timeout));
+    http.enforce_http(false);
+    let tls = tls.unwrap_or_else(|| {
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()
+    });
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let builder = match server_name {
+        Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
+        None => builder,
+    };
+    builder.enable_http2().wrap_connector(http)
+}
+
+/// Sends sync requests over HTTP/2 with one pooled connection per peer.
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     secret: Secret,
     timeout: Duration,
 }
 
 impl HttpTransport {
-    /// A transport proving `secret`, giving up on a request after `timeout`.
+    /// A transport proving `secret`, giving up on a request after `timeout` (`https://` peers
+    /// verified with the public web roots).
     pub fn new(secret: Secret, timeout: Duration) -> HttpTransport {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
-        // HTTP/2 with prior knowledge: one multiplexed connection per peer, and HPACK makes the
-        // headers repeated on every round trip cost a few bytes.
+        HttpTransport::with_connector(secret, timeout, connector(None, None, timeout))
+    }
+
+    /// [`HttpTransport::new`] connecting with `connector` (see [`connector`]).
+    pub fn with_connector(secret: Secret, timeout: Duration, connector: Connector) -> HttpTransport {
+        // HTTP/2 (with prior knowledge over plain TCP): one multiplexed connection per peer,
+        // and HPACK makes the headers repeated on every round trip cost a few bytes.
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(30))

@@ -181,6 +181,12 @@ pub fn run(options: SiteOptions) -> Result<()> {
     let sync_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     sync_rt.block_on(deploys::startup(&site))?;
 
+    // TLS for the listeners and for connections to other sites (sync, forwarding, health).
+    let tls = crate::tls::Tls::load(&options.config.tls)?;
+    if let Some(tls) = &tls {
+        atoll_router::set_tls((*tls.client).clone(), tls.server_name.clone());
+    }
+    let scheme = if tls.as_ref().is_some_and(|t| t.public.is_some()) { "https" } else { "http" };
     let threads = options.config.server_threads();
     let listeners = crate::listen::bind(options.listen, threads)?;
     let addr = listeners[0].local_addr()?;
@@ -203,7 +209,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
             region: site.region.clone(),
             url: options
                 .advertise
-                .unwrap_or_else(|| format!("http://{}", admin_addr.unwrap_or(addr)))
+                .unwrap_or_else(|| format!("{scheme}://{}", admin_addr.unwrap_or(addr)))
                 .trim_end_matches('/')
                 .to_owned(),
         };
@@ -220,8 +226,14 @@ pub fn run(options: SiteOptions) -> Result<()> {
             atoll_sync::http::wall_ms(),
         )?);
         let _ = site.sync.set(node.clone());
+        let timeout = Duration::from_secs(10);
+        let connector = atoll_sync::http::connector(
+            tls.as_ref().map(|t| (*t.client).clone()),
+            tls.as_ref().and_then(|t| t.server_name.clone()),
+            timeout,
+        );
         let transport =
-            Arc::new(atoll_sync::http::HttpTransport::new(secret.clone(), Duration::from_secs(10)));
+            Arc::new(atoll_sync::http::HttpTransport::with_connector(secret.clone(), timeout, connector));
         let server = atoll_sync::http::Server {
             node: node.clone(),
             secret,
@@ -259,26 +271,34 @@ pub fn run(options: SiteOptions) -> Result<()> {
         let guard = guard::Guard { site: site.clone(), admin };
         router.layer(axum::middleware::from_fn_with_state(guard, guard::guard))
     };
+    // Client certificates ([tls] client_auth) are asked for where replication and the admin
+    // API are served: the admin listener, or the only one.
+    let (public_tls, admin_tls) = match &tls {
+        Some(t) => (t.public.clone(), t.admin.clone()),
+        None => (None, None),
+    };
     let workers = match admin_listeners {
         Some(admin_listeners) => {
             let public = admin::public_routes().fallback(routing::serve_app).with_state(site.clone());
-            let mut workers =
-                crate::listen::serve("atoll", listeners, guarded(public, false), limits, &stopped)?;
+            let public = guarded(public, false);
+            let mut workers = crate::listen::serve("atoll", listeners, public, limits, public_tls, &stopped)?;
+            let admin = guarded(router, true);
             workers.extend(crate::listen::serve(
                 "atoll-admin",
                 admin_listeners,
-                guarded(router, true),
+                admin,
                 limits,
+                admin_tls,
                 &stopped,
             )?);
             workers
         }
-        None => crate::listen::serve("atoll", listeners, guarded(router, true), limits, &stopped)?,
+        None => crate::listen::serve("atoll", listeners, guarded(router, true), limits, admin_tls, &stopped)?,
     };
     // The first line on stdout is for scripts and tests: where the site listens.
-    println!("atoll site {} ({}) listening on http://{addr}", site.name, site.region);
+    println!("atoll site {} ({}) listening on {scheme}://{addr}", site.name, site.region);
     if let Some(admin) = admin_addr {
-        println!("atoll site {} admin API and replication on http://{admin}", site.name);
+        println!("atoll site {} admin API and replication on {scheme}://{admin}", site.name);
     }
     tracing::info!(site = %site.name, region = %site.region, %addr, threads, "site started");
 
