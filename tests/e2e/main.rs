@@ -11,6 +11,7 @@ mod observability;
 mod refusals;
 mod replication;
 mod restart;
+mod rotation;
 mod routing;
 mod security;
 mod shutdown;

@@ -156,7 +156,10 @@ fn an_app_holding_its_whole_share_of_instances_leaves_the_others_serving() {
 
 #[test]
 fn request_bodies_held_for_guests_count_against_one_cap() {
-    let site = Site::start_with("bodies", &[], Some("[runtime]\nmax_buffered_body_mb = 1\n"));
+    // One MiB for every guest's request bodies together (and so for any one body).
+    let config = "[runtime]\nmax_buffered_body_mb = 1\n[limits]\nmax_request_body_bytes = 1048576\n\
+                  max_response_body_bytes = 1048576\n";
+    let site = Site::start_with("bodies", &[], Some(config));
     site.deploy("probe", atoll_test_guests::PROBE, &["--deadline-ms", "3000"]);
     site.deploy("hello", atoll_test_guests::HELLO, &[]);
     let body = vec![b'x'; 700 << 10];
@@ -174,4 +177,66 @@ fn request_bodies_held_for_guests_count_against_one_cap() {
     assert_eq!(held.join().expect("join").status, 504);
     let again = request("POST", &format!("{}/apps/hello/", site.url), &[], Some(&body));
     assert_eq!(again.status, 200, "the memory is given back when the first request ends: {again:?}");
+}
+
+#[test]
+fn a_client_that_does_not_read_its_response_is_dropped() {
+    let config = "[server]\nidle_timeout_ms = 2000\n[limits]\nmax_response_body_bytes = 67108864\n";
+    let site = Site::start_with("unread-response", &[], Some(config));
+    site.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let len = 48usize << 20;
+    let mut stream = TcpStream::connect(addr(&site)).expect("connect");
+    let head = format!("GET /apps/probe/big?bytes={len} HTTP/1.1\r\nhost: x\r\n\r\n");
+    stream.write_all(head.as_bytes()).expect("request");
+    // The attack: never read. The site's buffers and the kernel's fill up; then nothing moves.
+    eventually(Duration::from_secs(60), "the stalled connection to be dropped", || {
+        site.get("/metrics").body.contains("atoll_connections_stalled_closed_total").then_some(())
+    });
+    // What arrives is cut short: the site let go of the rest.
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n,
+        }
+    }
+    assert!(received < len, "all {received} bytes arrived: the connection was not dropped");
+    assert_eq!(site.get("/apps/probe/static").status, 200, "the site serves others");
+}
+
+#[test]
+fn a_replayed_or_stale_sync_head_is_refused_before_its_body_is_read() {
+    use atoll_sync::message::{Request, encode};
+    let site = Site::start("heads");
+    let secret = atoll_sync::auth::Secret::new(crate::PEER_SECRET).expect("secret");
+    let body = encode(&Request::Push(replication::intruder(), vec![]));
+    let proof = secret.sign(replication::now_ms(), &site.name, "/_atoll/sync", &body);
+    let taken = request(
+        "POST",
+        &format!("{}/_atoll/sync", site.url),
+        &[("x-atoll-sync-auth", proof.as_str())],
+        Some(&body),
+    );
+    assert_eq!(taken.status, 200, "{taken:?}");
+    // A head captured on the wire, sent again without its body: refused at once, not waited on.
+    let send_head = |proof: &str, len: usize| -> String {
+        let mut stream = TcpStream::connect(addr(&site)).expect("connect");
+        let head = format!(
+            "POST /_atoll/sync HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\nx-atoll-sync-auth: {proof}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).expect("head");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut answer = [0u8; 512];
+        let n = stream.read(&mut answer).expect("an answer without sending the body");
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    let replayed = send_head(&proof, body.len());
+    assert!(replayed.starts_with("HTTP/1.1 409"), "{replayed}");
+    // A genuine head from two minutes ago, claiming a large body: refused by its time.
+    let old = secret.sign(replication::now_ms() - 120_000, &site.name, "/_atoll/sync", &vec![0u8; 1 << 20]);
+    let stale = send_head(&old, 1 << 20);
+    assert!(stale.starts_with("HTTP/1.1 401"), "{stale}");
+    assert!(stale.contains("timestamp"), "{stale}");
 }

@@ -437,6 +437,15 @@ fn protected_status_needs_the_token_and_wrong_tokens_are_locked_out() {
         let r = crate::request("GET", &format!("{}{path}", site.url), &[("authorization", &auth)], None);
         assert_eq!(r.status, 200, "{path} with the token: {r:?}");
     }
+    for path in ["/_atoll/ui/state", "/_atoll/sync/status", "/_atoll/router/status"] {
+        let r = site.get_with_host("hello.localhost", path);
+        assert_eq!(r.status, 401, "{path} on an app's host, without the token: {r:?}");
+    }
+    assert_eq!(
+        site.get_with_host("hello.localhost", "/metrics").body,
+        site.get("/apps/hello/metrics").body,
+        "/metrics on an app's host is the app's"
+    );
     assert_eq!(site.get("/_atoll/health").status, 200, "health stays open (load balancers use it)");
     assert_eq!(site.get("/_atoll/ui").status, 200, "the page itself asks for the token");
     assert_eq!(site.get("/apps/hello/").status, 200);

@@ -175,6 +175,9 @@ fn set_field(table: &mut toml::Table, field: &str, raw: &str) -> Result<()> {
 /// The default cap on an uploaded component.
 pub const DEFAULT_MAX_UPLOAD: u64 = 50 << 20;
 
+/// The most connections `[server] max_connections` may allow.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
 /// The most a request or response body buffered for a guest may be (per app setting).
 pub const MAX_BODY_BYTES: u64 = 256 << 20;
 
@@ -241,6 +244,9 @@ impl FileConfig {
             ("server.header_read_timeout_ms", self.server.header_read_timeout_ms),
             ("server.idle_timeout_ms", self.server.idle_timeout_ms),
         ];
+        if self.server.max_connections.is_some_and(|n| n > MAX_CONNECTIONS) {
+            bail!("config field server.max_connections must be at most {MAX_CONNECTIONS}");
+        }
         for (field, value) in positive {
             if value == Some(0) {
                 bail!("config field {field} must be greater than 0");
@@ -280,7 +286,8 @@ impl FileConfig {
     pub fn caps(&self) -> crate::signing::Caps {
         crate::signing::Caps {
             max_memory_mb: (self.runtime_config().max_memory_bytes >> 20) as u64,
-            max_body_bytes: MAX_BODY_BYTES,
+            // A body larger than every guest's bodies together may hold could never be taken.
+            max_body_bytes: MAX_BODY_BYTES.min(self.runtime_config().max_buffered_body_bytes as u64),
         }
     }
 

@@ -138,10 +138,12 @@ async fn accept(
         tokio::spawn(async move {
             let _slot = slot;
             let _open = OpenConnection::new();
-            let Some(tls) = tls else { return connection(stream, peer, app, limits, stop).await };
+            let activity = Arc::new(Activity::new());
+            let stream = Watched { inner: stream, activity: activity.clone() };
+            let Some(tls) = tls else { return connection(stream, activity, peer, app, limits, stop).await };
             // The handshake counts against the first-request deadline.
             match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
-                Ok(Ok(stream)) => connection(stream, peer, app, limits, stop).await,
+                Ok(Ok(stream)) => connection(stream, activity, peer, app, limits, stop).await,
                 Ok(Err(e)) => {
                     metrics::counter!("atoll_tls_handshake_failures_total").increment(1);
                     tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -154,16 +156,33 @@ async fn accept(
     let _ = slots.acquire_many(limits.max_connections as u32).await;
 }
 
-/// Whether a connection has a request in flight, and since when it has had none.
+/// What a connection is doing: requests in flight (from their arrival to the end of their
+/// response's body), when the last one ended, and since when its writes have been blocked.
 #[derive(Debug)]
 struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `opened` when the last request ended; `u64::MAX`: none yet.
     last_ms: AtomicU64,
+    /// Milliseconds after `opened` since when a write has waited with nothing written (the
+    /// client does not read); `u64::MAX`: not blocked.
+    blocked_ms: AtomicU64,
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(u64::MAX),
+            blocked_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
     /// When the connection is due to close if nothing happens before, or `None` while a request
     /// is in flight.
     fn idle_deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
@@ -175,9 +194,30 @@ impl Activity {
             ms => self.opened + Duration::from_millis(ms) + limits.idle_timeout,
         })
     }
+
+    /// When the connection counts as stalled (its client does not read what it is sent) if its
+    /// writes stay blocked; `None` while they are not.
+    fn stall_deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
+        match self.blocked_ms.load(Ordering::Acquire) {
+            u64::MAX => None,
+            ms => Some(self.opened + Duration::from_millis(ms) + limits.idle_timeout),
+        }
+    }
+
+    /// Notes the outcome of a write.
+    fn wrote(&self, result: &std::task::Poll<std::io::Result<usize>>) {
+        match result {
+            std::task::Poll::Ready(Ok(n)) if *n > 0 => self.blocked_ms.store(u64::MAX, Ordering::Release),
+            std::task::Poll::Pending if self.blocked_ms.load(Ordering::Acquire) == u64::MAX => {
+                self.blocked_ms.store(self.now_ms(), Ordering::Release)
+            }
+            _ => {}
+        }
+    }
 }
 
-/// Marks a request in flight on its connection until dropped.
+/// Marks a request in flight on its connection until dropped (it moves into the response's
+/// body, so a response being written keeps its connection from counting as idle).
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
@@ -189,9 +229,94 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let ms = self.0.opened.elapsed().as_millis() as u64;
-        self.0.last_ms.store(ms, Ordering::Release);
+        self.0.last_ms.store(self.0.now_ms(), Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body holding its request in flight until it ends (or is dropped).
+struct Tracked {
+    body: axum::body::Body,
+    in_flight: Option<InFlight>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.in_flight = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A connection's socket, noting in its [`Activity`] whether writes get through.
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.wrote(&result);
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -200,6 +325,7 @@ impl Drop for InFlight {
 /// requests in flight finish).
 async fn connection<S>(
     stream: S,
+    activity: Arc<Activity>,
     peer: SocketAddr,
     app: axum::Router,
     limits: ConnectionLimits,
@@ -210,11 +336,6 @@ async fn connection<S>(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower::ServiceExt;
 
-    let activity = Arc::new(Activity {
-        opened: Instant::now(),
-        in_flight: AtomicUsize::new(0),
-        last_ms: AtomicU64::new(u64::MAX),
-    });
     let tracked = activity.clone();
     let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
         let in_flight = InFlight::start(&tracked);
@@ -222,8 +343,8 @@ async fn connection<S>(
         let response = app.clone().oneshot(request.map(axum::body::Body::new));
         async move {
             let response = response.await;
-            drop(in_flight);
             response
+                .map(|r| r.map(|body| axum::body::Body::new(Tracked { body, in_flight: Some(in_flight) })))
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -233,17 +354,24 @@ async fn connection<S>(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_timeout(Duration::from_secs(20))
+        // Responses are buffered whole: bound how many one connection may hold at once.
+        .max_concurrent_streams(100);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    // Once closing for idleness, a connection that does not end by itself (a client that does
-    // not read) is dropped after one more header_read_timeout.
+    // Once closing for idleness, a connection that does not end by itself is dropped after one
+    // more header_read_timeout; one whose response does not move for idle_timeout (a client
+    // that does not read) is dropped at once, whatever else it sends.
     let mut closing: Option<Instant> = None;
     let mut stopping = false;
     loop {
+        let stall = activity.stall_deadline(&limits);
+        let later = Instant::now() + limits.idle_timeout;
         let check = match closing {
-            Some(at) => at + limits.header_read_timeout,
-            None => activity.idle_deadline(&limits).unwrap_or_else(|| Instant::now() + limits.idle_timeout),
+            Some(at) if activity.in_flight.load(Ordering::Acquire) == 0 => at + limits.header_read_timeout,
+            Some(_) => stall.unwrap_or(later),
+            None if stopping => stall.unwrap_or(later),
+            None => [activity.idle_deadline(&limits), stall].into_iter().flatten().min().unwrap_or(later),
         };
         tokio::select! {
             result = conn.as_mut() => {
@@ -256,9 +384,17 @@ async fn connection<S>(
                 conn.as_mut().graceful_shutdown();
                 stopping = true;
             }
-            _ = tokio::time::sleep_until(check.into()), if !stopping => {
-                if closing.is_some() {
+            _ = tokio::time::sleep_until(check.into()) => {
+                if activity.stall_deadline(&limits).is_some_and(|at| at <= Instant::now()) {
+                    tracing::debug!(%peer, "dropping a connection whose client does not read its response");
+                    metrics::counter!("atoll_connections_stalled_closed_total").increment(1);
                     break;
+                }
+                if closing.is_some() && activity.in_flight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                if stopping || closing.is_some() {
+                    continue;
                 }
                 if activity.idle_deadline(&limits).is_some_and(|at| at <= Instant::now()) {
                     tracing::debug!(%peer, "closing an idle connection");

@@ -235,8 +235,17 @@ fn run_site(args: SiteArgs) -> Result<()> {
     let config = config::FileConfig::load_with(args.config.as_deref(), &args.sets, std::env::vars())?;
     let mut peers = args.peers;
     peers.extend(config.sync.peers.iter().cloned());
+    // During a rotation a site accepts a second admin token and a second peer secret.
+    let accepted = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
+    let admin_token_accepted = accepted("ATOLL_ADMIN_TOKEN_ACCEPTED");
+    if admin_token_accepted.is_some() && admin_token.is_none() {
+        bail!("ATOLL_ADMIN_TOKEN_ACCEPTED is set but ATOLL_ADMIN_TOKEN is not");
+    }
     let peer_secret = match std::env::var("ATOLL_PEER_SECRET").ok().filter(|s| !s.is_empty()) {
-        Some(secret) => Some(atoll_sync::auth::Secret::new(&secret)?),
+        Some(secret) => Some(match accepted("ATOLL_PEER_SECRET_ACCEPTED") {
+            Some(other) => atoll_sync::auth::Secret::new(&secret)?.accepting(&other)?,
+            None => atoll_sync::auth::Secret::new(&secret)?,
+        }),
         None if args.insecure_dev => Some(atoll_sync::auth::Secret::new(site::INSECURE_DEV_PEER_SECRET)?),
         None if !peers.is_empty() => bail!(
             "ATOLL_PEER_SECRET is not set: sites prove it to each other on every sync message. Set the \
@@ -266,6 +275,7 @@ fn run_site(args: SiteArgs) -> Result<()> {
         data: args.data,
         config,
         admin_token,
+        admin_token_accepted,
         peers,
         advertise,
         peer_secret,

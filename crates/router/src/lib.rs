@@ -291,6 +291,7 @@ impl Router {
         let request = http::Request::get(site.uri(path)).body(proxy::ProxyBody::empty())?;
         let body = tokio::time::timeout(self.settings.timeout * 4, async {
             let response = proxy::client().request(request).await?;
+            anyhow::ensure!(response.status().is_success(), "{path} answered {}", response.status());
             let body = http_body_util::Limited::new(response.into_body(), MAX_STATUS_BODY);
             anyhow::Ok(body.collect().await.map_err(|e| anyhow::anyhow!("{path}: {e}"))?.to_bytes())
         })
@@ -301,7 +302,7 @@ impl Router {
     /// Whether a request from `client` may carry another Atoll hop's headers: a trusted
     /// forwarder (`[routing] trusted_forwarders`), or a site this router routes to.
     pub(crate) fn trusts(&self, client: Option<std::net::IpAddr>) -> bool {
-        let Some(ip) = client else { return false };
+        let Some(ip) = client.map(|ip| ip.to_canonical()) else { return false };
         self.settings.trusted_forwarders.iter().any(|net| net.contains(&ip))
             || self.sites().iter().any(|site| site.ip() == Some(ip))
     }

@@ -247,24 +247,29 @@ impl<T: Unpin> futures_core::Stream for Once<T> {
 
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// Sets `x-forwarded-for` as the first Atoll hop does: the connection's peer address, whatever
-/// the client sent; after another Atoll hop (`hop`), that hop's chain and its address. A hop
-/// header from anyone else is dropped.
-fn forwarded_for(headers: &mut HeaderMap, client: Option<IpAddr>, hop: bool) {
-    let prior = if hop { headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) } else { None };
+/// Headers that say who the client is; from anyone but a trusted proxy they are dropped.
+const CLIENT_CLAIMS: [&str; 2] = ["forwarded", "x-real-ip"];
+
+/// Sets `x-forwarded-for` as the first trusted hop does: the connection's peer address, whatever
+/// the client sent; behind a trusted proxy or Atoll hop (`trusted`), its chain and its address.
+/// From anyone else, the hop header and other client claims are dropped.
+fn forwarded_for(headers: &mut HeaderMap, client: Option<IpAddr>, trusted: bool) {
+    if !trusted {
+        for name in CLIENT_CLAIMS.into_iter().chain([crate::HOP_HEADER]) {
+            headers.remove(name);
+        }
+    }
+    let prior = if trusted { headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) } else { None };
     let value = match (prior, client) {
         (Some(prior), Some(ip)) => HeaderValue::from_str(&format!("{prior}, {ip}")).ok(),
         (None, Some(ip)) => HeaderValue::from_str(&ip.to_string()).ok(),
         (_, None) => None,
     };
-    if !hop {
-        headers.remove(crate::HOP_HEADER);
-    }
     match value {
         Some(v) => {
             headers.insert(FORWARDED_FOR, v);
         }
-        None if !hop => {
+        None if !trusted => {
             headers.remove(FORWARDED_FOR);
         }
         None => {}
@@ -337,10 +342,12 @@ impl Router {
     /// over to the next live site as the retry rule allows. `client` is the peer address the
     /// request came from (for `x-forwarded-for`).
     pub async fn route(&self, mut request: Request<Body>, client: Option<IpAddr>) -> Outcome {
-        // Who sent it: another Atoll hop (a trusted forwarder, or a site this one routes to),
-        // whose hop header and forwarded-for chain hold; or anyone else, whose do not.
-        let hop = request.headers().contains_key(crate::HOP_HEADER) && self.trusts(client);
-        forwarded_for(request.headers_mut(), client, hop);
+        // Who sent it: a trusted proxy or Atoll hop (a trusted forwarder, or a site this one
+        // routes to), whose forwarding headers hold; or anyone else, whose do not.
+        let client = client.map(|ip| ip.to_canonical());
+        let trusted = self.trusts(client);
+        forwarded_for(request.headers_mut(), client, trusted);
+        let hop = trusted && request.headers().contains_key(crate::HOP_HEADER);
         let region = self.client_region(request.headers());
         if is_reserved(request.uri().path()) {
             // The admin API, replication and status of a site are its own: never reached
@@ -534,9 +541,17 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert(crate::HOP_HEADER, HeaderValue::from_static("evil"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
         forwarded_for(&mut h, client, false);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert!(!h.contains_key(crate::HOP_HEADER), "a hop header from a client is dropped");
+        assert!(!h.contains_key("x-real-ip") && !h.contains_key("forwarded"));
+        // Behind a trusted proxy that is not an Atoll hop, its chain holds too.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        forwarded_for(&mut h, client, true);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.9");
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
         h.insert(crate::HOP_HEADER, HeaderValue::from_static("router"));

@@ -41,9 +41,13 @@ pub struct Proof {
     pub len: u64,
 }
 
-/// The shared secret.
+/// The shared secret: the one this site signs with, and during a rotation another one whose
+/// proofs it accepts too.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret {
+    /// `keys[0]` signs; every key verifies.
+    keys: Vec<Vec<u8>>,
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,12 +78,28 @@ impl Secret {
     /// A secret from its text. Refuses secrets too short to be worth anything.
     pub fn new(text: &str) -> anyhow::Result<Secret> {
         anyhow::ensure!(text.len() >= 16, "ATOLL_PEER_SECRET must be at least 16 characters");
-        Ok(Secret(text.as_bytes().to_vec()))
+        Ok(Secret { keys: vec![text.as_bytes().to_vec()] })
     }
 
-    fn mac(&self, head: bool, at_ms: u64, nonce: u64, to: &str, purpose: &str, len: usize) -> Hmac<Sha256> {
+    /// This secret, also accepting proofs made with `other` (`ATOLL_PEER_SECRET_ACCEPTED`, while
+    /// the sites move from one secret to another): it still signs with its own.
+    pub fn accepting(mut self, other: &str) -> anyhow::Result<Secret> {
+        anyhow::ensure!(other.len() >= 16, "ATOLL_PEER_SECRET_ACCEPTED must be at least 16 characters");
+        self.keys.push(other.as_bytes().to_vec());
+        Ok(self)
+    }
+
+    fn mac(
+        key: &[u8],
+        head: bool,
+        at_ms: u64,
+        nonce: u64,
+        to: &str,
+        purpose: &str,
+        len: usize,
+    ) -> Hmac<Sha256> {
         // HMAC takes keys of any length.
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
         let kind = if head { "atoll-sync-v3-head" } else { "atoll-sync-v3" };
         mac.update(format!("{kind}\n{at_ms}\n{nonce:016x}\n{to}\n{purpose}\n{len}\n").as_bytes());
         mac
@@ -92,9 +112,9 @@ impl Secret {
     }
 
     fn sign_with(&self, now_ms: u64, nonce: u64, to: &str, purpose: &str, body: &[u8]) -> String {
-        let len = body.len();
-        let head = self.mac(true, now_ms, nonce, to, purpose, len).finalize().into_bytes();
-        let mut mac = self.mac(false, now_ms, nonce, to, purpose, len);
+        let (len, key) = (body.len(), &self.keys[0]);
+        let head = Self::mac(key, true, now_ms, nonce, to, purpose, len).finalize().into_bytes();
+        let mut mac = Self::mac(key, false, now_ms, nonce, to, purpose, len);
         mac.update(body);
         let tag = mac.finalize().into_bytes();
         format!("v3 {now_ms} {nonce:016x} {len} {} {}", hex(&head[..TAG_BYTES]), hex(&tag[..TAG_BYTES]))
@@ -132,11 +152,11 @@ impl Secret {
         purpose: &str,
         body: &[u8],
     ) -> Result<Proof, AuthError> {
-        let (proof, _, tag) = self.parse_head(header, to, purpose)?;
+        let (proof, key, tag) = self.parse_head(header, to, purpose)?;
         if proof.len != body.len() as u64 {
             return Err(AuthError::BadSignature);
         }
-        let mut mac = self.mac(false, proof.at_ms, proof.nonce, to, purpose, body.len());
+        let mut mac = Self::mac(key, false, proof.at_ms, proof.nonce, to, purpose, body.len());
         mac.update(body);
         mac.verify_truncated_left(&tag).map_err(|_| AuthError::BadSignature)?;
         Ok(proof)
@@ -148,13 +168,14 @@ impl Secret {
         self.parse_head(header, to, purpose).map(|(proof, _, _)| proof)
     }
 
-    /// Parses a header and checks its head tag; returns the proof, the head tag and the tag.
+    /// Parses a header and checks its head tag; returns the proof, the key whose head tag it is,
+    /// and the tag.
     fn parse_head(
         &self,
         header: Option<&str>,
         to: &str,
         purpose: &str,
-    ) -> Result<(Proof, Vec<u8>, Vec<u8>), AuthError> {
+    ) -> Result<(Proof, &[u8], Vec<u8>), AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let mut parts = header.split(' ');
         let (Some("v3"), Some(at), Some(nonce), Some(len), Some(head), Some(tag), None) = (
@@ -175,10 +196,14 @@ impl Secret {
         let nonce = u64::from_str_radix(nonce, 16).map_err(|_| AuthError::Malformed)?;
         let len: usize = len.parse().map_err(|_| AuthError::Malformed)?;
         let (head, tag) = (unhex(head)?, unhex(tag)?);
-        self.mac(true, at, nonce, to, purpose, len)
-            .verify_truncated_left(&head)
-            .map_err(|_| AuthError::BadSignature)?;
-        Ok((Proof { at_ms: at, nonce, len: len as u64 }, head, tag))
+        let key = self
+            .keys
+            .iter()
+            .find(|key| {
+                Self::mac(key, true, at, nonce, to, purpose, len).verify_truncated_left(&head).is_ok()
+            })
+            .ok_or(AuthError::BadSignature)?;
+        Ok((Proof { at_ms: at, nonce, len: len as u64 }, key, tag))
     }
 }
 
@@ -207,6 +232,11 @@ pub struct Replays {
 impl Replays {
     /// The most nonces remembered.
     pub const MAX: usize = 1 << 20;
+
+    /// Whether `nonce` was taken already (without taking it).
+    pub fn seen(&self, nonce: u64) -> bool {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&nonce)
+    }
 
     /// Records `proof`'s nonce at `now_ms`; `false` if it was seen already (or the record is full).
     pub fn first_time(&self, proof: Proof, now_ms: u64) -> bool {
@@ -264,6 +294,24 @@ mod tests {
             s.verify(Some(&h), 1_000_000, "b", "/_atoll/sync", b"body!"),
             Err(AuthError::BadSignature)
         );
+    }
+
+    #[test]
+    fn during_a_rotation_both_secrets_are_accepted_and_the_own_one_signs() {
+        let (old, new) = ("old-secret-0123456789", "new-secret-0123456789");
+        let rotating = Secret::new(new).and_then(|s| s.accepting(old)).expect("secret");
+        let by_old = Secret::new(old).expect("secret").sign(1_000_000, "b", "/p", b"x");
+        assert!(rotating.verify(Some(&by_old), 1_000_000, "b", "/p", b"x").is_ok());
+        let by_rotating = rotating.sign(1_000_000, "b", "/p", b"x");
+        assert!(
+            Secret::new(new).expect("secret").verify(Some(&by_rotating), 1_000_000, "b", "/p", b"x").is_ok()
+        );
+        assert_eq!(
+            Secret::new(old).expect("secret").verify(Some(&by_rotating), 1_000_000, "b", "/p", b"x"),
+            Err(AuthError::BadSignature),
+            "it signs with its own secret"
+        );
+        assert!(Secret::new(new).and_then(|s| s.accepting("short")).is_err());
     }
 
     #[test]

@@ -37,6 +37,13 @@ use crate::store::SyncStore;
 /// deployable component replicates).
 pub const MAX_BLOB: usize = 64 << 20;
 
+/// The most a sync request outside the time window may carry to be read at all (a hello, to
+/// show which site's clock is off).
+const MAX_STALE_HELLO: u64 = 64 << 10;
+
+/// How long a sync request's body may take to arrive once its head is checked.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The path of the sync endpoint.
 pub const SYNC_PATH: &str = "/_atoll/sync";
 
@@ -267,8 +274,11 @@ async fn sync<S: SyncStore>(
 ) -> Response {
     let proof = headers.get(auth::HEADER).and_then(|v| v.to_str().ok());
     let me = server.node.me().site.clone();
-    // The head of the proof first: a sender without the secret is refused before a byte of its
-    // body is read, and one with it is read for the length it signed.
+    // The head of the proof first: a sender without the secret, a replayed head and one out of
+    // the time window are refused before a byte of the body is read (a stale one may still
+    // carry a small hello, read to show which site's clock is off); the rest is read for the
+    // length it signs, within a time limit.
+    let now = wall_ms();
     let head =
         server.secret.head(proof, &me, SYNC_PATH).or_else(|_| server.secret.head(proof, "", SYNC_PATH));
     let len = match head {
@@ -278,12 +288,29 @@ async fn sync<S: SyncStore>(
                 format!("sync message over the limit of {MAX_MESSAGE} bytes"),
             );
         }
+        Ok(head) if server.replays.seen(head.nonce) => {
+            tracing::warn!("refused a replayed sync request");
+            return refuse(StatusCode::CONFLICT, "this request was taken already (a replay)");
+        }
+        Ok(head) if now.abs_diff(head.at_ms) > auth::MAX_AGE_MS && head.len > MAX_STALE_HELLO => {
+            return unauthorized(
+                &server.secret,
+                proof,
+                now,
+                auth::AuthError::Stale(now.abs_diff(head.at_ms)),
+            );
+        }
         Ok(head) => head.len as usize,
-        Err(e) => return unauthorized(&server.secret, proof, wall_ms(), e),
+        Err(e) => return unauthorized(&server.secret, proof, now, e),
     };
-    let bytes = match http_body_util::Limited::new(body, len).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("cannot read the sync message: {e}")),
+    let read = http_body_util::Limited::new(body, len).collect();
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => return refuse(StatusCode::BAD_REQUEST, format!("cannot read the sync message: {e}")),
+        Err(_) => {
+            let reason = format!("the sync message did not arrive within {BODY_TIMEOUT:?}");
+            return refuse(StatusCode::REQUEST_TIMEOUT, reason);
+        }
     };
     let now = wall_ms();
     // For this site by name; or for no one in particular, which only a hello may be (its sender

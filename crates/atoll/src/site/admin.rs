@@ -93,16 +93,21 @@ impl From<anyhow::Error> for ApiError {
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time (over SHA-256 digests, so neither
-/// the content nor the length of the token leaks through timing).
+/// the content nor the length of the token leaks through timing) against the admin token and,
+/// during a rotation, the other accepted one (both compared, whichever matches).
 pub(super) fn authorize(site: &Site, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &site.admin_token else { return Ok(()) };
-    let given = headers
+    let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let matches: bool = Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())).into();
-    if given.is_empty() {
+    let given = Sha256::digest(token.as_bytes());
+    let other = site.admin_token_accepted.as_deref().unwrap_or(expected);
+    let matches: bool = (given.ct_eq(&Sha256::digest(expected.as_bytes()))
+        | given.ct_eq(&Sha256::digest(other.as_bytes())))
+    .into();
+    if token.is_empty() {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing admin token: send Authorization: Bearer $ATOLL_ADMIN_TOKEN",

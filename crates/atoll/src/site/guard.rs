@@ -35,9 +35,11 @@ pub(crate) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     let site = &guard.site;
     let path = request.uri().path();
     let admin_api = guard.admin && (path == "/_atoll/apps" || path.starts_with("/_atoll/apps/"));
+    // `/metrics` on an app's own host is the app's (its handler serves it so); every other
+    // status path is this site's on every host.
     let status = site.protect_status
         && STATUS_PATHS.contains(&path)
-        && !super::routing::host_names_an_app(site, request.headers());
+        && !(path == "/metrics" && super::routing::host_names_an_app(site, request.headers()));
     if admin_api || status {
         let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
         let sent_token = request.headers().contains_key(header::AUTHORIZATION);
@@ -50,14 +52,29 @@ pub(crate) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     next.run(request).await
 }
 
-/// Wrong admin tokens per client address. Past [`Lockout::MAX_FAILURES`] within
-/// [`Lockout::WINDOW`], every request that needs the token from that address gets 429 until
-/// the window ends, right token or not, so guessing proves nothing. A request without a token
-/// is not a guess and does not count. (tower's rate limits count requests to a service, not
-/// failures per client, hence this small table.)
+/// Wrong admin tokens per client address (an IPv6 client by its /64: one host holds a whole
+/// /64). Past [`Lockout::MAX_FAILURES`] within [`Lockout::WINDOW`], every request that needs
+/// the token from that address gets 429 until the window ends, right token or not, so guessing
+/// proves nothing. A request without a token is not a guess and does not count. (tower's rate
+/// limits count requests to a service, not failures per client, hence this small table.)
 #[derive(Debug, Default)]
 pub(crate) struct Lockout {
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    failures: Mutex<Failures>,
+}
+
+#[derive(Debug, Default)]
+struct Failures {
+    by_client: HashMap<IpAddr, (Instant, u32)>,
+    /// When expired entries were last dropped (at most once a second, whatever the load).
+    swept: Option<Instant>,
+}
+
+/// The key of a client: its address, an IPv6 one cut to its /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
 }
 
 impl Lockout {
@@ -74,10 +91,10 @@ impl Lockout {
         sent_token: bool,
         verify: impl FnOnce() -> Result<(), super::admin::ApiError>,
     ) -> Option<Response> {
-        let Some(ip) = client else { return verify().err().map(IntoResponse::into_response) };
+        let Some(ip) = client.map(client_key) else { return verify().err().map(IntoResponse::into_response) };
         let now = Instant::now();
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&(since, count)) = failures.get(&ip)
+        if let Some(&(since, count)) = failures.by_client.get(&ip)
             && count >= Self::MAX_FAILURES
             && now.duration_since(since) < Self::WINDOW
         {
@@ -97,10 +114,18 @@ impl Lockout {
         }
         let result = verify();
         if result.is_err() && sent_token {
-            if failures.len() >= Self::MAX_ADDRESSES {
-                failures.retain(|_, (since, _)| now.duration_since(*since) < Self::WINDOW);
+            let failures = &mut *failures;
+            if failures.by_client.len() >= Self::MAX_ADDRESSES
+                && failures.swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+            {
+                failures.swept = Some(now);
+                failures.by_client.retain(|_, (since, _)| now.duration_since(*since) < Self::WINDOW);
             }
-            let entry = failures.entry(ip).or_insert((now, 0));
+            if failures.by_client.len() >= Self::MAX_ADDRESSES && !failures.by_client.contains_key(&ip) {
+                // Full of live entries (a flood from many addresses): this one is not counted.
+                return result.err().map(IntoResponse::into_response);
+            }
+            let entry = failures.by_client.entry(ip).or_insert((now, 0));
             if now.duration_since(entry.0) >= Self::WINDOW {
                 *entry = (now, 0);
             }
@@ -139,5 +164,21 @@ mod tests {
         assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(locked.headers().contains_key(header::RETRY_AFTER));
         assert!(lockout.check(Some(b), true, || Ok(())).is_none(), "another address is not locked out");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_one_client_per_64() {
+        let lockout = Lockout::default();
+        for i in 0..Lockout::MAX_FAILURES {
+            let ip: IpAddr = format!("2001:db8:0:1::{:x}", i + 1).parse().expect("ip");
+            lockout.check(Some(ip), true, wrong).expect("refused");
+        }
+        let same_64: IpAddr = "2001:db8:0:1:ffff::1".parse().expect("ip");
+        let locked = lockout.check(Some(same_64), true, || Ok(())).expect("locked out");
+        assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS);
+        let other_64: IpAddr = "2001:db8:0:2::1".parse().expect("ip");
+        assert!(lockout.check(Some(other_64), true, || Ok(())).is_none());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        assert_eq!(client_key(mapped), IpAddr::from([10, 0, 0, 1]));
     }
 }

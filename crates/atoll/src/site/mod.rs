@@ -32,6 +32,8 @@ pub struct SiteOptions {
     pub config: FileConfig,
     /// The admin token; `None` only with `--insecure-dev`.
     pub admin_token: Option<String>,
+    /// Another admin token accepted too (`ATOLL_ADMIN_TOKEN_ACCEPTED`, during a rotation).
+    pub admin_token_accepted: Option<String>,
     /// Peer base URLs (`--peer` and `[sync] peers`).
     pub peers: Vec<String>,
     /// The URL peers reach this site at (default: http://<admin or listen address>).
@@ -64,6 +66,7 @@ pub(crate) struct Site {
     /// Serialises admin changes, so the registry and the app table change in the same order.
     admin_lock: tokio::sync::Mutex<()>,
     admin_token: Option<String>,
+    admin_token_accepted: Option<String>,
     /// Whether the status endpoints need the admin token too.
     protect_status: bool,
     /// Addresses that sent too many wrong admin tokens.
@@ -161,6 +164,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         apps: RwLock::new(apps),
         admin_lock: tokio::sync::Mutex::new(()),
         admin_token: options.admin_token,
+        admin_token_accepted: options.admin_token_accepted,
         protect_status: options.config.admin.protect_status,
         lockout: guard::Lockout::default(),
         default_limits: options.config.default_limits(),
