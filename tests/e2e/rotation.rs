@@ -85,3 +85,72 @@ fn the_peer_secret_and_admin_token_rotate_site_by_site_without_stopping_replicat
         assert_eq!(new.status, 200, "a push with the new secret at {}: {new:?}", site.name);
     }
 }
+
+/// `atoll keygen` into `dir`: (key file, public key).
+fn keygen(dir: &std::path::Path, name: &str) -> (String, String) {
+    let path = dir.join(name).display().to_string();
+    let out = atoll(&["keygen", "--out", &path]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (path, String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[test]
+fn the_deploy_key_rotates_site_by_site_and_the_old_key_is_refused_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old_key, old_public) = keygen(dir.path(), "old.key");
+    let (new_key, new_public) = keygen(dir.path(), "new.key");
+    // Sites that hold only public keys (production's way).
+    let trusting = |keys: &[&str]| {
+        let list = keys.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(",");
+        vec![
+            ("ATOLL_ADMIN__DEPLOY_KEY_FILE".to_owned(), String::new()),
+            ("ATOLL_ADMIN__DEPLOY_PUBLIC_KEYS".to_owned(), format!("[{list}]")),
+        ]
+    };
+    let env = trusting(&[&old_public]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let a = Site::start_with_env("key-a", &[], Some(crate::replication::FAST), &env);
+    let b = Site::start_with_env("key-b", &["--peer", &a.url], Some(crate::replication::FAST), &env);
+    let mut sites = vec![a, b];
+    let deploy = |site: &Site, app: &str, key: &str| {
+        atoll(&["deploy", "--site", &site.url, "--app", app, atoll_test_guests::HELLO, "--deploy-key", key])
+    };
+    let served_everywhere = |sites: &[Site], app: &str| {
+        for site in sites {
+            eventually(WAIT, &format!("{app} served at {}", site.name), || {
+                (site.get(&format!("/apps/{app}/")).status == 200).then_some(())
+            });
+        }
+    };
+    assert!(deploy(&sites[0], "before", &old_key).status.success());
+    served_everywhere(&sites, "before");
+
+    // 1. Every site trusts both keys, one restart at a time; deploys signed with either run.
+    for i in 0..2 {
+        let mut site = sites.remove(i);
+        site.env = trusting(&[&old_public, &new_public]);
+        sites.insert(i, site.kill_and_restart());
+        served_everywhere(&sites, "before");
+    }
+    assert!(deploy(&sites[1], "by-new", &new_key).status.success());
+    assert!(deploy(&sites[0], "by-old", &old_key).status.success());
+    served_everywhere(&sites, "by-new");
+    served_everywhere(&sites, "by-old");
+
+    // 2. The old key goes: what it signed and the sites applied keeps running; a new deploy
+    // signed with it is refused.
+    for i in 0..2 {
+        let mut site = sites.remove(i);
+        site.env = trusting(&[&new_public]);
+        sites.insert(i, site.kill_and_restart());
+    }
+    for app in ["before", "by-new", "by-old"] {
+        served_everywhere(&sites, app);
+    }
+    let refused = deploy(&sites[0], "late", &old_key);
+    assert!(!refused.status.success(), "a deploy signed with the removed key was taken");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not in this site's"), "{refused:?}");
+    assert!(deploy(&sites[1], "after", &new_key).status.success());
+    served_everywhere(&sites, "after");
+    assert_eq!(sites[1].get("/apps/late/").status, 404);
+}

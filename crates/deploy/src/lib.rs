@@ -85,6 +85,9 @@ impl DeployParams {
         if let Some(bytes) = self.max_response_body_bytes {
             limits.max_response_body = body_cap("max_response_body_bytes", bytes)?;
         }
+        if self.allow_hosts.as_deref().is_some_and(|h| h.chars().any(char::is_control)) {
+            return Err("allow_hosts must not hold control characters".into());
+        }
         let allowed_hosts: Vec<String> = self
             .allow_hosts
             .as_deref()
@@ -244,6 +247,11 @@ impl Trust {
 
     /// Checks that `record` is signed, for `app`, by a trusted key.
     pub fn verify(&self, app: &str, record: &DeployRecord) -> Result<(), String> {
+        // A line break in a value would let two statements share one text (and so one
+        // signature): no such statement is signed or taken.
+        if record.params.allow_hosts.as_deref().is_some_and(|h| h.chars().any(char::is_control)) {
+            return Err("the deploy's allow_hosts holds control characters".into());
+        }
         let (Some(key), Some(signature)) = (&record.key, &record.signature) else {
             return Err("the deploy is not signed".into());
         };
@@ -393,5 +401,67 @@ mod tests {
         assert!(p(|p| p.max_request_body_bytes = Some(u64::MAX)).is_err());
         assert!(p(|p| p.allow_hosts = Some("a.example:99999".into())).is_err());
         assert!(is_version(&"0".repeat(64)) && !is_version("../x") && !is_version(&"A".repeat(64)));
+    }
+
+    mod arbitrary {
+        //! What `fuzz/fuzz_targets/upload.rs` checks, as a property test that CI runs (the fuzz
+        //! target needs nightly and cargo-fuzz).
+        use super::*;
+        use proptest::prelude::*;
+
+        fn caps() -> Caps {
+            Caps { max_memory_mb: 128, max_body_bytes: 256 << 20 }
+        }
+
+        fn within_caps(params: &DeployParams) {
+            if let Ok(settings) = params.settings(&Limits::default(), &caps()) {
+                assert!(settings.limits.deadline <= Duration::from_millis(MAX_DEADLINE_MS));
+                assert!(settings.limits.max_memory_bytes as u64 <= caps().max_memory_mb << 20);
+                assert!(settings.limits.max_request_body as u64 <= caps().max_body_bytes);
+                assert!(settings.limits.max_response_body as u64 <= caps().max_body_bytes);
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn any_record_bytes_are_refused_or_checked_without_panicking(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+                let trust = Trust::new(&[], None, true).expect("dev key");
+                if let Ok(record) = serde_json::from_slice::<DeployRecord>(&data) {
+                    let _ = trust.verify("app", &record);
+                    within_caps(&record.params);
+                }
+                let text = String::from_utf8_lossy(&data);
+                let mut parts = text.splitn(3, '\n');
+                let _ = headers_signature(parts.next(), parts.next(), parts.next());
+            }
+
+            #[test]
+            fn any_parameters_stay_within_the_caps_and_sign_only_their_own_statement(
+                deadline_ms in proptest::option::of(any::<u64>()),
+                memory_mb in proptest::option::of(any::<u64>()),
+                request in proptest::option::of(any::<u64>()),
+                response in proptest::option::of(any::<u64>()),
+                allow_hosts in proptest::option::of("[a-z0-9.:,\n=]{0,40}"),
+                signed_at_ms in any::<u64>(),
+            ) {
+                let params = DeployParams {
+                    deadline_ms,
+                    memory_mb,
+                    max_request_body_bytes: request,
+                    max_response_body_bytes: response,
+                    allow_hosts,
+                };
+                within_caps(&params);
+                let trust = Trust::new(&[], None, true).expect("dev key");
+                let mut record = DeployRecord { version: None, size: 0, params, signed_at_ms, key: None, signature: None };
+                trust.sign("app", &mut record).expect("signs");
+                prop_assert!(trust.verify("other", &record).is_err());
+                let valid = !record.params.allow_hosts.as_deref().is_some_and(|h| h.contains('\n'));
+                prop_assert_eq!(trust.verify("app", &record).is_ok(), valid);
+                let mut later = record.clone();
+                later.signed_at_ms = later.signed_at_ms.wrapping_add(1);
+                prop_assert!(trust.verify("app", &later).is_err());
+            }
+        }
     }
 }
