@@ -14,9 +14,22 @@ const SITE_SEED: [u8; 32] = [0x5a; 32];
 /// A deploy record as sites replicate it, signed with `seed` (the statement's text is the wire
 /// format of `crate::signing`, written out here so that a change to it shows).
 fn record(seed: [u8; 32], app: &str, version: Option<&str>, size: u64, params: &str, at: u64) -> Vec<u8> {
+    record_in("atoll", seed, app, version, size, params, at)
+}
+
+/// [`record`] signed for `cluster`.
+fn record_in(
+    cluster: &str,
+    seed: [u8; 32],
+    app: &str,
+    version: Option<&str>,
+    size: u64,
+    params: &str,
+    at: u64,
+) -> Vec<u8> {
     let canonical: String = params.lines().map(|l| format!("{l}\n")).collect();
     let text = format!(
-        "atoll-deploy-v1\napp={app}\nversion={}\nsize={size}\nsigned_at_ms={at}\n{canonical}",
+        "atoll-deploy-v2\ncluster={cluster}\napp={app}\nversion={}\nsize={size}\nsigned_at_ms={at}\n{canonical}",
         version.unwrap_or("deleted")
     );
     let key = SigningKey::from_bytes(&seed);
@@ -28,6 +41,7 @@ fn record(seed: [u8; 32], app: &str, version: Option<&str>, size: u64, params: &
         params_json.insert(k.into(), v);
     }
     serde_json::to_vec(&serde_json::json!({
+        "cluster": cluster,
         "version": version,
         "size": size,
         "params": params_json,
@@ -107,7 +121,9 @@ fn a_deploy_record_forged_with_the_peer_secret_is_not_run() {
     // settings valid).
     let old = record(SITE_SEED, "kv", Some(&"0".repeat(64)), 1, "", 1);
     let out_of_range = record(SITE_SEED, "kv", Some(&version), 1, &format!("deadline_ms={}", u64::MAX), at);
-    for attack in [old, out_of_range] {
+    // Signed with the trusted key, newer, valid: but for another cluster (staging shares the key).
+    let staging = record_in("staging", SITE_SEED, "kv", Some(&version), 1, "deadline_ms=4321", at);
+    for attack in [old, out_of_range, staging] {
         let r = push_entries(a, vec![entry("_atoll", "apps", "kv", Some(attack))], Some(PEER_SECRET), |_| {});
         assert_eq!(r.status, 200, "{}", r.body);
     }
@@ -125,6 +141,7 @@ fn a_deploy_record_forged_with_the_peer_secret_is_not_run() {
         "is not an app's",
         "before the one here",
         "deadline_ms must be between",
+        "signed for cluster \"staging\"",
     ] {
         assert!(log.contains(reason), "no refusal saying {reason:?} in the log:\n{log}");
     }

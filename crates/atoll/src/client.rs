@@ -98,7 +98,7 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
         use sha2::Digest;
         let version: String = sha2::Sha256::digest(&wasm).iter().map(|b| format!("{b:02x}")).collect();
         let record = DeployRecord { version: Some(version), size: wasm.len() as u64, ..unsigned(params) };
-        request = signed(request, key, &args.app, record)?;
+        request = signed(request, &site, key, &args.app, record)?;
     }
     // With `Expect: 100-continue` a refusal (401, 413) arrives before the component is sent.
     let request =
@@ -157,7 +157,7 @@ pub fn delete(args: &DeleteArgs) -> Result<()> {
     let url = site.url(&format!("/_atoll/apps/{}", args.app));
     let mut request = site.agent.delete(url);
     if let Some(key) = &args.client.deploy_key {
-        request = signed(request, key, &args.app, unsigned(DeployParams::default()))?;
+        request = signed(request, &site, key, &args.app, unsigned(DeployParams::default()))?;
     }
     site.check("delete", site.auth(request).call())?;
     println!("deleted {} from {}", args.app, site.base);
@@ -168,6 +168,7 @@ pub fn delete(args: &DeleteArgs) -> Result<()> {
 fn unsigned(params: DeployParams) -> DeployRecord {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     DeployRecord {
+        cluster: String::new(),
         version: None,
         size: 0,
         params,
@@ -177,15 +178,24 @@ fn unsigned(params: DeployParams) -> DeployRecord {
     }
 }
 
-/// Signs `record` for `app` with the key in `key_file`, and adds the signature's headers.
+/// Signs `record` for `app` in the site's cluster (as its health answer names it) with the key
+/// in `key_file`, and adds the signature's headers.
 fn signed<B>(
     request: ureq::RequestBuilder<B>,
+    site: &Site,
     key_file: &std::path::Path,
     app: &str,
     mut record: DeployRecord,
 ) -> Result<ureq::RequestBuilder<B>> {
-    signing::sign_with_file(key_file, app, &mut record)?;
+    let health =
+        site.check("asking the site its cluster", site.agent.get(site.url("/_atoll/health")).call())?;
+    let cluster = serde_json::from_str::<serde_json::Value>(&health)
+        .ok()
+        .and_then(|v| v["cluster"].as_str().map(str::to_owned))
+        .with_context(|| format!("{} does not name its cluster", site.base))?;
+    signing::sign_with_file(key_file, &cluster, app, &mut record)?;
     Ok(request
+        .header(signing::CLUSTER_HEADER, cluster)
         .header(signing::SIGNED_AT_HEADER, record.signed_at_ms.to_string())
         .header(signing::KEY_HEADER, record.key.unwrap_or_default())
         .header(signing::SIGNATURE_HEADER, record.signature.unwrap_or_default()))

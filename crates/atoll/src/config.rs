@@ -144,6 +144,9 @@ pub struct AdminConfig {
     pub deploy_public_keys: Vec<String>,
     /// A deploy key this site signs the uploads its admin token admits with (and trusts).
     pub deploy_key_file: Option<std::path::PathBuf>,
+    /// The cluster this site is in (default `atoll`): deploys are signed for one cluster, so a
+    /// record signed for staging is refused in production even with one deploy key for both.
+    pub cluster: Option<String>,
     /// Whether the status endpoints (`/_atoll/ui/state`, `/_atoll/sync/status`,
     /// `/_atoll/router/status`, `/metrics`) need the admin token too (default false).
     #[serde(default)]
@@ -264,6 +267,8 @@ impl FileConfig {
             .settings(&Limits::default(), &self.caps())
             .map_err(|e| anyhow::anyhow!("config section [limits]: {e}"))?;
         self.tls.validate()?;
+        crate::signing::validate_cluster(self.cluster())
+            .map_err(|e| anyhow::anyhow!("config field admin.cluster: {e}"))?;
         let runtime = self.runtime_config();
         if runtime.max_instances_per_app > runtime.max_instances {
             bail!(
@@ -404,6 +409,11 @@ impl FileConfig {
     /// A discovery over `urls` with this file's DNS settings.
     pub fn discovery(&self, urls: &[String]) -> Result<atoll_router::dns::Discovery> {
         atoll_router::dns::Discovery::new(urls, &self.dns.nameservers, self.dns_interval())
+    }
+
+    /// The cluster this site is in.
+    pub fn cluster(&self) -> &str {
+        self.admin.cluster.as_deref().unwrap_or(crate::signing::DEFAULT_CLUSTER)
     }
 
     /// The cap on uploads.

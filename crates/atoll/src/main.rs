@@ -258,6 +258,7 @@ fn run_site(args: SiteArgs) -> Result<()> {
         &config.admin.deploy_public_keys,
         config.admin.deploy_key_file.as_deref(),
         args.insecure_dev,
+        config.cluster(),
     )?;
     if peer_secret.is_some() && !trust.configured() {
         bail!(

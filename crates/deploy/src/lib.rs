@@ -27,6 +27,22 @@ pub const SIGNED_AT_HEADER: &str = "x-atoll-deploy-signed-at";
 pub const KEY_HEADER: &str = "x-atoll-deploy-key";
 /// The signature (hex).
 pub const SIGNATURE_HEADER: &str = "x-atoll-deploy-signature";
+/// The header naming the cluster a deploy was signed for.
+pub const CLUSTER_HEADER: &str = "x-atoll-deploy-cluster";
+
+/// The cluster a site is in when `[admin] cluster` does not say.
+pub const DEFAULT_CLUSTER: &str = "atoll";
+
+/// Checks a cluster name: 1 to 63 lowercase letters, digits and '-'.
+pub fn validate_cluster(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("cluster name {name:?}: use 1-63 lowercase letters, digits and '-'"))
+    }
+}
 
 /// The deploy key `--insecure-dev` sites hold and trust when none is configured: every dev site
 /// shares it, so local deploys replicate without setup. Never for production.
@@ -129,9 +145,13 @@ pub struct Caps {
     pub max_body_bytes: u64,
 }
 
-/// What an admin signed: this app runs this component with these parameters (or is deleted).
+/// What an admin signed: in this cluster, this app runs this component with these parameters
+/// (or is deleted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement<'a> {
+    /// The cluster it holds in: a record signed for staging is refused in production, even with
+    /// one deploy key for both.
+    pub cluster: &'a str,
     pub app: &'a str,
     /// The component's SHA-256 (hex); `None`: the app is deleted.
     pub version: Option<&'a str>,
@@ -145,7 +165,8 @@ impl Statement<'_> {
     /// The bytes signed: a versioned, line-based text no two statements share.
     pub fn text(&self) -> String {
         format!(
-            "atoll-deploy-v1\napp={}\nversion={}\nsize={}\nsigned_at_ms={}\n{}",
+            "atoll-deploy-v2\ncluster={}\napp={}\nversion={}\nsize={}\nsigned_at_ms={}\n{}",
+            self.cluster,
             self.app,
             self.version.unwrap_or("deleted"),
             self.size,
@@ -160,6 +181,9 @@ impl Statement<'_> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeployRecord {
+    /// The cluster it was signed for.
+    #[serde(default)]
+    pub cluster: String,
     /// The component's SHA-256 (hex); `None`: the app is deleted.
     pub version: Option<String>,
     /// Its size in bytes (0 for a delete).
@@ -175,6 +199,7 @@ pub struct DeployRecord {
 impl DeployRecord {
     pub fn statement<'a>(&'a self, app: &'a str) -> Statement<'a> {
         Statement {
+            cluster: &self.cluster,
             app,
             version: self.version.as_deref(),
             size: self.size,
@@ -195,6 +220,8 @@ pub fn is_version(version: &str) -> bool {
 pub struct Trust {
     keys: Vec<VerifyingKey>,
     signer: Option<SigningKey>,
+    /// The cluster this site is in: what records must be signed for.
+    cluster: String,
 }
 
 impl std::fmt::Debug for Trust {
@@ -202,14 +229,22 @@ impl std::fmt::Debug for Trust {
         f.debug_struct("Trust")
             .field("keys", &self.keys.iter().map(|k| hex(k.as_bytes())).collect::<Vec<_>>())
             .field("signs", &self.signer.is_some())
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
 
 impl Trust {
-    /// Trusts `public_keys` (hex), and signs with the key in `key_file` if given (trusting its
-    /// public key too). `insecure_dev` with neither: the shared development key.
-    pub fn new(public_keys: &[String], key_file: Option<&Path>, insecure_dev: bool) -> Result<Trust> {
+    /// Trusts `public_keys` (hex) for deploys to `cluster`, and signs with the key in `key_file`
+    /// if given (trusting its public key too). `insecure_dev` with neither: the shared
+    /// development key.
+    pub fn new(
+        public_keys: &[String],
+        key_file: Option<&Path>,
+        insecure_dev: bool,
+        cluster: &str,
+    ) -> Result<Trust> {
+        validate_cluster(cluster).map_err(|e| anyhow::anyhow!("admin.cluster: {e}"))?;
         let mut keys = public_keys
             .iter()
             .map(|k| parse_public(k).with_context(|| format!("admin.deploy_public_keys: {k:?}")))
@@ -223,7 +258,12 @@ impl Trust {
         {
             keys.push(s.verifying_key());
         }
-        Ok(Trust { keys, signer })
+        Ok(Trust { keys, signer, cluster: cluster.to_owned() })
+    }
+
+    /// The cluster this site is in.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// Whether this site knows any deploy key (then every replicated record must be signed).
@@ -236,16 +276,17 @@ impl Trust {
         self.signer.is_some()
     }
 
-    /// Signs `record`'s statement for `app` with this site's key.
+    /// Signs `record`'s statement for `app` in this site's cluster with this site's key.
     pub fn sign(&self, app: &str, record: &mut DeployRecord) -> Result<()> {
         let signer = self.signer.as_ref().context("this site holds no deploy key")?;
+        record.cluster = self.cluster.clone();
         let signature = signer.sign(record.statement(app).text().as_bytes());
         record.key = Some(hex(signer.verifying_key().as_bytes()));
         record.signature = Some(hex(&signature.to_bytes()));
         Ok(())
     }
 
-    /// Checks that `record` is signed, for `app`, by a trusted key.
+    /// Checks that `record` is signed, for `app` in this site's cluster, by a trusted key.
     pub fn verify(&self, app: &str, record: &DeployRecord) -> Result<(), String> {
         // A line break in a value would let two statements share one text (and so one
         // signature): no such statement is signed or taken.
@@ -255,6 +296,12 @@ impl Trust {
         let (Some(key), Some(signature)) = (&record.key, &record.signature) else {
             return Err("the deploy is not signed".into());
         };
+        if record.cluster != self.cluster {
+            return Err(format!(
+                "the deploy is signed for cluster {:?}; this site is in cluster {:?} ([admin] cluster)",
+                record.cluster, self.cluster
+            ));
+        }
         let key = parse_public(key).map_err(|e| format!("the deploy's key: {e:#}"))?;
         if !self.keys.contains(&key) {
             return Err(format!(
@@ -270,9 +317,9 @@ impl Trust {
     }
 }
 
-/// Signs `record`'s statement for `app` with the key in `key_file` (the CLI's side).
-pub fn sign_with_file(key_file: &Path, app: &str, record: &mut DeployRecord) -> Result<()> {
-    let trust = Trust { keys: vec![], signer: Some(read_key(key_file)?) };
+/// Signs `record`'s statement for `app` in `cluster` with the key in `key_file` (the CLI's side).
+pub fn sign_with_file(key_file: &Path, cluster: &str, app: &str, record: &mut DeployRecord) -> Result<()> {
+    let trust = Trust { keys: vec![], signer: Some(read_key(key_file)?), cluster: cluster.to_owned() };
     trust.sign(app, record)
 }
 
@@ -342,6 +389,7 @@ mod tests {
 
     fn record(version: &str) -> DeployRecord {
         DeployRecord {
+            cluster: DEFAULT_CLUSTER.into(),
             version: Some(version.to_owned()),
             size: 10,
             params: DeployParams { deadline_ms: Some(500), ..Default::default() },
@@ -353,7 +401,7 @@ mod tests {
 
     #[test]
     fn a_signature_holds_for_its_app_content_and_trusted_key_only() {
-        let admin = Trust::new(&[], None, true).expect("trust");
+        let admin = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("trust");
         let v = "a".repeat(64);
         let mut r = record(&v);
         admin.sign("hello", &mut r).expect("sign");
@@ -373,15 +421,28 @@ mod tests {
         }
         // Unsigned, or signed by a key the site does not trust: refused.
         assert!(admin.verify("hello", &record(&v)).expect_err("refused").contains("not signed"));
-        let stranger = Trust { keys: vec![], signer: Some(SigningKey::from_bytes(&[7; 32])) };
+        let stranger = Trust {
+            keys: vec![],
+            signer: Some(SigningKey::from_bytes(&[7; 32])),
+            cluster: DEFAULT_CLUSTER.into(),
+        };
         let mut forged = record(&v);
         stranger.sign("hello", &mut forged).expect("sign");
         assert!(admin.verify("hello", &forged).expect_err("refused").contains("not in this site's"));
         // A site that trusts only public keys verifies but cannot sign.
         let public = hex(SigningKey::from_bytes(&INSECURE_DEV_SEED).verifying_key().as_bytes());
-        let verifier = Trust::new(&[public], None, false).expect("trust");
+        let verifier = Trust::new(&[public], None, false, DEFAULT_CLUSTER).expect("trust");
         assert_eq!(verifier.verify("hello", &r), Ok(()));
         assert!(verifier.sign("hello", &mut record(&v)).is_err());
+        // Signed with the same key for another cluster (staging): refused here, and a record
+        // relabelled to this cluster does not match its signature.
+        let staging = Trust::new(&[], None, true, "staging").expect("trust");
+        let mut theirs = record(&v);
+        staging.sign("hello", &mut theirs).expect("sign");
+        assert!(admin.verify("hello", &theirs).expect_err("refused").contains("cluster"));
+        theirs.cluster = DEFAULT_CLUSTER.into();
+        assert!(admin.verify("hello", &theirs).expect_err("refused").contains("does not match"));
+        assert!(Trust::new(&[], None, true, "Not A Name").is_err());
     }
 
     #[test]
@@ -425,7 +486,7 @@ mod tests {
         proptest! {
             #[test]
             fn any_record_bytes_are_refused_or_checked_without_panicking(data in proptest::collection::vec(any::<u8>(), 0..400)) {
-                let trust = Trust::new(&[], None, true).expect("dev key");
+                let trust = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("dev key");
                 if let Ok(record) = serde_json::from_slice::<DeployRecord>(&data) {
                     let _ = trust.verify("app", &record);
                     within_caps(&record.params);
@@ -452,8 +513,16 @@ mod tests {
                     allow_hosts,
                 };
                 within_caps(&params);
-                let trust = Trust::new(&[], None, true).expect("dev key");
-                let mut record = DeployRecord { version: None, size: 0, params, signed_at_ms, key: None, signature: None };
+                let trust = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("dev key");
+                let mut record = DeployRecord {
+                    cluster: String::new(),
+                    version: None,
+                    size: 0,
+                    params,
+                    signed_at_ms,
+                    key: None,
+                    signature: None,
+                };
                 trust.sign("app", &mut record).expect("signs");
                 prop_assert!(trust.verify("other", &record).is_err());
                 let valid = !record.params.allow_hosts.as_deref().is_some_and(|h| h.contains('\n'));

@@ -142,6 +142,8 @@ struct Health<'a> {
     status: &'static str,
     site: &'a str,
     region: &'a str,
+    /// The cluster deploys are signed for (`[admin] cluster`).
+    cluster: &'a str,
     apps: usize,
     /// Whether it has finished a sync with a peer (or has none, or waited `[sync] ready_timeout_s`).
     ready: bool,
@@ -173,6 +175,7 @@ async fn health(State(site): State<Arc<Site>>, Query(query): Query<HealthQuery>)
         },
         site: &site.name,
         region: &site.region,
+        cluster: site.trust.cluster(),
         apps,
         ready,
         store_closed,
@@ -285,6 +288,10 @@ fn sign_or_verify(
     match given {
         Some((at, key, signature)) => {
             (record.signed_at_ms, record.key, record.signature) = (at, Some(key), Some(signature));
+            // The cluster it says it was signed for (this site's when it does not say).
+            if let Some(cluster) = header(signing::CLUSTER_HEADER) {
+                record.cluster = cluster.to_owned();
+            }
             site.trust.verify(name, record).map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e))?;
         }
         None if site.trust.signs() => {
@@ -363,6 +370,7 @@ async fn upload(
     };
     let _guard = site.admin_lock.lock().await;
     let mut deploy = DeployRecord {
+        cluster: site.trust.cluster().to_owned(),
         version: Some(app.version().to_string()),
         size: wasm.len() as u64,
         params,
@@ -410,6 +418,7 @@ async fn delete_app(
         return Err(no_such_app(&name));
     }
     let mut deploy = DeployRecord {
+        cluster: site.trust.cluster().to_owned(),
         version: None,
         size: 0,
         params: DeployParams::default(),

@@ -225,6 +225,7 @@ pub(crate) async fn startup(site: &Arc<Site>) -> Result<()> {
             continue;
         }
         let mut deploy = DeployRecord {
+            cluster: site.trust.cluster().to_owned(),
             version: Some(app.version.clone()),
             size: app.size,
             params: params_of(&app),

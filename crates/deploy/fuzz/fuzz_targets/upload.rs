@@ -4,12 +4,12 @@
 //! only for the exact statement that was signed.
 #![no_main]
 
-use atoll_deploy::{Caps, DeployParams, DeployRecord, Trust, headers_signature};
+use atoll_deploy::{Caps, DEFAULT_CLUSTER, DeployParams, DeployRecord, Trust, headers_signature};
 use atoll_runtime::Limits;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let trust = Trust::new(&[], None, true).expect("the dev key");
+    let trust = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("the dev key");
     let caps = Caps { max_memory_mb: 128, max_body_bytes: 256 << 20 };
     let text = String::from_utf8_lossy(data);
 
