@@ -259,7 +259,12 @@ fn wait_for_listen_line(child: &mut Child, stderr_path: &Path) -> String {
 
 /// Runs the `atoll` CLI with the admin token in its environment.
 fn atoll(args: &[&str]) -> Output {
-    Command::new(ATOLL).args(args).env("ATOLL_ADMIN_TOKEN", TOKEN).output().expect("run atoll")
+    Command::new(ATOLL)
+        .args(args)
+        .env("ATOLL_ADMIN_TOKEN", TOKEN)
+        .env("ATOLL_CLUSTER", "atoll")
+        .output()
+        .expect("run atoll")
 }
 
 #[derive(Debug)]

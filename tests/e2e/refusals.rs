@@ -240,3 +240,43 @@ fn a_replayed_or_stale_sync_head_is_refused_before_its_body_is_read() {
     assert!(stale.starts_with("HTTP/1.1 401"), "{stale}");
     assert!(stale.contains("timestamp"), "{stale}");
 }
+
+#[test]
+fn an_http2_client_that_gives_no_window_is_dropped() {
+    let config = "[server]\nidle_timeout_ms = 2000\n";
+    let site = Site::start_with("no-window", &[], Some(config));
+    site.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let address = addr(&site);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let ended = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(address).await.expect("connect");
+        // The attack: a flow-control window of 0, never opened. The site can send no DATA; its
+        // writes never block either (nothing is written), and the request stays in flight.
+        let (mut client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .expect("h2");
+        let connection = tokio::spawn(connection);
+        let mut responses = Vec::new();
+        for _ in 0..10 {
+            let request =
+                http::Request::get("http://x/apps/probe/big?bytes=1048576").body(()).expect("request");
+            let (response, _) = client.send_request(request, true).expect("send");
+            responses.push(response);
+        }
+        // The heads arrive (HEADERS need no window); the bodies never can. Held, not read.
+        let mut held = Vec::new();
+        for response in responses {
+            let response = response.await.expect("a head");
+            assert_eq!(response.status(), 200);
+            held.push(response);
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(60), connection).await;
+        drop((held, client));
+        ended
+    });
+    assert!(ended.is_ok(), "the connection was still open a minute later");
+    assert!(site.get("/metrics").body.contains("atoll_connections_stalled_closed_total"));
+    assert_eq!(site.get("/apps/probe/static").status, 200, "the site serves others");
+}

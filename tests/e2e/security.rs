@@ -207,6 +207,10 @@ fn sites_that_hold_only_public_keys_run_only_deploys_signed_by_a_trusted_key() {
     assert!(String::from_utf8_lossy(&wrongly.stderr).contains("not in this site's"), "{wrongly:?}");
     assert_eq!(a.get("/apps/hello/").status, 404);
 
+    // Signed for another cluster: refused by the CLI before anything is sent.
+    let elsewhere = deploy(&["--deploy-key", key.to_str().expect("path"), "--cluster", "staging"]);
+    assert!(!elsewhere.status.success());
+    assert!(String::from_utf8_lossy(&elsewhere.stderr).contains("not \"staging\""), "{elsewhere:?}");
     let signed = deploy(&["--deploy-key", key.to_str().expect("path")]);
     assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
     // Replicated to the other site, which verifies the same signature.

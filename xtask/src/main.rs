@@ -58,6 +58,9 @@ enum Task {
         /// Writes measured.
         #[arg(long, default_value_t = 1000)]
         writes: usize,
+        /// Also measure with TLS between the sites.
+        #[arg(long)]
+        tls: bool,
     },
     /// Router overhead versus calling the site directly, and failover time over repeated kills.
     BenchRouter {
@@ -67,6 +70,9 @@ enum Task {
         /// Times the nearest site is SIGKILLed.
         #[arg(long, default_value_t = 20)]
         kills: usize,
+        /// Also measure a router reaching a site over TLS.
+        #[arg(long)]
+        tls: bool,
     },
     /// The deterministic replication simulation over many seeds (release build).
     Sim {
@@ -99,8 +105,8 @@ fn main() -> Result<()> {
         Task::Demo { listen } => demo(&listen),
         Task::Bench { duration, connections } => bench(duration, connections),
         Task::BenchKv { duration } => bench_kv(duration),
-        Task::BenchSync { writes } => bench_sync(writes),
-        Task::BenchRouter { requests, kills } => bench_router(requests, kills),
+        Task::BenchSync { writes, tls } => bench_sync(writes, tls),
+        Task::BenchRouter { requests, kills, tls } => bench_router(requests, kills, tls),
         Task::Sim { seeds } => run(Command::new("cargo")
             .current_dir(root())
             .args(["test", "--release", "-p", "atoll-sync", "--test", "sim", "--", "--nocapture"])
@@ -448,8 +454,9 @@ fn quiet(cmd: &mut Command) {
 }
 
 /// Starts a release site in `dir` with `app` deployed from the built guests.
-fn bench_site(bins: &Path, guests: &Path, dir: &Path, apps: &[&str]) -> Result<Server> {
-    let mut site_cmd = Command::new(bins.join("atoll"));
+/// A release site run by the `atoll` binary `bin`, with `apps` deployed.
+fn bench_site(bin: &Path, guests: &Path, dir: &Path, apps: &[&str]) -> Result<Server> {
+    let mut site_cmd = Command::new(bin);
     site_cmd
         .args(["site", "--name", "bench", "--region", "local", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir)
@@ -457,7 +464,7 @@ fn bench_site(bins: &Path, guests: &Path, dir: &Path, apps: &[&str]) -> Result<S
     quiet(&mut site_cmd);
     let site = Server::start(&mut site_cmd)?;
     for app in apps {
-        run(Command::new(bins.join("atoll"))
+        run(Command::new(bin)
             .args(["deploy", "--site", &site.url, "--app", app])
             .arg(guests.join(format!("{app}.wasm")))
             .env("ATOLL_ADMIN_TOKEN", "bench")
@@ -470,7 +477,7 @@ fn bench_kv(seconds: u64) -> Result<()> {
     let guests = build_guests()?;
     let bins = build_bins(true, &["atoll"])?;
     let dir = tempfile::tempdir()?;
-    let site = bench_site(&bins, &guests, dir.path(), &["counter"])?;
+    let site = bench_site(&bins.join("atoll"), &guests, dir.path(), &["counter"])?;
     let script = dir.path().join("post.lua");
     std::fs::write(&script, "wrk.method = \"POST\"\n")?;
     let script = script.display().to_string();
@@ -493,17 +500,98 @@ fn bench_kv(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-fn bench_sync(writes: usize) -> Result<()> {
+/// An older `atoll` binary to measure beside the current one in the same run
+/// (`ATOLL_BENCH_BASELINE=/path/to/atoll`): what a change costs, within one run's noise.
+fn baseline() -> Option<PathBuf> {
+    std::env::var_os("ATOLL_BENCH_BASELINE").map(PathBuf::from)
+}
+
+/// A CA and one certificate for 127.0.0.1 and localhost, as PEM files in `dir`; returns the
+/// `[tls]` section serving it and trusting the CA.
+fn bench_tls(dir: &Path) -> Result<String> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()])?;
+    leaf.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = leaf.signed_by(&key, &issuer)?;
+    let (ca_file, cert_file, key_file) = (dir.join("ca.pem"), dir.join("site.pem"), dir.join("site.key"));
+    std::fs::write(&ca_file, ca_cert.pem())?;
+    std::fs::write(&cert_file, cert.pem())?;
+    std::fs::write(&key_file, key.serialize_pem())?;
+    Ok(format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+        ca_file.display().to_string()
+    ))
+}
+
+/// An HTTP client trusting the CA of [`bench_tls`] (and the web's roots otherwise).
+fn bench_agent(dir: &Path) -> Result<ureq::Agent> {
+    let mut tls = ureq::tls::TlsConfig::builder();
+    let ca = dir.join("ca.pem");
+    if ca.exists() {
+        let certs: Vec<_> = ureq::tls::parse_pem(&std::fs::read(&ca)?)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+                _ => None,
+            })
+            .collect();
+        tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+    }
+    Ok(ureq::Agent::config_builder().http_status_as_error(false).tls_config(tls.build()).build().into())
+}
+
+fn bench_sync(writes: usize, with_tls: bool) -> Result<()> {
     let guests = build_guests()?;
     let bins = build_bins(true, &["atoll"])?;
+    let mut cases: Vec<(String, PathBuf, bool)> = vec![("current".into(), bins.join("atoll"), false)];
+    if let Some(old) = baseline() {
+        cases.push((format!("baseline {}", old.display()), old, false));
+    }
+    if with_tls {
+        cases.push(("current, TLS between the sites".into(), bins.join("atoll"), true));
+    }
+    println!(
+        "two release sites on loopback, kv-draft guest; a PUT acknowledged at a, then GET at b until it reads the value; {writes} writes per case"
+    );
+    for (name, bin, tls) in cases {
+        let latencies = sync_latencies(&bin, &guests, writes, tls)?;
+        let at = |q: f64| percentile(&latencies, q);
+        println!(
+            "{name:<48} p50 {:>8.2?}  p90 {:>8.2?}  p99 {:>8.2?}  max {:>8.2?}",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(1.0)
+        );
+    }
+    Ok(())
+}
+
+/// Replication latencies between two fresh sites run by `bin`, sorted.
+fn sync_latencies(bin: &Path, guests: &Path, writes: usize, tls: bool) -> Result<Vec<Duration>> {
     let dir = tempfile::tempdir()?;
+    let config = dir.path().join("site.toml");
+    std::fs::write(&config, if tls { bench_tls(dir.path())? } else { String::new() })?;
     let secret = "bench-peer-secret-0123456789";
     let start = |name: &str, peer: Option<&str>| -> Result<Server> {
-        let mut cmd = Command::new(bins.join("atoll"));
-        cmd.args(["site", "--name", name, "--region", "local", "--listen", "127.0.0.1:0", "--data"])
+        let mut cmd = Command::new(bin);
+        // --insecure-dev: the shared development deploy key (a replicating site needs one); the
+        // peer secret and admin token are the ones given here.
+        cmd.args(["site", "--name", name, "--region", "local", "--listen", "127.0.0.1:0", "--insecure-dev"])
+            .arg("--data")
             .arg(dir.path().join(name))
             .env("ATOLL_ADMIN_TOKEN", "bench")
             .env("ATOLL_PEER_SECRET", secret);
+        if tls {
+            cmd.arg("--config").arg(&config);
+        }
         if let Some(peer) = peer {
             cmd.args(["--peer", peer]);
         }
@@ -512,12 +600,13 @@ fn bench_sync(writes: usize) -> Result<()> {
     };
     let a = start("a", None)?;
     let b = start("b", Some(&a.url))?;
-    run(Command::new(bins.join("atoll"))
-        .args(["deploy", "--site", &a.url, "--app", "kv"])
-        .arg(guests.join("kv-draft.wasm"))
-        .env("ATOLL_ADMIN_TOKEN", "bench")
-        .stdout(Stdio::null()))?;
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut deploy = Command::new(bin);
+    deploy.args(["deploy", "--site", &a.url, "--app", "kv"]).arg(guests.join("kv-draft.wasm"));
+    if tls {
+        deploy.arg("--ca-file").arg(dir.path().join("ca.pem"));
+    }
+    run(deploy.env("ATOLL_ADMIN_TOKEN", "bench").stdout(Stdio::null()))?;
+    let agent = bench_agent(dir.path())?;
     let wait = std::time::Instant::now();
     while agent.get(format!("{}/apps/kv/b/none", b.url)).call()?.status() != 404
         || agent.get(format!("{}/_atoll/health", b.url)).call()?.status() != 200
@@ -553,18 +642,7 @@ fn bench_sync(writes: usize) -> Result<()> {
         latencies.push(acknowledged.elapsed());
     }
     latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-    println!(
-        "two release sites on loopback, kv-draft guest; a PUT acknowledged at a, then GET at b until it reads the value"
-    );
-    println!(
-        "replication latency over {writes} writes: p50 {:.2?}  p90 {:.2?}  p99 {:.2?}  max {:.2?}",
-        at(0.5),
-        at(0.9),
-        at(0.99),
-        at(1.0)
-    );
-    Ok(())
+    Ok(latencies)
 }
 
 /// Starts a release site named `name` in `region` with data in `dir/name` at `listen`, with the
@@ -673,7 +751,82 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn bench_router(requests: usize, kills: usize) -> Result<()> {
+/// What TLS between a router and a site adds: the same GETs through a router to a plain site and
+/// through a router to a site serving TLS (the router's connections are pooled: this is the
+/// per-request cost, not the handshake's), interleaved.
+fn router_tls_cost(
+    bins: &Path,
+    guests: &Path,
+    dir: &Path,
+    plain_site: &Server,
+    requests: usize,
+) -> Result<()> {
+    let tls_dir = dir.join("tls");
+    std::fs::create_dir_all(&tls_dir)?;
+    let site_config = tls_dir.join("site.toml");
+    std::fs::write(&site_config, bench_tls(&tls_dir)?)?;
+    let router_config = tls_dir.join("router.toml");
+    std::fs::write(
+        &router_config,
+        format!("[tls]\nca_file = {:?}\n", tls_dir.join("ca.pem").display().to_string()),
+    )?;
+    let mut cmd = Command::new(bins.join("atoll"));
+    cmd.args(["site", "--name", "us-east-tls", "--region", "us-east", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tls_dir.join("data"))
+        .arg("--config")
+        .arg(&site_config)
+        .env("ATOLL_ADMIN_TOKEN", "bench");
+    quiet(&mut cmd);
+    let site = Server::start(&mut cmd)?;
+    run(Command::new(bins.join("atoll"))
+        .args(["deploy", "--site", &site.url, "--app", "hello", "--ca-file"])
+        .arg(tls_dir.join("ca.pem"))
+        .arg(guests.join("hello.wasm"))
+        .env("ATOLL_ADMIN_TOKEN", "bench")
+        .stdout(Stdio::null()))?;
+    let plain = start_router(bins, &[plain_site])?;
+    let mut cmd = Command::new(bins.join("atoll"));
+    cmd.args(["router", "--listen", "127.0.0.1:0", "--site", &site.url, "--config"]).arg(&router_config);
+    quiet(&mut cmd);
+    let tls = Server::start(&mut cmd)?;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    for (router, name) in [(&plain, "us-east-1"), (&tls, "us-east-tls")] {
+        wait_until(&format!("the router to see {name}"), || {
+            Ok(router_sees(&agent, &router.url, name)? == Some(true))
+        })?;
+    }
+    let (mut to_plain, mut to_tls) = (RawClient::connect(&plain.url)?, RawClient::connect(&tls.url)?);
+    let (mut plain_times, mut tls_times) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
+    for i in 0..requests + 500 {
+        for (client, into) in [(&mut to_plain, &mut plain_times), (&mut to_tls, &mut tls_times)] {
+            let took = client.get("/apps/hello/", &[("x-atoll-region", "us-east")])?;
+            if i >= 500 {
+                into.push(took);
+            }
+        }
+    }
+    plain_times.sort();
+    tls_times.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (p50, p99, t50, t99) = (
+        percentile(&plain_times, 0.5),
+        percentile(&plain_times, 0.99),
+        percentile(&tls_times, 0.5),
+        percentile(&tls_times, 0.99),
+    );
+    println!(
+        "\nrouter → site over TLS, /apps/hello/: plain p50 {:.0}µs p99 {:.0}µs; TLS p50 {:.0}µs p99 {:.0}µs; TLS adds {:.0}µs at p50, {:.0}µs at p99",
+        us(p50),
+        us(p99),
+        us(t50),
+        us(t99),
+        us(t50) - us(p50),
+        us(t99) - us(p99)
+    );
+    Ok(())
+}
+
+fn bench_router(requests: usize, kills: usize, with_tls: bool) -> Result<()> {
     let guests = build_guests()?;
     let bins = build_bins(true, &["atoll"])?;
     let dir = tempfile::tempdir()?;
@@ -725,6 +878,9 @@ fn bench_router(requests: usize, kills: usize) -> Result<()> {
         );
     }
     drop(router);
+    if with_tls {
+        router_tls_cost(&bins, &guests, dir.path(), &a, requests)?;
+    }
 
     // Failover: SIGKILL eu-west-1 (the nearest for eu-west clients) and time how long until the
     // router takes it out of rotation, with no traffic (active health checks alone) and with
@@ -802,10 +958,14 @@ fn bench(seconds: u64, connections: u32) -> Result<()> {
     let guests = build_guests()?;
     let bins = build_bins(true, &["atoll", "xtask"])?;
     let dir = tempfile::tempdir()?;
-    let site = bench_site(&bins, &guests, dir.path(), &["hello"])?;
+    let site = bench_site(&bins.join("atoll"), &guests, &dir.path().join("current"), &["hello"])?;
     let mut native_cmd = Command::new(bins.join("native-hello"));
     quiet(&mut native_cmd);
     let native = Server::start(&mut native_cmd)?;
+    let old = match baseline() {
+        Some(bin) => Some((bench_site(&bin, &guests, &dir.path().join("baseline"), &["hello"])?, bin)),
+        None => None,
+    };
 
     println!(
         "wrk -t2 -c{connections} -d{seconds}s, loopback, {} cores, RUST_LOG=warn, RUST_BACKTRACE unset",
@@ -815,23 +975,43 @@ fn bench(seconds: u64, connections: u32) -> Result<()> {
         "{:<28} {:>10} {:>10} {:>10} {:>12} {:>8}",
         "target", "req/s", "p50", "p99", "CPU µs/req", "errors"
     );
-    let mut results = Vec::new();
-    for (name, server, path) in
-        [("native axum", &native, "/"), ("atoll site, hello.wasm", &site, "/apps/hello/")]
-    {
-        let url = format!("{}{path}", server.url);
-        wrk(&url, 2, connections)?; // warm-up
-        let before = server.cpu_time()?;
-        let load = wrk(&url, seconds, connections)?;
-        let cpu = server.cpu_time()? - before;
-        let us_per_req = cpu.as_secs_f64() * 1e6 / load.requests.max(1) as f64;
-        println!(
-            "{name:<28} {:>10.0} {:>10} {:>10} {:>12.1} {:>8}",
-            load.requests_per_sec, load.p50, load.p99, us_per_req, load.errors
-        );
-        results.push(load);
+    let mut targets = vec![
+        ("native axum".to_owned(), &native, "/"),
+        ("atoll site, hello.wasm".to_owned(), &site, "/apps/hello/"),
+    ];
+    if let Some((server, bin)) = &old {
+        targets.push((format!("baseline site ({})", bin.display()), server, "/apps/hello/"));
     }
-    let ratio = results[1].requests_per_sec / results[0].requests_per_sec;
+    // With a baseline, the site and the baseline take turns over three rounds (this machine's
+    // speed drifts within a run: alternating keeps the comparison fair); the means are compared.
+    let rounds = if old.is_some() { 3 } else { 1 };
+    let mut totals = vec![(0.0f64, 0.0f64); targets.len()];
+    for (_, server, path) in &targets {
+        wrk(&format!("{}{path}", server.url), 2, connections)?; // warm-up
+    }
+    for _ in 0..rounds {
+        for (i, (name, server, path)) in targets.iter().enumerate() {
+            let url = format!("{}{path}", server.url);
+            let before = server.cpu_time()?;
+            let load = wrk(&url, seconds, connections)?;
+            let cpu = server.cpu_time()? - before;
+            let us_per_req = cpu.as_secs_f64() * 1e6 / load.requests.max(1) as f64;
+            println!(
+                "{name:<28} {:>10.0} {:>10} {:>10} {:>12.1} {:>8}",
+                load.requests_per_sec, load.p50, load.p99, us_per_req, load.errors
+            );
+            totals[i].0 += load.requests_per_sec / rounds as f64;
+            totals[i].1 += us_per_req / rounds as f64;
+        }
+    }
+    let ratio = totals[1].0 / totals[0].0;
     println!("atoll / native throughput: {:.1}% (target ≥ 50%)", ratio * 100.0);
+    if let Some(base) = totals.get(2) {
+        println!(
+            "atoll / baseline over {rounds} alternating rounds: throughput {:.1}%, CPU per request {:.1}%",
+            totals[1].0 / base.0 * 100.0,
+            totals[1].1 / base.1 * 100.0
+        );
+    }
     Ok(())
 }

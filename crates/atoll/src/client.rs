@@ -98,7 +98,7 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
         use sha2::Digest;
         let version: String = sha2::Sha256::digest(&wasm).iter().map(|b| format!("{b:02x}")).collect();
         let record = DeployRecord { version: Some(version), size: wasm.len() as u64, ..unsigned(params) };
-        request = signed(request, &site, key, &args.app, record)?;
+        request = signed(request, &site, &args.client, key, &args.app, record)?;
     }
     // With `Expect: 100-continue` a refusal (401, 413) arrives before the component is sent.
     let request =
@@ -157,7 +157,7 @@ pub fn delete(args: &DeleteArgs) -> Result<()> {
     let url = site.url(&format!("/_atoll/apps/{}", args.app));
     let mut request = site.agent.delete(url);
     if let Some(key) = &args.client.deploy_key {
-        request = signed(request, &site, key, &args.app, unsigned(DeployParams::default()))?;
+        request = signed(request, &site, &args.client, key, &args.app, unsigned(DeployParams::default()))?;
     }
     site.check("delete", site.auth(request).call())?;
     println!("deleted {} from {}", args.app, site.base);
@@ -178,21 +178,28 @@ fn unsigned(params: DeployParams) -> DeployRecord {
     }
 }
 
-/// Signs `record` for `app` in the site's cluster (as its health answer names it) with the key
-/// in `key_file`, and adds the signature's headers.
+/// Signs `record` for `app` in the cluster the admin names (`--cluster`) with the key in
+/// `key_file`, and adds the signature's headers. The site is asked its cluster only to refuse a
+/// mismatch early: a site (or anyone on the way to it) never chooses what is signed.
 fn signed<B>(
     request: ureq::RequestBuilder<B>,
     site: &Site,
+    args: &ClientArgs,
     key_file: &std::path::Path,
     app: &str,
     mut record: DeployRecord,
 ) -> Result<ureq::RequestBuilder<B>> {
+    let cluster = args.cluster.clone().context(
+        "--cluster (or ATOLL_CLUSTER) is needed with --deploy-key: the cluster the deploy is signed for",
+    )?;
     let health =
         site.check("asking the site its cluster", site.agent.get(site.url("/_atoll/health")).call())?;
-    let cluster = serde_json::from_str::<serde_json::Value>(&health)
+    let theirs = serde_json::from_str::<serde_json::Value>(&health)
         .ok()
-        .and_then(|v| v["cluster"].as_str().map(str::to_owned))
-        .with_context(|| format!("{} does not name its cluster", site.base))?;
+        .and_then(|v| v["cluster"].as_str().map(str::to_owned));
+    if let Some(theirs) = theirs.filter(|theirs| *theirs != cluster) {
+        bail!("{} is in cluster {theirs:?}, not {cluster:?}: nothing was signed or sent", site.base);
+    }
     signing::sign_with_file(key_file, &cluster, app, &mut record)?;
     Ok(request
         .header(signing::CLUSTER_HEADER, cluster)

@@ -167,6 +167,10 @@ struct Activity {
     /// Milliseconds after `opened` since when a write has waited with nothing written (the
     /// client does not read); `u64::MAX`: not blocked.
     blocked_ms: AtomicU64,
+    /// Response bodies being written (larger or streamed ones: see [`Tracked`]).
+    responding: AtomicUsize,
+    /// Milliseconds after `opened` when bytes last went out (or a tracked response began).
+    wrote_ms: AtomicU64,
 }
 
 impl Activity {
@@ -176,6 +180,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(u64::MAX),
             blocked_ms: AtomicU64::new(u64::MAX),
+            responding: AtomicUsize::new(0),
+            wrote_ms: AtomicU64::new(0),
         }
     }
 
@@ -195,19 +201,29 @@ impl Activity {
         })
     }
 
-    /// When the connection counts as stalled (its client does not read what it is sent) if its
-    /// writes stay blocked; `None` while they are not.
+    /// When the connection counts as stalled if nothing changes before: its writes stay
+    /// blocked (the client does not read), or a response being written sends nothing (an
+    /// HTTP/2 client that gives no flow-control window); `None` when neither can happen.
     fn stall_deadline(&self, limits: &ConnectionLimits) -> Option<Instant> {
-        match self.blocked_ms.load(Ordering::Acquire) {
+        let at = |ms: u64| self.opened + Duration::from_millis(ms) + limits.idle_timeout;
+        let blocked = match self.blocked_ms.load(Ordering::Acquire) {
             u64::MAX => None,
-            ms => Some(self.opened + Duration::from_millis(ms) + limits.idle_timeout),
-        }
+            ms => Some(at(ms)),
+        };
+        let silent =
+            (self.responding.load(Ordering::Acquire) > 0).then(|| at(self.wrote_ms.load(Ordering::Acquire)));
+        blocked.into_iter().chain(silent).min()
     }
 
     /// Notes the outcome of a write.
     fn wrote(&self, result: &std::task::Poll<std::io::Result<usize>>) {
         match result {
-            std::task::Poll::Ready(Ok(n)) if *n > 0 => self.blocked_ms.store(u64::MAX, Ordering::Release),
+            std::task::Poll::Ready(Ok(n)) if *n > 0 => {
+                self.blocked_ms.store(u64::MAX, Ordering::Release);
+                if self.responding.load(Ordering::Relaxed) > 0 {
+                    self.wrote_ms.store(self.now_ms(), Ordering::Release);
+                }
+            }
             std::task::Poll::Pending if self.blocked_ms.load(Ordering::Acquire) == u64::MAX => {
                 self.blocked_ms.store(self.now_ms(), Ordering::Release)
             }
@@ -234,10 +250,32 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body holding its request in flight until it ends (or is dropped).
+/// Response bodies up to this size, of known length, are not tracked to their end.
+const SMALL_BODY: u64 = 64 << 10;
+
+/// A response body holding its request in flight until it ends (or is dropped), and counted
+/// as being written meanwhile.
 struct Tracked {
     body: axum::body::Body,
-    in_flight: Option<InFlight>,
+    in_flight: Option<Responding>,
+}
+
+/// A request whose response body is being written.
+struct Responding(InFlight);
+
+impl Responding {
+    fn start(in_flight: InFlight) -> Responding {
+        let activity = &in_flight.0;
+        activity.wrote_ms.store(activity.now_ms(), Ordering::Release);
+        activity.responding.fetch_add(1, Ordering::AcqRel);
+        Responding(in_flight)
+    }
+}
+
+impl Drop for Responding {
+    fn drop(&mut self) {
+        (self.0).0.responding.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -343,13 +381,22 @@ async fn connection<S>(
         let response = app.clone().oneshot(request.map(axum::body::Body::new));
         async move {
             let response = response.await;
-            response
-                .map(|r| r.map(|body| axum::body::Body::new(Tracked { body, in_flight: Some(in_flight) })))
+            // A small body of known length is written at once: the request ends with its
+            // handler. Anything else stays in flight until its last byte is handed over.
+            response.map(|r| {
+                if http_body::Body::size_hint(r.body()).exact().is_some_and(|n| n <= SMALL_BODY) {
+                    return r;
+                }
+                let in_flight = Some(Responding::start(in_flight));
+                r.map(|body| axum::body::Body::new(Tracked { body, in_flight }))
+            })
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // Past the first request, hyper's own timer bounds each HTTP/1 request's headers.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.idle_timeout);
+    // No per-request header timer in hyper (it arms and drops a timer for every request): the
+    // watcher below bounds a connection's first request by header_read_timeout and any later
+    // one by idle_timeout, which covers a slow client sending headers.
+    builder.http1().header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -129,6 +129,11 @@ struct ClientArgs {
     /// site signs it if it holds a deploy key itself, and refuses it otherwise.
     #[arg(long, env = "ATOLL_DEPLOY_KEY_FILE")]
     deploy_key: Option<PathBuf>,
+    /// The cluster a deploy signed with --deploy-key is for ([admin] cluster of the sites; the
+    /// site is asked too, and a mismatch refused). Needed with --deploy-key: a signature says
+    /// which cluster it holds in, so it is never taken from the site alone.
+    #[arg(long, env = "ATOLL_CLUSTER")]
+    cluster: Option<String>,
     /// CA certificates (PEM) to verify an https:// site with (default: the public web roots).
     #[arg(long, env = "ATOLL_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -143,7 +148,15 @@ struct ClientArgs {
 impl ClientArgs {
     /// The client of a plain-HTTP site (`atoll dev`'s).
     fn plain(site: String, token: Option<String>) -> ClientArgs {
-        ClientArgs { site, token, deploy_key: None, ca_file: None, client_cert: None, client_key: None }
+        ClientArgs {
+            site,
+            token,
+            deploy_key: None,
+            cluster: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+        }
     }
 }
 
@@ -241,6 +254,14 @@ fn run_site(args: SiteArgs) -> Result<()> {
     let admin_token_accepted = accepted("ATOLL_ADMIN_TOKEN_ACCEPTED");
     if admin_token_accepted.is_some() && admin_token.is_none() {
         bail!("ATOLL_ADMIN_TOKEN_ACCEPTED is set but ATOLL_ADMIN_TOKEN is not");
+    }
+    if accepted("ATOLL_PEER_SECRET_ACCEPTED").is_some() && accepted("ATOLL_PEER_SECRET").is_none() {
+        bail!("ATOLL_PEER_SECRET_ACCEPTED is set but ATOLL_PEER_SECRET is not");
+    }
+    for name in ["ATOLL_ADMIN_TOKEN_ACCEPTED", "ATOLL_PEER_SECRET_ACCEPTED"] {
+        if accepted(name).is_some() {
+            tracing::warn!("{name} is set: a second secret is accepted (finish the rotation, then unset it)");
+        }
     }
     let peer_secret = match std::env::var("ATOLL_PEER_SECRET").ok().filter(|s| !s.is_empty()) {
         Some(secret) => Some(match accepted("ATOLL_PEER_SECRET_ACCEPTED") {

@@ -62,7 +62,11 @@ impl std::fmt::Debug for Tls {
 impl TlsConfig {
     /// Whether anything is configured.
     pub fn is_set(&self) -> bool {
-        self.cert_file.is_some() || self.key_file.is_some() || self.ca_file.is_some() || self.client_auth
+        self.cert_file.is_some()
+            || self.key_file.is_some()
+            || self.ca_file.is_some()
+            || self.client_auth
+            || self.server_name.is_some()
     }
 
     /// Checks the combination (files are read by [`Tls::load`]).

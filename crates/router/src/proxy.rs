@@ -65,14 +65,23 @@ fn new_client() -> Client {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.enforce_http(false);
-    let (tls, server_name) = TLS.get().cloned().unwrap_or_else(|| {
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
-        (rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(), None)
-    });
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
-    let builder = match server_name {
-        Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
-        None => builder,
+    // With TLS set, sites are reached over https only (an http:// one is refused, not talked to
+    // in the clear).
+    let builder = match TLS.get().cloned() {
+        Some((tls, server_name)) => {
+            let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only();
+            match server_name {
+                Some(name) => {
+                    builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                }
+                None => builder,
+            }
+        }
+        None => {
+            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
+            let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http()
+        }
     };
     let connector = builder.enable_http1().wrap_connector(http);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())

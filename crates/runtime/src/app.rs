@@ -101,10 +101,15 @@ impl App {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let mut reservation = inner.shared.bodies.reservation();
-        let read = crate::budget::read_body(body, declared, limits.max_request_body, &mut reservation);
-        let body = match tokio::time::timeout(limits.deadline, read).await {
-            Ok(body) => body?,
-            Err(_elapsed) => return Err(HandleError::RequestBodyTimeout { deadline: limits.deadline }),
+        let body = if body.is_end_stream() {
+            // Nothing to wait for (no body): no timer either.
+            Bytes::new()
+        } else {
+            let read = crate::budget::read_body(body, declared, limits.max_request_body, &mut reservation);
+            match tokio::time::timeout(limits.deadline, read).await {
+                Ok(body) => body?,
+                Err(_elapsed) => return Err(HandleError::RequestBodyTimeout { deadline: limits.deadline }),
+            }
         };
         let Ok(_instance) = inner.share.try_acquire() else {
             return Err(HandleError::AppAtCapacity { limit: inner.shared.shares.per_app() });

@@ -59,8 +59,10 @@ pub fn wall_ms() -> u64 {
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// A connector for peers, giving up on connecting after `timeout`: `https://` peers verified
-/// with `tls` (default: the public web roots) against `server_name` when given (peers reached by
-/// address whose certificates carry one shared name), else the URL's host.
+/// with `tls` against `server_name` when given (peers reached by address whose certificates
+/// carry one shared name), else the URL's host. With `tls`, only `https://` peers are reached
+/// (an `http://` one learned from a peer or DNS is refused, not talked to in the clear);
+/// without, `http://` ones too, and `https://` ones verified with the public web roots.
 pub fn connector(
     tls: Option<rustls::ClientConfig>,
     server_name: Option<rustls::pki_types::ServerName<'static>>,
@@ -70,11 +72,14 @@ pub fn connector(
     http.set_nodelay(true);
     http.set_connect_timeout(Some(timeout));
     http.enforce_http(false);
-    let tls = tls.unwrap_or_else(|| {
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
-        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()
-    });
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let builder = match tls {
+        Some(tls) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only(),
+        None => {
+            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.into() };
+            let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http()
+        }
+    };
     let builder = match server_name {
         Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
         None => builder,

@@ -273,7 +273,8 @@ pub fn run(options: SiteOptions) -> Result<()> {
     let limits = options.config.connection_limits();
     let guarded = |router: axum::Router, admin: bool| {
         let guard = guard::Guard { site: site.clone(), admin };
-        router.layer(axum::middleware::from_fn_with_state(guard, guard::guard))
+        // On the routes only: requests for apps (the fallback) do not pass through it.
+        router.route_layer(axum::middleware::from_fn_with_state(guard, guard::guard))
     };
     // Client certificates ([tls] client_auth) are asked for where replication and the admin
     // API are served: the admin listener, or the only one.
