@@ -41,10 +41,10 @@ pub struct FileConfig {
 pub struct ServerConfig {
     /// Open connections at once (default 10000); past it, new ones wait to be accepted.
     pub max_connections: Option<usize>,
-    /// A connection's first request, and an HTTP/1 request's headers, must arrive within this
-    /// (default 10000).
+    /// A connection's first request must arrive whole within this (default 10000).
     pub header_read_timeout_ms: Option<u64>,
-    /// A connection with no request in flight this long is closed (default 60000).
+    /// A connection with no request in flight this long is closed, and one whose client reads
+    /// nothing of its response this long is dropped (default 60000).
     pub idle_timeout_ms: Option<u64>,
 }
 

@@ -34,11 +34,12 @@ pub(crate) struct ConnectionLimits {
     /// Open connections at once, over all server threads; past it new ones wait in the
     /// kernel's accept queue until one closes.
     pub max_connections: usize,
-    /// A connection's first request must have arrived whole within this; an HTTP/1 request's
-    /// headers, any of them, too (slowloris).
+    /// A connection's first request must have arrived whole within this (slowloris; a TLS
+    /// handshake counts too).
     pub header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive and
-    /// HTTP/2 alike).
+    /// HTTP/2 alike; it bounds a later request's headers too), and one that sends nothing of a
+    /// response for this long (its client does not read) is dropped.
     pub idle_timeout: Duration,
 }
 
