@@ -187,3 +187,28 @@ fn sites_replicate_over_mutual_tls_and_a_site_from_another_ca_gets_nothing() {
     let (_, apps) = get(&trusting, &format!("{a_admin_url}/_atoll/apps")).expect("a answers");
     assert_eq!(json(&apps).as_array().map(Vec::len), Some(1), "{apps}");
 }
+
+#[test]
+fn a_site_with_tls_never_talks_to_a_peer_in_the_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = Ca::new(dir.path(), "good");
+    // A plain-HTTP site (it holds the peer secret: a member about to move to TLS, or an
+    // impostor), given to a TLS site as a peer.
+    let plain = Site::start_with("plain", &[], Some(FAST));
+    let tls_site = Site::start_with("tls-only", &["--peer", &plain.url], Some(&good.site_config("t")));
+    let agent = https_agent(&good.file(), Some(&good.issue("operator")));
+    let error = eventually(WAIT, "the TLS site to report the plain peer", || {
+        let (_, body) = get(&agent, &format!("{}/_atoll/sync/status", tls_site.url)).ok()?;
+        let status = json(&body);
+        let peers = status["peers"].as_array()?.clone();
+        peers
+            .iter()
+            .find(|p| p["url"] == plain.url.as_str())
+            .and_then(|p| p["last_error"].as_str().map(str::to_owned))
+    });
+    assert!(error.contains("scheme") || error.contains("https"), "{error}");
+    // Nothing of the TLS site ever reached the plain one.
+    let status = json(&plain.get("/_atoll/sync/status").body);
+    let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    assert!(peers.iter().all(|p| p["site"] != "tls-only"), "the plain site heard from the TLS one: {status}");
+}

@@ -353,8 +353,14 @@ impl Router {
     pub async fn route(&self, mut request: Request<Body>, client: Option<IpAddr>) -> Outcome {
         // Who sent it: a trusted proxy or Atoll hop (a trusted forwarder, or a site this one
         // routes to), whose forwarding headers hold; or anyone else, whose do not.
+        // Only a request that claims something about its client needs its sender looked up (the
+        // lookup reads the site table): without claims, trusted or not comes to the same.
         let client = client.map(|ip| ip.to_canonical());
-        let trusted = self.trusts(client);
+        let headers = request.headers();
+        let claims = headers.contains_key(crate::HOP_HEADER)
+            || headers.contains_key(&FORWARDED_FOR)
+            || CLIENT_CLAIMS.iter().any(|name| headers.contains_key(*name));
+        let trusted = claims && self.trusts(client);
         forwarded_for(request.headers_mut(), client, trusted);
         let hop = trusted && request.headers().contains_key(crate::HOP_HEADER);
         let region = self.client_region(request.headers());
