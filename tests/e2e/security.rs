@@ -524,3 +524,151 @@ fn forwarding_headers_from_clients_are_replaced_and_only_atoll_hops_are_believed
     assert!(r.body.contains("x-atoll-forwarded-by: router\n"), "{}", r.body);
     assert!(!r.body.contains("6.6.6.6") && !r.body.contains("evil-router"), "{}", r.body);
 }
+
+/// A hostile relay holding the peer secret between a site and its peer: it passes the site's
+/// sync requests to `target` and relays the answers, until `forge` is set; from then on it
+/// answers every sync request itself with `ResyncRequired` from the present moment, signed for
+/// that very request (what a compromised peer, or one with a wrong view, can send).
+struct HostileRelay {
+    url: String,
+    target: std::sync::Arc<std::sync::Mutex<String>>,
+    forge: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    forged: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl HostileRelay {
+    fn start() -> HostileRelay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let target = Arc::new(std::sync::Mutex::new(String::new()));
+        let (forge, forged) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Full<Bytes>>();
+        let (t, f, n) = (target.clone(), forge.clone(), forged.clone());
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (t, f, n, client) = (t.clone(), f.clone(), n.clone(), client.clone());
+                let service =
+                    hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let (t, f, n, client) = (t.clone(), f.clone(), n.clone(), client.clone());
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            if f.load(Ordering::SeqCst) && parts.uri.path() == "/_atoll/sync" {
+                                n.fetch_add(1, Ordering::SeqCst);
+                                let proof =
+                                    parts.headers.get("x-atoll-sync-auth").and_then(|v| v.to_str().ok());
+                                let reply = atoll_sync::message::Reply::ResyncRequired {
+                                    watermark: (now_ms(), 0),
+                                    uncounted: true,
+                                };
+                                let bytes = atoll_sync::message::encode(&reply);
+                                let secret = atoll_sync::auth::Secret::new(PEER_SECRET).expect("secret");
+                                let purpose = atoll_sync::auth::Secret::reply_purpose(proof.unwrap_or(""));
+                                let signed = secret.sign(now_ms(), "", &purpose, &bytes);
+                                let response = hyper::Response::builder()
+                                    .header("x-atoll-sync-auth", signed)
+                                    .body(Full::new(Bytes::from(bytes)))
+                                    .expect("response");
+                                return Ok::<_, std::convert::Infallible>(response);
+                            }
+                            let uri = format!("{}{}", t.lock().expect("target"), parts.uri.path());
+                            let mut forward = hyper::Request::builder().method(parts.method).uri(uri);
+                            for (name, value) in &parts.headers {
+                                forward = forward.header(name, value);
+                            }
+                            let forward = forward.body(Full::new(body)).expect("request");
+                            let response = match client.request(forward).await {
+                                Ok(response) => {
+                                    let (parts, body) = response.into_parts();
+                                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                    hyper::Response::from_parts(parts, Full::new(body))
+                                }
+                                Err(e) => {
+                                    let mut r = hyper::Response::new(Full::new(Bytes::from(e.to_string())));
+                                    *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                                    r
+                                }
+                            };
+                            Ok(response)
+                        }
+                    });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ =
+                        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                });
+            }
+        });
+        HostileRelay { url, target, forge, forged, _runtime: runtime }
+    }
+}
+
+/// Site b reaches a through a relay that holds the peer secret. Once a has merged b's data, the
+/// relay answers b's every sync request with `ResyncRequired` from the present moment (with the
+/// old code, b dropped everything it held and stopped serving while it resynced): b refuses,
+/// names the peer, keeps every key and keeps serving; when the relay stops, they converge.
+#[test]
+fn a_resync_demanded_by_a_peer_that_took_this_sites_data_is_refused() {
+    use std::sync::atomic::Ordering;
+    let relay = HostileRelay::start();
+    let a = Site::start_with("a", &["--advertise", &relay.url], Some(FAST));
+    *relay.target.lock().expect("target") = a.url.clone();
+    let b = Site::start_with("b", &["--peer", &relay.url], Some(FAST));
+    let sites = [a, b];
+    deploy_kv(&sites);
+    let b = &sites[1];
+    put(b, "k", "v");
+    crate::replication::converge(&sites, "k", Some("v"));
+    // a has merged a whole anti-entropy session from b (through the relay).
+    eventually(WAIT, "b's session with a", || {
+        let status = json(&b.admin("GET", "/_atoll/sync/status", None).body);
+        let peers = status["peers"].as_array().cloned().unwrap_or_default();
+        peers.iter().any(|p| p["url"] == relay.url.as_str() && p["last_sync_ms"].is_u64()).then_some(())
+    });
+    relay.forge.store(true, Ordering::SeqCst);
+    // b has read two forged answers (and acted on them, whatever it did).
+    eventually(WAIT, "forged answers read by b", || {
+        let answered =
+            b.stderr().contains("within the horizon: refused") || b.stderr().contains("requires a resync");
+        (answered && relay.forged.load(Ordering::SeqCst) >= 2).then_some(())
+    });
+    // Nothing dropped, still serving, not resyncing; the peer is flagged in the status.
+    assert_eq!(get(b, "k").as_deref(), Some("v"));
+    put(b, "after", "w");
+    assert!(b.stderr().contains("within the horizon: refused"), "{}", b.stderr());
+    assert!(!b.stderr().contains("dropped"), "{}", b.stderr());
+    let status = b.admin("GET", "/_atoll/sync/status", None).body;
+    assert!(status.contains("demands a resync"), "{status}");
+    // What a merged is durable: b restarted (SIGKILL) still refuses, and still holds everything.
+    let [a, b] = sites;
+    let b = b.kill_and_restart();
+    let forged = relay.forged.load(Ordering::SeqCst);
+    eventually(WAIT, "the restarted b's refusal", || {
+        let refused = b.stderr().contains("within the horizon: refused");
+        (refused && relay.forged.load(Ordering::SeqCst) > forged).then_some(())
+    });
+    let held = eventually(WAIT, "k at the restarted b", || match crate::replication::try_get(&b, "k") {
+        Ok(v) => Some(v),
+        Err((503, body)) if !body.contains("resyncing") => None,
+        Err(other) => panic!("{other:?}"),
+    });
+    assert_eq!(held.as_deref(), Some("v"));
+    assert!(!b.stderr().contains("dropped"), "{}", b.stderr());
+    let sites = [a, b];
+    relay.forge.store(false, Ordering::SeqCst);
+    crate::replication::converge(&sites, "after", Some("w"));
+}

@@ -20,6 +20,8 @@ use crate::message::{Hello, Seen, Sender, hlc_from_wire};
 
 /// The version byte of a stored member record.
 const RECORD_VERSION: u8 = 3;
+/// The version byte of a stored [`Accepted`].
+const ACCEPTED_VERSION: u8 = 1;
 /// Most retired incarnations remembered per site.
 const MAX_RETIRED: usize = 16;
 /// Most completed sessions waiting to mature, per site.
@@ -112,6 +114,44 @@ pub struct Member {
     pub dirty: bool,
     /// It said it is resyncing (its last hello or message): nothing it sends is merged.
     pub resyncing: bool,
+    /// When it last merged this site's data (stored apart from the record, as
+    /// `sync/accepted/NAME`).
+    pub accepted: Option<Accepted>,
+    /// When `accepted` was last stored (unix ms).
+    pub accepted_saved_ms: u64,
+}
+
+/// When a member last merged this site's data: the end of the last anti-entropy session it took
+/// whole, with the member's incarnation and this site's own identity then. A member that did so
+/// within the horizon cannot have cut this site off past it, nor met it as new, so its demand
+/// that this very incarnation and data resync is refused (ALGORITHM.md, "Horizon").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The member's incarnation that merged it.
+    pub peer_incarnation: u64,
+    /// This site's incarnation then.
+    pub incarnation: u64,
+    /// How far back this site's data reached then.
+    pub since: (u64, u32),
+    /// When (this site's wall clock, unix ms).
+    pub at_ms: u64,
+}
+
+impl Accepted {
+    /// The stored form (a version byte and the postcard encoding).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![ACCEPTED_VERSION];
+        out.extend(postcard::to_stdvec(self).unwrap_or_default());
+        out
+    }
+
+    /// Reads a stored record; one that cannot be read is none (it only ever refuses a resync).
+    pub fn decode(bytes: &[u8]) -> Option<Accepted> {
+        match bytes.split_first() {
+            Some((&ACCEPTED_VERSION, rest)) => postcard::from_bytes(rest).ok(),
+            _ => None,
+        }
+    }
 }
 
 /// What this site does with a message from a member.
@@ -139,7 +179,15 @@ pub enum Verdict {
 impl Member {
     /// A member from its stored record.
     pub fn from_record(record: Record) -> Member {
-        Member { record, acks: VecDeque::new(), flag: None, dirty: false, resyncing: false }
+        Member {
+            record,
+            acks: VecDeque::new(),
+            flag: None,
+            dirty: false,
+            resyncing: false,
+            accepted: None,
+            accepted_saved_ms: 0,
+        }
     }
 
     /// Whether this site exchanges entries with it.

@@ -167,6 +167,13 @@ impl<S: SyncStore> Node<S> {
         peer.flag = None;
     }
 
+    /// Stores when `site` last merged this site's data.
+    pub(super) fn save_accepted(&self, site: &str, accepted: &crate::membership::Accepted) {
+        if let Err(e) = self.store.save_record(&format!("accepted/{site}"), &accepted.encode()) {
+            tracing::error!(site, "cannot save when a peer last merged this site's data: {e:#}");
+        }
+    }
+
     pub(super) fn save(&self, record: &Record) {
         let name = format!("member/{}", record.site);
         if let Err(e) = self.store.save_record(&name, &record.encode()) {

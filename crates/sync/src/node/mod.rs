@@ -250,6 +250,11 @@ impl<S: SyncStore> Node<S> {
             })?;
             members.insert(record.site.clone(), Member::from_record(record));
         }
+        for (name, bytes) in store.records("accepted/")? {
+            if let Some(m) = name.strip_prefix("accepted/").and_then(|site| members.get_mut(site)) {
+                m.accepted = crate::membership::Accepted::decode(&bytes);
+            }
+        }
         let collected = store.collected()?;
         let mut peers = BTreeMap::new();
         // Known sites are peers from the start, at the URL they advertised last.

@@ -5,8 +5,8 @@ use anyhow::{Result, bail};
 use atoll_kv::Hlc;
 
 use super::{Node, Transport};
-use crate::membership::{Member, Verdict};
-use crate::message::{Reply, Request, WireEntry, hlc_from_wire};
+use crate::membership::{Accepted, Member, Verdict};
+use crate::message::{Reply, Request, WireEntry, hlc_from_wire, hlc_wire};
 use crate::reconcile;
 use crate::store::SyncStore;
 
@@ -89,6 +89,13 @@ impl<S: SyncStore> Node<S> {
         if watermark > self.clock_bound(now_ms) {
             bail!("{url} asked for a resync from a watermark in the future ({watermark}): refused");
         }
+        if let Some((site, at_ms)) = self.merged_within_horizon(url, now_ms) {
+            let reason = format!(
+                "{site} demands a resync from {watermark}, but it merged this site's data at {at_ms} (unix ms), within the horizon: refused (a peer that took this data cannot have cut it off; a peer with a shorter horizon_s is obeyed once this site's own horizon has passed)"
+            );
+            self.flag(&site, reason.clone());
+            bail!("{url}: {reason}");
+        }
         if self.store.identity().since >= watermark {
             bail!(
                 "{url} requires a resync from {watermark}; this site's data reaches back no further: saying hello again"
@@ -103,6 +110,25 @@ impl<S: SyncStore> Node<S> {
         bail!(
             "{url} requires a resync: dropped {dropped} entries older than {watermark}, pulling the rest again"
         )
+    }
+
+    /// The site at `url` and when it last merged this site's data, if that was within the horizon
+    /// (less the signature window and the clock bound, both ways) and this site's incarnation
+    /// and data are still those it merged.
+    fn merged_within_horizon(&self, url: &str, now_ms: u64) -> Option<(String, u64)> {
+        let me = self.store.identity();
+        let state = self.state();
+        let site = state.peers.get(url)?.site.clone()?;
+        let m = state.members.get(&site)?;
+        let a = m.accepted?;
+        let slack = (self.config.max_message_age_ms)
+            .saturating_add(self.config.max_clock_offset_ms)
+            .saturating_mul(2);
+        let recent = now_ms.saturating_sub(a.at_ms).saturating_add(slack) < self.config.horizon_ms;
+        let same = a.peer_incarnation == m.record.incarnation
+            && a.incarnation == me.incarnation
+            && a.since == hlc_wire(me.since);
+        (recent && same).then_some((site, a.at_ms))
     }
 
     /// Begins a resync or a new incarnation with `change` (the store's side): guests stop first
@@ -282,6 +308,8 @@ impl<S: SyncStore> Node<S> {
             tracing::debug!(peer = %url, rounds, "anti-entropy: in sync");
         }
         let began = self.store.resync_began()?;
+        let me = self.store.identity();
+        let mut accepted_to_save = None;
         let finished_resync = {
             let mut state = self.state();
             let state = &mut *state;
@@ -296,6 +324,19 @@ impl<S: SyncStore> Node<S> {
                 // during it stopped that).
                 if !resyncing && same_epoch {
                     m.acknowledged(started, now_ms);
+                    let accepted = Accepted {
+                        peer_incarnation: m.record.incarnation,
+                        incarnation: me.incarnation,
+                        since: hlc_wire(me.since),
+                        at_ms: now_ms,
+                    };
+                    // Stored when it says something new, or a minute later (the horizon is days).
+                    let same = m.accepted.is_some_and(|a| Accepted { at_ms: now_ms, ..a } == accepted);
+                    if !same || now_ms.saturating_sub(m.accepted_saved_ms) >= 60_000 {
+                        m.accepted_saved_ms = now_ms;
+                        accepted_to_save = Some((m.record.site.clone(), accepted));
+                    }
+                    m.accepted = Some(accepted);
                 }
                 m.flag = None;
                 // A peer that resyncs itself gave nothing (and took nothing): it cannot vouch.
@@ -315,6 +356,9 @@ impl<S: SyncStore> Node<S> {
             }
             finished
         };
+        if let Some((site, accepted)) = accepted_to_save {
+            self.save_accepted(&site, &accepted);
+        }
         if finished_resync {
             tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
             self.update_gate(now_ms);

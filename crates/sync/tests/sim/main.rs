@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, bail};
 use atoll_kv::{Clock, Namespace, Register, Stamp, Store, StoreConfig, Write, Written};
-use atoll_sync::message::{PeerInfo, Request};
+use atoll_sync::message::{PeerInfo, Reply, Request};
 use atoll_sync::node::Exchange;
 use atoll_sync::{Node, NodeConfig, Transport};
 use tracing::Instrument;
@@ -56,6 +56,8 @@ struct Net {
     /// Copies of requests to deliver again later: (at, sent at, to, request).
     delayed: Mutex<Vec<(u64, u64, usize, Request)>>,
     lossy: std::sync::atomic::AtomicBool,
+    /// A hostile peer holding the secret: calls to this site get this answer instead of its own.
+    forged: Mutex<Option<(usize, Reply)>>,
 }
 
 fn url(i: usize) -> String {
@@ -137,7 +139,11 @@ impl Transport for Link {
         if sent_bytes > atoll_sync::message::MAX_MESSAGE {
             bail!("{url} refused a message of {sent_bytes} bytes");
         }
-        let reply = node.handle(request, net.wall(to)).instrument(tracing::info_span!("at", to)).await?;
+        let forged = net.forged.lock().unwrap().clone().filter(|(at, _)| *at == to);
+        let reply = match forged {
+            Some((_, reply)) => reply,
+            None => node.handle(request, net.wall(to)).instrument(tracing::info_span!("at", to)).await?,
+        };
         if net.chance(0.1) {
             bail!("reply lost");
         }
@@ -246,6 +252,7 @@ impl Sim {
             cut: Mutex::new(BTreeSet::new()),
             delayed: Mutex::new(Vec::new()),
             lossy: std::sync::atomic::AtomicBool::new(true),
+            forged: Mutex::new(None),
         });
         let mut sim = Sim {
             rng,

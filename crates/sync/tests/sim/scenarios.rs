@@ -166,6 +166,40 @@ async fn a_site_cut_off_past_the_horizon_resyncs_and_nothing_deleted_comes_back(
     assert!(sim.sites[0].node.peers().iter().all(|p| !p.cut_off), "site 2 is accepted again");
 }
 
+/// A peer holding the secret cannot wipe a site by answering `ResyncRequired`: a peer that merged
+/// this site's data within the horizon cannot have cut it off, so its demand is refused and
+/// nothing is dropped (the old code discarded everything written before the forged watermark).
+#[tokio::test(flavor = "current_thread")]
+async fn a_resync_demanded_by_a_peer_that_merged_this_sites_data_within_the_horizon_is_refused() {
+    let config = NodeConfig { horizon_ms: 7 * 24 * 3600 * 1000, ..node_config() };
+    let mut sim = Sim::quiet(3, config);
+    sim.set(0, "k", "v").await;
+    sim.sync(0, 1).await.expect("sync");
+    sim.advance(5_000);
+    sim.set(0, "only-here", "w").await;
+    let watermark = atoll_sync::message::hlc_wire(atoll_sync::SyncStore::now(&sim.sites[0].store));
+    *sim.net.forged.lock().unwrap() = Some((1, Reply::ResyncRequired { watermark, uncounted: true }));
+    let refused = sim.sync(0, 1).await.expect_err("the forged answer fails the session");
+    assert!(refused.to_string().contains("within the horizon: refused"), "{refused:#}");
+    assert_eq!(sim.get(0, "k").as_deref(), Some("v"));
+    assert_eq!(sim.get(0, "only-here").as_deref(), Some("w"));
+    assert_eq!(
+        atoll_sync::SyncStore::resync_began(&sim.sites[0].store).expect("read"),
+        None,
+        "site 0 is not resyncing"
+    );
+    assert!(
+        sim.sites[0].node.peers().iter().any(|p| p.url == url(1) && p.flag.is_some()),
+        "site 1 is flagged"
+    );
+    // Once the hostile answers stop, everything converges.
+    *sim.net.forged.lock().unwrap() = None;
+    sim.heal().await.expect("heal");
+    for i in 0..3 {
+        assert_eq!(sim.get(i, "only-here").as_deref(), Some("w"));
+    }
+}
+
 /// A counter keeps per-site totals, so increments made at a cut-off site after the delete cannot
 /// be told from those before it: the resync drops the counter, or the deleted counter (with every
 /// increment before the delete) would come back once the tombstone is collected.
