@@ -555,13 +555,15 @@ impl HostileRelay {
             .http2_only(true)
             .build_http::<Full<Bytes>>();
         let (t, f, n) = (target.clone(), forge.clone(), forged.clone());
+        let i = Arc::new(std::sync::atomic::AtomicU64::new(0));
         runtime.spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (t, f, n, client) = (t.clone(), f.clone(), n.clone(), client.clone());
+                let (t, f, n, i, client) = (t.clone(), f.clone(), n.clone(), i.clone(), client.clone());
                 let service =
                     hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                        let (t, f, n, client) = (t.clone(), f.clone(), n.clone(), client.clone());
+                        let (t, f, n, i, client) =
+                            (t.clone(), f.clone(), n.clone(), i.clone(), client.clone());
                         async move {
                             let (parts, body) = request.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -569,9 +571,13 @@ impl HostileRelay {
                                 n.fetch_add(1, Ordering::SeqCst);
                                 let proof =
                                     parts.headers.get("x-atoll-sync-auth").and_then(|v| v.to_str().ok());
+                                // Signed as the site it relays for, as that site's hellos name it.
                                 let reply = atoll_sync::message::Reply::ResyncRequired {
                                     watermark: (now_ms(), 0),
                                     uncounted: true,
+                                    site: "a".into(),
+                                    incarnation: i.load(Ordering::SeqCst),
+                                    horizon_ms: 7 * 24 * 3600 * 1000,
                                 };
                                 let bytes = atoll_sync::message::encode(&reply);
                                 let secret = atoll_sync::auth::Secret::new(PEER_SECRET).expect("secret");
@@ -593,6 +599,11 @@ impl HostileRelay {
                                 Ok(response) => {
                                     let (parts, body) = response.into_parts();
                                     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                                    let reply =
+                                        atoll_sync::message::decode::<atoll_sync::message::Reply>(&body);
+                                    if let Ok(atoll_sync::message::Reply::Hello(hello)) = reply {
+                                        i.store(hello.incarnation, Ordering::SeqCst);
+                                    }
                                     hyper::Response::from_parts(parts, Full::new(body))
                                 }
                                 Err(e) => {

@@ -46,6 +46,9 @@ enum Task {
         /// Concurrent keep-alive connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
+        /// Rounds over all targets, taking turns (default: 1, or 3 with a baseline).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// Durable key-value writes and reads through the counter guest on a release site.
     BenchKv {
@@ -103,7 +106,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildGuests => build_guests().map(drop),
         Task::Demo { listen } => demo(&listen),
-        Task::Bench { duration, connections } => bench(duration, connections),
+        Task::Bench { duration, connections, rounds } => bench(duration, connections, rounds),
         Task::BenchKv { duration } => bench_kv(duration),
         Task::BenchSync { writes, tls } => bench_sync(writes, tls),
         Task::BenchRouter { requests, kills, tls } => bench_router(requests, kills, tls),
@@ -315,6 +318,14 @@ fn build_guests() -> Result<PathBuf> {
         .arg(guests.join("Cargo.toml"))
         .env_remove("CARGO_TARGET_DIR"))?;
     Ok(guests.join("target/wasm32-wasip2/release"))
+}
+
+/// Builds the bench's minimal wasmtime host (an example of atoll-runtime) and returns its path.
+fn build_minimal_host() -> Result<PathBuf> {
+    run(Command::new("cargo")
+        .args(["build", "--release", "-p", "atoll-runtime", "--example", "minimal-host"])
+        .current_dir(root()))?;
+    Ok(root().join("target/release/examples/minimal-host"))
 }
 
 /// Builds the `atoll` binary (and any other bins named) and returns the target dir.
@@ -954,7 +965,7 @@ fn bench_router(requests: usize, kills: usize, with_tls: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench(seconds: u64, connections: u32) -> Result<()> {
+fn bench(seconds: u64, connections: u32, rounds: Option<usize>) -> Result<()> {
     let guests = build_guests()?;
     let bins = build_bins(true, &["atoll", "xtask"])?;
     let dir = tempfile::tempdir()?;
@@ -962,6 +973,10 @@ fn bench(seconds: u64, connections: u32) -> Result<()> {
     let mut native_cmd = Command::new(bins.join("native-hello"));
     quiet(&mut native_cmd);
     let native = Server::start(&mut native_cmd)?;
+    let mut minimal_cmd = Command::new(build_minimal_host()?);
+    minimal_cmd.arg(guests.join("hello.wasm"));
+    quiet(&mut minimal_cmd);
+    let minimal = Server::start(&mut minimal_cmd)?;
     let old = match baseline() {
         Some(bin) => Some((bench_site(&bin, &guests, &dir.path().join("baseline"), &["hello"])?, bin)),
         None => None,
@@ -978,13 +993,14 @@ fn bench(seconds: u64, connections: u32) -> Result<()> {
     let mut targets = vec![
         ("native axum".to_owned(), &native, "/"),
         ("atoll site, hello.wasm".to_owned(), &site, "/apps/hello/"),
+        ("minimal wasmtime host".to_owned(), &minimal, "/"),
     ];
     if let Some((server, bin)) = &old {
         targets.push((format!("baseline site ({})", bin.display()), server, "/apps/hello/"));
     }
     // With a baseline, the site and the baseline take turns over three rounds (this machine's
     // speed drifts within a run: alternating keeps the comparison fair); the means are compared.
-    let rounds = if old.is_some() { 3 } else { 1 };
+    let rounds = rounds.unwrap_or(if old.is_some() { 3 } else { 1 }).max(1);
     let mut totals = vec![(0.0f64, 0.0f64); targets.len()];
     for (_, server, path) in &targets {
         wrk(&format!("{}{path}", server.url), 2, connections)?; // warm-up
@@ -1006,7 +1022,12 @@ fn bench(seconds: u64, connections: u32) -> Result<()> {
     }
     let ratio = totals[1].0 / totals[0].0;
     println!("atoll / native throughput: {:.1}% (target ≥ 50%)", ratio * 100.0);
-    if let Some(base) = totals.get(2) {
+    println!(
+        "minimal host / native throughput: {:.1}%; atoll CPU per request / minimal host's: {:.2}× (target ≤ 1.3×)",
+        totals[2].0 / totals[0].0 * 100.0,
+        totals[1].1 / totals[2].1
+    );
+    if let Some(base) = totals.get(3) {
         println!(
             "atoll / baseline over {rounds} alternating rounds: throughput {:.1}%, CPU per request {:.1}%",
             totals[1].0 / base.0 * 100.0,

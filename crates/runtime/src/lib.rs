@@ -45,5 +45,5 @@ pub use app::App;
 pub use config::{AppSettings, Limits, RuntimeConfig};
 pub use egress::{AllowedHost, is_internal};
 pub use error::{HandleError, LoadError, RuntimeError};
-pub use runtime::Runtime;
+pub use runtime::{Runtime, engine_config};
 pub use version::Version;

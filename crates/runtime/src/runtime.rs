@@ -199,7 +199,8 @@ impl Runtime {
 }
 
 /// The engine configuration: see PERF-NOTES in the shared docs for why each setting is here.
-fn engine_config(config: &RuntimeConfig) -> Config {
+/// Public so that the bench's minimal host runs the very same configuration.
+pub fn engine_config(config: &RuntimeConfig) -> Config {
     let mut pool = PoolingAllocationConfig::new();
     let instances = config.max_instances;
     pool.total_component_instances(instances)

@@ -245,6 +245,13 @@ pub enum Reply {
         /// The sender was cut off past the horizon (not counted when tombstones were
         /// collected): none of its increments on what it discards are made again.
         uncounted: bool,
+        /// Who answers: the receiver's name and incarnation (a site whose data it merged within
+        /// the horizon is not obeyed; see ALGORITHM.md, "Horizon").
+        site: String,
+        /// The receiver's incarnation.
+        incarnation: u64,
+        /// The receiver's horizon (ms): how long it waits before cutting a silent site off.
+        horizon_ms: u64,
     },
     /// The receiver does not know the sender (or this incarnation of it): say hello first.
     Introduce,
@@ -326,6 +333,9 @@ impl Validate for Reply {
             Reply::Reconcile(round) => validate_round(round),
             Reply::Refused(reason) | Reply::AheadOfClock(reason) if reason.len() > 4096 => {
                 Err("a refusal's reason is too long".into())
+            }
+            Reply::ResyncRequired { site, .. } if site.is_empty() || site.len() > 255 => {
+                Err("a resync demand's site name is empty or too long".into())
             }
             Reply::Pushed(_)
             | Reply::ResyncRequired { .. }

@@ -20,14 +20,18 @@ impl<S: SyncStore> Node<S> {
         }
     }
 
-    pub(super) fn refusal(verdict: Verdict) -> Option<Reply> {
+    pub(super) fn refusal(&self, verdict: Verdict) -> Option<Reply> {
         match verdict {
             Verdict::Accept => None,
             Verdict::Introduce => Some(Reply::Introduce),
             Verdict::Reincarnate => Some(Reply::Reincarnate),
-            Verdict::Resync { watermark, uncounted } => {
-                Some(Reply::ResyncRequired { watermark: hlc_wire(watermark), uncounted })
-            }
+            Verdict::Resync { watermark, uncounted } => Some(Reply::ResyncRequired {
+                watermark: hlc_wire(watermark),
+                uncounted,
+                site: self.me.site.clone(),
+                incarnation: self.store.identity().incarnation,
+                horizon_ms: self.config.horizon_ms,
+            }),
             Verdict::Refused(reason) => Some(Reply::Refused(reason)),
         }
     }
@@ -47,13 +51,13 @@ impl<S: SyncStore> Node<S> {
         match request {
             Request::Hello(hello) => {
                 let verdict = self.learn(&hello.me.url, &hello, now_ms, false);
-                if let Some(refusal) = Self::refusal(verdict) {
+                if let Some(refusal) = self.refusal(verdict) {
                     return Ok(refusal);
                 }
                 Ok(Reply::Hello(self.hello(now_ms)?))
             }
             Request::Push(from, wire) => {
-                if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
+                if let Some(refusal) = self.refusal(self.admit(&from, now_ms)) {
                     return Ok(refusal);
                 }
                 if from.resyncing {
@@ -78,7 +82,7 @@ impl<S: SyncStore> Node<S> {
                 Ok(Reply::Pushed(changed as u32))
             }
             Request::Reconcile(from, round) => {
-                if let Some(refusal) = Self::refusal(self.admit(&from, now_ms)) {
+                if let Some(refusal) = self.refusal(self.admit(&from, now_ms)) {
                     return Ok(refusal);
                 }
                 let limits = reconcile::Limits {

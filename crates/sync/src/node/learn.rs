@@ -167,11 +167,13 @@ impl<S: SyncStore> Node<S> {
         peer.flag = None;
     }
 
-    /// Stores when `site` last merged this site's data.
-    pub(super) fn save_accepted(&self, site: &str, accepted: &crate::membership::Accepted) {
-        if let Err(e) = self.store.save_record(&format!("accepted/{site}"), &accepted.encode()) {
+    /// Stores when `site` last merged this site's data; whether it was stored.
+    pub(super) fn save_accepted(&self, site: &str, accepted: &crate::membership::Accepted) -> bool {
+        let saved = self.store.save_record(&format!("accepted/{site}"), &accepted.encode());
+        if let Err(e) = &saved {
             tracing::error!(site, "cannot save when a peer last merged this site's data: {e:#}");
         }
+        saved.is_ok()
     }
 
     pub(super) fn save(&self, record: &Record) {

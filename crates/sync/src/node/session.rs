@@ -10,6 +10,13 @@ use crate::message::{Reply, Request, WireEntry, hlc_from_wire, hlc_wire};
 use crate::reconcile;
 use crate::store::SyncStore;
 
+/// Who demands a resync, as its signed answer says.
+pub(super) struct Demander {
+    site: String,
+    incarnation: u64,
+    horizon_ms: u64,
+}
+
 impl<S: SyncStore> Node<S> {
     pub(super) async fn call(
         &self,
@@ -23,8 +30,9 @@ impl<S: SyncStore> Node<S> {
             Ok(exchange) => {
                 self.exchanged(url, &exchange, now_ms);
                 match exchange.reply {
-                    Reply::ResyncRequired { watermark, uncounted } => {
-                        self.resync(url, hlc_from_wire(watermark), uncounted, now_ms)
+                    Reply::ResyncRequired { watermark, uncounted, site, incarnation, horizon_ms } => {
+                        let by = Demander { site, incarnation, horizon_ms };
+                        self.resync(url, hlc_from_wire(watermark), uncounted, &by, now_ms)
                     }
                     Reply::Introduce => {
                         self.with_peer(url, |p| p.introduced = false);
@@ -83,23 +91,32 @@ impl<S: SyncStore> Node<S> {
 
     /// This site was cut off by the peer at `url` past the horizon: drop every entry older than
     /// its collection watermark (it may be a value whose tombstone is gone) and pull the rest
-    /// again. The watermark is checked first: it cannot be from the future, and a resync this
-    /// site already did from a later watermark is not repeated.
-    pub(super) fn resync(&self, url: &str, watermark: Hlc, uncounted: bool, now_ms: u64) -> Result<()> {
+    /// again. The demand is checked first: the watermark cannot be from the future, a resync
+    /// this site already did from a later watermark is not repeated, and a demand by a peer that
+    /// merged this very data within the horizon is refused.
+    pub(super) fn resync(
+        &self,
+        url: &str,
+        watermark: Hlc,
+        uncounted: bool,
+        by: &Demander,
+        now_ms: u64,
+    ) -> Result<()> {
         if watermark > self.clock_bound(now_ms) {
             bail!("{url} asked for a resync from a watermark in the future ({watermark}): refused");
-        }
-        if let Some((site, at_ms)) = self.merged_within_horizon(url, now_ms) {
-            let reason = format!(
-                "{site} demands a resync from {watermark}, but it merged this site's data at {at_ms} (unix ms), within the horizon: refused (a peer that took this data cannot have cut it off; a peer with a shorter horizon_s is obeyed once this site's own horizon has passed)"
-            );
-            self.flag(&site, reason.clone());
-            bail!("{url}: {reason}");
         }
         if self.store.identity().since >= watermark {
             bail!(
                 "{url} requires a resync from {watermark}; this site's data reaches back no further: saying hello again"
             );
+        }
+        if let Some(at_ms) = self.merged_within_horizon(by, now_ms) {
+            let reason = format!(
+                "{} demands a resync from {watermark}, but it merged this site's data at {at_ms} (unix ms), within the horizon: refused (a site that took this data cannot have cut it off)",
+                by.site
+            );
+            self.flag(&by.site, reason.clone());
+            bail!("{url}: {reason}");
         }
         let dropped = self.start_over(|| self.store.discard_before(watermark, uncounted))?;
         tracing::warn!(
@@ -112,23 +129,24 @@ impl<S: SyncStore> Node<S> {
         )
     }
 
-    /// The site at `url` and when it last merged this site's data, if that was within the horizon
-    /// (less the signature window and the clock bound, both ways) and this site's incarnation
-    /// and data are still those it merged.
-    fn merged_within_horizon(&self, url: &str, now_ms: u64) -> Option<(String, u64)> {
+    /// When the demanding site (by name and incarnation, as it signed its answer) last merged
+    /// this site's data, if this site's incarnation and data are still those it merged and that
+    /// was within the shorter of both horizons, less the signature window and the clock bound
+    /// both ways (what the two clocks may disagree by). A time ahead of this site's clock by more
+    /// than that (its clock was set back) proves nothing.
+    fn merged_within_horizon(&self, by: &Demander, now_ms: u64) -> Option<u64> {
         let me = self.store.identity();
-        let state = self.state();
-        let site = state.peers.get(url)?.site.clone()?;
-        let m = state.members.get(&site)?;
-        let a = m.accepted?;
+        let a = self.state().members.get(&by.site)?.accepted?;
         let slack = (self.config.max_message_age_ms)
             .saturating_add(self.config.max_clock_offset_ms)
             .saturating_mul(2);
-        let recent = now_ms.saturating_sub(a.at_ms).saturating_add(slack) < self.config.horizon_ms;
-        let same = a.peer_incarnation == m.record.incarnation
+        let horizon = self.config.horizon_ms.min(by.horizon_ms);
+        let recent = a.at_ms <= now_ms.saturating_add(slack)
+            && now_ms.saturating_sub(a.at_ms).saturating_add(slack) < horizon;
+        let same = a.peer_incarnation == by.incarnation
             && a.incarnation == me.incarnation
             && a.since == hlc_wire(me.since);
-        (recent && same).then_some((site, a.at_ms))
+        (recent && same).then_some(a.at_ms)
     }
 
     /// Begins a resync or a new incarnation with `change` (the store's side): guests stop first
@@ -333,7 +351,6 @@ impl<S: SyncStore> Node<S> {
                     // Stored when it says something new, or a minute later (the horizon is days).
                     let same = m.accepted.is_some_and(|a| Accepted { at_ms: now_ms, ..a } == accepted);
                     if !same || now_ms.saturating_sub(m.accepted_saved_ms) >= 60_000 {
-                        m.accepted_saved_ms = now_ms;
                         accepted_to_save = Some((m.record.site.clone(), accepted));
                     }
                     m.accepted = Some(accepted);
@@ -356,8 +373,11 @@ impl<S: SyncStore> Node<S> {
             }
             finished
         };
-        if let Some((site, accepted)) = accepted_to_save {
-            self.save_accepted(&site, &accepted);
+        if let Some((site, accepted)) = accepted_to_save
+            && self.save_accepted(&site, &accepted)
+            && let Some(m) = self.state().members.get_mut(&site)
+        {
+            m.accepted_saved_ms = accepted.at_ms;
         }
         if finished_resync {
             tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");

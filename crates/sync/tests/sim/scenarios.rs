@@ -166,19 +166,29 @@ async fn a_site_cut_off_past_the_horizon_resyncs_and_nothing_deleted_comes_back(
     assert!(sim.sites[0].node.peers().iter().all(|p| !p.cut_off), "site 2 is accepted again");
 }
 
-/// A peer holding the secret cannot wipe a site by answering `ResyncRequired`: a peer that merged
-/// this site's data within the horizon cannot have cut it off, so its demand is refused and
-/// nothing is dropped (the old code discarded everything written before the forged watermark).
+/// A site that merged this site's data within the horizon cannot have cut it off, so its demand
+/// to resync (a stale view, or forged in its name) is refused and nothing is dropped (the old code
+/// discarded everything written before the watermark). The bound is the shorter of both
+/// horizons: a peer whose horizon has passed since is obeyed.
 #[tokio::test(flavor = "current_thread")]
 async fn a_resync_demanded_by_a_peer_that_merged_this_sites_data_within_the_horizon_is_refused() {
     let config = NodeConfig { horizon_ms: 7 * 24 * 3600 * 1000, ..node_config() };
-    let mut sim = Sim::quiet(3, config);
+    let mut sim = Sim::quiet(3, config.clone());
     sim.set(0, "k", "v").await;
     sim.sync(0, 1).await.expect("sync");
     sim.advance(5_000);
     sim.set(0, "only-here", "w").await;
     let watermark = atoll_sync::message::hlc_wire(atoll_sync::SyncStore::now(&sim.sites[0].store));
-    *sim.net.forged.lock().unwrap() = Some((1, Reply::ResyncRequired { watermark, uncounted: true }));
+    let site = sim.sites[1].node.me().site.clone();
+    let incarnation = atoll_sync::SyncStore::identity(&sim.sites[1].store).incarnation;
+    let demand = move |watermark, horizon_ms| Reply::ResyncRequired {
+        watermark,
+        uncounted: true,
+        site: site.clone(),
+        incarnation,
+        horizon_ms,
+    };
+    *sim.net.forged.lock().unwrap() = Some((1, demand(watermark, config.horizon_ms)));
     let refused = sim.sync(0, 1).await.expect_err("the forged answer fails the session");
     assert!(refused.to_string().contains("within the horizon: refused"), "{refused:#}");
     assert_eq!(sim.get(0, "k").as_deref(), Some("v"));
@@ -198,6 +208,17 @@ async fn a_resync_demanded_by_a_peer_that_merged_this_sites_data_within_the_hori
     for i in 0..3 {
         assert_eq!(sim.get(i, "only-here").as_deref(), Some("w"));
     }
+    // The same site with a horizon shorter than the time since it merged this data: obeyed.
+    sim.net.lossy.store(false, Ordering::Relaxed);
+    sim.sync(0, 1).await.expect("sync");
+    sim.advance(200_000);
+    let watermark = atoll_sync::message::hlc_wire(atoll_sync::SyncStore::now(&sim.sites[0].store));
+    *sim.net.forged.lock().unwrap() = Some((1, demand(watermark, 130_000)));
+    let obeyed = sim.sync(0, 1).await.expect_err("a resync fails the session");
+    assert!(obeyed.to_string().contains("requires a resync: dropped"), "{obeyed:#}");
+    *sim.net.forged.lock().unwrap() = None;
+    sim.heal().await.expect("heal");
+    assert_eq!(sim.get(0, "k").as_deref(), Some("v"), "pulled back from the others");
 }
 
 /// A counter keeps per-site totals, so increments made at a cut-off site after the delete cannot
