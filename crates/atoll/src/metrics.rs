@@ -127,3 +127,54 @@ pub fn observe_sync<S: atoll_sync::SyncStore>(node: &atoll_sync::Node<S>) {
         }
     }
 }
+
+/// One app's request metrics, resolved once when the app is deployed: a request records into
+/// its handles with no label hashing or registry lookup (the status counters other than 200
+/// are looked up in a short list, and made on first use).
+pub struct AppMetrics {
+    name: String,
+    ok: metrics::Counter,
+    duration: metrics::Histogram,
+    traps: metrics::Counter,
+    timeouts: metrics::Counter,
+    statuses: std::sync::Mutex<Vec<(u16, metrics::Counter)>>,
+}
+
+impl AppMetrics {
+    pub fn new(name: &str) -> AppMetrics {
+        let app = name.to_owned();
+        AppMetrics {
+            ok: metrics::counter!("atoll_requests_total", "app" => app.clone(), "status" => "200"),
+            duration: metrics::histogram!("atoll_request_duration_seconds", "app" => app.clone()),
+            traps: metrics::counter!("atoll_guest_traps_total", "app" => app.clone()),
+            timeouts: metrics::counter!("atoll_guest_timeouts_total", "app" => app),
+            name: name.to_owned(),
+            statuses: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts a request answered with `status` after `seconds`.
+    pub fn request(&self, status: u16, seconds: f64) {
+        self.duration.record(seconds);
+        if status == 200 {
+            return self.ok.increment(1);
+        }
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, counter)) = statuses.iter().find(|(s, _)| *s == status) {
+            return counter.increment(1);
+        }
+        let counter = metrics::counter!("atoll_requests_total", "app" => self.name.clone(), "status" => status.to_string());
+        counter.increment(1);
+        statuses.push((status, counter));
+    }
+
+    /// Counts a guest trap.
+    pub fn trap(&self) {
+        self.traps.increment(1);
+    }
+
+    /// Counts a guest stopped at its deadline.
+    pub fn timeout(&self) {
+        self.timeouts.increment(1);
+    }
+}

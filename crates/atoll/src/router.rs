@@ -130,12 +130,11 @@ async fn status(State(router): State<Arc<Router>>) -> Response {
 async fn proxy(State(router): State<Arc<Router>>, mut request: Request) -> Response {
     let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let request_id = atoll_router::ensure_request_id(request.headers_mut());
-    let span = tracing::info_span!("request", request_id = %request_id);
+    // A span only when debug logging is on (none per request otherwise).
+    let span = tracing::debug_span!("request", request_id = request_id.to_str().unwrap_or_default());
     match tracing::Instrument::instrument(router.route(request, client), span).await {
         Outcome::Response(mut response) => {
-            if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
-                response.headers_mut().insert(atoll_router::REQUEST_ID_HEADER, v);
-            }
+            response.headers_mut().insert(atoll_router::REQUEST_ID_HEADER, request_id);
             response
         }
         // A stand-alone router is never a candidate itself.

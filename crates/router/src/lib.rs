@@ -44,13 +44,13 @@ static NEXT_REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 
 /// The request's id: its `x-request-id` when valid (1–128 visible ASCII characters), else a
 /// new one (a random per-process prefix, then a counter), which is then set on the request.
-pub fn ensure_request_id(headers: &mut http::HeaderMap) -> String {
-    let given = headers
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+pub fn ensure_request_id(headers: &mut http::HeaderMap) -> http::HeaderValue {
+    let given = headers.get(REQUEST_ID_HEADER).filter(|v| {
+        let v = v.as_bytes();
+        !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
+    });
     if let Some(id) = given {
-        return id.to_owned();
+        return id.clone();
     }
     static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let prefix = PREFIX.get_or_init(|| {
@@ -59,9 +59,10 @@ pub fn ensure_request_id(headers: &mut http::HeaderMap) -> String {
         std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
     });
     let id = format!("{prefix:08x}-{:x}", NEXT_REQUEST.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    if let Ok(v) = http::HeaderValue::from_str(&id) {
-        headers.insert(REQUEST_ID_HEADER, v);
-    }
+    // Hex digits and a dash: always a valid header value (taken without a copy).
+    let id = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("0"));
+    headers.insert(REQUEST_ID_HEADER, id.clone());
     id
 }
 

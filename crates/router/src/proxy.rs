@@ -111,9 +111,9 @@ pub struct RouteInfo {
 impl RouteInfo {
     /// Adds the routing headers.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        metrics::counter!("atoll_routing_decisions_total", "reason" => self.reason).increment(1);
+        counted("atoll_routing_decisions_total", "reason", self.reason);
         if let Some(why) = self.region.defaulted {
-            metrics::counter!("atoll_routing_default_region_total", "why" => why).increment(1);
+            counted("atoll_routing_default_region_total", "why", why);
         }
         headers.insert(crate::ROUTE_HEADER, HeaderValue::from_static(self.reason));
         if let Ok(v) = HeaderValue::from_str(&self.region.region) {
@@ -123,6 +123,26 @@ impl RouteInfo {
             headers.insert(crate::DEFAULT_REGION_HEADER, HeaderValue::from_static(why));
         }
     }
+}
+
+/// Counts one event in the counter `name` with the label `key` = `value`, through a handle each
+/// server thread resolves once per (name, value): no label hashing or registry lookup per
+/// request.
+fn counted(name: &'static str, key: &'static str, value: &'static str) {
+    thread_local! {
+        static COUNTERS: std::cell::RefCell<Vec<(&'static str, &'static str, metrics::Counter)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    COUNTERS.with_borrow_mut(|counters| {
+        match counters.iter().find(|(n, v, _)| std::ptr::eq(*n, name) && *v == value) {
+            Some((_, _, counter)) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!(name, key => value);
+                counter.increment(1);
+                counters.push((name, value, counter));
+            }
+        }
+    });
 }
 
 /// The request body as the HTTP client sees it, one per attempt.
@@ -497,7 +517,8 @@ impl Router {
             errors.push(format!("{}: {failure}", site.label()));
             sent_somewhere = true;
             if !(idempotent && prepared.replayable()) {
-                tracing::warn!(site = %site.label(), %method, "{failure}: not retried (the site may have applied it)");
+                let request_id = headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
+                tracing::warn!(site = %site.label(), %method, request_id, "{failure}: not retried (the site may have applied it)");
                 return Outcome::Response(text(
                     StatusCode::BAD_GATEWAY,
                     format!(

@@ -36,6 +36,8 @@ struct Inner {
     egress: crate::egress::Policy,
     /// This app's share of the instance pool (shared with its other versions).
     share: Arc<tokio::sync::Semaphore>,
+    /// `atoll_instantiation_seconds` for this app (resolved once).
+    instantiation: metrics::Histogram,
 }
 
 impl std::fmt::Debug for App {
@@ -59,7 +61,8 @@ impl App {
         let egress = crate::egress::Policy::new(&settings.allowed_hosts);
         let name: Arc<str> = name.into();
         let share = shared.shares.of(&name);
-        App { inner: Arc::new(Inner { shared, name, version, pre, settings, egress, share }) }
+        let instantiation = metrics::histogram!("atoll_instantiation_seconds", "app" => name.to_string());
+        App { inner: Arc::new(Inner { shared, name, version, pre, settings, egress, share, instantiation }) }
     }
 
     /// The app's name.
@@ -83,7 +86,8 @@ impl App {
     /// runtime's body memory) before the guest starts, so a slow client never holds an
     /// instance; then the request takes one of the app's share of instances. The response body
     /// is collected (up to its cap) within the app's deadline. `request_id` tags the guest's
-    /// log lines.
+    /// log lines. The guest runs in a task spawned on the current tokio runtime (which must be
+    /// driven), aborted if this future is dropped.
     pub async fn handle<B>(
         &self,
         request: http::Request<B>,
@@ -111,25 +115,44 @@ impl App {
                 Err(_elapsed) => return Err(HandleError::RequestBodyTimeout { deadline: limits.deadline }),
             }
         };
-        let Ok(_instance) = inner.share.try_acquire() else {
+        let Ok(instance) = inner.share.clone().try_acquire_owned() else {
             return Err(HandleError::AppAtCapacity { limit: inner.shared.shares.per_app() });
         };
         let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
         let deadline = limits.deadline;
-        match tokio::time::timeout(deadline, self.run(request, request_id)).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(HandleError::Deadline { deadline }),
-        }
+        // The guest runs in a task of its own (as in wasmtime-wasi-http's serving example): run
+        // inline, inside the connection's task, the same request cost ~20 µs more CPU on the
+        // 2-core bench machine (`cargo xtask bench`; ARCHITECTURE.md, "Performance"). The task
+        // is aborted if the caller goes (a client that hangs up frees its instance).
+        let (app, request_id): (App, Arc<str>) = (self.clone(), request_id.into());
+        let task = Abortable(tokio::spawn(async move {
+            let result = tokio::time::timeout(deadline, app.run(request, request_id)).await;
+            // The app's share is held until the guest is done.
+            drop(instance);
+            result
+        }));
+        let mut task = task;
+        let result = match (&mut task.0).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_elapsed)) => Err(HandleError::Deadline { deadline }),
+            Err(e) => {
+                tracing::error!(app = %self.inner.name, "a request's task failed: {e}");
+                Err(HandleError::Internal("the request's task ended unexpectedly".into()))
+            }
+        };
+        // The body's bytes count until the guest is done with them (or the caller goes: an
+        // aborted task is dropped, with the body, at the runtime's next turn).
+        drop(reservation);
+        result
     }
 
     async fn run(
         &self,
         request: http::Request<http_body_util::Full<Bytes>>,
-        request_id: &str,
+        request_id: Arc<str>,
     ) -> Result<http::Response<Bytes>, HandleError> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
-        let request_id: Arc<str> = request_id.into();
         let mut wasi = WasiCtx::builder();
         wasi.envs(&inner.shared.config.guest_env)
             .stdout(GuestLog::new(inner.name.clone(), request_id.clone(), Stream::Stdout))
@@ -170,12 +193,11 @@ impl App {
         // The guest owns the store: when it returns or traps the store is dropped, which drops
         // the response outparam and so ends `response` below if no response was sent.
         let pre = inner.pre.clone();
-        let app_name = inner.name.to_string();
+        let instantiation = inner.instantiation.clone();
         let guest = async move {
             let started = std::time::Instant::now();
             let proxy = pre.instantiate_async(&mut store).await.map_err(instantiate_error)?;
-            metrics::histogram!("atoll_instantiation_seconds", "app" => app_name)
-                .record(started.elapsed().as_secs_f64());
+            instantiation.record(started.elapsed().as_secs_f64());
             proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, incoming, outparam)
@@ -209,6 +231,15 @@ impl App {
             },
             response_result = &mut response => response_result,
         }
+    }
+}
+
+/// A task aborted when its handle is dropped.
+struct Abortable<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Abortable<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

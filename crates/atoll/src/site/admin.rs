@@ -399,7 +399,7 @@ async fn upload(
         .apps
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(name.clone(), Deployed { app, record: record.clone() });
+        .insert(name.clone(), Deployed::new(app, record.clone()));
     forget_if_unused(&site, previous);
     super::deploys::publish(&site, &name, &deploy).await?;
     tracing::info!(app = %name, version = %record.version, size = record.size, "deployed");

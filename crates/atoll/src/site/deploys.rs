@@ -183,7 +183,7 @@ pub(crate) async fn apply(
         .apps
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(name.to_owned(), Deployed { app, record: record.clone() });
+        .insert(name.to_owned(), Deployed::new(app, record.clone()));
     super::admin::forget_if_unused(site, previous);
     tracing::info!(app = %name, version = %record.version, "deployed (replicated)");
     Ok(())

@@ -51,6 +51,8 @@ pub const INSECURE_DEV_PEER_SECRET: &str = "atoll-insecure-dev-peer-secret";
 /// A running site's shared state.
 pub(crate) struct Site {
     pub(crate) name: String,
+    /// The name as the `x-atoll-site` header value (made once).
+    pub(crate) name_header: Option<axum::http::HeaderValue>,
     pub(crate) region: String,
     runtime: Runtime,
     registry: Registry,
@@ -84,6 +86,15 @@ pub(crate) struct Site {
 pub(crate) struct Deployed {
     pub(crate) app: App,
     pub(crate) record: AppRecord,
+    /// Its request metrics' handles (resolved once, not per request).
+    pub(crate) metrics: Arc<crate::metrics::AppMetrics>,
+}
+
+impl Deployed {
+    pub(crate) fn new(app: App, record: AppRecord) -> Deployed {
+        let metrics = Arc::new(crate::metrics::AppMetrics::new(app.name()));
+        Deployed { app, record, metrics }
+    }
 }
 
 impl Site {
@@ -102,6 +113,12 @@ impl Site {
 
     pub(crate) fn app(&self, name: &str) -> Option<App> {
         self.apps.read().unwrap_or_else(|e| e.into_inner()).get(name).map(|d| d.app.clone())
+    }
+
+    /// The app deployed under `name` and its metrics, to serve a request.
+    pub(crate) fn serving(&self, name: &str) -> Option<(App, Arc<crate::metrics::AppMetrics>)> {
+        let apps = self.apps.read().unwrap_or_else(|e| e.into_inner());
+        apps.get(name).map(|d| (d.app.clone(), d.metrics.clone()))
     }
 }
 
@@ -134,7 +151,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         match runtime.load(&name, &wasm, (&record.settings).into()) {
             Ok(app) => {
                 tracing::info!(app = %name, version = %record.version, "loaded app");
-                apps.insert(name, Deployed { app, record });
+                apps.insert(name, Deployed::new(app, record));
             }
             Err(e) => {
                 tracing::error!(app = %name, version = %record.version, "cannot load a registered app: {e}")
@@ -152,6 +169,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
     })?;
     let router = Arc::new(atoll_router::Router::for_site(&options.name, &options.region, routing));
     let site = Arc::new(Site {
+        name_header: axum::http::HeaderValue::from_str(&options.name).ok(),
         name: options.name,
         region: options.region,
         router: router.clone(),

@@ -87,11 +87,12 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Reques
     let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     // The request id goes with the request to whichever site serves it.
     let request_id = atoll_router::ensure_request_id(request.headers_mut());
-    let span = tracing::info_span!("request", request_id = %request_id);
+    // A span only when debug logging is on (none per request otherwise).
+    let span = tracing::debug_span!("request", request_id = request_id.to_str().unwrap_or_default());
     match tracing::Instrument::instrument(site.router.route(request, client), span).await {
         Outcome::Response(response) => response,
         Outcome::Local(request, route) => {
-            let mut response = serve_here(&site, request, &request_id).await;
+            let mut response = serve_here(&site, request, request_id).await;
             route.apply(response.headers_mut());
             response
         }
@@ -99,11 +100,12 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Reques
 }
 
 /// Serves a request with an app deployed here.
-async fn serve_here(site: &Site, request: Request, request_id: &str) -> Response {
+async fn serve_here(site: &Site, request: Request, request_id: HeaderValue) -> Response {
+    let id = request_id.to_str().unwrap_or_default();
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
-    let target = target(host, request.uri(), |name| site.app(name));
+    let target = target(host, request.uri(), |name| site.serving(name));
     let mut response = match target {
-        Target::App { app, name, path_and_query } => {
+        Target::App { app: (app, counts), name, path_and_query } => {
             let (mut parts, body) = request.into_parts();
             if let Some(pq) = path_and_query {
                 let mut uri = parts.uri.into_parts();
@@ -112,26 +114,19 @@ async fn serve_here(site: &Site, request: Request, request_id: &str) -> Response
             }
             let started = std::time::Instant::now();
             let _in_flight = crate::metrics::InFlight::start();
-            let result = app.handle(axum::http::Request::from_parts(parts, body), request_id).await;
+            let result = app.handle(axum::http::Request::from_parts(parts, body), id).await;
             let status = result.as_ref().map_or_else(|e| e.status(), |r| r.status());
-            metrics::counter!("atoll_requests_total", "app" => name.clone(), "status" => status.as_str().to_owned())
-                .increment(1);
-            metrics::histogram!("atoll_request_duration_seconds", "app" => name.clone())
-                .record(started.elapsed().as_secs_f64());
+            counts.request(status.as_u16(), started.elapsed().as_secs_f64());
             match &result {
-                Err(atoll_runtime::HandleError::Trap(_)) => {
-                    metrics::counter!("atoll_guest_traps_total", "app" => name.clone()).increment(1)
-                }
-                Err(atoll_runtime::HandleError::Deadline { .. }) => {
-                    metrics::counter!("atoll_guest_timeouts_total", "app" => name.clone()).increment(1)
-                }
+                Err(atoll_runtime::HandleError::Trap(_)) => counts.trap(),
+                Err(atoll_runtime::HandleError::Deadline { .. }) => counts.timeout(),
                 _ => {}
             }
             match result {
                 Ok(response) => response.map(Body::from),
                 Err(e) => {
                     if status.is_server_error() {
-                        tracing::warn!(app = %name, request_id, %status, "{e}");
+                        tracing::warn!(app = %name, request_id = id, %status, "{e}");
                     }
                     text(status, format!("{e}\n"))
                 }
@@ -146,12 +141,10 @@ async fn serve_here(site: &Site, request: Request, request_id: &str) -> Response
         ),
     };
     let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&site.name) {
-        headers.insert(SITE_HEADER, v);
+    if let Some(v) = &site.name_header {
+        headers.insert(SITE_HEADER, v.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID_HEADER, v);
-    }
+    headers.insert(REQUEST_ID_HEADER, request_id.clone());
     // The serving site's clock after the request: every write it made is stamped at or before it.
     if let Ok(v) = HeaderValue::from_str(&site.kv.clock().last().to_string()) {
         headers.insert(HLC_HEADER, v);
