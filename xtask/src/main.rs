@@ -65,6 +65,12 @@ enum Task {
         #[arg(long)]
         tls: bool,
     },
+    /// Resident memory of a release site: idle, with N distinct small apps, and serving them.
+    BenchMemory {
+        /// Distinct apps deployed (`hello`, each with its own custom section: compiled apart).
+        #[arg(long, default_value_t = 100)]
+        apps: usize,
+    },
     /// Router overhead versus calling the site directly, and failover time over repeated kills.
     BenchRouter {
         /// Requests timed per path and target.
@@ -110,6 +116,7 @@ fn main() -> Result<()> {
         Task::BenchKv { duration } => bench_kv(duration),
         Task::BenchSync { writes, tls } => bench_sync(writes, tls),
         Task::BenchRouter { requests, kills, tls } => bench_router(requests, kills, tls),
+        Task::BenchMemory { apps } => bench_memory(apps),
         Task::Sim { seeds } => run(Command::new("cargo")
             .current_dir(root())
             .args(["test", "--release", "-p", "atoll-sync", "--test", "sim", "--", "--nocapture"])
@@ -462,6 +469,78 @@ fn wrk_with(url: &str, seconds: u64, connections: u32, extra: &[&str]) -> Result
 /// Quiet, comparable server processes: warnings only, no backtrace capture.
 fn quiet(cmd: &mut Command) {
     cmd.env_remove("RUST_BACKTRACE").env("RUST_LOG", "warn").stderr(Stdio::inherit());
+}
+
+/// `hello` with a custom section naming `i` appended: a distinct component (its own content
+/// hash, compiled and kept apart) that behaves the same.
+fn distinct_hello(hello: &[u8], i: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n == 0 { byte } else { byte | 0x80 });
+            if n == 0 {
+                return;
+            }
+        }
+    }
+    let (name, payload) = (b"atoll-bench".as_slice(), i.to_string());
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name);
+    body.extend_from_slice(payload.as_bytes());
+    let mut out = hello.to_vec();
+    out.push(0); // a custom section
+    leb(body.len(), &mut out);
+    out.extend(body);
+    out
+}
+
+fn bench_memory(apps: usize) -> Result<()> {
+    let guests = build_guests()?;
+    let bins = build_bins(true, &["atoll"])?;
+    let bin = bins.join("atoll");
+    let dir = tempfile::tempdir()?;
+    let site = bench_site(&bin, &guests, &dir.path().join("site"), &[])?;
+    let status = |what: &str| -> Result<()> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", site.child.id()))?;
+        let field = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        println!(
+            "{what:<44} RSS {:>7.1} MiB   virtual {:>6.0} GiB",
+            field("VmRSS:") / 1024.0,
+            field("VmSize:") / 1024.0 / 1024.0
+        );
+        Ok(())
+    };
+    println!("release site, default [runtime]; {apps} distinct small apps (hello, each compiled apart)");
+    status("idle, no app")?;
+    let hello = std::fs::read(guests.join("hello.wasm"))?;
+    for i in 0..apps {
+        let path = dir.path().join(format!("app{i}.wasm"));
+        std::fs::write(&path, distinct_hello(&hello, i))?;
+        run(Command::new(&bin)
+            .args(["deploy", "--site", &site.url, "--app", &format!("app{i}")])
+            .arg(&path)
+            .env("ATOLL_ADMIN_TOKEN", "bench")
+            .stdout(Stdio::null()))?;
+    }
+    status(&format!("idle, {apps} apps deployed"))?;
+    for i in 0..apps {
+        let response = ureq::get(&format!("{}/apps/app{i}/", site.url)).call()?;
+        if response.status() != 200 {
+            bail!("app{i} answered {}", response.status());
+        }
+    }
+    status("after one request to each")?;
+    let load = wrk(&format!("{}/apps/app0/", site.url), 5, 32)?;
+    println!("wrk -t2 -c32 -d5s on one app: {:.0} req/s", load.requests_per_sec);
+    status("after the load")?;
+    Ok(())
 }
 
 /// Starts a release site in `dir` with `app` deployed from the built guests.
