@@ -46,9 +46,17 @@ enum Task {
         /// Concurrent keep-alive connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
-        /// Rounds over all targets, taking turns (default: 1, or 3 with a baseline).
+        /// Rounds over all targets, taking turns (default: 1, or 3 with a baseline or --all).
         #[arg(long)]
         rounds: Option<usize>,
+        /// Every ratio in one table: site/native, site/minimal host, router/direct, the store's
+        /// creates and overwrites, key-value writes through guests, memory with 100 apps.
+        #[arg(long)]
+        all: bool,
+        /// With --all: a git revision (built in a worktree of its own) or an `atoll` binary,
+        /// measured beside this tree in the same run.
+        #[arg(long, requires = "all")]
+        baseline: Option<String>,
     },
     /// Durable key-value writes and reads through the counter guest on a release site.
     BenchKv {
@@ -112,7 +120,10 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::BuildGuests => build_guests().map(drop),
         Task::Demo { listen } => demo(&listen),
-        Task::Bench { duration, connections, rounds } => bench(duration, connections, rounds),
+        Task::Bench { duration, connections, rounds, all: false, .. } => bench(duration, connections, rounds),
+        Task::Bench { duration, rounds, all: true, baseline, .. } => {
+            bench_all(duration, rounds.unwrap_or(3), baseline.as_deref())
+        }
         Task::BenchKv { duration } => bench_kv(duration),
         Task::BenchSync { writes, tls } => bench_sync(writes, tls),
         Task::BenchRouter { requests, kills, tls } => bench_router(requests, kills, tls),
@@ -494,6 +505,238 @@ fn distinct_hello(hello: &[u8], i: usize) -> Vec<u8> {
     leb(body.len(), &mut out);
     out.extend(body);
     out
+}
+
+/// The `atoll` binary of `baseline`: a path as is, else a git revision built in a worktree of
+/// its own under the target dir (its own target dir too: sharing one with this tree would mix
+/// the two builds' workspace crates).
+fn baseline_binary(baseline: &str) -> Result<(PathBuf, Option<PathBuf>)> {
+    let path = PathBuf::from(baseline);
+    if path.is_file() {
+        return Ok((path, None));
+    }
+    let out =
+        Command::new("git").args(["rev-parse", "--verify", &format!("{baseline}^{{commit}}")]).output()?;
+    if !out.status.success() {
+        bail!("--baseline {baseline}: neither an atoll binary nor a git revision");
+    }
+    let rev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let tree = root().join("target").join(format!("baseline-{}", &rev[..12]));
+    if !tree.join("Cargo.toml").exists() {
+        run(Command::new("git")
+            .args(["worktree", "add", "--detach", "--force"])
+            .arg(&tree)
+            .arg(&rev)
+            .current_dir(root()))?;
+    }
+    run(Command::new("cargo")
+        .args(["build", "--release", "-p", "atoll"])
+        .current_dir(&tree)
+        .env("CARGO_TARGET_DIR", tree.join("target")))?;
+    Ok((tree.join("target/release/atoll"), Some(tree)))
+}
+
+/// Acknowledged durable creates and overwrites per second at 32 writers, from
+/// `cargo bench -p atoll-kv` run in the source tree `tree`.
+fn store_writes(tree: &Path) -> Result<(f64, f64)> {
+    let out = Command::new("cargo")
+        .args(["bench", "-p", "atoll-kv", "--bench", "writes"])
+        .current_dir(tree)
+        .env("CARGO_TARGET_DIR", if tree == root() { root().join("target") } else { tree.join("target") })
+        .stderr(Stdio::inherit())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = |case: &str| -> f64 {
+        text.lines()
+            .find(|l| l.contains(case))
+            .and_then(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok((rate("32 writers, max batch 1024, 1000 keys"), rate("32 writers, max batch 1024,   20 keys")))
+}
+
+/// What `bench --all` measures of one `atoll` binary.
+#[derive(Default)]
+struct Figures {
+    hello_rps: f64,
+    hello_cpu_us: f64,
+    direct_rps: f64,
+    routed_rps: f64,
+    creates_rps: f64,
+    increments_rps: f64,
+    rss_mib: f64,
+    store_creates: f64,
+    store_overwrites: f64,
+}
+
+fn rss_mib(server: &Server) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    Ok(kib / 1024.0)
+}
+
+/// CPU per request (µs) and requests/s of `url` served by `server` under wrk.
+fn cpu_per_request(server: &Server, url: &str, seconds: u64) -> Result<(f64, f64)> {
+    let before = server.cpu_time()?;
+    let load = wrk(url, seconds, 32)?;
+    let cpu = server.cpu_time()? - before;
+    Ok((cpu.as_secs_f64() * 1e6 / load.requests.max(1) as f64, load.requests_per_sec))
+}
+
+/// Router, key-value and memory figures of the `atoll` binary in `bins`.
+fn figures_of(bins: &Path, guests: &Path, seconds: u64) -> Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let mut f = Figures::default();
+    // Router against the site directly, same app, same load.
+    let site = region_site(bins, guests, dir.path(), "us-east-1", "us-east", "127.0.0.1:0")?;
+    let router = start_router(bins, &[&site])?;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    wait_until("the router to see us-east-1", || {
+        Ok(router_sees(&agent, &router.url, "us-east-1")? == Some(true))
+    })?;
+    let region = ["-H", "x-atoll-region: us-east"];
+    f.direct_rps = wrk_with(&format!("{}/apps/hello/", site.url), seconds, 32, &region)?.requests_per_sec;
+    f.routed_rps = wrk_with(&format!("{}/apps/hello/", router.url), seconds, 32, &region)?.requests_per_sec;
+    drop((router, site));
+    // Durable key-value writes at 32 clients: creates (a new key every request) and increments
+    // of one counter.
+    let bin = bins.join("atoll");
+    let site = bench_site(&bin, guests, &dir.path().join("kv"), &["counter"])?;
+    run(Command::new(&bin)
+        .args(["deploy", "--site", &site.url, "--app", "kv"])
+        .arg(guests.join("kv-draft.wasm"))
+        .env("ATOLL_ADMIN_TOKEN", "bench")
+        .stdout(Stdio::null()))?;
+    let creates = dir.path().join("creates.lua");
+    std::fs::write(
+        &creates,
+        r#"local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("PUT", "/apps/kv/b/k" .. n .. "-" .. math.random(1e9), nil, "v")
+end
+"#,
+    )?;
+    let post = dir.path().join("post.lua");
+    std::fs::write(&post, "wrk.method = \"POST\"\n")?;
+    let script = |p: &Path| p.display().to_string();
+    f.creates_rps =
+        wrk_with(&format!("{}/", site.url), seconds, 32, &["-s", &script(&creates)])?.requests_per_sec;
+    f.increments_rps =
+        wrk_with(&format!("{}/apps/counter/hits", site.url), seconds, 32, &["-s", &script(&post)])?
+            .requests_per_sec;
+    drop(site);
+    // Memory: 100 distinct small apps deployed, one request to each.
+    let site = bench_site(&bin, guests, &dir.path().join("memory"), &[])?;
+    let hello = std::fs::read(guests.join("hello.wasm"))?;
+    for i in 0..100 {
+        let path = dir.path().join(format!("app{i}.wasm"));
+        std::fs::write(&path, distinct_hello(&hello, i))?;
+        run(Command::new(&bin)
+            .args(["deploy", "--site", &site.url, "--app", &format!("app{i}")])
+            .arg(&path)
+            .env("ATOLL_ADMIN_TOKEN", "bench")
+            .stdout(Stdio::null()))?;
+        agent.get(format!("{}/apps/app{i}/", site.url)).call()?;
+    }
+    f.rss_mib = rss_mib(&site)?;
+    Ok(f)
+}
+
+fn bench_all(seconds: u64, rounds: usize, baseline: Option<&str>) -> Result<()> {
+    let guests = build_guests()?;
+    let bins = build_bins(true, &["atoll", "xtask"])?;
+    let mut base_tree = None;
+    let base_bins = match baseline {
+        Some(b) => {
+            let (bin, tree) = baseline_binary(b)?;
+            base_tree = tree;
+            // region_site and friends run `atoll` from a directory.
+            let dir = root().join("target").join("baseline-bin");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::copy(&bin, dir.join("atoll"))?;
+            Some(dir)
+        }
+        None => None,
+    };
+    let dir = tempfile::tempdir()?;
+    let mut native_cmd = Command::new(bins.join("native-hello"));
+    quiet(&mut native_cmd);
+    let native = Server::start(&mut native_cmd)?;
+    let mut minimal_cmd = Command::new(build_minimal_host()?);
+    minimal_cmd.arg(guests.join("hello.wasm"));
+    quiet(&mut minimal_cmd);
+    let minimal = Server::start(&mut minimal_cmd)?;
+    let mut sites = vec![bench_site(&bins.join("atoll"), &guests, &dir.path().join("site"), &["hello"])?];
+    if let Some(b) = &base_bins {
+        sites.push(bench_site(&b.join("atoll"), &guests, &dir.path().join("base"), &["hello"])?);
+    }
+    // hello: native, minimal host, site(s), taking turns over the rounds; means compared.
+    let (mut native_fig, mut minimal_fig) = ((0.0, 0.0), (0.0, 0.0));
+    let mut site_figs = vec![(0.0, 0.0); sites.len()];
+    let n = rounds.max(1) as f64;
+    for _ in 0..rounds.max(1) {
+        let (cpu, rps) = cpu_per_request(&native, &format!("{}/", native.url), seconds)?;
+        native_fig = (native_fig.0 + cpu / n, native_fig.1 + rps / n);
+        let (cpu, rps) = cpu_per_request(&minimal, &format!("{}/", minimal.url), seconds)?;
+        minimal_fig = (minimal_fig.0 + cpu / n, minimal_fig.1 + rps / n);
+        for (i, site) in sites.iter().enumerate() {
+            let (cpu, rps) = cpu_per_request(site, &format!("{}/apps/hello/", site.url), seconds)?;
+            site_figs[i] = (site_figs[i].0 + cpu / n, site_figs[i].1 + rps / n);
+        }
+    }
+    drop((sites, native, minimal));
+    let mut figures = vec![figures_of(&bins, &guests, seconds)?];
+    if let Some(b) = &base_bins {
+        figures.push(figures_of(b, &guests, seconds)?);
+    }
+    for (f, (cpu, rps)) in figures.iter_mut().zip(&site_figs) {
+        (f.hello_cpu_us, f.hello_rps) = (*cpu, *rps);
+    }
+    (figures[0].store_creates, figures[0].store_overwrites) = store_writes(&root())?;
+    if let (Some(tree), Some(f)) = (&base_tree, figures.get_mut(1)) {
+        (f.store_creates, f.store_overwrites) = store_writes(tree)?;
+    }
+    println!();
+    println!(
+        "wrk -t2 -c32 -d{seconds}s, loopback, {rounds} rounds of hello; native axum {:.0} req/s ({:.1} µs CPU/request), minimal wasmtime host {:.0} req/s ({:.1} µs)",
+        native_fig.1, native_fig.0, minimal_fig.1, minimal_fig.0
+    );
+    let mut header = format!("{:<44} {:>14}", "figure (target)", "this tree");
+    if let Some(b) = baseline {
+        header += &format!(" {:>14}", format!("baseline {}", &b[..b.len().min(8)]));
+    }
+    println!("{header}");
+    type Row = (&'static str, fn(&Figures, (f64, f64), (f64, f64)) -> String);
+    let rows: [Row; 9] = [
+        ("site / native throughput (≥ 50 %)", |f, native, _| {
+            format!("{:.1} %", f.hello_rps / native.1 * 100.0)
+        }),
+        ("site / minimal host CPU per request (≤ 1.3×)", |f, _, minimal| {
+            format!("{:.2}×", f.hello_cpu_us / minimal.0)
+        }),
+        ("site CPU per request", |f, _, _| format!("{:.1} µs", f.hello_cpu_us)),
+        ("router / direct throughput (≥ 0.6×)", |f, _, _| {
+            format!("{:.2}×", f.routed_rps / f.direct_rps.max(1.0))
+        }),
+        ("store creates/s, 32 writers (≥ 20,000)", |f, _, _| format!("{:.0}", f.store_creates)),
+        ("store overwrites/s, 32 writers", |f, _, _| format!("{:.0}", f.store_overwrites)),
+        ("kv guest creates/s, 32 clients (HTTP)", |f, _, _| format!("{:.0}", f.creates_rps)),
+        ("counter guest increments/s, 32 clients", |f, _, _| format!("{:.0}", f.increments_rps)),
+        ("RSS, 100 small apps (≤ 256 MiB)", |f, _, _| format!("{:.0} MiB", f.rss_mib)),
+    ];
+    for (name, value) in rows {
+        let mut line = format!("{name:<44}");
+        for f in &figures {
+            line += &format!(" {:>14}", value(f, native_fig, minimal_fig));
+        }
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn bench_memory(apps: usize) -> Result<()> {
