@@ -634,13 +634,7 @@ end
     let site = bench_site(&bin, guests, &dir.path().join("memory"), &[])?;
     let hello = std::fs::read(guests.join("hello.wasm"))?;
     for i in 0..100 {
-        let path = dir.path().join(format!("app{i}.wasm"));
-        std::fs::write(&path, distinct_hello(&hello, i))?;
-        run(Command::new(&bin)
-            .args(["deploy", "--site", &site.url, "--app", &format!("app{i}")])
-            .arg(&path)
-            .env("ATOLL_ADMIN_TOKEN", "bench")
-            .stdout(Stdio::null()))?;
+        deploy_distinct(&bin, &site, dir.path(), &hello, i)?;
         agent.get(format!("{}/apps/app{i}/", site.url)).call()?;
     }
     f.rss_mib = rss_mib(&site)?;
@@ -739,6 +733,17 @@ fn bench_all(seconds: u64, rounds: usize, baseline: Option<&str>) -> Result<()> 
     Ok(())
 }
 
+/// Deploys `hello` made distinct by `i` ([`distinct_hello`]) as the app `app{i}`.
+fn deploy_distinct(bin: &Path, site: &Server, dir: &Path, hello: &[u8], i: usize) -> Result<()> {
+    let path = dir.join(format!("app{i}.wasm"));
+    std::fs::write(&path, distinct_hello(hello, i))?;
+    run(Command::new(bin)
+        .args(["deploy", "--site", &site.url, "--app", &format!("app{i}")])
+        .arg(&path)
+        .env("ATOLL_ADMIN_TOKEN", "bench")
+        .stdout(Stdio::null()))
+}
+
 fn bench_memory(apps: usize) -> Result<()> {
     let guests = build_guests()?;
     let bins = build_bins(true, &["atoll"])?;
@@ -764,13 +769,7 @@ fn bench_memory(apps: usize) -> Result<()> {
     status("idle, no app")?;
     let hello = std::fs::read(guests.join("hello.wasm"))?;
     for i in 0..apps {
-        let path = dir.path().join(format!("app{i}.wasm"));
-        std::fs::write(&path, distinct_hello(&hello, i))?;
-        run(Command::new(&bin)
-            .args(["deploy", "--site", &site.url, "--app", &format!("app{i}")])
-            .arg(&path)
-            .env("ATOLL_ADMIN_TOKEN", "bench")
-            .stdout(Stdio::null()))?;
+        deploy_distinct(&bin, &site, dir.path(), &hello, i)?;
     }
     status(&format!("idle, {apps} apps deployed"))?;
     for i in 0..apps {
