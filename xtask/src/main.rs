@@ -1127,25 +1127,8 @@ fn router_tls_cost(
             Ok(router_sees(&agent, &router.url, name)? == Some(true))
         })?;
     }
-    let (mut to_plain, mut to_tls) = (RawClient::connect(&plain.url)?, RawClient::connect(&tls.url)?);
-    let (mut plain_times, mut tls_times) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
-    for i in 0..requests + 500 {
-        for (client, into) in [(&mut to_plain, &mut plain_times), (&mut to_tls, &mut tls_times)] {
-            let took = client.get("/apps/hello/", &[("x-atoll-region", "us-east")])?;
-            if i >= 500 {
-                into.push(took);
-            }
-        }
-    }
-    plain_times.sort();
-    tls_times.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let (p50, p99, t50, t99) = (
-        percentile(&plain_times, 0.5),
-        percentile(&plain_times, 0.99),
-        percentile(&tls_times, 0.5),
-        percentile(&tls_times, 0.99),
-    );
+    let ((p50, p99), (t50, t99)) = interleaved(&plain.url, &tls.url, "/apps/hello/", requests)?;
     println!(
         "\nrouter → site over TLS, /apps/hello/: plain p50 {:.0}µs p99 {:.0}µs; TLS p50 {:.0}µs p99 {:.0}µs; TLS adds {:.0}µs at p50, {:.0}µs at p99",
         us(p50),
@@ -1157,6 +1140,28 @@ fn router_tls_cost(
     );
     Ok(())
 }
+
+/// `requests` sequential GETs of `path` (after 500 to warm up) to `a` and `b` in turns, one
+/// kept-alive connection each: (p50, p99) of each.
+fn interleaved(a: &str, b: &str, path: &str, requests: usize) -> Result<(Percentiles, Percentiles)> {
+    let (mut to_a, mut to_b) = (RawClient::connect(a)?, RawClient::connect(b)?);
+    let (mut times_a, mut times_b) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
+    for i in 0..requests + 500 {
+        for (client, into) in [(&mut to_a, &mut times_a), (&mut to_b, &mut times_b)] {
+            let took = client.get(path, &[("x-atoll-region", "us-east")])?;
+            if i >= 500 {
+                into.push(took);
+            }
+        }
+    }
+    times_a.sort();
+    times_b.sort();
+    let p = |t: &[Duration]| (percentile(t, 0.5), percentile(t, 0.99));
+    Ok((p(&times_a), p(&times_b)))
+}
+
+/// p50 and p99.
+type Percentiles = (Duration, Duration);
 
 fn bench_router(requests: usize, kills: usize, with_tls: bool) -> Result<()> {
     let guests = build_guests()?;
@@ -1179,26 +1184,8 @@ fn bench_router(requests: usize, kills: usize, with_tls: bool) -> Result<()> {
         "path", "direct p50", "p99", "router p50", "p99", "added p50", "added p99"
     );
     for path in ["/apps/hello/", "/apps/none/"] {
-        let (mut direct, mut routed) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
-        let mut to_site = RawClient::connect(&a.url)?;
-        let mut to_router = RawClient::connect(&router.url)?;
-        for i in 0..requests + 500 {
-            for (client, into) in [(&mut to_site, &mut direct), (&mut to_router, &mut routed)] {
-                let took = client.get(path, &[("x-atoll-region", "us-east")])?;
-                if i >= 500 {
-                    into.push(took);
-                }
-            }
-        }
-        direct.sort();
-        routed.sort();
         let us = |d: Duration| d.as_secs_f64() * 1e6;
-        let (d50, d99, r50, r99) = (
-            percentile(&direct, 0.5),
-            percentile(&direct, 0.99),
-            percentile(&routed, 0.5),
-            percentile(&routed, 0.99),
-        );
+        let ((d50, d99), (r50, r99)) = interleaved(&a.url, &router.url, path, requests)?;
         println!(
             "{path:<28} {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>10.0}µs {:>10.0}µs",
             us(d50),
