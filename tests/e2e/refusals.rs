@@ -280,3 +280,23 @@ fn an_http2_client_that_gives_no_window_is_dropped() {
     assert!(site.get("/metrics").body.contains("atoll_connections_stalled_closed_total"));
     assert_eq!(site.get("/apps/probe/static").status, 200, "the site serves others");
 }
+
+#[test]
+fn a_client_that_hangs_up_frees_its_instance_at_once() {
+    // Two instances in all: the probe app's share is one.
+    let site = Site::start_with("hangup", &[], Some("[runtime]\nmax_instances = 2\n"));
+    site.deploy("probe", atoll_test_guests::PROBE, &["--deadline-ms", "60000"]);
+    let mut stream = TcpStream::connect(addr(&site)).expect("connect");
+    stream.write_all(b"GET /apps/probe/loop HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    eventually(Duration::from_secs(30), "the request to be looping", || {
+        site.stderr().contains("probe: looping").then_some(())
+    });
+    // Its instance is held: the app's next request is over its share.
+    let held = site.get("/apps/probe/static");
+    assert_eq!(held.status, 503, "{held:?}");
+    // The client hangs up: the guest stops and the instance is free long before the deadline.
+    drop(stream);
+    eventually(Duration::from_secs(15), "the app served again", || {
+        (site.get("/apps/probe/static").status == 200).then_some(())
+    });
+}
