@@ -9,7 +9,7 @@ use crate::codec;
 use crate::entry::{Entry, Stamp};
 use crate::hlc::{Clock, Hlc};
 use crate::identity::Identity;
-use crate::tables::{META, SET_ASIDE, Tables, decode_hlc, encode_hlc};
+use crate::tables::{Changes, META, SET_ASIDE, Tables, decode_hlc, encode_hlc};
 use std::sync::atomic::Ordering;
 
 impl Store {
@@ -27,8 +27,8 @@ impl Store {
             let collected = read_collected(&meta)?;
             meta.insert(COLLECTED, encode_hlc(collected.max(before)).as_slice()).map_err(storage)?;
         }
-        {
-            let mut tables = Tables::open(&txn)?;
+        let derived = {
+            let mut tables = self.tables(&txn)?;
             let mut found = Vec::new();
             for item in tables.tombstones.iter().map_err(storage)? {
                 let (k, arrived) = item.map_err(storage)?;
@@ -47,7 +47,8 @@ impl Store {
                 }
                 tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
             }
-        }
+            self.finish(&txn, tables)?
+        };
         {
             // Set-aside increments whose register no known site still holds (every site had a
             // session with this one since they were set aside) are gone with it.
@@ -66,7 +67,7 @@ impl Store {
                 self.inner.aside.store(false, Ordering::Relaxed);
             }
         }
-        txn.commit().map_err(storage)?;
+        super::derived::commit(&self.inner.derived, derived, move || txn.commit().map_err(storage))?;
         Ok(removed)
     }
 
@@ -110,8 +111,8 @@ impl Store {
             identity.save(&mut meta)?;
             began = begin_resync(&mut meta, &self.inner.clock)?;
         }
-        {
-            let mut tables = Tables::open(&txn)?;
+        let derived = {
+            let mut tables = self.tables(&txn)?;
             let mut aside = txn.open_table(SET_ASIDE).map_err(storage)?;
             if uncounted {
                 // Rows on the zero register from an earlier discard: a delete collected since
@@ -152,11 +153,15 @@ impl Store {
                 let row = Aside { at: began, entry: kept };
                 aside.insert(composite.as_slice(), row.encode().as_slice()).map_err(storage)?;
             }
-        }
+            drop(aside);
+            self.finish(&txn, tables)?
+        };
         // Before the commit: a batch the writer commits right after looks for set-aside rows
         // (it reads the flag, and the writer id, once it holds the write lock).
         self.inner.aside.store(true, Ordering::Relaxed);
-        self.commit_with_writer(txn, identity.writer())?;
+        super::derived::commit(&self.inner.derived, derived, || {
+            self.commit_with_writer(txn, identity.writer())
+        })?;
         *self.inner.identity.write().unwrap_or_else(|e| e.into_inner()) = identity;
         *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         Ok(removed)
@@ -176,6 +181,20 @@ impl Store {
         txn.commit().map_err(storage)?;
         *self.inner.resync.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
+    }
+}
+
+impl Store {
+    /// The tables of a transaction that may change many keys: the journal is folded first and
+    /// its index changes go straight to the index.
+    fn tables<'t>(&self, txn: &'t redb::WriteTransaction) -> Result<Tables<'t>, KvError> {
+        Tables::open(txn, &self.inner.derived.read().unwrap_or_else(|e| e.into_inner()), true)
+    }
+
+    /// [`Tables::finish`] in `txn`.
+    fn finish(&self, txn: &redb::WriteTransaction, tables: Tables<'_>) -> Result<Changes, KvError> {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        tables.finish(&mut meta, &self.inner.derived.read().unwrap_or_else(|e| e.into_inner()).digests)
     }
 }
 

@@ -1,20 +1,22 @@
 //! The site's key-value store on redb, with group commit and range digests.
 //!
-//! Layout (store format version 3), in one redb file:
-//! - `meta`: `"format"` → u64, `"hlc"` → the highest HLC issued (physical u64, logical u32).
+//! Layout (store format version 4), in one redb file:
+//! - `meta`: `"format"` → u64, `"hlc"` → the highest HLC issued (physical u64, logical u32),
+//!   `"stale_digests"` → the ranges whose `digests` row is behind (see below).
 //! - `entries`: composite key → encoded [`Entry`] (see [`crate::codec`]). The composite key is
 //!   `len(app) app len(bucket) bucket key`, so one app's keys can never be named by another app,
 //!   whatever bucket or key it passes, and each (app, bucket) is one contiguous range.
 //! - `digests`: range (the first 12 bits of SHA-256 of the composite key; 4096 ranges) → the
 //!   range's digest: the 16-byte wrapping sum, over the range's entries, of the first 16 bytes of
-//!   SHA-256(composite key ‖ encoded entry). Updated in O(1) per write (subtract the old entry's
-//!   hash, add the new one's), in the write's transaction. Two stores holding the same entries
-//!   have equal digests, whatever order they were written in. Small: read whole in ~1 ms.
+//!   SHA-256(composite key ‖ encoded entry). Two stores holding the same entries have equal
+//!   digests, whatever order they were written in. Kept in memory and moved in O(1) per write
+//!   (subtract the old entry's hash, add the new one's); the rows are written lazily, and the
+//!   ones behind are listed in `meta` (see [`derived`]).
 //! - `index`: range (2 bytes, big-endian) ‖ composite key → nothing: one range's keys are one
 //!   scan, which is what replication lists when a range's digest differs (their hashes are
 //!   computed from `entries` then). An index row changes only when its key appears or is
-//!   removed, so an overwrite (the common write) changes one `entries` row and one digest row; an
-//!   index row holding the hash would change on every write (measured: ~35 % fewer writes/s).
+//!   removed; such changes go first to `journal` (sequence number → the change), appended in
+//!   order, and are folded into `index` in batches (see [`derived`]).
 //! - `tombstones`: composite key of each entry that is a tombstone → the HLC reading of *this
 //!   site* when the tombstone arrived here (by a local delete or a merge). Collection goes by
 //!   arrival, not by the tombstone's own stamp: a tombstone stamped long ago by another site can
@@ -25,7 +27,11 @@
 //!
 //! Writes go through one writer thread that takes every write waiting (up to
 //! [`StoreConfig::max_batch`]) into one transaction, commits it durably, and only then answers each
-//! writer: acknowledged means durable, at the cost of one fsync per batch, not per write.
+//! writer: acknowledged means durable, at the cost of one fsync per batch, not per write. When
+//! the last batch held several writers' jobs, the next one waits a moment (at most 300 µs, and
+//! only while writes keep coming) for those just answered to send their next write: a commit
+//! costs mostly the pages it dirties and its fsync, so fewer, larger batches serve more writers.
+//! A lone writer never waits.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,6 +42,7 @@ use std::sync::{Mutex, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
+pub(crate) mod derived;
 mod horizon;
 mod writer;
 
@@ -43,16 +50,15 @@ use crate::codec;
 use crate::entry::{Entry, EntryError, SiteId};
 use crate::hlc::{Clock, Hlc};
 use crate::identity::Identity;
-use crate::tables::{
-    DIGESTS, ENTRIES, INDEX, META, SET_ASIDE, TOMBSTONES, decode_hlc, decode_u128, encode_hlc, entry_hash,
-    index_key,
-};
+use crate::tables::{ENTRIES, INDEX, META, SET_ASIDE, TOMBSTONES, decode_hlc, encode_hlc, entry_hash};
+use derived::Derived;
 use horizon::{begin_resync, read_resync};
 use writer::{Job, Op, Shared, write_loop};
 
-/// The store format this build reads and writes (format 2, before incarnations, is upgraded in
-/// place when opened).
-pub const STORE_FORMAT: u64 = 3;
+/// The store format this build reads and writes (formats 2, before incarnations, and 3, before
+/// the index journal, are upgraded in place when opened; an older build refuses format 4, whose
+/// index and digests tables may lag behind the journal).
+pub const STORE_FORMAT: u64 = 4;
 /// How many ranges the key-hash space is cut into for digests.
 pub const DIGEST_RANGES: u32 = 4096;
 
@@ -90,6 +96,10 @@ pub struct StoreConfig {
     /// Most committed batches the change feed ([`Store::changes`]) buffers for a slow reader;
     /// a reader further behind is told how many it missed.
     pub change_feed: usize,
+    /// Index changes kept in the journal (and in memory) before they are folded into the index.
+    pub fold_at: usize,
+    /// Ranges whose stored digest may lag before the digests are written.
+    pub flush_at: usize,
 }
 
 impl StoreConfig {
@@ -101,6 +111,8 @@ impl StoreConfig {
             max_batch: 1024,
             queue: 8192,
             change_feed: 4096,
+            fold_at: derived::FOLD_AT,
+            flush_at: derived::FLUSH_AT,
         }
     }
 }
@@ -283,6 +295,8 @@ struct Inner {
     resync: Mutex<Option<Hlc>>,
     /// The set-aside table may hold rows (the writer looks only then).
     aside: Arc<AtomicBool>,
+    /// The range digests and the index changes not yet folded (see [`derived`]).
+    derived: Arc<RwLock<Derived>>,
     /// What decides which entries from other sites may be merged ([`Store::set_admission`]).
     admission: RwLock<Option<Admission>>,
 }
@@ -327,14 +341,16 @@ impl Store {
         let identity;
         let resync;
         let aside;
+        let derived;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let format = meta.get("format").map_err(storage)?.map(|v| v.value().to_vec());
             let fresh = format.is_none();
             if let Some(bytes) = format {
                 let found = bytes.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
-                // Format 2 differs only by having no identity: it gets one below.
-                if found != STORE_FORMAT && found != 2 {
+                // Format 2 differs only by having no identity: it gets one below. Format 3 only
+                // by having no journal and no stale digests.
+                if found != STORE_FORMAT && found != 2 && found != 3 {
                     return Err(KvError::UnknownFormat { found });
                 }
             }
@@ -348,13 +364,14 @@ impl Store {
             // the next boot opens at or after it (peers check exactly that).
             meta.insert("hlc", encode_hlc(identity.opened_at).as_slice()).map_err(storage)?;
             txn.open_table(ENTRIES).map_err(storage)?;
-            txn.open_table(DIGESTS).map_err(storage)?;
             txn.open_table(INDEX).map_err(storage)?;
             txn.open_table(TOMBSTONES).map_err(storage)?;
+            derived = Derived::load(&txn, &mut meta, config.fold_at.max(1), config.flush_at.max(1))?;
             aside = !txn.open_table(SET_ASIDE).map_err(storage)?.is_empty().map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
         let aside = Arc::new(AtomicBool::new(aside));
+        let derived = Arc::new(RwLock::new(derived));
 
         let db = Arc::new(db);
         let (feed, _) = tokio::sync::broadcast::channel(config.change_feed.max(1));
@@ -371,6 +388,7 @@ impl Store {
                 durable: durable.clone(),
                 floor: floor.clone(),
                 aside: aside.clone(),
+                derived: derived.clone(),
             };
 
             let (db, clock, max_batch, feed) =
@@ -395,6 +413,7 @@ impl Store {
                 floor,
                 resync: Mutex::new(resync),
                 aside,
+                derived,
                 admission: RwLock::new(None),
             }),
         })
@@ -544,19 +563,22 @@ impl Store {
     /// The composite keys of range `range` with their entry hashes (what its digest sums), in key
     /// order: one contiguous index scan.
     pub fn range_items(&self, range: u32) -> Result<Vec<(Vec<u8>, u128)>, KvError> {
-        let prefix = index_key(range, &[]);
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(INDEX).map_err(storage)?;
+        // The snapshot and the pending index changes at the same commit.
+        let (txn, keys) = {
+            let derived = self.inner.derived.read().unwrap_or_else(|e| e.into_inner());
+            let txn = self.inner.db.begin_read().map_err(storage)?;
+            let keys = derived.range_keys(&txn.open_table(INDEX).map_err(storage)?, range)?;
+            (txn, keys)
+        };
         let entries = txn.open_table(ENTRIES).map_err(storage)?;
-        let mut out = Vec::new();
-        for item in table.range(prefix.as_slice()..).map_err(storage)? {
-            let (k, _) = item.map_err(storage)?;
-            let Some(composite) = k.value().strip_prefix(prefix.as_slice()) else { break };
+        let mut out = Vec::with_capacity(keys.len());
+        for composite in keys {
             let encoded = entries
-                .get(composite)
+                .get(composite.as_slice())
                 .map_err(storage)?
                 .ok_or_else(|| storage("index names a missing entry"))?;
-            out.push((composite.to_vec(), entry_hash(composite, encoded.value())));
+            let hash = entry_hash(&composite, encoded.value());
+            out.push((composite, hash));
         }
         Ok(out)
     }
@@ -726,13 +748,6 @@ impl Store {
 
     /// The digest of every range, in range order (see the module docs).
     pub fn digests(&self) -> Result<Vec<u128>, KvError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let table = txn.open_table(DIGESTS).map_err(storage)?;
-        let mut out = vec![0u128; DIGEST_RANGES as usize];
-        for item in table.iter().map_err(storage)? {
-            let (range, sum) = item.map_err(storage)?;
-            out[range.value() as usize] = decode_u128(sum.value())?;
-        }
-        Ok(out)
+        Ok(self.inner.derived.read().unwrap_or_else(|e| e.into_inner()).digests.clone())
     }
 }

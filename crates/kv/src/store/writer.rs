@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, ReadableTable};
 
+use super::derived::Derived;
 use super::horizon::decode_aside;
 use super::{Change, KvError, Origin, Write, Written, storage};
 use crate::codec;
@@ -46,7 +47,14 @@ pub(super) struct Shared {
     pub(super) floor: Arc<Mutex<Hlc>>,
     /// The set-aside table may hold rows (see [`Store::discard_before`]).
     pub(super) aside: Arc<AtomicBool>,
+    /// The range digests and pending index changes (see `derived`).
+    pub(super) derived: Arc<RwLock<Derived>>,
 }
+
+/// How long a batch may wait for more writes, at most, when the last one held several.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
+/// A batch stops waiting when no write came for this long.
+const LINGER_GAP: std::time::Duration = std::time::Duration::from_micros(50);
 
 pub(super) fn write_loop(
     db: &Database,
@@ -56,18 +64,30 @@ pub(super) fn write_loop(
     queue: &std::sync::mpsc::Receiver<Job>,
     feed: &tokio::sync::broadcast::Sender<Arc<Vec<Change>>>,
 ) {
+    // Jobs in the last batch: when several writers are waiting on each commit, the batch waits
+    // a moment for those just answered to send their next write (see `LINGER`).
+    let mut last = 1;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         let mut pending: usize = batch[0].writes.len();
+        let linger = (last > 1).then(|| std::time::Instant::now() + LINGER);
         while pending < max_batch {
-            match queue.try_recv() {
-                Ok(job) => {
-                    pending += job.writes.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
+            let job = match queue.try_recv() {
+                Ok(job) => job,
+                Err(_) => match linger {
+                    Some(until) if std::time::Instant::now() < until => {
+                        match queue.recv_timeout(LINGER_GAP) {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    }
+                    _ => break,
+                },
+            };
+            pending += job.writes.len();
+            batch.push(job);
         }
+        last = batch.len();
         match commit_batch(db, clock, shared, &batch) {
             Ok((results, changes, persisted)) => {
                 *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
@@ -109,10 +129,14 @@ fn commit_batch(
         clock.now();
     }
     let persisted;
+    let derived;
     let mut results = Vec::with_capacity(batch.len());
     let mut changes = Vec::new();
     {
-        let mut tables = Tables::open(&txn)?;
+        let mut tables = {
+            let d = shared.derived.read().unwrap_or_else(|e| e.into_inner());
+            Tables::open(&txn, &d, d.should_fold())?
+        };
         let mut aside = if aside { Some(txn.open_table(SET_ASIDE).map_err(storage)?) } else { None };
         for job in batch {
             if job.guest
@@ -189,8 +213,10 @@ fn commit_batch(
         let mut meta = txn.open_table(META).map_err(storage)?;
         persisted = clock.last();
         meta.insert("hlc", encode_hlc(persisted).as_slice()).map_err(storage)?;
+        derived =
+            tables.finish(&mut meta, &shared.derived.read().unwrap_or_else(|e| e.into_inner()).digests)?;
     }
-    txn.commit().map_err(storage)?;
+    super::derived::commit(&shared.derived, derived, move || txn.commit().map_err(storage))?;
     Ok((results, changes, persisted))
 }
 

@@ -237,12 +237,16 @@ struct Sim {
     initial: usize,
     /// What `ATOLL_SIM_WATCH` last showed, by site.
     watched: BTreeMap<usize, String>,
+    /// The stores' fold and flush thresholds: small (from the seed), so that folding the index
+    /// journal and writing stale digests happen between crashes and restores.
+    derived: (usize, usize),
 }
 
 impl Sim {
     fn new(seed: u64, config: NodeConfig) -> Sim {
         let mut rng = fastrand::Rng::with_seed(seed);
         let n = rng.usize(3..=5);
+        let derived = (1 + (seed % 29) as usize, 1 + (seed / 29 % 17) as usize);
         let now = Arc::new(AtomicU64::new(1_000_000));
         let net = Arc::new(Net {
             now: now.clone(),
@@ -270,6 +274,7 @@ impl Sim {
             restored_since_heal: false,
             initial: n,
             watched: BTreeMap::new(),
+            derived,
         };
         for _ in 0..n {
             sim.add_site();
@@ -310,7 +315,9 @@ impl Sim {
         let clock = Clock::with_source(Box::new(move || {
             time.load(Ordering::Relaxed).saturating_add_signed(skew.load(Ordering::Relaxed))
         }));
-        Store::open(path, StoreConfig::new(format!("s{i}")), clock).expect("store")
+        let (fold_at, flush_at) = self.derived;
+        Store::open(path, StoreConfig { fold_at, flush_at, ..StoreConfig::new(format!("s{i}")) }, clock)
+            .expect("store")
     }
 
     fn start_node(&self, store: &Store, i: usize, generation: usize) -> Arc<Node<Store>> {
@@ -834,6 +841,8 @@ impl Sim {
                     );
                 }
             }
+            // The digests and the index say what the entries say.
+            store.check().map_err(|e| anyhow::anyhow!("site s{i}: {e}"))?;
             // No stamp is ever used for two different writes of a key.
             for (key, entry) in store.entries()? {
                 match self.model.stamps.entry((key, entry.stamp.clone())) {
