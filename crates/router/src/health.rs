@@ -57,7 +57,16 @@ async fn check(router: &Router, site: &SiteState) {
     let transition = match result {
         Ok(Ok((name, region))) => {
             let region = region.map(|r| router.known_region(r));
-            site.passed(name, region, settings.rise)
+            let who = |site: &SiteState| {
+                let h = site.health();
+                (h.name.clone(), h.known_region.clone())
+            };
+            let before = who(site);
+            let transition = site.passed(name, region, settings.rise);
+            if who(site) != before {
+                router.rankings_changed();
+            }
+            transition
         }
         Ok(Err(reason)) => site.failed(reason, settings.fall),
         Err(_) => site.failed(format!("health check timed out after {:?}", settings.timeout), settings.fall),

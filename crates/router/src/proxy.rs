@@ -115,12 +115,12 @@ impl RouteInfo {
         if let Some(why) = self.region.defaulted {
             counted("atoll_routing_default_region_total", "why", why);
         }
-        headers.insert(crate::ROUTE_HEADER, HeaderValue::from_static(self.reason));
+        headers.insert(crate::names::ROUTE, HeaderValue::from_static(self.reason));
         if let Ok(v) = HeaderValue::from_str(&self.region.region) {
-            headers.insert(crate::ROUTE_REGION_HEADER, v);
+            headers.insert(crate::names::ROUTE_REGION, v);
         }
         if let Some(why) = self.region.defaulted {
-            headers.insert(crate::DEFAULT_REGION_HEADER, HeaderValue::from_static(why));
+            headers.insert(crate::names::DEFAULT_REGION, HeaderValue::from_static(why));
         }
     }
 }

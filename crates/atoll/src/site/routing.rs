@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use atoll_router::Outcome;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 use super::Site;
@@ -21,7 +21,8 @@ use super::Site;
 pub(crate) const SITE_HEADER: &str = "x-atoll-site";
 /// Header carrying the serving site's hybrid logical clock (`physical_ms.logical`).
 pub(crate) const HLC_HEADER: &str = "x-atoll-hlc";
-use atoll_router::REQUEST_ID_HEADER;
+const SITE: HeaderName = HeaderName::from_static(SITE_HEADER);
+const HLC: HeaderName = HeaderName::from_static(HLC_HEADER);
 
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -141,13 +142,15 @@ async fn serve_here(site: &Site, request: Request, request_id: HeaderValue) -> R
         ),
     };
     let headers = response.headers_mut();
+    // Room for these and the routing headers at once (growing the map as they come rehashes it).
+    headers.reserve(6);
     if let Some(v) = &site.name_header {
-        headers.insert(SITE_HEADER, v.clone());
+        headers.insert(SITE, v.clone());
     }
-    headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    headers.insert(atoll_router::names::REQUEST_ID, request_id.clone());
     // The serving site's clock after the request: every write it made is stamped at or before it.
     if let Ok(v) = HeaderValue::from_str(&site.kv.clock().last().to_string()) {
-        headers.insert(HLC_HEADER, v);
+        headers.insert(HLC, v);
     }
     response
 }
