@@ -33,8 +33,13 @@ const PEER_SECRET: &str = "e2e-peer-secret-0123456789";
 fn deploy_key_file() -> &'static Path {
     static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     FILE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("atoll-e2e-deploy-{}.key", std::process::id()));
-        std::fs::write(&path, format!("{}\n", "5a".repeat(32))).expect("write the deploy key");
+        // One file for every run (in the target dir, not a new one in /tmp per run), written
+        // whole under another name first: test processes running at once may both write it.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let path = dir.join("e2e-deploy.key");
+        let part = dir.join(format!("e2e-deploy.key.{}", std::process::id()));
+        std::fs::write(&part, format!("{}\n", "5a".repeat(32))).expect("write the deploy key");
+        std::fs::rename(&part, &path).expect("put the deploy key in place");
         path
     })
 }

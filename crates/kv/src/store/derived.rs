@@ -92,8 +92,15 @@ impl Derived {
             derived.pend(range, composite.to_vec(), present);
             derived.next_seq = seq.value() + 1;
         }
-        let stale = match meta.get(STALE).map_err(storage)? {
-            Some(v) => Stale::decode(v.value())?,
+        let stale = match meta.get(STALE).map_err(storage)?.map(|v| Stale::decode(v.value())) {
+            Some(Ok(stale)) => stale,
+            // Unreadable: every range is recomputed.
+            Some(Err(e)) => {
+                tracing::warn!("kv: {e}: recomputing every range digest");
+                let mut all = Stale::default();
+                (0..DIGEST_RANGES).for_each(|r| all.insert(r));
+                all
+            }
             None => Stale::default(),
         };
         if !stale.is_empty() {
@@ -165,6 +172,25 @@ impl Derived {
     }
 }
 
+/// Writes the stale digest rows, so that the next open has none to recompute (at a clean stop).
+pub(crate) fn flush(db: &redb::Database, derived: &RwLock<Derived>) -> Result<(), KvError> {
+    let mut d = derived.write().unwrap_or_else(|e| e.into_inner());
+    if d.stale.is_empty() {
+        return Ok(());
+    }
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut table = txn.open_table(DIGESTS).map_err(storage)?;
+        for range in d.stale.ranges() {
+            table.insert(range, d.digests[range as usize].to_le_bytes().as_slice()).map_err(storage)?;
+        }
+        txn.open_table(crate::tables::META).map_err(storage)?.remove(STALE).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    d.stale = Stale::default();
+    Ok(())
+}
+
 /// Commits a transaction that changed the derived state by `changes` (`commit` commits it) and
 /// publishes them, with no reader between the two.
 pub(crate) fn commit(
@@ -181,7 +207,8 @@ pub(crate) fn commit(
 impl super::Store {
     /// Checks the derived state against the entries (a full scan): every range's digest is the
     /// sum over its entries, and the index (with the pending changes) lists exactly the keys
-    /// held. For tests and for an operator who suspects the file.
+    /// held; the journal and the stale set on disk are those in memory. For tests and for an
+    /// operator who suspects the file: writes wait while it runs.
     pub fn check(&self) -> Result<(), KvError> {
         let derived = self.inner.derived.read().unwrap_or_else(|e| e.into_inner());
         let txn = self.inner.db.begin_read().map_err(storage)?;
@@ -201,6 +228,30 @@ impl super::Store {
             stored[range.value() as usize] = decode_u128(sum.value())?;
         }
         let stale: Vec<u32> = derived.stale.ranges().collect();
+        let stored_stale =
+            match txn.open_table(crate::tables::META).map_err(storage)?.get(STALE).map_err(storage)? {
+                Some(v) => Stale::decode(v.value())?,
+                None => Stale::default(),
+            };
+        if stored_stale != derived.stale {
+            return Err(storage("the stale digest set on disk is not the one in memory"));
+        }
+        let mut journal = vec![BTreeMap::new(); DIGEST_RANGES as usize];
+        match txn.open_table(JOURNAL) {
+            Ok(table) => {
+                for item in table.iter().map_err(storage)? {
+                    let (_, row) = item.map_err(storage)?;
+                    let (range, composite, present) = decode_journal(row.value())?;
+                    journal[range as usize].insert(composite.to_vec(), present);
+                }
+            }
+            // A fold deletes it; the next batch makes it again.
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(storage(e)),
+        }
+        if journal != derived.pending {
+            return Err(storage("the journal on disk is not the pending index changes in memory"));
+        }
         for range in 0..DIGEST_RANGES {
             if derived.digests[range as usize] != sums[range as usize] {
                 return Err(storage(format!("range {range}: the digest is not the sum of its entries")));

@@ -31,7 +31,7 @@
 //! the last batch held several writers' jobs, the next one waits a moment (at most 300 µs, and
 //! only while writes keep coming) for those just answered to send their next write: a commit
 //! costs mostly the pages it dirties and its fsync, so fewer, larger batches serve more writers.
-//! A lone writer never waits.
+//! After a batch of one job (a lone writer) the next batch does not wait.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -100,6 +100,9 @@ pub struct StoreConfig {
     pub fold_at: usize,
     /// Ranges whose stored digest may lag before the digests are written.
     pub flush_at: usize,
+    /// Write the lagging digests when the store is dropped, so the next open has nothing to
+    /// recompute. Tests that model a crash by dropping the store turn it off.
+    pub flush_at_close: bool,
 }
 
 impl StoreConfig {
@@ -113,6 +116,7 @@ impl StoreConfig {
             change_feed: 4096,
             fold_at: derived::FOLD_AT,
             flush_at: derived::FLUSH_AT,
+            flush_at_close: true,
         }
     }
 }
@@ -315,6 +319,14 @@ impl Drop for Inner {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(writer) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = writer.join();
+        }
+        // A clean stop leaves no digest to recompute at the next open (a crash does).
+        if self.config.flush_at_close
+            && let Err(e) = derived::flush(&self.db, &self.derived)
+        {
+            tracing::warn!(
+                "kv: the range digests were not written at close ({e}): the next open recomputes them"
+            );
         }
     }
 }

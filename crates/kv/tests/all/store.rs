@@ -180,13 +180,25 @@ async fn stores_with_the_same_entries_have_the_same_digests_whatever_the_order()
 
 /// Writes `format` into the store at `path`, behind its back.
 fn set_format(path: &Path, format: u64) {
+    set_meta_value(path, "format", &format.to_le_bytes());
+}
+
+const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+
+/// Writes a meta value into the store at `path`, behind its back.
+fn set_meta_value(path: &Path, key: &str, value: &[u8]) {
     let db = redb::Database::create(path).expect("db");
     let txn = db.begin_write().expect("txn");
-    {
-        let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
-        txn.open_table(def).expect("meta").insert("format", format.to_le_bytes().as_slice()).expect("insert");
-    }
+    txn.open_table(META).expect("meta").insert(key, value).expect("insert");
     txn.commit().expect("commit");
+}
+
+/// A meta value of the (closed) store at `path`.
+fn meta_value(path: &Path, key: &str) -> Option<Vec<u8>> {
+    use redb::ReadableDatabase;
+    let db = redb::Database::create(path).expect("db");
+    let txn = db.begin_read().expect("txn");
+    txn.open_table(META).expect("meta").get(key).expect("get").map(|v| v.value().to_vec())
 }
 
 #[tokio::test]
@@ -410,7 +422,9 @@ async fn a_guests_write_meets_the_gate_when_it_is_committed() {
 async fn digests_and_index_stay_true_through_folds_flushes_and_reopening() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("a.redb");
-    let tiny = |site: &str| StoreConfig { fold_at: 5, flush_at: 3, ..StoreConfig::new(site) };
+    // Dropped without writing anything at close, as a crash leaves it.
+    let tiny =
+        |site: &str| StoreConfig { fold_at: 5, flush_at: 3, flush_at_close: false, ..StoreConfig::new(site) };
     let mut a = Store::open(&path, tiny("a"), Clock::system()).expect("store");
     let n = ns(&a, "app", "");
     let mut seed = 7u64;
@@ -465,8 +479,15 @@ async fn an_unfolded_journal_is_read_back_and_the_check_finds_a_changed_entry() 
     let listed: usize = (0..atoll_kv::DIGEST_RANGES).map(|r| a.range_items(r).expect("items").len()).sum();
     assert_eq!(listed, 300, "299 values and one tombstone");
     drop(a);
+    assert_eq!(meta_value(&path, "stale_digests"), None, "a clean close writes the digests");
     let a = Store::open(&path, never(), Clock::system()).expect("reopen");
     a.check().expect("true after reopening");
+    assert_eq!(a.digests(), Ok(digests.clone()));
+    drop(a);
+    // An unreadable stale set: every range is recomputed.
+    set_meta_value(&path, "stale_digests", b"garbage");
+    let a = Store::open(&path, never(), Clock::system()).expect("reopen");
+    a.check().expect("true after recomputing");
     assert_eq!(a.digests(), Ok(digests));
     drop(a);
     {
@@ -494,8 +515,12 @@ async fn a_format_3_store_is_upgraded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("kv.redb");
     {
-        let a = open(&path, "a");
+        // Folding and flushing at every write leaves what format 3 had: index and digest rows
+        // for every key, no journal row, no stale digest.
+        let config = StoreConfig { fold_at: 1, flush_at: 1, ..StoreConfig::new("a") };
+        let a = Store::open(&path, config, Clock::system()).expect("store");
         set(&a, &ns(&a, "app", ""), "k", "v").await;
+        set(&a, &ns(&a, "app", ""), "j", "w").await;
     }
     set_format(&path, 3);
     let a = open(&path, "a");
