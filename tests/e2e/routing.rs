@@ -30,8 +30,15 @@ fn three_regions(app: &str, wasm: &str) -> Vec<Site> {
 }
 
 fn router_for(sites: &[Site]) -> RouterProc {
+    router_with(sites, None)
+}
+
+/// The router's config for reaching sites over HTTP/2.
+const HTTP2: &str = "[routing]\nsite_protocol = \"http2\"\n";
+
+fn router_with(sites: &[Site], config: Option<&str>) -> RouterProc {
     let urls: Vec<&str> = sites.iter().map(|s| s.url.as_str()).collect();
-    let router = RouterProc::start(&urls, None);
+    let router = RouterProc::start(&urls, config);
     // Names and regions come from the sites' health answers.
     eventually(WAIT, "the router knows every site", || {
         let status = router.status();
@@ -169,8 +176,17 @@ impl Load {
 
 #[test]
 fn killing_the_nearest_site_fails_no_get_and_a_restart_brings_its_traffic_back() {
+    kill_the_nearest_site_under_gets(None);
+}
+
+#[test]
+fn over_http2_too_killing_the_nearest_site_fails_no_get() {
+    kill_the_nearest_site_under_gets(Some(HTTP2));
+}
+
+fn kill_the_nearest_site_under_gets(config: Option<&str>) {
     let mut sites = three_regions("hello", atoll_test_guests::HELLO);
-    let router = router_for(&sites);
+    let router = router_with(&sites, config);
     let load = Load::start(format!("{}/apps/hello/", router.url), "eu-west", 4);
     eventually(WAIT, "traffic at eu-west-1", || (load.served() > 50).then_some(()));
 
@@ -210,8 +226,17 @@ fn killing_the_nearest_site_fails_no_get_and_a_restart_brings_its_traffic_back()
 
 #[test]
 fn a_post_during_a_kill_is_never_applied_twice() {
+    posts_across_a_kill(None);
+}
+
+#[test]
+fn over_http2_too_a_post_during_a_kill_is_never_applied_twice() {
+    posts_across_a_kill(Some(HTTP2));
+}
+
+fn posts_across_a_kill(config: Option<&str>) {
     let mut sites = three_regions("counter", atoll_test_guests::COUNTER);
-    let router = router_for(&sites);
+    let router = router_with(&sites, config);
     let url = format!("{}/apps/counter/hits", router.url);
     let (ok, failed, sent) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -411,4 +436,23 @@ fn a_site_finds_its_peers_by_dns_srv() {
         let r = request("GET", &format!("{}/apps/hello/", b.url), &[("x-atoll-region", "us-east")], None);
         (header(&r, "x-atoll-site") == "us-east-1").then_some(())
     });
+}
+
+/// What a router sends first to a site: an HTTP/1.1 health check by default, the HTTP/2
+/// connection preface (h2c, prior knowledge) with `site_protocol = "http2"`.
+#[test]
+fn site_protocol_decides_what_the_router_speaks_to_sites() {
+    use std::io::Read;
+    for (config, expected) in
+        [(None, &b"GET /_atoll/health"[..]), (Some(HTTP2), &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..])]
+    {
+        let fake = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", fake.local_addr().expect("addr"));
+        let _router = RouterProc::start(&[&url], config);
+        let (mut conn, _) = fake.accept().expect("the router's health check connects");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut first = vec![0u8; expected.len()];
+        conn.read_exact(&mut first).expect("the first bytes");
+        assert_eq!(String::from_utf8_lossy(&first), String::from_utf8_lossy(expected), "config {config:?}");
+    }
 }

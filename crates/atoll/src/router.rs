@@ -32,6 +32,7 @@ pub fn run(options: RouterOptions) -> Result<()> {
     urls.extend(config.router.sites.iter().cloned());
     let discovery = config.discovery(&urls)?;
     let settings = config.routing("us-east")?;
+    atoll_router::set_http2(settings.http2);
     // Sites reached over https:// are verified as [tls] says (before any client is made).
     let tls = crate::tls::Tls::load(&config.tls)?;
     if let Some(tls) = &tls {

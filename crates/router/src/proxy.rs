@@ -37,6 +37,15 @@ pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 static TLS: std::sync::OnceLock<(rustls::ClientConfig, Option<rustls::pki_types::ServerName<'static>>)> =
     std::sync::OnceLock::new();
 
+/// Requests reach sites over HTTP/2 (see `routing.site_protocol`).
+static HTTP2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sends requests to sites over HTTP/2 from now on (`routing.site_protocol = "http2"`). Call
+/// before the first request: each server thread makes its client once.
+pub fn set_http2(on: bool) {
+    HTTP2.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Sets how `https://` sites are verified (default: the public web roots and the URL's host):
 /// with `tls`, against `server_name` when given (sites reached by address whose certificates
 /// carry one shared name). Call before the first request; later calls change nothing.
@@ -83,8 +92,15 @@ fn new_client() -> Client {
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http()
         }
     };
-    let connector = builder.enable_http1().wrap_connector(http);
+    let http2 = HTTP2.load(std::sync::atomic::Ordering::Relaxed);
+    // Over TLS, ALPN offers the one protocol the client speaks.
+    let connector = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(http2)
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(512)
         .build(connector)

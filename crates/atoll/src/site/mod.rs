@@ -167,6 +167,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         }
         options.config.routing("us-east")
     })?;
+    atoll_router::set_http2(routing.http2);
     let router = Arc::new(atoll_router::Router::for_site(&options.name, &options.region, routing));
     let site = Arc::new(Site {
         name_header: axum::http::HeaderValue::from_str(&options.name).ok(),
