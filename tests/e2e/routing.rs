@@ -456,3 +456,25 @@ fn site_protocol_decides_what_the_router_speaks_to_sites() {
         assert_eq!(String::from_utf8_lossy(&first), String::from_utf8_lossy(expected), "config {config:?}");
     }
 }
+
+/// Through a router over HTTP/1.1 or HTTP/2, the guest sees the client's `Host` as its
+/// authority (not the site's address an HTTP/2 hop carries), and a request with 20 KiB of
+/// headers (big cookies) gets through both ways.
+#[test]
+fn over_either_protocol_the_guest_sees_the_clients_host_and_big_headers_pass() {
+    let site = Site::start_with("us-east-1", &["--region", "us-east"], Some(FAST));
+    site.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let cookie = "c".repeat(20 << 10);
+    for config in [None, Some(HTTP2)] {
+        let router = router_with(std::slice::from_ref(&site), config);
+        let r = request(
+            "GET",
+            &format!("{}/echo", router.url),
+            &[("host", "probe.example.com"), ("cookie", &cookie)],
+            None,
+        );
+        assert_eq!(r.status, 200, "config {config:?}: {}", r.body);
+        assert_eq!(header(&r, "x-probe-authority"), "probe.example.com", "config {config:?}");
+        assert_eq!(header(&r, "x-atoll-site"), "us-east-1");
+    }
+}

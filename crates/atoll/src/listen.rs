@@ -404,7 +404,8 @@ async fn connection<S>(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20))
         // Responses are buffered whole: bound how many one connection may hold at once.
-        .max_concurrent_streams(100);
+        .max_concurrent_streams(100)
+        .max_header_list_size(atoll_router::MAX_HEADER_LIST);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     // Once closing for idleness, a connection that does not end by itself is dropped after one

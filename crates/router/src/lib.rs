@@ -51,6 +51,9 @@ pub mod names {
     /// [`super::REQUEST_ID_HEADER`].
     pub const REQUEST_ID: HeaderName = HeaderName::from_static(super::REQUEST_ID_HEADER);
 }
+/// The largest header list a request or response may carry over HTTP/2 between routers and
+/// sites (hyper's default, 16 KiB, would refuse big cookies that HTTP/1.1 lets through).
+pub const MAX_HEADER_LIST: u32 = 64 << 10;
 /// The most of a site's status answer a router reads ([`Router::fetch_json`]).
 pub const MAX_STATUS_BODY: usize = 4 << 20;
 
@@ -206,8 +209,14 @@ impl Router {
 
     /// Removes unlisted sites that are dead (called after health checks).
     fn prune(&self) {
-        retain_listed_or_live(&mut self.sites.write().unwrap_or_else(|e| e.into_inner()));
-        self.rankings_changed();
+        let mut sites = self.sites.write().unwrap_or_else(|e| e.into_inner());
+        let before = sites.len();
+        retain_listed_or_live(&mut sites);
+        let pruned = sites.len() != before;
+        drop(sites);
+        if pruned {
+            self.rankings_changed();
+        }
     }
 
     /// Forgets the rankings: the membership, or a site's name or region, changed.

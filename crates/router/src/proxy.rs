@@ -99,11 +99,21 @@ fn new_client() -> Client {
     } else {
         builder.enable_http1().wrap_connector(http)
     };
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .http2_only(http2)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(512)
-        .build(connector)
+    let mut client = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    if http2 {
+        client
+            .http2_only(true)
+            // A connection the network dropped silently is found by pings, not by every
+            // request on it timing out.
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(Some(Duration::from_secs(10)))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            // Windows that grow with the connection's bandwidth, so that large responses do
+            // not hold back the small ones sharing it.
+            .http2_adaptive_window(true)
+            .http2_max_header_list_size(crate::MAX_HEADER_LIST);
+    }
+    client.pool_idle_timeout(Duration::from_secs(30)).pool_max_idle_per_host(512).build(connector)
 }
 
 /// What to do with a request.

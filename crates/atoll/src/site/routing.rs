@@ -108,9 +108,17 @@ async fn serve_here(site: &Site, request: Request, request_id: HeaderValue) -> R
     let mut response = match target {
         Target::App { app: (app, counts), name, path_and_query } => {
             let (mut parts, body) = request.into_parts();
-            if let Some(pq) = path_and_query {
+            // With a `Host` header the guest's authority is the Host: an HTTP/2 request forwarded
+            // by a router carries the site's own address as its `:authority`.
+            let with_host = parts.headers.contains_key(header::HOST);
+            if path_and_query.is_some() || (with_host && parts.uri.authority().is_some()) {
                 let mut uri = parts.uri.into_parts();
-                uri.path_and_query = pq.parse().ok();
+                if let Some(pq) = path_and_query {
+                    uri.path_and_query = pq.parse().ok();
+                }
+                if with_host {
+                    (uri.scheme, uri.authority) = (None, None);
+                }
                 parts.uri = Uri::from_parts(uri).unwrap_or_default();
             }
             let started = std::time::Instant::now();

@@ -78,7 +78,12 @@ async fn main(mut request: Request<Body>) -> Result<Response<Body>, Error> {
                 "" => path.clone(),
                 q => format!("{path}?{q}"),
             };
-            Ok(Response::builder().header("x-probe-path", seen).body(body.into())?)
+            // The authority the guest was given (the `Host` the client sent, however it came).
+            let authority = request.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+            Ok(Response::builder()
+                .header("x-probe-path", seen)
+                .header("x-probe-authority", authority)
+                .body(body.into())?)
         }
         "/big" => {
             let n: usize = param("bytes").and_then(|v| v.parse().ok()).unwrap_or(0);
