@@ -669,13 +669,7 @@ fn bench_all(seconds: u64, rounds: usize, baseline: Option<&str>) -> Result<()> 
         None => None,
     };
     let dir = tempfile::tempdir()?;
-    let mut native_cmd = Command::new(bins.join("native-hello"));
-    quiet(&mut native_cmd);
-    let native = Server::start(&mut native_cmd)?;
-    let mut minimal_cmd = Command::new(build_minimal_host()?);
-    minimal_cmd.arg(guests.join("hello.wasm"));
-    quiet(&mut minimal_cmd);
-    let minimal = Server::start(&mut minimal_cmd)?;
+    let (native, minimal) = start_baselines(&bins, &guests)?;
     let mut sites = vec![bench_site(&bins.join("atoll"), &guests, &dir.path().join("site"), &["hello"])?];
     if let Some(b) = &base_bins {
         sites.push(bench_site(&b.join("atoll"), &guests, &dir.path().join("base"), &["hello"])?);
@@ -1292,18 +1286,23 @@ fn bench_router(requests: usize, kills: usize, with_tls: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench(seconds: u64, connections: u32, rounds: Option<usize>) -> Result<()> {
-    let guests = build_guests()?;
-    let bins = build_bins(true, &["atoll", "xtask"])?;
-    let dir = tempfile::tempdir()?;
-    let site = bench_site(&bins.join("atoll"), &guests, &dir.path().join("current"), &["hello"])?;
+/// The two servers a site is measured against: the native axum route and the minimal host.
+fn start_baselines(bins: &Path, guests: &Path) -> Result<(Server, Server)> {
     let mut native_cmd = Command::new(bins.join("native-hello"));
     quiet(&mut native_cmd);
     let native = Server::start(&mut native_cmd)?;
     let mut minimal_cmd = Command::new(build_minimal_host()?);
     minimal_cmd.arg(guests.join("hello.wasm"));
     quiet(&mut minimal_cmd);
-    let minimal = Server::start(&mut minimal_cmd)?;
+    Ok((native, Server::start(&mut minimal_cmd)?))
+}
+
+fn bench(seconds: u64, connections: u32, rounds: Option<usize>) -> Result<()> {
+    let guests = build_guests()?;
+    let bins = build_bins(true, &["atoll", "xtask"])?;
+    let dir = tempfile::tempdir()?;
+    let site = bench_site(&bins.join("atoll"), &guests, &dir.path().join("current"), &["hello"])?;
+    let (native, minimal) = start_baselines(&bins, &guests)?;
     let old = match baseline() {
         Some(bin) => Some((bench_site(&bin, &guests, &dir.path().join("baseline"), &["hello"])?, bin)),
         None => None,

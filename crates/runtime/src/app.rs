@@ -125,13 +125,12 @@ impl App {
         // 2-core bench machine (`cargo xtask bench`; ARCHITECTURE.md, "Performance"). The task
         // is aborted if the caller goes (a client that hangs up frees its instance).
         let (app, request_id): (App, Arc<str>) = (self.clone(), request_id.into());
-        let task = Abortable(tokio::spawn(async move {
+        let mut task = Abortable(tokio::spawn(async move {
             let result = tokio::time::timeout(deadline, app.run(request, request_id)).await;
             // The app's share is held until the guest is done.
             drop(instance);
             result
         }));
-        let mut task = task;
         let result = match (&mut task.0).await {
             Ok(Ok(result)) => result,
             Ok(Err(_elapsed)) => Err(HandleError::Deadline { deadline }),
