@@ -33,8 +33,8 @@ fn router_for(sites: &[Site]) -> RouterProc {
     router_with(sites, None)
 }
 
-/// The router's config for reaching sites over HTTP/2.
-const HTTP2: &str = "[routing]\nsite_protocol = \"http2\"\n";
+/// The router's config for reaching sites over HTTP/1.1 (HTTP/2 is the default).
+const HTTP1: &str = "[routing]\nsite_protocol = \"http1\"\n";
 
 fn router_with(sites: &[Site], config: Option<&str>) -> RouterProc {
     let urls: Vec<&str> = sites.iter().map(|s| s.url.as_str()).collect();
@@ -180,8 +180,8 @@ fn killing_the_nearest_site_fails_no_get_and_a_restart_brings_its_traffic_back()
 }
 
 #[test]
-fn over_http2_too_killing_the_nearest_site_fails_no_get() {
-    kill_the_nearest_site_under_gets(Some(HTTP2));
+fn over_http1_too_killing_the_nearest_site_fails_no_get() {
+    kill_the_nearest_site_under_gets(Some(HTTP1));
 }
 
 fn kill_the_nearest_site_under_gets(config: Option<&str>) {
@@ -230,8 +230,8 @@ fn a_post_during_a_kill_is_never_applied_twice() {
 }
 
 #[test]
-fn over_http2_too_a_post_during_a_kill_is_never_applied_twice() {
-    posts_across_a_kill(Some(HTTP2));
+fn over_http1_too_a_post_during_a_kill_is_never_applied_twice() {
+    posts_across_a_kill(Some(HTTP1));
 }
 
 fn posts_across_a_kill(config: Option<&str>) {
@@ -438,13 +438,13 @@ fn a_site_finds_its_peers_by_dns_srv() {
     });
 }
 
-/// What a router sends first to a site: an HTTP/1.1 health check by default, the HTTP/2
-/// connection preface (h2c, prior knowledge) with `site_protocol = "http2"`.
+/// What a router sends first to a site: the HTTP/2 connection preface (h2c, prior knowledge) by
+/// default, an HTTP/1.1 health check with `site_protocol = "http1"`.
 #[test]
 fn site_protocol_decides_what_the_router_speaks_to_sites() {
     use std::io::Read;
     for (config, expected) in
-        [(None, &b"GET /_atoll/health"[..]), (Some(HTTP2), &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..])]
+        [(None, &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..]), (Some(HTTP1), &b"GET /_atoll/health"[..])]
     {
         let fake = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}", fake.local_addr().expect("addr"));
@@ -465,7 +465,7 @@ fn over_either_protocol_the_guest_sees_the_clients_host_and_big_headers_pass() {
     let site = Site::start_with("us-east-1", &["--region", "us-east"], Some(FAST));
     site.deploy("probe", atoll_test_guests::PROBE, &[]);
     let cookie = "c".repeat(20 << 10);
-    for config in [None, Some(HTTP2)] {
+    for config in [None, Some(HTTP1)] {
         let router = router_with(std::slice::from_ref(&site), config);
         let r = request(
             "GET",

@@ -403,8 +403,10 @@ async fn connection<S>(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20))
-        // Responses are buffered whole: bound how many one connection may hold at once.
-        .max_concurrent_streams(100)
+        // Responses are buffered whole: bound how many one connection may hold at once. A
+        // router multiplexes all its requests to this site from one server thread on one
+        // connection: as many as the instance pool runs at once (1,000 by default).
+        .max_concurrent_streams(1000)
         .max_header_list_size(atoll_router::MAX_HEADER_LIST);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);

@@ -34,12 +34,12 @@ pub struct RoutingConfig {
     /// a site believes the sites it routes to. Default: loopback only. From anyone else both
     /// headers are replaced: `x-forwarded-for` becomes the connection's peer address.
     pub trusted_forwarders: Option<Vec<String>>,
-    /// How requests reach other sites: `http1` (default: a pooled connection per request in
-    /// flight) or `http2` (one connection per site and server thread, requests multiplexed on
-    /// it; h2c for `http://` sites, ALPN for `https://`). `http2` costs a forwarded request
-    /// about a third less CPU at the router and the site, but a site's connection allows 100
-    /// requests at once: past that, requests from one router thread to that site wait for one
-    /// to end, and a connection that fails takes all its requests with it.
+    /// How requests reach other sites: `http2` (default: one connection per site and server
+    /// thread, requests multiplexed on it; h2c for `http://` sites, ALPN for `https://`) or
+    /// `http1` (a pooled connection per request in flight). `http2` costs a forwarded request
+    /// about a third less CPU at the router and the site; a site's connection allows 1,000
+    /// requests at once (past that, requests from one router thread to that site wait for one
+    /// to end), and a connection that fails takes all its requests with it.
     pub site_protocol: Option<String>,
     /// `[routing.health]`.
     #[serde(default)]
@@ -82,7 +82,7 @@ pub struct Settings {
     pub rise: u32,
     pub regions: Regions,
     pub trusted_forwarders: Vec<ipnet::IpNet>,
-    /// Requests reach other sites over HTTP/2 (`routing.site_protocol = "http2"`).
+    /// Requests reach other sites over HTTP/2 (`routing.site_protocol`, the default).
     pub http2: bool,
 }
 
@@ -149,8 +149,8 @@ impl RoutingConfig {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let http2 = match self.site_protocol.as_deref() {
-            None | Some("http1") => false,
-            Some("http2") => true,
+            None | Some("http2") => true,
+            Some("http1") => false,
             Some(other) => {
                 anyhow::bail!(
                     "config field routing.site_protocol: {other:?} is neither \"http1\" nor \"http2\""

@@ -37,10 +37,10 @@ pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 static TLS: std::sync::OnceLock<(rustls::ClientConfig, Option<rustls::pki_types::ServerName<'static>>)> =
     std::sync::OnceLock::new();
 
-/// Requests reach sites over HTTP/2 (see `routing.site_protocol`).
-static HTTP2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Requests reach sites over HTTP/2 (see `routing.site_protocol`; the default).
+static HTTP2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Sends requests to sites over HTTP/2 from now on (`routing.site_protocol = "http2"`). Call
+/// Sends requests to sites over HTTP/2 (`on`) or HTTP/1.1 from now on (`routing.site_protocol`). Call
 /// before the first request: each server thread makes its client once.
 pub fn set_http2(on: bool) {
     HTTP2.store(on, std::sync::atomic::Ordering::Relaxed);

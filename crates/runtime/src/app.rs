@@ -12,7 +12,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
-use crate::guest_log::{GuestLog, Stream};
+use crate::guest_log::GuestLog;
 use crate::host::{Egress, Host};
 use crate::keyvalue::{KvCtx, StorageUnavailable};
 use crate::runtime::Shared;
@@ -152,10 +152,11 @@ impl App {
     ) -> Result<http::Response<Bytes>, HandleError> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
+        let (stdout, stderr) = GuestLog::pair(inner.name.clone(), request_id);
         let mut wasi = WasiCtx::builder();
         wasi.envs(&inner.shared.config.guest_env)
-            .stdout(GuestLog::new(inner.name.clone(), request_id.clone(), Stream::Stdout))
-            .stderr(GuestLog::new(inner.name.clone(), request_id, Stream::Stderr))
+            .stdout(stdout)
+            .stderr(stderr)
             .allow_tcp(false)
             .allow_udp(false);
         let host = Host {

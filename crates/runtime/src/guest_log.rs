@@ -27,22 +27,29 @@ pub(crate) enum Stream {
 #[derive(Clone)]
 pub(crate) struct GuestLog {
     inner: Arc<Inner>,
+    stream: Stream,
 }
 
+/// What a request's two streams share (one allocation for both).
 struct Inner {
     app: Arc<str>,
     request_id: Arc<str>,
-    stream: Stream,
-    line: Mutex<Vec<u8>>,
+    /// The unfinished line of stdout and of stderr.
+    lines: [Mutex<Vec<u8>>; 2],
 }
 
 impl GuestLog {
-    pub(crate) fn new(app: Arc<str>, request_id: Arc<str>, stream: Stream) -> Self {
-        GuestLog { inner: Arc::new(Inner { app, request_id, stream, line: Mutex::new(Vec::new()) }) }
+    /// A request's stdout and stderr.
+    pub(crate) fn pair(app: Arc<str>, request_id: Arc<str>) -> (GuestLog, GuestLog) {
+        let inner = Arc::new(Inner { app, request_id, lines: Default::default() });
+        (
+            GuestLog { inner: inner.clone(), stream: Stream::Stdout },
+            GuestLog { inner, stream: Stream::Stderr },
+        )
     }
 
     fn write_bytes(&self, mut bytes: &[u8]) {
-        let mut line = self.inner.line.lock().unwrap_or_else(|e| e.into_inner());
+        let mut line = self.inner.lines[self.stream as usize].lock().unwrap_or_else(|e| e.into_inner());
         while !bytes.is_empty() {
             let room = MAX_LINE - line.len();
             let (chunk, newline) = match bytes.iter().position(|&b| b == b'\n') {
@@ -52,7 +59,7 @@ impl GuestLog {
             line.extend_from_slice(chunk);
             bytes = &bytes[chunk.len() + usize::from(newline)..];
             if newline || line.len() == MAX_LINE {
-                self.inner.emit(&line);
+                self.inner.emit(self.stream, &line);
                 line.clear();
             }
         }
@@ -60,11 +67,11 @@ impl GuestLog {
 }
 
 impl Inner {
-    fn emit(&self, line: &[u8]) {
+    fn emit(&self, stream: Stream, line: &[u8]) {
         // The text is only decoded when the event is enabled: the macros evaluate their
         // arguments lazily.
         let (app, request_id) = (&*self.app, &*self.request_id);
-        match self.stream {
+        match stream {
             Stream::Stdout => {
                 tracing::info!(target: "atoll::guest", app, request_id, stream = "stdout", "{}", String::from_utf8_lossy(line))
             }
@@ -77,10 +84,12 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let line = self.line.get_mut().unwrap_or_else(|e| e.into_inner());
-        if !line.is_empty() {
-            let line = std::mem::take(line);
-            self.emit(&line);
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let line =
+                std::mem::take(self.lines[stream as usize].get_mut().unwrap_or_else(|e| e.into_inner()));
+            if !line.is_empty() {
+                self.emit(stream, &line);
+            }
         }
     }
 }
