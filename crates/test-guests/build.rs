@@ -4,13 +4,16 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Each guest package and the constant naming its built component.
+/// Each guest's component file name (without `.wasm`) and the constant naming it.
 const GUESTS: &[(&str, &str)] = &[
     ("hello", "HELLO"),
     ("probe", "PROBE"),
     ("counter", "COUNTER"),
     ("todo", "TODO"),
     ("kv-draft", "KV_DRAFT"),
+    // spin-sdk 7 (WASI 0.3) libraries: cdylib outputs are named with underscores.
+    ("spin_hello", "SPIN_HELLO"),
+    ("probe3", "PROBE3"),
 ];
 const TARGET: &str = "wasm32-wasip2";
 
@@ -18,7 +21,7 @@ fn main() {
     let manifest_dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guests = manifest_dir.join("../../guests").canonicalize().expect("the guests/ workspace exists");
-    for path in ["Cargo.toml", "Cargo.lock", "hello", "counter", "todo", "testing", "../wit"] {
+    for path in ["Cargo.toml", "Cargo.lock", "hello", "counter", "todo", "spin-hello", "testing", "../wit"] {
         println!("cargo:rerun-if-changed={}", guests.join(path).display());
     }
     ensure_target();
@@ -43,11 +46,11 @@ fn main() {
 
     let out_dir = guests.join("target").join(TARGET).join("release");
     let mut generated = String::new();
-    for (package, constant) in GUESTS {
-        let wasm = out_dir.join(format!("{package}.wasm"));
-        assert!(wasm.exists(), "guest {package} was not built at {}", wasm.display());
+    for (file, constant) in GUESTS {
+        let wasm = out_dir.join(format!("{file}.wasm"));
+        assert!(wasm.exists(), "guest {file} was not built at {}", wasm.display());
         generated.push_str(&format!(
-            "/// The built `{package}` component (guests/).\npub const {constant}: &str = {:?};\n",
+            "/// The built `{file}` component (guests/).\npub const {constant}: &str = {:?};\n",
             wasm.display().to_string()
         ));
     }

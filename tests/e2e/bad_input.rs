@@ -32,7 +32,7 @@ fn bad_components_are_refused_and_the_previous_version_keeps_serving() {
         &site,
         &wat::parse_str("(component)").expect("wat"),
         400,
-        "does not export wasi:http/incoming-handler",
+        "exports neither wasi:http/incoming-handler",
     );
     let unknown_import = r#"(component (import "example:missing/thing" (instance (export "f" (func)))))"#;
     refused(&site, &wat::parse_str(unknown_import).expect("wat"), 400, "example:missing/thing");

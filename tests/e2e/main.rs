@@ -17,6 +17,7 @@ mod security;
 mod shutdown;
 mod tls;
 mod ui;
+mod wasi03;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -14,6 +14,9 @@ struct AppInfo {
     version: String,
     size: u64,
     uploaded_at: String,
+    /// Absent from sites older than WASI 0.3 support (all their apps are WASI 0.2).
+    #[serde(default)]
+    world: Option<String>,
 }
 
 struct Site {
@@ -145,9 +148,10 @@ pub fn apps(args: &ClientArgs) -> Result<()> {
         println!("no apps deployed on {}", site.base);
         return Ok(());
     }
-    println!("{:<24} {:<64} {:>10}  UPLOADED", "NAME", "VERSION", "SIZE");
+    println!("{:<24} {:<64} {:>10}  {:<14} UPLOADED", "NAME", "VERSION", "SIZE", "WORLD");
     for app in apps {
-        println!("{:<24} {:<64} {:>10}  {}", app.name, app.version, app.size, app.uploaded_at);
+        let world = app.world.as_deref().unwrap_or("wasi:http@0.2");
+        println!("{:<24} {:<64} {:>10}  {world:<14} {}", app.name, app.version, app.size, app.uploaded_at);
     }
     Ok(())
 }

@@ -11,12 +11,21 @@ use wasmtime_wasi_http::WasiHttpCtx;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::guest_log::GuestLog;
 use crate::host::{Egress, Host};
 use crate::keyvalue::{KvCtx, StorageUnavailable};
 use crate::runtime::Shared;
-use crate::{AppSettings, HandleError, Version};
+use crate::{AppSettings, HandleError, Version, World};
+
+/// A component pre-instantiated for its world.
+pub(crate) enum Pre {
+    /// `wasi:http/incoming-handler@0.2`, on the engine without async support.
+    P2(ProxyPre<Host>),
+    /// `wasi:http/handler@0.3`, on the engine with it.
+    P3(ServicePre<Host>),
+}
 
 /// One version of one app, compiled and pre-instantiated. Cheap to clone.
 ///
@@ -29,9 +38,11 @@ pub struct App {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// The engine of the app's world.
+    engine: wasmtime::Engine,
     name: Arc<str>,
     version: Version,
-    pre: ProxyPre<Host>,
+    pre: Pre,
     settings: AppSettings,
     egress: crate::egress::Policy,
     /// This app's share of the instance pool (shared with its other versions).
@@ -53,16 +64,29 @@ impl std::fmt::Debug for App {
 impl App {
     pub(crate) fn new(
         shared: Arc<Shared>,
+        engine: wasmtime::Engine,
         name: &str,
         version: Version,
-        pre: ProxyPre<Host>,
+        pre: Pre,
         settings: AppSettings,
     ) -> App {
         let egress = crate::egress::Policy::new(&settings.allowed_hosts);
         let name: Arc<str> = name.into();
         let share = shared.shares.of(&name);
         let instantiation = metrics::histogram!("atoll_instantiation_seconds", "app" => name.to_string());
-        App { inner: Arc::new(Inner { shared, name, version, pre, settings, egress, share, instantiation }) }
+        App {
+            inner: Arc::new(Inner {
+                shared,
+                engine,
+                name,
+                version,
+                pre,
+                settings,
+                egress,
+                share,
+                instantiation,
+            }),
+        }
     }
 
     /// The app's name.
@@ -73,6 +97,14 @@ impl App {
     /// The content hash of the component this app runs.
     pub fn version(&self) -> &Version {
         &self.inner.version
+    }
+
+    /// The `wasi:http` world the app's component serves.
+    pub fn world(&self) -> World {
+        match self.inner.pre {
+            Pre::P2(_) => World::Http02,
+            Pre::P3(_) => World::Http03,
+        }
     }
 
     /// The settings the app was loaded with.
@@ -150,6 +182,15 @@ impl App {
         request: http::Request<http_body_util::Full<Bytes>>,
         request_id: Arc<str>,
     ) -> Result<http::Response<Bytes>, HandleError> {
+        match &self.inner.pre {
+            Pre::P2(pre) => self.run_p2(pre, request, request_id).await,
+            Pre::P3(pre) => self.run_p3(pre, request, request_id).await,
+        }
+    }
+
+    /// A fresh store for one request: WASI with the guest's environment and its
+    /// output as log events, the memory cap, and the deadline's epoch callback.
+    fn new_store(&self, request_id: Arc<str>) -> Store<Host> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
         let (stdout, stderr) = GuestLog::pair(inner.name.clone(), request_id);
@@ -167,7 +208,7 @@ impl App {
             egress: Egress { policy: inner.egress.clone() },
             kv: KvCtx { store: inner.shared.config.kv.clone(), app: inner.name.clone() },
         };
-        let mut store = Store::new(&inner.shared.engine, host);
+        let mut store = Store::new(&inner.engine, host);
         store.limiter(|host| &mut host.limits);
         // At every epoch tick a running guest yields to the executor, so a guest that computes
         // without pause cannot starve the other requests on its thread; past the deadline it is
@@ -181,7 +222,19 @@ impl App {
                 UpdateDeadline::Yield(1)
             })
         });
+        store
+    }
 
+    /// A WASI 0.2 handler: `incoming-handler.handle` with a response outparam.
+    async fn run_p2(
+        &self,
+        pre: &ProxyPre<Host>,
+        request: http::Request<http_body_util::Full<Bytes>>,
+        request_id: Arc<str>,
+    ) -> Result<http::Response<Bytes>, HandleError> {
+        let inner = &*self.inner;
+        let limits = &inner.settings.limits;
+        let mut store = self.new_store(request_id);
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, request);
         let outparam = store.data_mut().http().new_response_outparam(sender);
@@ -192,7 +245,7 @@ impl App {
 
         // The guest owns the store: when it returns or traps the store is dropped, which drops
         // the response outparam and so ends `response` below if no response was sent.
-        let pre = inner.pre.clone();
+        let pre = pre.clone();
         let instantiation = inner.instantiation.clone();
         let guest = async move {
             let started = std::time::Instant::now();
@@ -211,14 +264,7 @@ impl App {
                 Ok(Err(code)) => return Err(HandleError::GuestError(format!("{code:?}"))),
                 Err(_) => return Err(HandleError::NoResponse),
             };
-            let (parts, body) = response.into_parts();
-            match Limited::new(body, max_body).collect().await {
-                Ok(collected) => Ok(http::Response::from_parts(parts, collected.to_bytes())),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    Err(HandleError::ResponseBodyTooLarge { limit: max_body })
-                }
-                Err(e) => Err(HandleError::GuestError(format!("response body failed: {e}"))),
-            }
+            collect(response, max_body).await
         };
         // Both halves run in this task: the guest writes the body while we read it. Whichever
         // ends first decides; a guest failure is the better explanation of a missing response.
@@ -231,6 +277,68 @@ impl App {
             },
             response_result = &mut response => response_result,
         }
+    }
+
+    /// A WASI 0.3 handler: `handler.handle` returns the response, whose body the guest may go
+    /// on writing after returning. All of it runs in the store's event loop
+    /// (`run_concurrent`), which must keep running until the body is read; the caller's
+    /// timeout around the whole run is the deadline (wasmtime advises against timing out
+    /// inside the loop).
+    async fn run_p3(
+        &self,
+        pre: &ServicePre<Host>,
+        request: http::Request<http_body_util::Full<Bytes>>,
+        request_id: Arc<str>,
+    ) -> Result<http::Response<Bytes>, HandleError> {
+        let inner = &*self.inner;
+        let limits = &inner.settings.limits;
+        let (deadline, max_body) = (limits.deadline, limits.max_response_body);
+        let mut store = self.new_store(request_id);
+        let started = std::time::Instant::now();
+        let service = pre.instantiate_async(&mut store).await.map_err(instantiate_error)?;
+        inner.instantiation.record(started.elapsed().as_secs_f64());
+        let run = store.run_concurrent(async move |accessor| {
+            // The request's I/O result future, boxed: its type names the hooks' borrow.
+            type RequestIo =
+                std::pin::Pin<Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>>;
+            let (request, request_io) = accessor.with(|mut access| {
+                let (request, io) =
+                    wasmtime_wasi_http::p3::Request::from_http(access.get().http().hooks, request);
+                (request, Box::pin(io) as RequestIo)
+            });
+            let response = match service.handle(accessor, request).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(code)) => return Err(HandleError::GuestError(format!("{code:?}"))),
+                Err(e) => return Err(guest_error(e, deadline)),
+            };
+            let response = accessor
+                .with(|mut access| response.into_http(&mut access, request_io))
+                .map_err(|e| HandleError::GuestError(format!("{e:#}")))?;
+            collect(response, max_body).await
+        });
+        match run.await {
+            Ok(result) => result,
+            Err(e) => Err(guest_error(e, deadline)),
+        }
+    }
+}
+
+/// Reads a guest's response body whole, up to `max_body` bytes.
+async fn collect<B>(
+    response: http::Response<B>,
+    max_body: usize,
+) -> Result<http::Response<Bytes>, HandleError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = response.into_parts();
+    match Limited::new(body, max_body).collect().await {
+        Ok(collected) => Ok(http::Response::from_parts(parts, collected.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(HandleError::ResponseBodyTooLarge { limit: max_body })
+        }
+        Err(e) => Err(HandleError::GuestError(format!("response body failed: {e}"))),
     }
 }
 

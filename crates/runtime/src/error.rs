@@ -39,10 +39,10 @@ pub enum LoadError {
     /// The component imports something the host does not provide.
     #[error("the component imports something Atoll does not provide: {0}")]
     UnsatisfiedImport(String),
-    /// The component does not export `wasi:http/incoming-handler`.
+    /// The component exports neither `wasi:http/incoming-handler@0.2` nor `wasi:http/handler@0.3`.
     #[error(
-        "the component does not export wasi:http/incoming-handler@0.2.x (the WASI 0.2 proxy \
-         world), so it cannot handle requests: {0}"
+        "the component exports neither wasi:http/incoming-handler@0.2.x (the WASI 0.2 proxy \
+         world) nor wasi:http/handler@0.3.x (WASI 0.3), so it cannot handle requests: {0}"
     )]
     NotAHandler(String),
     /// The component's settings are out of bounds (for example a memory cap above the pool's).

@@ -1,7 +1,8 @@
 //! `atoll-runtime`: run WebAssembly HTTP handlers with a fresh instance per request.
 //!
-//! Handlers are components exporting `wasi:http/incoming-handler` (the WASI 0.2 proxy world),
-//! so a handler built for `wasmtime serve` or Spin runs unchanged. The runtime compiles each
+//! Handlers are components exporting `wasi:http/incoming-handler@0.2` (the WASI 0.2 proxy
+//! world) or `wasi:http/handler@0.3` (WASI 0.3), so a handler built for `wasmtime serve` or Spin
+//! runs unchanged. The runtime compiles each
 //! distinct component once (keyed by its SHA-256), keeps a pre-instantiated [`App`] per version,
 //! and serves every request from a fresh instance out of wasmtime's pooling allocator, under
 //! per-app [`Limits`]: a deadline (epoch interruption), a linear-memory cap and body caps.
@@ -40,6 +41,7 @@ mod host;
 mod keyvalue;
 mod runtime;
 mod version;
+mod world;
 
 pub use app::App;
 pub use config::{AppSettings, Limits, RuntimeConfig};
@@ -47,3 +49,4 @@ pub use egress::{AllowedHost, is_internal};
 pub use error::{HandleError, LoadError, RuntimeError};
 pub use runtime::{Runtime, engine_config};
 pub use version::Version;
+pub use world::World;

@@ -24,7 +24,9 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
         Err(e) => return reply(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot open the store: {e:?}\n")),
     };
     let result = if request.method() == Method::GET {
-        bucket.get(&name).map(|v| v.map_or_else(|| "0".to_owned(), |v| String::from_utf8_lossy(&v).into_owned()))
+        bucket
+            .get(&name)
+            .map(|v| v.map_or_else(|| "0".to_owned(), |v| String::from_utf8_lossy(&v).into_owned()))
     } else {
         atomics::increment(&bucket, &name, 1).map(|n| n.to_string())
     };

@@ -12,7 +12,5 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, Error> {
     let region = std::env::var("ATOLL_REGION").unwrap_or_else(|_| "unknown".into());
     let path = request.uri().path();
     let greeting = format!("Hello from Atoll site {site} in region {region}! You asked for {path}\n");
-    Ok(Response::builder()
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(greeting.into())?)
+    Ok(Response::builder().header("content-type", "text/plain; charset=utf-8").body(greeting.into())?)
 }

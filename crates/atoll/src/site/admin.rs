@@ -229,17 +229,20 @@ pub(crate) struct AppInfo {
     version: String,
     size: u64,
     uploaded_at: String,
+    /// The `wasi:http` world the component serves (`wasi:http@0.2` or `wasi:http@0.3`).
+    world: &'static str,
     settings: StoredSettings,
 }
 
 impl AppInfo {
-    fn new(name: &str, record: &AppRecord) -> AppInfo {
+    fn new(name: &str, record: &AppRecord, world: atoll_runtime::World) -> AppInfo {
         let at = UNIX_EPOCH + Duration::from_millis(record.uploaded_at_ms);
         AppInfo {
             name: name.to_owned(),
             version: record.version.clone(),
             size: record.size,
             uploaded_at: humantime::format_rfc3339_millis(at).to_string(),
+            world: world.as_str(),
             settings: record.settings.clone(),
         }
     }
@@ -248,7 +251,8 @@ impl AppInfo {
 async fn list_apps(State(site): State<Arc<Site>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&site, &headers)?;
     let apps = site.apps.read().unwrap_or_else(|e| e.into_inner());
-    let mut list: Vec<AppInfo> = apps.iter().map(|(name, d)| AppInfo::new(name, &d.record)).collect();
+    let mut list: Vec<AppInfo> =
+        apps.iter().map(|(name, d)| AppInfo::new(name, &d.record, d.app.world())).collect();
     list.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(list).into_response())
 }
@@ -261,7 +265,7 @@ async fn get_app(
     authorize(&site, &headers)?;
     let apps = site.apps.read().unwrap_or_else(|e| e.into_inner());
     let deployed = apps.get(&name).ok_or_else(|| no_such_app(&name))?;
-    Ok(Json(AppInfo::new(&name, &deployed.record)).into_response())
+    Ok(Json(AppInfo::new(&name, &deployed.record, deployed.app.world())).into_response())
 }
 
 fn no_such_app(name: &str) -> ApiError {
@@ -395,6 +399,7 @@ async fn upload(
         .await
         .map_err(|e| anyhow::anyhow!("registry task failed: {e}"))??;
     }
+    let world = app.world();
     let previous = site
         .apps
         .write()
@@ -403,7 +408,7 @@ async fn upload(
     forget_if_unused(&site, previous);
     super::deploys::publish(&site, &name, &deploy).await?;
     tracing::info!(app = %name, version = %record.version, size = record.size, "deployed");
-    Ok((StatusCode::CREATED, Json(AppInfo::new(&name, &record))).into_response())
+    Ok((StatusCode::CREATED, Json(AppInfo::new(&name, &record, world))).into_response())
 }
 
 async fn delete_app(

@@ -90,3 +90,31 @@ async fn outbound_request_to_listed_host_goes_out() {
     let (status, body) = get(&app, &format!("/fetch?url=http://127.0.0.1:{port}/")).await.expect("served");
     assert_eq!((status, body.as_str()), (200, "fetched: 204\n"));
 }
+
+#[tokio::test]
+async fn wasi_0_2_and_wasi_0_3_handlers_are_told_apart_and_both_served() {
+    let rt = runtime();
+    let old = load(&rt, atoll_test_guests::HELLO, AppSettings::default());
+    let new = load(&rt, atoll_test_guests::SPIN_HELLO, AppSettings::default());
+    assert_eq!((old.world(), new.world()), (atoll_runtime::World::Http02, atoll_runtime::World::Http03));
+    for _ in 0..3 {
+        let (status, body) = get(&new, "/p").await.expect("served");
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            "Hello from a Spin app on Atoll site test-site in region test-region! You asked for /p\n"
+        );
+        assert_eq!(get(&old, "/").await.expect("served").0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_wasi_0_3_guest_sleeping_past_its_deadline_is_cut_off() {
+    let rt = runtime();
+    let app = load(&rt, atoll_test_guests::PROBE3, quick_limits());
+    match get(&app, "/sleep?ms=5000").await {
+        Err(HandleError::Deadline { deadline }) => assert_eq!(deadline, Duration::from_millis(500)),
+        other => panic!("expected the deadline, got {other:?}"),
+    }
+    assert_eq!(get(&app, "/sleep?ms=10").await.expect("served"), (200, "slept 10 ms\n".into()));
+}

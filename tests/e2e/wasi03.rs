@@ -1,0 +1,128 @@
+//! WASI 0.3 handlers (`wasi:http/handler@0.3.0`, built with spin-sdk 7) beside WASI 0.2 ones:
+//! served, contained, capped and replicated the same way.
+
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The `world` the site reports for `app`.
+fn world_of(site: &Site, app: &str) -> String {
+    let r = site.admin("GET", &format!("/_atoll/apps/{app}"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    info["world"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_wasi_0_2_and_a_wasi_0_3_app_are_served_side_by_side_and_each_world_is_shown() {
+    let site = Site::start("worlds");
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    site.deploy("spin", atoll_test_guests::SPIN_HELLO, &[]);
+    for _ in 0..20 {
+        let old = site.get("/apps/hello/x");
+        assert_eq!(old.status, 200, "{old:?}");
+        let new = site.get("/apps/spin/x");
+        assert_eq!(new.status, 200, "{new:?}");
+        assert_eq!(
+            new.body,
+            "Hello from a Spin app on Atoll site worlds in region us-east! You asked for /x\n"
+        );
+        assert_eq!(new.headers["x-atoll-site"], "worlds");
+    }
+    assert_eq!(world_of(&site, "hello"), "wasi:http@0.2");
+    assert_eq!(world_of(&site, "spin"), "wasi:http@0.3");
+    // `atoll apps` shows it too.
+    let out = atoll(&["apps", "--site", &site.url]);
+    let out = String::from_utf8_lossy(&out.stdout);
+    let line = out.lines().find(|l| l.starts_with("spin ")).unwrap_or_default().to_owned();
+    assert!(line.contains("wasi:http@0.3"), "{out}");
+    // A fresh instance per request: state in the guest never survives (the counter of probe3's
+    // `/` would say otherwise), and the guest's log lines carry the request id.
+    site.deploy("probe3", atoll_test_guests::PROBE3, &[]);
+    let r = request("GET", &format!("{}/apps/probe3/", site.url), &[("x-request-id", "p3-req-1")], None);
+    assert_eq!((r.status, r.body.as_str()), (200, "probe3 1\n"));
+    let again = site.get("/apps/probe3/");
+    assert_eq!(again.body, "probe3 1\n", "a new instance for every request");
+    eventually(Duration::from_secs(10), "the guest's log line with its request id", || {
+        let log = site.stderr();
+        log.lines().any(|l| l.contains("probe3 served") && l.contains("p3-req-1")).then_some(())
+    });
+}
+
+#[test]
+fn hostile_wasi_0_3_guests_are_contained_while_another_app_serves() {
+    let site = Site::start("hostile3");
+    site.deploy("hello", atoll_test_guests::HELLO, &[]);
+    site.deploy("probe3", atoll_test_guests::PROBE3, &["--deadline-ms", "2000", "--memory-mb", "16"]);
+    let base = format!("{}/apps/probe3", site.url);
+    let hostile: Vec<_> = ["loop", "sleep?ms=60000", "forever"]
+        .into_iter()
+        .map(|route| {
+            let url = format!("{base}/{route}");
+            std::thread::spawn(move || (route, request("GET", &url, &[], None)))
+        })
+        .collect();
+    // While they run, the other app serves.
+    for _ in 0..10 {
+        assert_eq!(site.get("/apps/hello/").status, 200);
+    }
+    for handle in hostile {
+        let (route, r) = handle.join().expect("join");
+        assert_eq!(r.status, 504, "{route}: {r:?}");
+        assert!(r.body.contains("deadline of 2000 ms"), "{route}: {}", r.body);
+    }
+    let grow = site.get("/apps/probe3/grow");
+    assert_eq!(grow.status, 500, "{grow:?}");
+    let trap = site.get("/apps/probe3/trap");
+    assert_eq!(trap.status, 500, "{trap:?}");
+    // An async wait within the deadline is served.
+    let slept = site.get("/apps/probe3/sleep?ms=50");
+    assert_eq!((slept.status, slept.body.as_str()), (200, "slept 50 ms\n"));
+    assert_eq!(site.get("/apps/probe3/").status, 200, "the app serves its next request");
+    assert_eq!(site.get("/_atoll/health").status, 200);
+}
+
+#[test]
+fn wasi_0_3_bodies_are_capped_both_ways() {
+    let config = "[limits]\nmax_request_body_bytes = 100000\nmax_response_body_bytes = 200000\n";
+    let site = Site::start_with("bodies3", &[], Some(config));
+    site.deploy("probe3", atoll_test_guests::PROBE3, &[]);
+    let echo = format!("{}/apps/probe3/echo", site.url);
+    let within = request("POST", &echo, &[], Some(&[b'a'; 100_000]));
+    assert_eq!((within.status, within.body.as_str()), (200, "100000 aaaaaaaaaaaaaaaa\n"));
+    let past = request("POST", &echo, &[], Some(&[b'a'; 100_001]));
+    assert_eq!(past.status, 413, "{past:?}");
+    assert!(past.body.contains("100000 bytes"), "{}", past.body);
+    // A body the guest writes after returning its response (in 64 KiB chunks) arrives whole.
+    let big = site.get("/apps/probe3/big?n=200000");
+    assert_eq!((big.status, big.body.len()), (200, 200_000));
+    let too_big = site.get("/apps/probe3/big?n=200001");
+    assert_eq!(too_big.status, 500, "{too_big:?}");
+    assert!(too_big.body.contains("200000 bytes"), "{}", too_big.body);
+}
+
+#[test]
+fn a_wasi_0_3_app_deployed_at_one_site_serves_at_its_peers() {
+    let a = Site::start_with("p3-a", &["--region", "us-east"], None);
+    let b = Site::start_with("p3-b", &["--region", "eu-west", "--peer", &a.url], None);
+    a.deploy("spin", atoll_test_guests::SPIN_HELLO, &[]);
+    eventually(WAIT, "the app at p3-b", || {
+        let r = request("GET", &format!("{}/apps/spin/", b.url), &[("x-atoll-region", "eu-west")], None);
+        (r.status == 200 && r.headers.get("x-atoll-site").is_some_and(|s| s == "p3-b")).then_some(r.body)
+    });
+    assert_eq!(world_of(&b, "spin"), "wasi:http@0.3");
+}
+
+#[test]
+fn a_wasi_0_3_guest_calls_out_only_to_its_allowed_hosts() {
+    let site = Site::start("egress3");
+    let target = format!("{}/_atoll/health", site.url);
+    let host = site.url.trim_start_matches("http://").to_owned();
+    site.deploy("closed", atoll_test_guests::PROBE3, &[]);
+    site.deploy("open", atoll_test_guests::PROBE3, &["--allow-host", &host]);
+    let denied = site.get(&format!("/apps/closed/fetch?url={target}"));
+    assert_eq!(denied.status, 502, "{denied:?}");
+    assert!(denied.body.contains("HttpRequestDenied"), "{}", denied.body);
+    let allowed = site.get(&format!("/apps/open/fetch?url={target}"));
+    assert_eq!((allowed.status, allowed.body.as_str()), (200, "fetched: 200\n"));
+}
