@@ -13,7 +13,9 @@ const GUESTS: &[(&str, &str)] = &[
     ("kv-draft", "KV_DRAFT"),
     // spin-sdk 7 (WASI 0.3) libraries: cdylib outputs are named with underscores.
     ("spin_hello", "SPIN_HELLO"),
+    ("spin_counter", "SPIN_COUNTER"),
     ("probe3", "PROBE3"),
+    ("spin_sqlite", "SPIN_SQLITE"),
 ];
 const TARGET: &str = "wasm32-wasip2";
 
@@ -21,7 +23,17 @@ fn main() {
     let manifest_dir =
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guests = manifest_dir.join("../../guests").canonicalize().expect("the guests/ workspace exists");
-    for path in ["Cargo.toml", "Cargo.lock", "hello", "counter", "todo", "spin-hello", "testing", "../wit"] {
+    for path in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "hello",
+        "counter",
+        "todo",
+        "spin-hello",
+        "spin-counter",
+        "testing",
+        "../wit",
+    ] {
         println!("cargo:rerun-if-changed={}", guests.join(path).display());
     }
     ensure_target();

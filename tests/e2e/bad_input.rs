@@ -36,6 +36,8 @@ fn bad_components_are_refused_and_the_previous_version_keeps_serving() {
     );
     let unknown_import = r#"(component (import "example:missing/thing" (instance (export "f" (func)))))"#;
     refused(&site, &wat::parse_str(unknown_import).expect("wat"), 400, "example:missing/thing");
+    // A Spin app using an interface Atoll does not provide (spin:sqlite): refused by name.
+    refused(&site, &read(atoll_test_guests::SPIN_SQLITE), 400, "spin:sqlite/sqlite@");
     let hello = read(atoll_test_guests::HELLO);
     refused(&site, &hello[..hello.len() / 2], 400, "invalid component");
     refused(&site, b"", 400, "empty upload");

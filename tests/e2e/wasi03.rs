@@ -126,3 +126,63 @@ fn a_wasi_0_3_guest_calls_out_only_to_its_allowed_hosts() {
     let allowed = site.get(&format!("/apps/open/fetch?url={target}"));
     assert_eq!((allowed.status, allowed.body.as_str()), (200, "fetched: 200\n"));
 }
+
+/// Spin's key-value store, replicated: a Spin counter incremented at two sites reads the sum at a
+/// third, and the store labels it was deployed with hold at every site.
+#[test]
+fn the_spin_counter_incremented_at_two_sites_reads_the_sum_at_a_third() {
+    use crate::replication::FAST;
+    let a = Site::start_with("spin-a", &["--region", "us-east"], Some(FAST));
+    let b = Site::start_with("spin-b", &["--region", "eu-west", "--peer", &a.url], Some(FAST));
+    let c = Site::start_with("spin-c", &["--region", "ap-south", "--peer", &a.url], Some(FAST));
+    // A label that is not one is refused at deploy, and nothing is deployed.
+    let out = atoll(&[
+        "deploy",
+        "--site",
+        &a.url,
+        "--app",
+        "counter",
+        "--kv-store",
+        "Bad Label",
+        atoll_test_guests::SPIN_COUNTER,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kv_stores"), "{out:?}");
+    a.deploy("counter", atoll_test_guests::SPIN_COUNTER, &["--kv-store", "sessions"]);
+    for site in [&b, &c] {
+        eventually(WAIT, &format!("the counter at {}", site.name), || {
+            (site.admin("GET", "/_atoll/apps/counter", None).status == 200).then_some(())
+        });
+    }
+    let post = |site: &Site, region: &str| {
+        let r = request(
+            "POST",
+            &format!("{}/apps/counter/visits", site.url),
+            &[("x-atoll-region", region)],
+            None,
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.headers["x-atoll-site"], site.name.as_str());
+    };
+    for _ in 0..7 {
+        post(&a, "us-east");
+    }
+    for _ in 0..5 {
+        post(&b, "eu-west");
+    }
+    eventually(WAIT, "12 visits read at spin-c", || {
+        let r = request(
+            "GET",
+            &format!("{}/apps/counter/visits", c.url),
+            &[("x-atoll-region", "ap-south")],
+            None,
+        );
+        (r.body == "12\n").then_some(())
+    });
+    let get = |site: &Site, region: &str, path: &str| {
+        request("GET", &format!("{}/apps/counter{path}", site.url), &[("x-atoll-region", region)], None)
+    };
+    assert_eq!(get(&c, "ap-south", "/_open/sessions").body, "opened\n");
+    let denied = get(&c, "ap-south", "/_open/other");
+    assert_eq!((denied.status, denied.body.as_str()), (403, "Error::AccessDenied\n"));
+}

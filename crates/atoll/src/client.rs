@@ -85,6 +85,7 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
         deadline_ms: args.deadline_ms,
         memory_mb: args.memory_mb,
         allow_hosts: (!args.allow_hosts.is_empty()).then(|| args.allow_hosts.join(",")),
+        kv_stores: (!args.kv_stores.is_empty()).then(|| args.kv_stores.join(",")),
         ..Default::default()
     };
     let mut request = site.agent.put(site.url(&format!("/_atoll/apps/{}", args.app)));
@@ -96,6 +97,9 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
     }
     if let Some(hosts) = &params.allow_hosts {
         request = request.query("allow_hosts", hosts);
+    }
+    if let Some(labels) = &params.kv_stores {
+        request = request.query("kv_stores", labels);
     }
     if let Some(key) = &args.client.deploy_key {
         use sha2::Digest;

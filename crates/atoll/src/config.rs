@@ -262,6 +262,7 @@ impl FileConfig {
             max_request_body_bytes: self.limits.max_request_body_bytes,
             max_response_body_bytes: self.limits.max_response_body_bytes,
             allow_hosts: None,
+            kv_stores: None,
         };
         defaults
             .settings(&Limits::default(), &self.caps())

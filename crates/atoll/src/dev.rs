@@ -212,6 +212,7 @@ pub fn run(args: DevArgs) -> Result<()> {
             deadline_ms: None,
             memory_mb: None,
             allow_hosts: vec![],
+            kv_stores: vec![],
         };
         crate::client::deploy(&deploy)?;
     }

@@ -178,6 +178,10 @@ struct DeployArgs {
     /// Host (or host:port) the handler may call over wasi:http; repeat for more.
     #[arg(long = "allow-host")]
     allow_hosts: Vec<String>,
+    /// A key-value store label the handler may open through Spin's key-value interfaces
+    /// besides `default` (like `key_value_stores` in spin.toml); repeat for more.
+    #[arg(long = "kv-store")]
+    kv_stores: Vec<String>,
 }
 
 #[derive(Debug, Args)]

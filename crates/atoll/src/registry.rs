@@ -48,6 +48,10 @@ pub struct StoredSettings {
     pub max_request_body: u64,
     pub max_response_body: u64,
     pub allowed_hosts: Vec<String>,
+    /// Absent in records from before Spin key-value support (and when empty, so that older
+    /// sites read the record).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv_stores: Vec<String>,
 }
 
 impl From<&atoll_runtime::AppSettings> for StoredSettings {
@@ -58,6 +62,7 @@ impl From<&atoll_runtime::AppSettings> for StoredSettings {
             max_request_body: s.limits.max_request_body as u64,
             max_response_body: s.limits.max_response_body as u64,
             allowed_hosts: s.allowed_hosts.clone(),
+            kv_stores: s.kv_stores.clone(),
         }
     }
 }
@@ -72,6 +77,7 @@ impl From<&StoredSettings> for atoll_runtime::AppSettings {
                 max_response_body: s.max_response_body as usize,
             },
             allowed_hosts: s.allowed_hosts.clone(),
+            kv_stores: s.kv_stores.clone(),
         }
     }
 }

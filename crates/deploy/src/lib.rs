@@ -63,6 +63,17 @@ pub struct DeployParams {
     /// Comma-separated `host`, `host:port` or address entries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_hosts: Option<String>,
+    /// Comma-separated key-value store labels the app may open through Spin's key-value
+    /// interfaces besides `default` (Spin's `key_value_stores`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_stores: Option<String>,
+}
+
+/// A Spin key-value store label: 1 to 64 of `a-z`, `0-9`, `-`, `_`, starting with a letter.
+fn valid_store_label(label: &str) -> bool {
+    (1..=64).contains(&label.len())
+        && label.starts_with(|c: char| c.is_ascii_lowercase())
+        && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
 /// The most a deadline may be (an hour).
@@ -116,7 +127,21 @@ impl DeployParams {
         for host in &allowed_hosts {
             atoll_runtime::AllowedHost::parse(host).map_err(|e| format!("allow_hosts: {e}"))?;
         }
-        Ok(AppSettings { limits, allowed_hosts })
+        let mut kv_stores: Vec<String> = Vec::new();
+        for label in
+            self.kv_stores.as_deref().unwrap_or("").split(',').map(str::trim).filter(|l| !l.is_empty())
+        {
+            if !valid_store_label(label) {
+                return Err(format!(
+                    "kv_stores: {label:?} is not a store label (1 to 64 lowercase letters, digits, '-' and '_', \
+                     starting with a letter)"
+                ));
+            }
+            if label != "default" && !kv_stores.iter().any(|l| l == label) {
+                kv_stores.push(label.to_owned());
+            }
+        }
+        Ok(AppSettings { limits, allowed_hosts, kv_stores })
     }
 
     /// The canonical text of the parameters (sorted `name=value` lines of those given).
@@ -129,6 +154,7 @@ impl DeployParams {
         };
         line("allow_hosts", self.allow_hosts.clone());
         line("deadline_ms", self.deadline_ms.map(|v| v.to_string()));
+        line("kv_stores", self.kv_stores.clone());
         line("max_request_body_bytes", self.max_request_body_bytes.map(|v| v.to_string()));
         line("max_response_body_bytes", self.max_response_body_bytes.map(|v| v.to_string()));
         line("memory_mb", self.memory_mb.map(|v| v.to_string()));
@@ -293,6 +319,9 @@ impl Trust {
         if record.params.allow_hosts.as_deref().is_some_and(|h| h.chars().any(char::is_control)) {
             return Err("the deploy's allow_hosts holds control characters".into());
         }
+        if record.params.kv_stores.as_deref().is_some_and(|h| h.chars().any(char::is_control)) {
+            return Err("the deploy's kv_stores holds control characters".into());
+        }
         let (Some(key), Some(signature)) = (&record.key, &record.signature) else {
             return Err("the deploy is not signed".into());
         };
@@ -411,6 +440,7 @@ mod tests {
         for change in [
             |r: &mut DeployRecord| r.params.deadline_ms = Some(501),
             |r: &mut DeployRecord| r.params.allow_hosts = Some("evil.example".into()),
+            |r: &mut DeployRecord| r.params.kv_stores = Some("secrets".into()),
             |r: &mut DeployRecord| r.version = None,
             |r: &mut DeployRecord| r.signed_at_ms += 1,
             |r: &mut DeployRecord| r.size += 1,
@@ -461,6 +491,10 @@ mod tests {
         assert!(p(|p| p.memory_mb = Some(u64::MAX)).is_err());
         assert!(p(|p| p.max_request_body_bytes = Some(u64::MAX)).is_err());
         assert!(p(|p| p.allow_hosts = Some("a.example:99999".into())).is_err());
+        assert!(p(|p| p.kv_stores = Some("ok,Not-OK".into())).expect_err("refused").contains("kv_stores"));
+        assert!(p(|p| p.kv_stores = Some("9lives".into())).is_err());
+        let labels = p(|p| p.kv_stores = Some("sessions, default,sessions,cache_2".into())).expect("valid");
+        assert_eq!(labels.kv_stores, ["sessions", "cache_2"], "default is implied, duplicates dropped");
         assert!(is_version(&"0".repeat(64)) && !is_version("../x") && !is_version(&"A".repeat(64)));
     }
 
@@ -480,6 +514,7 @@ mod tests {
                 assert!(settings.limits.max_memory_bytes as u64 <= caps().max_memory_mb << 20);
                 assert!(settings.limits.max_request_body as u64 <= caps().max_body_bytes);
                 assert!(settings.limits.max_response_body as u64 <= caps().max_body_bytes);
+                assert!(settings.kv_stores.iter().all(|l| valid_store_label(l) && l != "default"));
             }
         }
 
@@ -503,6 +538,7 @@ mod tests {
                 request in proptest::option::of(any::<u64>()),
                 response in proptest::option::of(any::<u64>()),
                 allow_hosts in proptest::option::of("[a-z0-9.:,\n=]{0,40}"),
+                kv_stores in proptest::option::of("[a-z0-9_,\n=]{0,20}"),
                 signed_at_ms in any::<u64>(),
             ) {
                 let params = DeployParams {
@@ -511,6 +547,7 @@ mod tests {
                     max_request_body_bytes: request,
                     max_response_body_bytes: response,
                     allow_hosts,
+                    kv_stores,
                 };
                 within_caps(&params);
                 let trust = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("dev key");
@@ -525,7 +562,8 @@ mod tests {
                 };
                 trust.sign("app", &mut record).expect("signs");
                 prop_assert!(trust.verify("other", &record).is_err());
-                let valid = !record.params.allow_hosts.as_deref().is_some_and(|h| h.contains('\n'));
+                let valid = !record.params.allow_hosts.as_deref().is_some_and(|h| h.contains('\n'))
+                    && !record.params.kv_stores.as_deref().is_some_and(|h| h.contains('\n'));
                 prop_assert_eq!(trust.verify("app", &record).is_ok(), valid);
                 let mut later = record.clone();
                 later.signed_at_ms = later.signed_at_ms.wrapping_add(1);

@@ -47,6 +47,8 @@ struct Inner {
     egress: crate::egress::Policy,
     /// This app's share of the instance pool (shared with its other versions).
     share: Arc<tokio::sync::Semaphore>,
+    /// The key-value store labels of `settings`, shared by its requests.
+    kv_labels: Arc<[String]>,
     /// `atoll_instantiation_seconds` for this app (resolved once).
     instantiation: metrics::Histogram,
 }
@@ -74,6 +76,7 @@ impl App {
         let name: Arc<str> = name.into();
         let share = shared.shares.of(&name);
         let instantiation = metrics::histogram!("atoll_instantiation_seconds", "app" => name.to_string());
+        let kv_labels = settings.kv_stores.clone().into();
         App {
             inner: Arc::new(Inner {
                 shared,
@@ -84,6 +87,7 @@ impl App {
                 settings,
                 egress,
                 share,
+                kv_labels,
                 instantiation,
             }),
         }
@@ -206,7 +210,11 @@ impl App {
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(limits.max_memory_bytes).build(),
             egress: Egress { policy: inner.egress.clone() },
-            kv: KvCtx { store: inner.shared.config.kv.clone(), app: inner.name.clone() },
+            kv: KvCtx {
+                store: inner.shared.config.kv.clone(),
+                app: inner.name.clone(),
+                labels: inner.kv_labels.clone(),
+            },
         };
         let mut store = Store::new(&inner.engine, host);
         store.limiter(|host| &mut host.limits);

@@ -87,4 +87,8 @@ pub struct AppSettings {
     /// public addresses; an internal one must be listed itself. Empty (the default): no
     /// outbound requests at all.
     pub allowed_hosts: Vec<String>,
+    /// Key-value store labels the guest may open through Spin's key-value interfaces besides
+    /// `default` (always allowed); any other label is `access-denied`. Each label is a bucket of
+    /// the app's, the same one `wasi:keyvalue` opens by that name.
+    pub kv_stores: Vec<String>,
 }

@@ -75,6 +75,8 @@ impl Flavor {
             // WASI 0.3 handlers also import 0.2 interfaces (Rust's std does): both are linked.
             wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(engine_error)?;
             wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(engine_error)?;
+            // Spin 4's key-value interface is async: WASI 0.3 guests only.
+            crate::keyvalue::spin::add_to_linker(&mut linker, Host::keyvalue).map_err(engine_error)?;
         }
         Ok(Flavor { engine, linker })
     }

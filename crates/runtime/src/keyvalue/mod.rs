@@ -79,6 +79,7 @@ macro_rules! common_host {
 
 pub(crate) mod draft;
 pub(crate) mod draft2;
+pub(crate) mod spin;
 
 use std::sync::Arc;
 
@@ -94,6 +95,8 @@ pub struct StorageUnavailable(pub String);
 pub(crate) struct KvCtx {
     pub(crate) store: Option<Store>,
     pub(crate) app: Arc<str>,
+    /// The store labels Spin's key-value interfaces may open besides `default`.
+    pub(crate) labels: Arc<[String]>,
 }
 
 /// An open bucket.

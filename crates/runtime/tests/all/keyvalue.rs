@@ -164,3 +164,31 @@ async fn a_failing_disk_is_503_for_that_request_and_other_apps_carry_on() {
     assert!(err.to_string().contains("no space left"), "{err}");
     assert_eq!(call(&hello, "GET", "/", "").await.0, 200, "an app without state is still served");
 }
+
+#[tokio::test]
+async fn spin_key_value_keeps_spins_rules_and_shares_the_data_of_wasi_keyvalue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds::default());
+    let settings = AppSettings { kv_stores: vec!["extra".into()], ..AppSettings::default() };
+    let wasm = std::fs::read(atoll_test_guests::SPIN_COUNTER).expect("built");
+    let spin = rt.load("shared", &wasm, settings).expect("loads");
+    let draft = load_as(&rt, "shared", atoll_test_guests::KV_DRAFT);
+    let draft2 = load_as(&rt, "shared", atoll_test_guests::COUNTER);
+    // Labels: `default` and those the app was deployed with; any other is access-denied.
+    assert_eq!(call(&spin, "GET", "/_open/default", "").await, (200, "opened\n".into()));
+    assert_eq!(call(&spin, "GET", "/_open/extra", "").await, (200, "opened\n".into()));
+    assert_eq!(call(&spin, "GET", "/_open/other", "").await, (403, "Error::AccessDenied\n".into()));
+    // Set, get, delete (a missing key too), get-keys: exactly the live keys.
+    assert_eq!(call(&spin, "PUT", "/greeting", "hi").await, (200, "hi\n".into()));
+    assert_eq!(call(&spin, "PUT", "/gone", "x").await.0, 200);
+    assert_eq!(call(&spin, "DELETE", "/gone", "").await, (200, "deleted\n".into()));
+    assert_eq!(call(&spin, "DELETE", "/never-there", "").await, (200, "deleted\n".into()));
+    assert_eq!(call(&spin, "GET", "/gone", "").await, (200, "0\n".into()));
+    // Written through Spin, read through wasi:keyvalue draft and draft2, and the other way.
+    assert_eq!(call(&draft, "GET", "/default/greeting", "").await, (200, "hi".into()));
+    assert_eq!(call(&draft2, "POST", "/hits", "").await, (200, "1\n".into()));
+    assert_eq!(call(&spin, "POST", "/hits", "").await, (200, "2\n".into()));
+    assert_eq!(call(&draft, "POST", "/default/hits?by=3", "").await, (200, "5".into()));
+    assert_eq!(call(&spin, "GET", "/hits", "").await, (200, "5\n".into()));
+    assert_eq!(call(&spin, "GET", "/", "").await, (200, "greeting=hi\nhits=5\n".into()));
+}

@@ -1,0 +1,190 @@
+//! `spin:key-value/key-value@3.0.0` (Spin 4: spin-sdk 6 and 7), for WASI 0.3 guests: every
+//! function is async, and `get-keys` answers a stream.
+//!
+//! Spin's semantics: a store is opened by label; `default` is always allowed, any other label
+//! only if the app was deployed with it (`atoll deploy --kv-store LABEL`), else `access-denied`.
+//! A label is the app's bucket of that name, so `wasi:keyvalue` opening the same name sees the
+//! same data. Deleting a missing key succeeds; `get-keys` lists exactly the live keys.
+
+use atoll_kv::{Namespace, Store, Write};
+use wasmtime::component::{Accessor, FutureReader, Resource, StreamReader};
+
+use super::{Bucket, Fail, HasKv, KvView, outcome};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        inline: "package atoll:host; world spin-kv { import spin:key-value/key-value@3.0.0; }",
+        path: "../../wit/spin-key-value-3.0.0",
+        imports: { default: trappable },
+        with: {
+            "spin:key-value/key-value.store": crate::keyvalue::Bucket,
+        },
+    });
+}
+
+use generated::spin::key_value::key_value::{self as kv, Error};
+
+/// Adds `spin:key-value@3.0.0` to a linker (of an engine with the component model's async
+/// support).
+pub(crate) fn add_to_linker<T: Send + 'static>(
+    linker: &mut wasmtime::component::Linker<T>,
+    view: fn(&mut T) -> KvView<'_>,
+) -> wasmtime::Result<()> {
+    kv::add_to_linker::<T, HasKv>(linker, view)
+}
+
+/// A failure as Spin's error variant.
+fn spin<T>(result: wasmtime::Result<Result<T, Fail>>) -> wasmtime::Result<Result<T, Error>> {
+    Ok(result?.map_err(|fail| match fail {
+        Fail::NoSuchStore => Error::NoSuchStore,
+        Fail::Other(reason) => Error::Other(reason),
+    }))
+}
+
+/// What an operation needs, taken from the request's state before it awaits anything.
+fn target<U>(
+    accessor: &Accessor<U, HasKv>,
+    bucket: &Resource<Bucket>,
+) -> wasmtime::Result<Result<(Store, Namespace), Fail>> {
+    accessor.with(|mut access| {
+        let view = access.get();
+        let ns = view.table.get(bucket)?.ns.clone();
+        Ok(view.ctx.store.clone().map(|store| (store, ns)).ok_or(Fail::NoSuchStore))
+    })
+}
+
+async fn write<U>(
+    accessor: &Accessor<U, HasKv>,
+    bucket: &Resource<Bucket>,
+    key: &str,
+    write: Write,
+    op: &'static str,
+) -> wasmtime::Result<Result<(), Fail>> {
+    let (store, ns) = match target(accessor, bucket)? {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
+    // Closed to guest writes while the site resyncs or its clock is off (the request fails with
+    // 503), as for `wasi:keyvalue`.
+    if let Err(e) = outcome(store.write_gate())? {
+        return Ok(Err(e));
+    }
+    Ok(outcome(store.guest_write(&ns, key.as_bytes(), write).await)?.map(drop))
+}
+
+fn read(
+    accessor: &Accessor<impl Sized, HasKv>,
+    bucket: &Resource<Bucket>,
+    key: &str,
+) -> wasmtime::Result<Result<Option<Vec<u8>>, Fail>> {
+    let (store, ns) = match target(accessor, bucket)? {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    metrics::counter!("atoll_kv_operations_total", "op" => "get").increment(1);
+    if let Err(e) = outcome(store.gate())? {
+        return Ok(Err(e));
+    }
+    outcome(store.get(&ns, key.as_bytes()))
+}
+
+/// Every live key of the bucket, page by page.
+fn keys(
+    accessor: &Accessor<impl Sized, HasKv>,
+    bucket: &Resource<Bucket>,
+) -> wasmtime::Result<Result<Vec<String>, Fail>> {
+    let (store, ns) = match target(accessor, bucket)? {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    metrics::counter!("atoll_kv_operations_total", "op" => "list").increment(1);
+    if let Err(e) = outcome(store.gate())? {
+        return Ok(Err(e));
+    }
+    let (mut all, mut after) = (Vec::new(), None::<Vec<u8>>);
+    loop {
+        let (keys, next) = match outcome(store.list_keys(&ns, after.as_deref(), store.bounds().max_page))? {
+            Ok(page) => page,
+            Err(e) => return Ok(Err(e)),
+        };
+        all.extend(keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()));
+        match next {
+            Some(cursor) => after = Some(cursor),
+            None => return Ok(Ok(all)),
+        }
+    }
+}
+
+impl kv::Host for KvView<'_> {}
+
+impl kv::HostStore for KvView<'_> {
+    fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl<T: Send> kv::HostStoreWithStore<T> for HasKv {
+    async fn open(
+        accessor: &Accessor<T, Self>,
+        label: String,
+    ) -> wasmtime::Result<Result<Resource<Bucket>, Error>> {
+        accessor.with(|mut access| {
+            let mut view = access.get();
+            if label != "default" && !view.ctx.labels.contains(&label) {
+                return Ok(Err(Error::AccessDenied));
+            }
+            spin(view.open(&label))
+        })
+    }
+
+    async fn get(
+        accessor: &Accessor<T, Self>,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, Error>> {
+        spin(read(accessor, &bucket, &key))
+    }
+
+    async fn set(
+        accessor: &Accessor<T, Self>,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        spin(write(accessor, &bucket, &key, Write::Set(value), "set").await)
+    }
+
+    async fn delete(
+        accessor: &Accessor<T, Self>,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        spin(write(accessor, &bucket, &key, Write::Delete, "delete").await)
+    }
+
+    async fn exists(
+        accessor: &Accessor<T, Self>,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<bool, Error>> {
+        spin(read(accessor, &bucket, &key).map(|r| r.map(|v| v.is_some())))
+    }
+
+    async fn get_keys(
+        accessor: &Accessor<T, Self>,
+        bucket: Resource<Bucket>,
+    ) -> wasmtime::Result<(StreamReader<String>, FutureReader<Result<(), Error>>)> {
+        let (keys, result) = match spin(keys(accessor, &bucket))? {
+            Ok(keys) => (keys, Ok(())),
+            Err(e) => (Vec::new(), Err(e)),
+        };
+        accessor.with(|mut access| {
+            let stream = StreamReader::new(&mut access, keys)?;
+            let future =
+                FutureReader::new(&mut access, std::future::ready(Ok::<_, wasmtime::Error>(result)))?;
+            Ok((stream, future))
+        })
+    }
+}
