@@ -806,10 +806,12 @@ fn bench_site(bin: &Path, guests: &Path, dir: &Path, apps: &[&str]) -> Result<Se
         .env("ATOLL_ADMIN_TOKEN", "bench");
     quiet(&mut site_cmd);
     let site = Server::start(&mut site_cmd)?;
-    for app in apps {
+    for file in apps {
+        // App names take '-' where cdylib file names have '_' (spin_hello.wasm: spin-hello).
+        let app = file.replace('_', "-");
         run(Command::new(bin)
-            .args(["deploy", "--site", &site.url, "--app", app])
-            .arg(guests.join(format!("{app}.wasm")))
+            .args(["deploy", "--site", &site.url, "--app", &app])
+            .arg(guests.join(format!("{file}.wasm")))
             .env("ATOLL_ADMIN_TOKEN", "bench")
             .stdout(Stdio::null()))?;
     }
@@ -1306,7 +1308,8 @@ fn bench(seconds: u64, connections: u32, rounds: Option<usize>) -> Result<()> {
     let guests = build_guests()?;
     let bins = build_bins(true, &["atoll", "xtask"])?;
     let dir = tempfile::tempdir()?;
-    let site = bench_site(&bins.join("atoll"), &guests, &dir.path().join("current"), &["hello"])?;
+    let site =
+        bench_site(&bins.join("atoll"), &guests, &dir.path().join("current"), &["hello", "spin_hello"])?;
     let (native, minimal) = start_baselines(&bins, &guests)?;
     let old = match baseline() {
         Some(bin) => Some((bench_site(&bin, &guests, &dir.path().join("baseline"), &["hello"])?, bin)),
@@ -1329,6 +1332,8 @@ fn bench(seconds: u64, connections: u32, rounds: Option<usize>) -> Result<()> {
     if let Some((server, bin)) = &old {
         targets.push((format!("baseline site ({})", bin.display()), server, "/apps/hello/"));
     }
+    // The same greeting from a WASI 0.3 handler (spin-sdk 7), last.
+    targets.push(("atoll site, spin_hello (0.3)".to_owned(), &site, "/apps/spin-hello/"));
     // With a baseline, the site and the baseline take turns over three rounds (this machine's
     // speed drifts within a run: alternating keeps the comparison fair); the means are compared.
     let rounds = rounds.unwrap_or(if old.is_some() { 3 } else { 1 }).max(1);
@@ -1358,7 +1363,14 @@ fn bench(seconds: u64, connections: u32, rounds: Option<usize>) -> Result<()> {
         totals[2].0 / totals[0].0 * 100.0,
         totals[1].1 / totals[2].1
     );
-    if let Some(base) = totals.get(3) {
+    let p3 = totals[targets.len() - 1];
+    println!(
+        "WASI 0.3 hello (spin-sdk 7) / WASI 0.2 hello (wstd), same site: throughput {:.1}%, CPU per request {:.2}×; 0.3 / native throughput {:.1}%",
+        p3.0 / totals[1].0 * 100.0,
+        p3.1 / totals[1].1,
+        p3.0 / totals[0].0 * 100.0
+    );
+    if let Some(base) = totals.get(3).filter(|_| old.is_some()) {
         println!(
             "atoll / baseline over {rounds} alternating rounds: throughput {:.1}%, CPU per request {:.1}%",
             totals[1].0 / base.0 * 100.0,

@@ -154,6 +154,10 @@ impl App {
         let Ok(instance) = inner.share.clone().try_acquire_owned() else {
             return Err(HandleError::AppAtCapacity { limit: inner.shared.shares.per_app() });
         };
+        // The site-wide cap, over both engines' pools (WASI 0.2 and 0.3 handlers together).
+        let Ok(site_instance) = inner.shared.instances.clone().try_acquire_owned() else {
+            return Err(HandleError::AtCapacity);
+        };
         let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
         let deadline = limits.deadline;
         // The guest runs in a task of its own (as in wasmtime-wasi-http's serving example): run
@@ -163,8 +167,8 @@ impl App {
         let (app, request_id): (App, Arc<str>) = (self.clone(), request_id.into());
         let mut task = Abortable(tokio::spawn(async move {
             let result = tokio::time::timeout(deadline, app.run(request, request_id)).await;
-            // The app's share is held until the guest is done.
-            drop(instance);
+            // The app's share and the site's instance are held until the guest is done.
+            drop((instance, site_instance));
             result
         }));
         let result = match (&mut task.0).await {
@@ -214,6 +218,7 @@ impl App {
                 store: inner.shared.config.kv.clone(),
                 app: inner.name.clone(),
                 labels: inner.kv_labels.clone(),
+                in_flight: Default::default(),
             },
         };
         let mut store = Store::new(&inner.engine, host);

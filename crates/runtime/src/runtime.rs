@@ -43,6 +43,9 @@ pub(crate) struct Shared {
     pub(crate) bodies: crate::budget::BodyBudget,
     /// Each app's share of the instance pool.
     pub(crate) shares: crate::budget::AppShares,
+    /// Instances alive at once, both engines together: `max_instances` site-wide, although
+    /// each engine's pool has room for as many.
+    pub(crate) instances: Arc<tokio::sync::Semaphore>,
 }
 
 /// An engine (with its own instance pool) and the host linked into it.
@@ -124,6 +127,7 @@ impl Runtime {
                 p3_init: Mutex::new(()),
                 bodies: crate::budget::BodyBudget::new(config.max_buffered_body_bytes),
                 shares: crate::budget::AppShares::new(config.max_instances_per_app),
+                instances: Arc::new(tokio::sync::Semaphore::new(config.max_instances as usize)),
                 config,
                 compiled: Mutex::new(HashMap::new()),
                 ticker: Mutex::new(Some(ticker)),

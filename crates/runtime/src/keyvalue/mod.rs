@@ -97,6 +97,9 @@ pub(crate) struct KvCtx {
     pub(crate) app: Arc<str>,
     /// The store labels Spin's key-value interfaces may open besides `default`.
     pub(crate) labels: Arc<[String]>,
+    /// Spin key-value calls of this request in flight (its functions are async: a WASI 0.3
+    /// guest may start many at once).
+    pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// An open bucket.

@@ -4,7 +4,11 @@
 //! Spin's semantics: a store is opened by label; `default` is always allowed, any other label
 //! only if the app was deployed with it (`atoll deploy --kv-store LABEL`), else `access-denied`.
 //! A label is the app's bucket of that name, so `wasi:keyvalue` opening the same name sees the
-//! same data. Deleting a missing key succeeds; `get-keys` lists exactly the live keys.
+//! same data. Deleting a missing key succeeds; `get-keys` lists exactly the live keys (up to
+//! 10,000). A request has at most 16 calls in flight (each holds its value on the host).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use atoll_kv::{Namespace, Store, Write};
 use wasmtime::component::{Accessor, FutureReader, Resource, StreamReader};
@@ -41,15 +45,41 @@ fn spin<T>(result: wasmtime::Result<Result<T, Fail>>) -> wasmtime::Result<Result
     }))
 }
 
-/// What an operation needs, taken from the request's state before it awaits anything.
+/// The most Spin key-value calls one request may have in flight: each holds its value on the
+/// host, outside the guest's memory cap, so a guest starting thousands at once is refused past
+/// this (`other`), as a WASI 0.2 guest (one call at a time) never could be.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// The most keys `get-keys` answers: they are gathered on the host before they are streamed.
+/// Past it the stream holds the first ones and the result future says why it stopped.
+const MAX_KEYS: usize = 10_000;
+
+/// One of a request's calls in flight, counted until dropped.
+struct Call(Arc<AtomicUsize>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What an operation needs, taken from the request's state before it awaits anything, and its
+/// place among the request's calls in flight.
 fn target<U>(
     accessor: &Accessor<U, HasKv>,
     bucket: &Resource<Bucket>,
-) -> wasmtime::Result<Result<(Store, Namespace), Fail>> {
+) -> wasmtime::Result<Result<(Store, Namespace, Call), Fail>> {
     accessor.with(|mut access| {
         let view = access.get();
         let ns = view.table.get(bucket)?.ns.clone();
-        Ok(view.ctx.store.clone().map(|store| (store, ns)).ok_or(Fail::NoSuchStore))
+        let counter = view.ctx.in_flight.clone();
+        let call = Call(counter.clone());
+        if counter.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+            return Ok(Err(Fail::Other(format!(
+                "more than {MAX_IN_FLIGHT} key-value calls in flight in one request"
+            ))));
+        }
+        Ok(view.ctx.store.clone().map(|store| (store, ns, call)).ok_or(Fail::NoSuchStore))
     })
 }
 
@@ -60,7 +90,7 @@ async fn write<U>(
     write: Write,
     op: &'static str,
 ) -> wasmtime::Result<Result<(), Fail>> {
-    let (store, ns) = match target(accessor, bucket)? {
+    let (store, ns, _call) = match target(accessor, bucket)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
@@ -78,7 +108,7 @@ fn read(
     bucket: &Resource<Bucket>,
     key: &str,
 ) -> wasmtime::Result<Result<Option<Vec<u8>>, Fail>> {
-    let (store, ns) = match target(accessor, bucket)? {
+    let (store, ns, _call) = match target(accessor, bucket)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
@@ -89,12 +119,16 @@ fn read(
     outcome(store.get(&ns, key.as_bytes()))
 }
 
-/// Every live key of the bucket, page by page.
+/// The keys listed, and why the listing stopped short if it did.
+type Listed = (Vec<String>, Option<Fail>);
+
+/// Every live key of the bucket, page by page, up to [`MAX_KEYS`]; past them, the keys so far
+/// and why the listing stopped.
 fn keys(
     accessor: &Accessor<impl Sized, HasKv>,
     bucket: &Resource<Bucket>,
-) -> wasmtime::Result<Result<Vec<String>, Fail>> {
-    let (store, ns) = match target(accessor, bucket)? {
+) -> wasmtime::Result<Result<Listed, Fail>> {
+    let (store, ns, _call) = match target(accessor, bucket)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
@@ -110,8 +144,15 @@ fn keys(
         };
         all.extend(keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()));
         match next {
+            Some(_) if all.len() >= MAX_KEYS => {
+                all.truncate(MAX_KEYS);
+                let why = format!(
+                    "the store holds more than {MAX_KEYS} keys: only the first {MAX_KEYS} are listed"
+                );
+                return Ok(Ok((all, Some(Fail::Other(why)))));
+            }
             Some(cursor) => after = Some(cursor),
-            None => return Ok(Ok(all)),
+            None => return Ok(Ok((all, None))),
         }
     }
 }
@@ -176,9 +217,10 @@ impl<T: Send> kv::HostStoreWithStore<T> for HasKv {
         accessor: &Accessor<T, Self>,
         bucket: Resource<Bucket>,
     ) -> wasmtime::Result<(StreamReader<String>, FutureReader<Result<(), Error>>)> {
-        let (keys, result) = match spin(keys(accessor, &bucket))? {
-            Ok(keys) => (keys, Ok(())),
-            Err(e) => (Vec::new(), Err(e)),
+        let (keys, result) = match keys(accessor, &bucket)? {
+            Ok((keys, None)) => (keys, Ok(())),
+            Ok((keys, Some(stopped))) => (keys, spin(Ok(Err(stopped)))?),
+            Err(e) => (Vec::new(), spin(Ok(Err(e)))?),
         };
         accessor.with(|mut access| {
             let stream = StreamReader::new(&mut access, keys)?;

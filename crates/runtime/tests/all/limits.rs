@@ -100,3 +100,38 @@ async fn a_full_pool_answers_at_capacity_not_a_crash() {
     let _ = holder.await;
     assert_eq!(get(&app, "/static").await.expect("served once the slot is free"), (200, "1\n".into()));
 }
+
+#[tokio::test]
+async fn the_instance_cap_holds_over_wasi_0_2_and_0_3_handlers_together() {
+    // Two instances site-wide; each engine's pool alone would have room for two.
+    let rt = Runtime::new(RuntimeConfig { max_instances: 2, ..RuntimeConfig::default() }).expect("runtime");
+    let wasm = |path: &str| std::fs::read(path).expect("built");
+    let load = |name: &str, path: &str| rt.load(name, &wasm(path), AppSettings::default()).expect("loads");
+    let spin = load("spin", atoll_test_guests::SPIN_HELLO);
+    // Two WASI 0.2 guests hold both instances while they sleep.
+    let held: Vec<_> = ["slow-1", "slow-2"]
+        .into_iter()
+        .map(|name| {
+            let app = load(name, atoll_test_guests::PROBE);
+            tokio::spawn(async move { get(&app, "/sleep?ms=1500").await })
+        })
+        .collect();
+    // The test's runtime is single-threaded: one yield lets both take their instance.
+    tokio::task::yield_now().await;
+    let mut refused = false;
+    for _ in 0..100 {
+        match get(&spin, "/").await {
+            Err(HandleError::AtCapacity) => {
+                refused = true;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            other => panic!("expected AtCapacity or a response, got {other:?}"),
+        }
+    }
+    for handle in held {
+        assert_eq!(handle.await.expect("join").expect("served").0, 200);
+    }
+    assert!(refused, "the WASI 0.3 app is refused while WASI 0.2 ones hold the site's instances");
+    assert_eq!(get(&spin, "/").await.expect("served").0, 200, "served once an instance is free");
+}
