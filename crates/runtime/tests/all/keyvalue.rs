@@ -192,3 +192,19 @@ async fn spin_key_value_keeps_spins_rules_and_shares_the_data_of_wasi_keyvalue()
     assert_eq!(call(&spin, "GET", "/hits", "").await, (200, "5\n".into()));
     assert_eq!(call(&spin, "GET", "/", "").await, (200, "greeting=hi\nhits=5\n".into()));
 }
+
+#[tokio::test]
+async fn a_wasi_0_3_guest_gets_at_most_16_spin_key_value_calls_in_flight() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds::default());
+    let probe = load_as(&rt, "burst", atoll_test_guests::PROBE3);
+    // 16 at once are all served; of 64 started at once, the ones past 16 in flight are refused
+    // (how many depends on how many finished meanwhile), and the request itself is served.
+    assert_eq!(call(&probe, "GET", "/kv-burst?n=16", "").await, (200, "ok 16 refused 0\n".into()));
+    let (status, body) = call(&probe, "GET", "/kv-burst?n=64", "").await;
+    assert_eq!(status, 200, "{body}");
+    let counts: Vec<usize> = body.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(counts.len(), 2, "{body}");
+    assert_eq!(counts[0] + counts[1], 64, "{body}");
+    assert!(counts[0] >= 16 && counts[1] > 0, "some were refused past 16 in flight: {body}");
+}

@@ -6,6 +6,7 @@
 //! - `/loop` computes forever; `/grow` allocates until memory runs out; `/trap` panics;
 //! - `/forever` answers 200 and a body that never ends (a line every 10 ms);
 //! - `/fetch?url=URL` calls URL (outbound `wasi:http@0.3`): `fetched: STATUS`, or 502 and the error;
+//! - `/kv-burst?n=N` starts N Spin key-value `set`s at once: `ok OK refused REFUSED`;
 //! - `/big?n=N` answers N bytes, written in 64 KiB chunks after the response is returned.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +46,14 @@ async fn probe(request: Request) -> anyhow::Result<Response> {
                     Ok(response)
                 }
             }
+        }
+        "/kv-burst" => {
+            let n = query(&request, "n").unwrap_or(40);
+            let store = spin_sdk::key_value::Store::open_default().await?;
+            let writes = (0..n).map(|i| store.set(format!("burst-{i}"), vec![b'x'; 1024]));
+            let results = futures::future::join_all(writes).await;
+            let ok = results.iter().filter(|r| r.is_ok()).count();
+            text(format!("ok {ok} refused {}\n", results.len() - ok))
         }
         "/sleep" => {
             let ms = query(&request, "ms").unwrap_or(100);
