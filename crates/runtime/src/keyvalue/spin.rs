@@ -63,9 +63,34 @@ impl Drop for Call {
     }
 }
 
-/// What an operation needs, taken from the request's state before it awaits anything, and its
-/// place among the request's calls in flight.
+/// Whether an operation writes: writes pass the store's write gate, reads its read gate.
+#[derive(Clone, Copy, PartialEq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// What operation `op` needs, taken from the request's state before it awaits anything, and its
+/// place among the request's calls in flight; counted, and past the store's gate (closed while
+/// the site resyncs, and to writes while its clock is off: the request fails with 503, as for
+/// `wasi:keyvalue`).
 fn target<U>(
+    accessor: &Accessor<U, HasKv>,
+    bucket: &Resource<Bucket>,
+    op: &'static str,
+    access: Access,
+) -> wasmtime::Result<Result<(Store, Namespace, Call), Fail>> {
+    let (store, ns, call) = match take(accessor, bucket)? {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
+    let gate = if access == Access::Write { store.write_gate() } else { store.gate() };
+    Ok(outcome(gate)?.map(|()| (store, ns, call)))
+}
+
+/// The request's store, the bucket's namespace and a place among its calls in flight.
+fn take<U>(
     accessor: &Accessor<U, HasKv>,
     bucket: &Resource<Bucket>,
 ) -> wasmtime::Result<Result<(Store, Namespace, Call), Fail>> {
@@ -90,16 +115,10 @@ async fn write<U>(
     write: Write,
     op: &'static str,
 ) -> wasmtime::Result<Result<(), Fail>> {
-    let (store, ns, _call) = match target(accessor, bucket)? {
+    let (store, ns, _call) = match target(accessor, bucket, op, Access::Write)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
-    // Closed to guest writes while the site resyncs or its clock is off (the request fails with
-    // 503), as for `wasi:keyvalue`.
-    if let Err(e) = outcome(store.write_gate())? {
-        return Ok(Err(e));
-    }
     Ok(outcome(store.guest_write(&ns, key.as_bytes(), write).await)?.map(drop))
 }
 
@@ -108,14 +127,10 @@ fn read(
     bucket: &Resource<Bucket>,
     key: &str,
 ) -> wasmtime::Result<Result<Option<Vec<u8>>, Fail>> {
-    let (store, ns, _call) = match target(accessor, bucket)? {
+    let (store, ns, _call) = match target(accessor, bucket, "get", Access::Read)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    metrics::counter!("atoll_kv_operations_total", "op" => "get").increment(1);
-    if let Err(e) = outcome(store.gate())? {
-        return Ok(Err(e));
-    }
     outcome(store.get(&ns, key.as_bytes()))
 }
 
@@ -128,14 +143,10 @@ fn keys(
     accessor: &Accessor<impl Sized, HasKv>,
     bucket: &Resource<Bucket>,
 ) -> wasmtime::Result<Result<Listed, Fail>> {
-    let (store, ns, _call) = match target(accessor, bucket)? {
+    let (store, ns, _call) = match target(accessor, bucket, "list", Access::Read)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    metrics::counter!("atoll_kv_operations_total", "op" => "list").increment(1);
-    if let Err(e) = outcome(store.gate())? {
-        return Ok(Err(e));
-    }
     let (mut all, mut after) = (Vec::new(), None::<Vec<u8>>);
     loop {
         let (keys, next) = match outcome(store.list_keys(&ns, after.as_deref(), store.bounds().max_page))? {
