@@ -16,6 +16,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("spin_counter", "SPIN_COUNTER"),
     ("probe3", "PROBE3"),
     ("spin_sqlite", "SPIN_SQLITE"),
+    ("spin2", "SPIN2"),
 ];
 const TARGET: &str = "wasm32-wasip2";
 

@@ -186,3 +186,93 @@ fn the_spin_counter_incremented_at_two_sites_reads_the_sum_at_a_third() {
     let denied = get(&c, "ap-south", "/_open/other");
     assert_eq!((denied.status, denied.body.as_str()), (403, "Error::AccessDenied\n"));
 }
+
+/// Variables set at deploy (`--var`, `--var-file`), signed and replicated with the deploy: read
+/// by the guest at every site through Spin 4's, Spin 2's and wasi:config's interfaces, never
+/// shown by `atoll apps`, the API, the status page or any site's log; a bad name refused with
+/// the previous version still serving.
+#[test]
+fn variables_set_at_deploy_are_read_at_every_site_and_never_shown() {
+    use crate::replication::FAST;
+    const SECRET: &str = "s3cr3t-v4lue-0f-the-api-key";
+    let a = Site::start_with_env("vars-a", &["--region", "us-east"], Some(FAST), &[("RUST_LOG", "debug")]);
+    let b = Site::start_with("vars-b", &["--region", "eu-west", "--peer", &a.url], Some(FAST));
+    let c = Site::start_with("vars-c", &["--region", "ap-south", "--peer", &a.url], Some(FAST));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("vars.env");
+    std::fs::write(
+        &file,
+        format!("# the app's settings\n\ngreeting=hello from a file\napi_key={SECRET}\nstep=1\n"),
+    )
+    .expect("write the var file");
+    let file = file.display().to_string();
+    // The command line overrides the file.
+    a.deploy("counter", atoll_test_guests::SPIN_COUNTER, &["--var-file", &file, "--var", "step=3"]);
+    a.deploy("spin2", atoll_test_guests::SPIN2, &["--var", "greeting=hi=there", "--var", "empty="]);
+    let get = |site: &Site, region: &str, path: &str| {
+        request("GET", &format!("{}/apps{path}", site.url), &[("x-atoll-region", region)], None)
+    };
+    for (site, region) in [(&a, "us-east"), (&b, "eu-west"), (&c, "ap-south")] {
+        eventually(WAIT, &format!("the variables at {}", site.name), || {
+            (get(site, region, "/counter/_var/greeting").body == "hello from a file\n"
+                && get(site, region, "/spin2/var/greeting").body == "hi=there")
+                .then_some(())
+        });
+        assert_eq!(get(site, region, "/counter/_var/api_key").body, format!("{SECRET}\n"));
+        assert_eq!(get(site, region, "/counter/_config/step").body, "3\n");
+        assert_eq!(get(site, region, "/spin2/config/empty").body, "");
+        let unset = get(site, region, "/spin2/var/unset");
+        assert_eq!((unset.status, unset.body.as_str()), (409, "Error::Undefined(\"unset\")"));
+        let r =
+            request("POST", &format!("{}/apps/counter/hits", site.url), &[("x-atoll-region", region)], None);
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // `step` = 3 at each of the three sites.
+    eventually(WAIT, "9 hits", || (get(&c, "ap-south", "/counter/hits").body == "9\n").then_some(()));
+
+    // Shown nowhere: the CLI, the API, the status page.
+    let apps = atoll(&["apps", "--site", &b.url]);
+    assert!(apps.status.success());
+    let api = b.admin("GET", "/_atoll/apps/counter", None);
+    assert!(
+        api.body.contains("api_key") && api.body.contains("greeting"),
+        "the names are shown: {}",
+        api.body
+    );
+    let state = b.get("/_atoll/ui/state");
+    for shown in [String::from_utf8_lossy(&apps.stdout).into_owned(), api.body, state.body] {
+        assert!(!shown.contains(SECRET) && !shown.contains("hello from a file"), "{shown}");
+    }
+
+    // A bad name (or a line that is not NAME=VALUE) is refused before anything is sent: the
+    // previous version keeps its variables.
+    for bad in [&["--var", "API_KEY=x"][..], &["--var", "api__key=x"], &["--var", "no_equals_sign"]] {
+        let mut args =
+            vec!["deploy", "--site", a.url.as_str(), "--app", "counter", atoll_test_guests::SPIN_COUNTER];
+        args.extend_from_slice(bad);
+        let out = atoll(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("--var"), "{bad:?}: {err}");
+    }
+    // ... and by the site itself, from a client that skips the check.
+    let vars = atoll_deploy::encode_vars(&[("Bad-Name".to_owned(), "x".to_owned())].into());
+    let auth = format!("Bearer {TOKEN}");
+    let refused = request(
+        "PUT",
+        &format!("{}/_atoll/apps/counter", a.url),
+        &[("authorization", &auth), ("x-atoll-deploy-vars", &vars)],
+        Some(&read(atoll_test_guests::SPIN_COUNTER)),
+    );
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(refused.body.contains("\\\"Bad-Name\\\""), "{}", refused.body);
+    assert_eq!(get(&a, "us-east", "/counter/_var/api_key").body, format!("{SECRET}\n"));
+
+    // A deploy without variables leaves none (a deploy says everything the app runs with).
+    a.deploy("counter", atoll_test_guests::SPIN_COUNTER, &[]);
+    eventually(WAIT, "no variables at vars-c", || {
+        (get(&c, "ap-south", "/counter/_var/api_key").body == "Error::Undefined(\"api_key\")\n").then_some(())
+    });
+    for site in [&a, &b, &c] {
+        assert!(!site.stderr().contains(SECRET), "{} logged the secret", site.name);
+    }
+}

@@ -86,6 +86,7 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
         memory_mb: args.memory_mb,
         allow_hosts: (!args.allow_hosts.is_empty()).then(|| args.allow_hosts.join(",")),
         kv_stores: (!args.kv_stores.is_empty()).then(|| args.kv_stores.join(",")),
+        vars: variables(args)?,
         ..Default::default()
     };
     let mut request = site.agent.put(site.url(&format!("/_atoll/apps/{}", args.app)));
@@ -101,6 +102,10 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
     if let Some(labels) = &params.kv_stores {
         request = request.query("kv_stores", labels);
     }
+    if !params.vars.is_empty() {
+        // In a header, not the URL: proxies log URLs.
+        request = request.header(signing::VARS_HEADER, signing::encode_vars(&params.vars));
+    }
     if let Some(key) = &args.client.deploy_key {
         use sha2::Digest;
         let version: String = sha2::Sha256::digest(&wasm).iter().map(|b| format!("{b:02x}")).collect();
@@ -115,6 +120,48 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
     println!("deployed {} version {} ({} bytes) to {}", info.name, info.version, info.size, site.base);
     for url in app_urls(&site.base, &info.name) {
         println!("  curl {url}");
+    }
+    Ok(())
+}
+
+/// The variables of `--var-file`s, then of `--var`s (a `--var` overrides a file's; a name given
+/// twice on the command line, or in one file, is refused). Names are checked here so that a
+/// mistake is named before anything is sent; values are never printed.
+fn variables(args: &DeployArgs) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut vars = std::collections::BTreeMap::new();
+    for path in &args.var_files {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut from_file = std::collections::BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            add_variable(&mut from_file, line, &format!("{} line {}", path.display(), n + 1))?;
+        }
+        vars.extend(from_file);
+    }
+    let mut given = std::collections::BTreeMap::new();
+    for pair in &args.vars {
+        add_variable(&mut given, pair, "--var")?;
+    }
+    vars.extend(given);
+    Ok(vars)
+}
+
+/// Adds one `NAME=VALUE` (from `place`) to `into`.
+fn add_variable(
+    into: &mut std::collections::BTreeMap<String, String>,
+    pair: &str,
+    place: &str,
+) -> Result<()> {
+    let Some((name, value)) = pair.split_once('=') else {
+        bail!("{place}: expected NAME=VALUE, found no '='");
+    };
+    atoll_runtime::check_variable_name(name).map_err(|e| anyhow::anyhow!("{place}: {e}"))?;
+    if into.insert(name.to_owned(), value.to_owned()).is_some() {
+        bail!("{place}: variable {name:?} is given twice");
     }
     Ok(())
 }

@@ -263,6 +263,7 @@ impl FileConfig {
             max_response_body_bytes: self.limits.max_response_body_bytes,
             allow_hosts: None,
             kv_stores: None,
+            vars: Default::default(),
         };
         defaults
             .settings(&Limits::default(), &self.caps())

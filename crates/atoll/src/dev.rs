@@ -213,6 +213,8 @@ pub fn run(args: DevArgs) -> Result<()> {
             memory_mb: None,
             allow_hosts: vec![],
             kv_stores: vec![],
+            vars: vec![],
+            var_files: vec![],
         };
         crate::client::deploy(&deploy)?;
     }

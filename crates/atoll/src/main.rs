@@ -182,6 +182,15 @@ struct DeployArgs {
     /// besides `default` (like `key_value_stores` in spin.toml); repeat for more.
     #[arg(long = "kv-store")]
     kv_stores: Vec<String>,
+    /// A variable the handler reads (Spin's variables, wasi:config), as NAME=VALUE; repeat for
+    /// more. Names: lowercase letters, digits and single '_', starting with a letter. Overrides
+    /// the same name in a --var-file.
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// A file of variables, one NAME=VALUE per line (the value is the rest of the line, taken
+    /// as is; blank lines and lines starting with '#' are skipped); repeat for more.
+    #[arg(long = "var-file", value_name = "FILE")]
+    var_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@
 //! Every change is one redb transaction committed with immediate durability: an upload the
 //! client saw succeed survives a crash of the site.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +53,26 @@ pub struct StoredSettings {
     /// sites read the record).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kv_stores: Vec<String>,
+    /// The app's variables: absent when there are none (so that older sites read the record).
+    #[serde(default, skip_serializing_if = "Secrets::is_empty")]
+    pub variables: Secrets,
+}
+
+/// Variables' names and values; `Debug` shows the names only (values may be secrets).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl Secrets {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 impl From<&atoll_runtime::AppSettings> for StoredSettings {
@@ -63,6 +84,7 @@ impl From<&atoll_runtime::AppSettings> for StoredSettings {
             max_response_body: s.limits.max_response_body as u64,
             allowed_hosts: s.allowed_hosts.clone(),
             kv_stores: s.kv_stores.clone(),
+            variables: Secrets(s.variables.values().clone()),
         }
     }
 }
@@ -78,6 +100,13 @@ impl From<&StoredSettings> for atoll_runtime::AppSettings {
             },
             allowed_hosts: s.allowed_hosts.clone(),
             kv_stores: s.kv_stores.clone(),
+            // Checked at deploy; a record edited on disk since loses its variables, said here.
+            variables: atoll_runtime::Variables::new(s.variables.0.clone()).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "the registry holds an invalid variable, so the app runs without variables: {e}"
+                );
+                atoll_runtime::Variables::default()
+            }),
         }
     }
 }

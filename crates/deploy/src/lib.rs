@@ -13,6 +13,7 @@
 //! in the reserved namespace `_atoll`/`apps`; its settings are the parameters resolved with the
 //! receiving site's defaults, through exactly the validation an upload goes through.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -67,6 +68,34 @@ pub struct DeployParams {
     /// interfaces besides `default` (Spin's `key_value_stores`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kv_stores: Option<String>,
+    /// The app's variables (`atoll deploy --var NAME=VALUE`), read through Spin's variables
+    /// interfaces and `wasi:config`. Values may be secrets: never shown nor logged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
+}
+
+/// The most bytes an app's variables may hold, names and values together: they travel in a
+/// header of the upload and in every copy of the deploy record.
+pub const MAX_VARIABLES_BYTES: usize = 16 << 10;
+
+/// The header `atoll deploy` sends the variables in (base64 of a JSON object), so that no value
+/// is in a URL a proxy would log.
+pub const VARS_HEADER: &str = "x-atoll-deploy-vars";
+
+/// Variables as [`VARS_HEADER`] carries them: base64 of a JSON object of strings.
+pub fn encode_vars(vars: &BTreeMap<String, String>) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(vars).unwrap_or_default())
+}
+
+/// The variables in a [`VARS_HEADER`] value, or why it is not one (never quoting a value).
+pub fn decode_vars(header: &str) -> Result<BTreeMap<String, String>, String> {
+    use base64::Engine;
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(header.trim())
+        .map_err(|_| format!("{VARS_HEADER} is not base64"))?;
+    serde_json::from_slice(&json)
+        .map_err(|_| format!("{VARS_HEADER} is not a base64 JSON object of string values"))
 }
 
 /// A Spin key-value store label: 1 to 64 of `a-z`, `0-9`, `-`, `_`, starting with a letter.
@@ -141,7 +170,14 @@ impl DeployParams {
                 kv_stores.push(label.to_owned());
             }
         }
-        Ok(AppSettings { limits, allowed_hosts, kv_stores })
+        let size: usize = self.vars.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > MAX_VARIABLES_BYTES {
+            return Err(format!(
+                "the variables hold {size} bytes (names and values); at most {MAX_VARIABLES_BYTES} are allowed"
+            ));
+        }
+        let variables = atoll_runtime::Variables::new(self.vars.clone())?;
+        Ok(AppSettings { limits, allowed_hosts, kv_stores, variables })
     }
 
     /// The canonical text of the parameters (sorted `name=value` lines of those given).
@@ -158,6 +194,8 @@ impl DeployParams {
         line("max_request_body_bytes", self.max_request_body_bytes.map(|v| v.to_string()));
         line("max_response_body_bytes", self.max_response_body_bytes.map(|v| v.to_string()));
         line("memory_mb", self.memory_mb.map(|v| v.to_string()));
+        // JSON: escaped, so a value never spans lines; a map, so sorted by name.
+        line("vars", (!self.vars.is_empty()).then(|| serde_json::to_string(&self.vars).unwrap_or_default()));
         out
     }
 }
@@ -441,6 +479,9 @@ mod tests {
             |r: &mut DeployRecord| r.params.deadline_ms = Some(501),
             |r: &mut DeployRecord| r.params.allow_hosts = Some("evil.example".into()),
             |r: &mut DeployRecord| r.params.kv_stores = Some("secrets".into()),
+            |r: &mut DeployRecord| {
+                r.params.vars.insert("api_url".into(), "https://evil.example".into());
+            },
             |r: &mut DeployRecord| r.version = None,
             |r: &mut DeployRecord| r.signed_at_ms += 1,
             |r: &mut DeployRecord| r.size += 1,
@@ -493,6 +534,21 @@ mod tests {
         assert!(p(|p| p.allow_hosts = Some("a.example:99999".into())).is_err());
         assert!(p(|p| p.kv_stores = Some("ok,Not-OK".into())).expect_err("refused").contains("kv_stores"));
         assert!(p(|p| p.kv_stores = Some("9lives".into())).is_err());
+        let vars = |pairs: &[(&str, &str)]| DeployParams {
+            vars: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        let refused = vars(&[("api_key", "s3cr3t"), ("Bad", "s3cr3t")]).settings(&defaults, &caps);
+        let refused = refused.expect_err("a bad name is refused");
+        assert!(
+            refused.contains("\"Bad\"") && !refused.contains("s3cr3t"),
+            "names the name, not the value: {refused}"
+        );
+        let big = "x".repeat(MAX_VARIABLES_BYTES);
+        assert!(vars(&[("big", &big)]).settings(&defaults, &caps).expect_err("too big").contains("bytes"));
+        let set =
+            vars(&[("api_key", "s3cr3t\nline 2"), ("n", "")]).settings(&defaults, &caps).expect("valid");
+        assert_eq!(set.variables.values().get("api_key").map(String::as_str), Some("s3cr3t\nline 2"));
         let labels = p(|p| p.kv_stores = Some("sessions, default,sessions,cache_2".into())).expect("valid");
         assert_eq!(labels.kv_stores, ["sessions", "cache_2"], "default is implied, duplicates dropped");
         assert!(is_version(&"0".repeat(64)) && !is_version("../x") && !is_version(&"A".repeat(64)));
@@ -539,6 +595,7 @@ mod tests {
                 response in proptest::option::of(any::<u64>()),
                 allow_hosts in proptest::option::of("[a-z0-9.:,\n=]{0,40}"),
                 kv_stores in proptest::option::of("[a-z0-9_,\n=]{0,20}"),
+                vars in proptest::collection::btree_map("[a-z_\n=]{0,6}", "[a-z\n=\"{}]{0,12}", 0..3),
                 signed_at_ms in any::<u64>(),
             ) {
                 let params = DeployParams {
@@ -548,6 +605,7 @@ mod tests {
                     max_response_body_bytes: response,
                     allow_hosts,
                     kv_stores,
+                    vars,
                 };
                 within_caps(&params);
                 let trust = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("dev key");

@@ -220,6 +220,7 @@ impl App {
                 labels: inner.kv_labels.clone(),
                 in_flight: Default::default(),
             },
+            vars: inner.settings.variables.clone(),
         };
         let mut store = Store::new(&inner.engine, host);
         store.limiter(|host| &mut host.limits);

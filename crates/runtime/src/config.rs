@@ -91,4 +91,6 @@ pub struct AppSettings {
     /// `default` (always allowed); any other label is `access-denied`. Each label is a bucket of
     /// the app's, the same one `wasi:keyvalue` opens by that name.
     pub kv_stores: Vec<String>,
+    /// The app's variables, read through Spin's variables interfaces and `wasi:config`.
+    pub variables: crate::Variables,
 }

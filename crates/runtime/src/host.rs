@@ -19,12 +19,18 @@ pub(crate) struct Host {
     pub(crate) limits: StoreLimits,
     pub(crate) egress: Egress,
     pub(crate) kv: KvCtx,
+    pub(crate) vars: crate::Variables,
 }
 
 impl Host {
     /// The `wasi:keyvalue` view of this request's state.
     pub(crate) fn keyvalue(&mut self) -> KvView<'_> {
         KvView { ctx: &self.kv, table: &mut self.table }
+    }
+
+    /// The variables view of this request's state.
+    pub(crate) fn variables(&mut self) -> crate::variables::VarsView<'_> {
+        crate::variables::VarsView(&self.vars)
     }
 }
 

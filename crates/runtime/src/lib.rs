@@ -40,6 +40,7 @@ mod guest_log;
 mod host;
 mod keyvalue;
 mod runtime;
+mod variables;
 mod version;
 mod world;
 
@@ -48,5 +49,6 @@ pub use config::{AppSettings, Limits, RuntimeConfig};
 pub use egress::{AllowedHost, is_internal};
 pub use error::{HandleError, LoadError, RuntimeError};
 pub use runtime::{Runtime, engine_config};
+pub use variables::{Variables, check_name as check_variable_name};
 pub use version::Version;
 pub use world::World;

@@ -74,12 +74,18 @@ impl Flavor {
         crate::keyvalue::draft::add_to_linker(&mut linker, Host::keyvalue)
             .and_then(|()| crate::keyvalue::draft2::add_to_linker(&mut linker, Host::keyvalue))
             .map_err(engine_error)?;
+        // Spin 2 and 3's synchronous interfaces (spin-sdk 2–5) and wasi:config.
+        crate::keyvalue::spin2::add_to_linker(&mut linker, Host::keyvalue)
+            .and_then(|()| crate::variables::add_to_linker(&mut linker, Host::variables))
+            .map_err(engine_error)?;
         if world == World::Http03 {
             // WASI 0.3 handlers also import 0.2 interfaces (Rust's std does): both are linked.
             wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(engine_error)?;
             wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(engine_error)?;
             // Spin 4's key-value interface is async: WASI 0.3 guests only.
-            crate::keyvalue::spin::add_to_linker(&mut linker, Host::keyvalue).map_err(engine_error)?;
+            crate::keyvalue::spin::add_to_linker(&mut linker, Host::keyvalue)
+                .and_then(|()| crate::variables::add_async_to_linker(&mut linker, Host::variables))
+                .map_err(engine_error)?;
         }
         Ok(Flavor { engine, linker })
     }

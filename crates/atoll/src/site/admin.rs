@@ -231,7 +231,11 @@ pub(crate) struct AppInfo {
     uploaded_at: String,
     /// The `wasi:http` world the component serves (`wasi:http@0.2` or `wasi:http@0.3`).
     world: &'static str,
+    /// The settings, without the variables' values.
     settings: StoredSettings,
+    /// The names of the app's variables (their values are never shown).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    variables: Vec<String>,
 }
 
 impl AppInfo {
@@ -243,7 +247,8 @@ impl AppInfo {
             size: record.size,
             uploaded_at: humantime::format_rfc3339_millis(at).to_string(),
             world: world.as_str(),
-            settings: record.settings.clone(),
+            settings: StoredSettings { variables: Default::default(), ..record.settings.clone() },
+            variables: record.settings.variables.0.keys().cloned().collect(),
         }
     }
 }
@@ -329,12 +334,17 @@ fn sign_or_verify(
 async fn upload(
     State(site): State<Arc<Site>>,
     Path(name): Path<String>,
-    Query(params): Query<DeployParams>,
+    Query(mut params): Query<DeployParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&site, &headers)?;
     validate_name(&name)?;
+    if let Some(vars) = headers.get(signing::VARS_HEADER) {
+        let vars = vars.to_str().map_err(|_| format!("{} is not base64", signing::VARS_HEADER));
+        params.vars =
+            vars.and_then(signing::decode_vars).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    }
     let settings = params
         .settings(&site.default_limits, &site.caps)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;

@@ -258,6 +258,7 @@ fn params_of(app: &AppRecord) -> crate::signing::DeployParams {
         max_response_body_bytes: Some(s.max_response_body),
         allow_hosts: (!s.allowed_hosts.is_empty()).then(|| s.allowed_hosts.join(",")),
         kv_stores: (!s.kv_stores.is_empty()).then(|| s.kv_stores.join(",")),
+        vars: s.variables.0.clone(),
     }
 }
 

@@ -18,6 +18,7 @@ macro_rules! common_host {
         fn guest<T>(outcome: super::Outcome<T>) -> wasmtime::Result<Result<T, store::Error>> {
             Ok(outcome?.map_err(|fail| match fail {
                 super::Fail::NoSuchStore => store::Error::NoSuchStore,
+                super::Fail::AccessDenied => store::Error::AccessDenied,
                 super::Fail::Other(reason) => store::Error::Other(reason),
             }))
         }
@@ -80,6 +81,7 @@ macro_rules! common_host {
 pub(crate) mod draft;
 pub(crate) mod draft2;
 pub(crate) mod spin;
+pub(crate) mod spin2;
 
 use std::sync::Arc;
 
@@ -130,7 +132,40 @@ impl HasData for HasKv {
 /// A failure the guest sees as its version's `error` variant.
 pub(crate) enum Fail {
     NoSuchStore,
+    /// A Spin store label the app was not deployed with.
+    AccessDenied,
     Other(String),
+}
+
+/// The most keys Spin's `get-keys` answers: they are gathered on the host before the guest
+/// gets them.
+pub(crate) const MAX_KEYS: usize = 10_000;
+
+/// The keys listed, and why the listing stopped short if it did.
+pub(crate) type Listed = (Vec<String>, Option<Fail>);
+
+/// Every live key of `ns`, page by page, up to [`MAX_KEYS`]; past them, the first ones and why
+/// the listing stopped (Spin's `get-keys`).
+pub(crate) fn all_keys(store: &Store, ns: &Namespace) -> Outcome<Listed> {
+    let (mut all, mut after) = (Vec::new(), None::<Vec<u8>>);
+    loop {
+        let (keys, next) = match outcome(store.list_keys(ns, after.as_deref(), store.bounds().max_page))? {
+            Ok(page) => page,
+            Err(e) => return Ok(Err(e)),
+        };
+        all.extend(keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()));
+        match next {
+            Some(_) if all.len() >= MAX_KEYS => {
+                all.truncate(MAX_KEYS);
+                let why = format!(
+                    "the store holds more than {MAX_KEYS} keys: only the first {MAX_KEYS} are listed"
+                );
+                return Ok(Ok((all, Some(Fail::Other(why)))));
+            }
+            Some(cursor) => after = Some(cursor),
+            None => return Ok(Ok((all, None))),
+        }
+    }
 }
 
 /// The outcome of an operation: `Err` traps (storage failure), `Ok(Err)` is the guest's error.
@@ -163,6 +198,35 @@ impl KvView<'_> {
             Err(e) => return Ok(Err(e)),
         };
         Ok(Ok(self.table.push(Bucket { ns })?))
+    }
+
+    /// Opens a Spin store by label: `default` always, any other only if the app was deployed
+    /// with it (Spin's `key_value_stores`), else `access-denied`.
+    fn open_label(&mut self, label: &str) -> Outcome<Resource<Bucket>> {
+        if label != "default" && !self.ctx.labels.iter().any(|l| l == label) {
+            return Ok(Err(Fail::AccessDenied));
+        }
+        self.open(label)
+    }
+
+    /// Every live key of the bucket, up to [`MAX_KEYS`] (Spin's `get-keys`).
+    fn keys(&self, bucket: &Resource<Bucket>) -> Outcome<Listed> {
+        match self.listing(bucket)? {
+            Ok((store, ns)) => all_keys(store, &ns),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// The store and the bucket's namespace for a listing: counted, past the read gate.
+    fn listing(&self, bucket: &Resource<Bucket>) -> Outcome<(&Store, Namespace)> {
+        let ns = self.ns(bucket)?;
+        metrics::counter!("atoll_kv_operations_total", "op" => "list").increment(1);
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        outcome(store.gate())?.ok();
+        Ok(Ok((store, ns)))
     }
 
     fn ns(&self, bucket: &Resource<Bucket>) -> wasmtime::Result<Namespace> {
@@ -220,13 +284,10 @@ impl KvView<'_> {
 
     /// One page of keys after `after` (exclusive; `None`: from the start).
     fn list(&self, bucket: &Resource<Bucket>, after: Option<&str>) -> Outcome<(Vec<String>, Option<String>)> {
-        let ns = self.ns(bucket)?;
-        metrics::counter!("atoll_kv_operations_total", "op" => "list").increment(1);
-        let store = match self.store() {
-            Ok(s) => s,
+        let (store, ns) = match self.listing(bucket)? {
+            Ok(t) => t,
             Err(e) => return Ok(Err(e)),
         };
-        outcome(store.gate())?.ok();
         let page = store.bounds().max_page;
         Ok(outcome(store.list_keys(&ns, after.map(str::as_bytes), page))?.map(|(keys, next)| {
             let keys = keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()).collect();

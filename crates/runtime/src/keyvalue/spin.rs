@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use atoll_kv::{Namespace, Store, Write};
 use wasmtime::component::{Accessor, FutureReader, Resource, StreamReader};
 
-use super::{Bucket, Fail, HasKv, KvView, outcome};
+use super::{Bucket, Fail, HasKv, KvView, Listed, all_keys, outcome};
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -41,6 +41,7 @@ pub(crate) fn add_to_linker<T: Send + 'static>(
 fn spin<T>(result: wasmtime::Result<Result<T, Fail>>) -> wasmtime::Result<Result<T, Error>> {
     Ok(result?.map_err(|fail| match fail {
         Fail::NoSuchStore => Error::NoSuchStore,
+        Fail::AccessDenied => Error::AccessDenied,
         Fail::Other(reason) => Error::Other(reason),
     }))
 }
@@ -49,10 +50,6 @@ fn spin<T>(result: wasmtime::Result<Result<T, Fail>>) -> wasmtime::Result<Result
 /// host, outside the guest's memory cap, so a guest starting thousands at once is refused past
 /// this (`other`), as a WASI 0.2 guest (one call at a time) never could be.
 const MAX_IN_FLIGHT: usize = 16;
-
-/// The most keys `get-keys` answers: they are gathered on the host before they are streamed.
-/// Past it the stream holds the first ones and the result future says why it stopped.
-const MAX_KEYS: usize = 10_000;
 
 /// One of a request's calls in flight, counted until dropped.
 struct Call(Arc<AtomicUsize>);
@@ -134,11 +131,8 @@ fn read(
     outcome(store.get(&ns, key.as_bytes()))
 }
 
-/// The keys listed, and why the listing stopped short if it did.
-type Listed = (Vec<String>, Option<Fail>);
-
-/// Every live key of the bucket, page by page, up to [`MAX_KEYS`]; past them, the keys so far
-/// and why the listing stopped.
+/// Every live key of the bucket, up to [`super::MAX_KEYS`]; past them, the keys so far and why the
+/// listing stopped (the stream holds the first ones, the result future says why).
 fn keys(
     accessor: &Accessor<impl Sized, HasKv>,
     bucket: &Resource<Bucket>,
@@ -147,25 +141,7 @@ fn keys(
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    let (mut all, mut after) = (Vec::new(), None::<Vec<u8>>);
-    loop {
-        let (keys, next) = match outcome(store.list_keys(&ns, after.as_deref(), store.bounds().max_page))? {
-            Ok(page) => page,
-            Err(e) => return Ok(Err(e)),
-        };
-        all.extend(keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()));
-        match next {
-            Some(_) if all.len() >= MAX_KEYS => {
-                all.truncate(MAX_KEYS);
-                let why = format!(
-                    "the store holds more than {MAX_KEYS} keys: only the first {MAX_KEYS} are listed"
-                );
-                return Ok(Ok((all, Some(Fail::Other(why)))));
-            }
-            Some(cursor) => after = Some(cursor),
-            None => return Ok(Ok((all, None))),
-        }
-    }
+    all_keys(&store, &ns)
 }
 
 impl kv::Host for KvView<'_> {}
@@ -182,13 +158,7 @@ impl<T: Send> kv::HostStoreWithStore<T> for HasKv {
         accessor: &Accessor<T, Self>,
         label: String,
     ) -> wasmtime::Result<Result<Resource<Bucket>, Error>> {
-        accessor.with(|mut access| {
-            let mut view = access.get();
-            if label != "default" && !view.ctx.labels.contains(&label) {
-                return Ok(Err(Error::AccessDenied));
-            }
-            spin(view.open(&label))
-        })
+        accessor.with(|mut access| spin(access.get().open_label(&label)))
     }
 
     async fn get(

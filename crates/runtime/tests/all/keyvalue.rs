@@ -208,3 +208,65 @@ async fn a_wasi_0_3_guest_gets_at_most_16_spin_key_value_calls_in_flight() {
     assert_eq!(counts[0] + counts[1], 64, "{body}");
     assert!(counts[0] >= 16 && counts[1] > 0, "some were refused past 16 in flight: {body}");
 }
+
+#[tokio::test]
+async fn fermyon_spin_key_value_from_a_wasi_0_2_guest_keeps_spins_rules_and_shares_the_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = runtime_with_store(dir.path(), Bounds::default());
+    let settings = AppSettings { kv_stores: vec!["extra".into()], ..AppSettings::default() };
+    let wasm = std::fs::read(atoll_test_guests::SPIN2).expect("built");
+    let spin2 = rt.load("shared", &wasm, settings.clone()).expect("loads");
+    assert_eq!(spin2.world(), atoll_runtime::World::Http02);
+    let spin3 = rt
+        .load("shared", &std::fs::read(atoll_test_guests::SPIN_COUNTER).expect("built"), settings)
+        .expect("loads");
+    let draft = load_as(&rt, "shared", atoll_test_guests::KV_DRAFT);
+    // Labels: `default` and those deployed with; any other is access-denied.
+    assert_eq!(call(&spin2, "GET", "/kv/extra/k", "").await.0, 404);
+    assert_eq!(call(&spin2, "GET", "/kv/other/k", "").await, (409, "Error::AccessDenied".into()));
+    // Set, get, exists, delete (a missing key too), get-keys: exactly the live keys.
+    assert_eq!(call(&spin2, "PUT", "/kv/default/greeting", "hi").await, (200, "set".into()));
+    assert_eq!(call(&spin2, "PUT", "/kv/default/gone", "x").await.0, 200);
+    assert_eq!(call(&spin2, "DELETE", "/kv/default/gone", "").await, (200, "deleted".into()));
+    assert_eq!(call(&spin2, "DELETE", "/kv/default/never-there", "").await, (200, "deleted".into()));
+    assert_eq!(call(&spin2, "GET", "/exists/default/greeting", "").await, (200, "true".into()));
+    assert_eq!(call(&spin2, "GET", "/exists/default/gone", "").await, (200, "false".into()));
+    assert_eq!(call(&spin2, "GET", "/kv/default/gone", "").await.0, 404);
+    // One data set, whichever interface: Spin 2's, Spin 4's, wasi:keyvalue draft.
+    assert_eq!(call(&spin3, "GET", "/greeting", "").await, (200, "hi\n".into()));
+    assert_eq!(call(&spin3, "POST", "/hits", "").await, (200, "1\n".into()));
+    assert_eq!(call(&draft, "PUT", "/extra/label", "own bucket").await.0, 200);
+    assert_eq!(call(&spin2, "GET", "/kv/default/hits", "").await, (200, "1".into()));
+    assert_eq!(call(&spin2, "GET", "/kv/extra/label", "").await, (200, "own bucket".into()));
+    assert_eq!(call(&spin2, "GET", "/kv/default/", "").await, (200, "greeting\nhits\n".into()));
+}
+
+#[tokio::test]
+async fn spins_get_keys_stops_at_10000_keys_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("kv.redb"), StoreConfig::new("test-site"), Clock::system())
+        .expect("store");
+    let ns = atoll_kv::Namespace::new("many", "default", store.bounds()).expect("namespace");
+    for chunk in 0..11 {
+        let writes = (chunk * 1000..(chunk + 1) * 1000)
+            .take_while(|i| *i <= 10_000)
+            .map(|i| (format!("k{i:05}").into_bytes(), atoll_kv::Write::Set(b"v".to_vec())))
+            .collect();
+        store.write_many(&ns, writes).await.expect("written");
+    }
+    let rt = Runtime::new(RuntimeConfig {
+        max_instances: 50,
+        kv: Some(store.clone()),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let spin2 = load_as(&rt, "many", atoll_test_guests::SPIN2);
+    let (status, body) = call(&spin2, "GET", "/kv/default/", "").await;
+    assert_eq!(status, 409, "10,001 keys: an error, not a list cut short");
+    assert!(body.contains("more than 10000 keys"), "{body}");
+    // One key fewer: every key listed.
+    store.write(&ns, b"k10000", atoll_kv::Write::Delete).await.expect("deleted");
+    let (status, body) = call(&spin2, "GET", "/kv/default/", "").await;
+    assert_eq!((status, body.lines().count()), (200, 10_000));
+    assert_eq!(body.lines().last(), Some("k09999"));
+}
