@@ -55,7 +55,7 @@ fn hostile_wasi_0_3_guests_are_contained_while_another_app_serves() {
     site.deploy("hello", atoll_test_guests::HELLO, &[]);
     site.deploy("probe3", atoll_test_guests::PROBE3, &["--deadline-ms", "2000", "--memory-mb", "16"]);
     let base = format!("{}/apps/probe3", site.url);
-    let hostile: Vec<_> = ["loop", "sleep?ms=60000", "forever"]
+    let hostile: Vec<_> = ["loop", "sleep?ms=60000"]
         .into_iter()
         .map(|route| {
             let url = format!("{base}/{route}");
@@ -71,6 +71,17 @@ fn hostile_wasi_0_3_guests_are_contained_while_another_app_serves() {
         assert_eq!(r.status, 504, "{route}: {r:?}");
         assert!(r.body.contains("deadline of 2000 ms"), "{route}: {}", r.body);
     }
+    // A body that never ends streams until the deadline, then is cut short: never complete.
+    let (head, rest) = raw_get(&site, "/apps/probe3/forever");
+    assert!(head.starts_with("http/1.1 200") && head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(rest.contains("line 0\n") && !rest.ends_with("0\r\n\r\n"), "no final chunk: {rest}");
+    eventually(WAIT, "the cut logged", || {
+        site.stderr()
+            .contains(
+                "streamed response cut short: the handler did not finish within its deadline of 2000 ms",
+            )
+            .then_some(())
+    });
     let grow = site.get("/apps/probe3/grow");
     assert_eq!(grow.status, 500, "{grow:?}");
     let trap = site.get("/apps/probe3/trap");
@@ -246,13 +257,21 @@ fn variables_set_at_deploy_are_read_at_every_site_and_never_shown() {
 
     // A bad name (or a line that is not NAME=VALUE) is refused before anything is sent: the
     // previous version keeps its variables.
-    for bad in [&["--var", "API_KEY=x"][..], &["--var", "api__key=x"], &["--var", "no_equals_sign"]] {
+    // A token given without its name (base64, so with '=') is not echoed back.
+    let token_alone = "R2l2ZW5XaXRob3V0QU5hbWU=";
+    for bad in [
+        &["--var", "API_KEY=x"][..],
+        &["--var", "api__key=x"],
+        &["--var", "no_equals_sign"],
+        &["--var", token_alone],
+    ] {
         let mut args =
             vec!["deploy", "--site", a.url.as_str(), "--app", "counter", atoll_test_guests::SPIN_COUNTER];
         args.extend_from_slice(bad);
         let out = atoll(&args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("--var"), "{bad:?}: {err}");
+        assert!(!out.status.success() && err.contains("--var #1"), "{bad:?}: {err}");
+        assert!(!err.contains("R2l2ZW5XaXRob3V0QU5hbWU"), "{err}");
     }
     // ... and by the site itself, from a client that skips the check.
     let vars = atoll_deploy::encode_vars(&[("Bad-Name".to_owned(), "x".to_owned())].into());
@@ -275,4 +294,55 @@ fn variables_set_at_deploy_are_read_at_every_site_and_never_shown() {
     for site in [&a, &b, &c] {
         assert!(!site.stderr().contains(SECRET), "{} logged the secret", site.name);
     }
+}
+
+/// A GET over HTTP/1.1 read to the end of the connection: the head, and the body as sent (chunked
+/// framing included).
+fn raw_get(site: &Site, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(site.url.trim_start_matches("http://")).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("request");
+    let mut all = Vec::new();
+    let _ = stream.read_to_end(&mut all);
+    let all = String::from_utf8_lossy(&all).into_owned();
+    let (head, rest) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    (head.to_ascii_lowercase(), rest.to_owned())
+}
+
+/// A body still being written when its head is ready streams to the client as it is written,
+/// through a router too; one that ends at once comes whole, with its length.
+#[test]
+fn a_slow_body_streams_to_the_client_as_it_is_written() {
+    let site = Site::start("streams");
+    site.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let router = RouterProc::start(&[&site.url], None);
+    eventually(WAIT, "the router to route to the site", || {
+        (router.get("/apps/probe/static", None).status == 200).then_some(())
+    });
+    for base in [site.url.as_str(), router.url.as_str()] {
+        let mut stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).expect("connect");
+        use std::io::{BufRead, Write};
+        write!(stream, "GET /apps/probe/drip?n=3&ms=700 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .expect("request");
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        let mut seen = Vec::new();
+        // Read line by line: "drip 0" must arrive while the guest is still writing the rest.
+        let started = std::time::Instant::now();
+        while reader.read_line(&mut line).expect("read") > 0 {
+            if line.starts_with("drip ") {
+                seen.push((line.trim().to_owned(), started.elapsed()));
+            }
+            line.clear();
+        }
+        let names: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(names, ["drip 0", "drip 1", "drip 2"], "via {base}");
+        assert!(
+            seen[2].1 - seen[0].1 >= Duration::from_millis(1000),
+            "via {base}: the lines came as they were written (700 ms apart), not all at the end: {seen:?}"
+        );
+    }
+    let (head, _) = raw_get(&site, "/apps/probe/big?bytes=1000");
+    assert!(head.contains("content-length: 1000"), "{head}");
 }

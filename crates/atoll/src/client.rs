@@ -17,6 +17,9 @@ struct AppInfo {
     /// Absent from sites older than WASI 0.3 support (all their apps are WASI 0.2).
     #[serde(default)]
     world: Option<String>,
+    /// The names of the app's variables (absent from sites older than variables support).
+    #[serde(default)]
+    variables: Vec<String>,
 }
 
 struct Site {
@@ -86,9 +89,10 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
         memory_mb: args.memory_mb,
         allow_hosts: (!args.allow_hosts.is_empty()).then(|| args.allow_hosts.join(",")),
         kv_stores: (!args.kv_stores.is_empty()).then(|| args.kv_stores.join(",")),
-        vars: variables(args)?,
+        vars: signing::Vars(variables(args)?),
         ..Default::default()
     };
+    let sent: Vec<String> = params.vars.0.keys().cloned().collect();
     let mut request = site.agent.put(site.url(&format!("/_atoll/apps/{}", args.app)));
     if let Some(ms) = params.deadline_ms {
         request = request.query("deadline_ms", ms.to_string());
@@ -104,7 +108,7 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
     }
     if !params.vars.is_empty() {
         // In a header, not the URL: proxies log URLs.
-        request = request.header(signing::VARS_HEADER, signing::encode_vars(&params.vars));
+        request = request.header(signing::VARS_HEADER, signing::encode_vars(&params.vars.0));
     }
     if let Some(key) = &args.client.deploy_key {
         use sha2::Digest;
@@ -117,6 +121,15 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
         site.auth(request).header("content-type", "application/wasm").header("expect", "100-continue");
     let body = site.check("deploy", request.send(&wasm[..]))?;
     let info: AppInfo = serde_json::from_str(&body).context("unexpected answer from the site")?;
+    if info.variables != sent {
+        bail!(
+            "{} deployed {} version {} without the variables sent: the site is older than variables \
+             support (upgrade every site, then deploy again)",
+            site.base,
+            info.name,
+            info.version
+        );
+    }
     println!("deployed {} version {} ({} bytes) to {}", info.name, info.version, info.size, site.base);
     for url in app_urls(&site.base, &info.name) {
         println!("  curl {url}");
@@ -143,8 +156,8 @@ fn variables(args: &DeployArgs) -> Result<std::collections::BTreeMap<String, Str
         vars.extend(from_file);
     }
     let mut given = std::collections::BTreeMap::new();
-    for pair in &args.vars {
-        add_variable(&mut given, pair, "--var")?;
+    for (n, pair) in args.vars.iter().enumerate() {
+        add_variable(&mut given, pair, &format!("--var #{}", n + 1))?;
     }
     vars.extend(given);
     Ok(vars)
@@ -159,7 +172,9 @@ fn add_variable(
     let Some((name, value)) = pair.split_once('=') else {
         bail!("{place}: expected NAME=VALUE, found no '='");
     };
-    atoll_runtime::check_variable_name(name).map_err(|e| anyhow::anyhow!("{place}: {e}"))?;
+    // The name is not quoted: a mistyped line may put a secret where the name goes.
+    atoll_runtime::variable_name_rule(name)
+        .map_err(|why| anyhow::anyhow!("{place}: the variable name {why}"))?;
     if into.insert(name.to_owned(), value.to_owned()).is_some() {
         bail!("{place}: variable {name:?} is given twice");
     }

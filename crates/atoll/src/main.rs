@@ -183,12 +183,13 @@ struct DeployArgs {
     #[arg(long = "kv-store")]
     kv_stores: Vec<String>,
     /// A variable the handler reads (Spin's variables, wasi:config), as NAME=VALUE; repeat for
-    /// more. Names: lowercase letters, digits and single '_', starting with a letter. Overrides
-    /// the same name in a --var-file.
+    /// more. Names: lowercase letters, digits and single '_', starting with a letter, ending
+    /// with a letter or digit. Overrides the same name in a --var-file.
     #[arg(long = "var", value_name = "NAME=VALUE")]
     vars: Vec<String>,
     /// A file of variables, one NAME=VALUE per line (the value is the rest of the line, taken
-    /// as is; blank lines and lines starting with '#' are skipped); repeat for more.
+    /// as is; blank lines and lines starting with '#' are skipped); repeat for more (a later
+    /// file overrides an earlier one's names).
     #[arg(long = "var-file", value_name = "FILE")]
     var_files: Vec<PathBuf>,
 }

@@ -11,10 +11,10 @@
 //! Every change is one redb transaction committed with immediate durability: an upload the
 //! client saw succeed survives a crash of the site.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use atoll_deploy::Vars;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -54,25 +54,8 @@ pub struct StoredSettings {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kv_stores: Vec<String>,
     /// The app's variables: absent when there are none (so that older sites read the record).
-    #[serde(default, skip_serializing_if = "Secrets::is_empty")]
-    pub variables: Secrets,
-}
-
-/// Variables' names and values; `Debug` shows the names only (values may be secrets).
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secrets(pub BTreeMap<String, String>);
-
-impl Secrets {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl std::fmt::Debug for Secrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.0.keys()).finish()
-    }
+    #[serde(default, skip_serializing_if = "Vars::is_empty")]
+    pub variables: Vars,
 }
 
 impl From<&atoll_runtime::AppSettings> for StoredSettings {
@@ -84,7 +67,7 @@ impl From<&atoll_runtime::AppSettings> for StoredSettings {
             max_response_body: s.limits.max_response_body as u64,
             allowed_hosts: s.allowed_hosts.clone(),
             kv_stores: s.kv_stores.clone(),
-            variables: Secrets(s.variables.values().clone()),
+            variables: Vars(s.variables.values().clone()),
         }
     }
 }

@@ -70,8 +70,26 @@ pub struct DeployParams {
     pub kv_stores: Option<String>,
     /// The app's variables (`atoll deploy --var NAME=VALUE`), read through Spin's variables
     /// interfaces and `wasi:config`. Values may be secrets: never shown nor logged.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub vars: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vars::is_empty")]
+    pub vars: Vars,
+}
+
+/// Variables' names and values; `Debug` shows the names only (values may be secrets), so no
+/// `{:?}` of a deploy, its parameters or an app's stored settings can log one.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Vars(pub BTreeMap<String, String>);
+
+impl Vars {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Vars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// The most bytes an app's variables may hold, names and values together: they travel in a
@@ -170,13 +188,13 @@ impl DeployParams {
                 kv_stores.push(label.to_owned());
             }
         }
-        let size: usize = self.vars.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let size: usize = self.vars.0.iter().map(|(k, v)| k.len() + v.len()).sum();
         if size > MAX_VARIABLES_BYTES {
             return Err(format!(
                 "the variables hold {size} bytes (names and values); at most {MAX_VARIABLES_BYTES} are allowed"
             ));
         }
-        let variables = atoll_runtime::Variables::new(self.vars.clone())?;
+        let variables = atoll_runtime::Variables::new(self.vars.0.clone())?;
         Ok(AppSettings { limits, allowed_hosts, kv_stores, variables })
     }
 
@@ -480,7 +498,7 @@ mod tests {
             |r: &mut DeployRecord| r.params.allow_hosts = Some("evil.example".into()),
             |r: &mut DeployRecord| r.params.kv_stores = Some("secrets".into()),
             |r: &mut DeployRecord| {
-                r.params.vars.insert("api_url".into(), "https://evil.example".into());
+                r.params.vars.0.insert("api_url".into(), "https://evil.example".into());
             },
             |r: &mut DeployRecord| r.version = None,
             |r: &mut DeployRecord| r.signed_at_ms += 1,
@@ -535,7 +553,7 @@ mod tests {
         assert!(p(|p| p.kv_stores = Some("ok,Not-OK".into())).expect_err("refused").contains("kv_stores"));
         assert!(p(|p| p.kv_stores = Some("9lives".into())).is_err());
         let vars = |pairs: &[(&str, &str)]| DeployParams {
-            vars: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            vars: Vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             ..Default::default()
         };
         let refused = vars(&[("api_key", "s3cr3t"), ("Bad", "s3cr3t")]).settings(&defaults, &caps);
@@ -605,7 +623,7 @@ mod tests {
                     max_response_body_bytes: response,
                     allow_hosts,
                     kv_stores,
-                    vars,
+                    vars: Vars(vars),
                 };
                 within_caps(&params);
                 let trust = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("dev key");

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtx;
@@ -16,6 +15,7 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 use crate::guest_log::GuestLog;
 use crate::host::{Egress, Host};
 use crate::keyvalue::{KvCtx, StorageUnavailable};
+use crate::response::{Reply, ResponseBody};
 use crate::runtime::Shared;
 use crate::{AppSettings, HandleError, Version, World};
 
@@ -116,19 +116,35 @@ impl App {
         &self.inner.settings
     }
 
-    /// Serves one request with a fresh instance of the handler.
-    ///
-    /// The request body is read (up to the app's cap, within its deadline, counted against the
-    /// runtime's body memory) before the guest starts, so a slow client never holds an
-    /// instance; then the request takes one of the app's share of instances. The response body
-    /// is collected (up to its cap) within the app's deadline. `request_id` tags the guest's
-    /// log lines. The guest runs in a task spawned on the current tokio runtime (which must be
-    /// driven), aborted if this future is dropped.
+    /// Serves one request with a fresh instance of the handler and reads its response body whole
+    /// ([`App::serve`], then the body collected: a failure while it streams is the error).
     pub async fn handle<B>(
         &self,
         request: http::Request<B>,
         request_id: &str,
     ) -> Result<http::Response<Bytes>, HandleError>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = self.serve(request, request_id).await?.into_parts();
+        Ok(http::Response::from_parts(parts, crate::response::collect(body).await?))
+    }
+
+    /// Serves one request with a fresh instance of the handler.
+    ///
+    /// The request body is read (up to the app's cap, within its deadline, counted against the
+    /// runtime's body memory) before the guest starts, so a slow client never holds an
+    /// instance; then the request takes one of the app's share of instances. The response comes
+    /// whole when its body ends within [`crate::STREAM_AFTER`] of its head, else streamed (see
+    /// [`ResponseBody`]); either way within the app's deadline and response cap. `request_id`
+    /// tags the guest's log lines. The guest runs in a task spawned on the current tokio runtime
+    /// (which must be driven), aborted if this future, or a streamed body, is dropped.
+    pub async fn serve<B>(
+        &self,
+        request: http::Request<B>,
+        request_id: &str,
+    ) -> Result<http::Response<ResponseBody>, HandleError>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -160,39 +176,49 @@ impl App {
         };
         let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
         let deadline = limits.deadline;
+        let request_id: Arc<str> = request_id.into();
+        let (mut reply, head) = Reply::new(inner.name.clone(), request_id.clone());
         // The guest runs in a task of its own (as in wasmtime-wasi-http's serving example): run
         // inline, inside the connection's task, the same request cost ~20 µs more CPU on the
         // 2-core bench machine (`cargo xtask bench`; ARCHITECTURE.md, "Performance"). The task
         // is aborted if the caller goes (a client that hangs up frees its instance).
-        let (app, request_id): (App, Arc<str>) = (self.clone(), request_id.into());
+        let app = self.clone();
         let mut task = Abortable(tokio::spawn(async move {
-            let result = tokio::time::timeout(deadline, app.run(request, request_id)).await;
+            match tokio::time::timeout(deadline, app.run(request, request_id, &mut reply)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => reply.fail(e),
+                Err(_elapsed) => reply.fail(HandleError::Deadline { deadline }),
+            }
             // The app's share and the site's instance are held until the guest is done.
             drop((instance, site_instance));
-            result
         }));
-        let result = match (&mut task.0).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_elapsed)) => Err(HandleError::Deadline { deadline }),
-            Err(e) => {
-                tracing::error!(app = %self.inner.name, "a request's task failed: {e}");
-                Err(HandleError::Internal("the request's task ended unexpectedly".into()))
-            }
+        let Ok(head) = head.await else {
+            let joined = task.join().await;
+            tracing::error!(app = %self.inner.name, "a request's task failed: {joined:?}");
+            return Err(HandleError::Internal("the request's task ended unexpectedly".into()));
         };
-        // The body's bytes count until the guest is done with them (or the caller goes: an
-        // aborted task is dropped, with the body, at the runtime's next turn).
+        let mut response = head?;
+        // A whole response: its guest is done (or about to be); wait, so that its instance is
+        // back before the caller sends another request. A streamed one: the body holds the task.
+        if let Some(mut task) = response.body_mut().hold(task) {
+            let _ = task.join().await;
+        }
+        // The request body's bytes count until the guest is done with them, or, when the
+        // response streams, until its head (the guest has taken the body by then, or never will).
         drop(reservation);
-        result
+        Ok(response)
     }
 
+    /// Runs the guest on `request` and sends its response to `reply`.
     async fn run(
         &self,
         request: http::Request<http_body_util::Full<Bytes>>,
         request_id: Arc<str>,
-    ) -> Result<http::Response<Bytes>, HandleError> {
+        reply: &mut Reply,
+    ) -> Result<(), HandleError> {
         match &self.inner.pre {
-            Pre::P2(pre) => self.run_p2(pre, request, request_id).await,
-            Pre::P3(pre) => self.run_p3(pre, request, request_id).await,
+            Pre::P2(pre) => self.run_p2(pre, request, request_id, reply).await,
+            Pre::P3(pre) => self.run_p3(pre, request, request_id, reply).await,
         }
     }
 
@@ -245,7 +271,8 @@ impl App {
         pre: &ProxyPre<Host>,
         request: http::Request<http_body_util::Full<Bytes>>,
         request_id: Arc<str>,
-    ) -> Result<http::Response<Bytes>, HandleError> {
+        reply: &mut Reply,
+    ) -> Result<(), HandleError> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
         let mut store = self.new_store(request_id);
@@ -278,7 +305,7 @@ impl App {
                 Ok(Err(code)) => return Err(HandleError::GuestError(format!("{code:?}"))),
                 Err(_) => return Err(HandleError::NoResponse),
             };
-            collect(response, max_body).await
+            reply.send(response, max_body).await
         };
         // Both halves run in this task: the guest writes the body while we read it. Whichever
         // ends first decides; a guest failure is the better explanation of a missing response.
@@ -303,7 +330,8 @@ impl App {
         pre: &ServicePre<Host>,
         request: http::Request<http_body_util::Full<Bytes>>,
         request_id: Arc<str>,
-    ) -> Result<http::Response<Bytes>, HandleError> {
+        reply: &mut Reply,
+    ) -> Result<(), HandleError> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
         let (deadline, max_body) = (limits.deadline, limits.max_response_body);
@@ -328,7 +356,7 @@ impl App {
             let response = accessor
                 .with(|mut access| response.into_http(&mut access, request_io))
                 .map_err(|e| HandleError::GuestError(format!("{e:#}")))?;
-            collect(response, max_body).await
+            reply.send(response, max_body).await
         });
         match run.await {
             Ok(result) => result,
@@ -337,27 +365,15 @@ impl App {
     }
 }
 
-/// Reads a guest's response body whole, up to `max_body` bytes.
-async fn collect<B>(
-    response: http::Response<B>,
-    max_body: usize,
-) -> Result<http::Response<Bytes>, HandleError>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let (parts, body) = response.into_parts();
-    match Limited::new(body, max_body).collect().await {
-        Ok(collected) => Ok(http::Response::from_parts(parts, collected.to_bytes())),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(HandleError::ResponseBodyTooLarge { limit: max_body })
-        }
-        Err(e) => Err(HandleError::GuestError(format!("response body failed: {e}"))),
+/// A task aborted when its handle is dropped.
+pub(crate) struct Abortable<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Abortable<T> {
+    /// Waits for the task to end.
+    async fn join(&mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
     }
 }
-
-/// A task aborted when its handle is dropped.
-struct Abortable<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for Abortable<T> {
     fn drop(&mut self) {

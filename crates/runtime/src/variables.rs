@@ -52,7 +52,13 @@ enum Missing {
 
 /// Checks a variable name against Spin's rule; the error names the name, never a value.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let why = if name.is_empty() {
+    name_rule(name).map_err(|why| format!("variable name {name:?} {why}"))
+}
+
+/// Which part of Spin's rule `name` breaks, if any (without quoting it: what a user typed as a
+/// name may be a value, such as a token given without `NAME=`).
+pub fn name_rule(name: &str) -> Result<(), &'static str> {
+    Err(if name.is_empty() {
         "is empty"
     } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
         "may hold only lowercase ASCII letters, digits and '_'"
@@ -64,8 +70,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
         "must not hold two '_' in a row"
     } else {
         return Ok(());
-    };
-    Err(format!("variable name {name:?} {why}"))
+    })
 }
 
 mod spin3 {

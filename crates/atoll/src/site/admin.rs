@@ -342,8 +342,10 @@ async fn upload(
     validate_name(&name)?;
     if let Some(vars) = headers.get(signing::VARS_HEADER) {
         let vars = vars.to_str().map_err(|_| format!("{} is not base64", signing::VARS_HEADER));
-        params.vars =
-            vars.and_then(signing::decode_vars).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+        params.vars = vars
+            .and_then(signing::decode_vars)
+            .map(signing::Vars)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     }
     let settings = params
         .settings(&site.default_limits, &site.caps)

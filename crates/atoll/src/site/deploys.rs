@@ -42,10 +42,16 @@ pub(crate) fn record(site: &Site, name: &str) -> Result<Option<DeployRecord>> {
     match serde_json::from_slice(&bytes) {
         Ok(record) => Ok(Some(record)),
         Err(e) => {
-            tracing::warn!(app = %name, "the replicated deploy record cannot be read: {e}");
+            tracing::warn!(app = %name, "the replicated deploy record cannot be read: {}", parse_error(&e));
             Ok(None)
         }
     }
+}
+
+/// Why a deploy record does not parse, without the record's text: serde's own message may
+/// quote a value, and a record's values include its variables.
+fn parse_error(e: &serde_json::Error) -> String {
+    format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column())
 }
 
 /// Whether an entry from another site may be merged: the store's admission for this site.
@@ -63,7 +69,7 @@ pub(crate) fn admit(site: &Site, key: &[u8], entry: &Entry) -> Result<(), String
     let name = std::str::from_utf8(name).map_err(|_| "a deploy record's name is not UTF-8".to_owned())?;
     let record = match (&entry.register, entry.counter.is_empty()) {
         (Register::Value(bytes), true) => serde_json::from_slice::<DeployRecord>(bytes)
-            .map_err(|e| format!("the deploy record of {name:?} does not parse: {e}"))?,
+            .map_err(|e| format!("the deploy record of {name:?} does not parse: {}", parse_error(&e)))?,
         _ => return Err(format!("the deploy record of {name:?} is not a signed record")),
     };
     check_record(site, name, &record)?;
@@ -258,7 +264,7 @@ fn params_of(app: &AppRecord) -> crate::signing::DeployParams {
         max_response_body_bytes: Some(s.max_response_body),
         allow_hosts: (!s.allowed_hosts.is_empty()).then(|| s.allowed_hosts.join(",")),
         kv_stores: (!s.kv_stores.is_empty()).then(|| s.kv_stores.join(",")),
-        vars: s.variables.0.clone(),
+        vars: s.variables.clone(),
     }
 }
 

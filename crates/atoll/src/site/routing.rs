@@ -123,7 +123,7 @@ async fn serve_here(site: &Site, request: Request, request_id: HeaderValue) -> R
             }
             let started = std::time::Instant::now();
             let _in_flight = crate::metrics::InFlight::start();
-            let result = app.handle(axum::http::Request::from_parts(parts, body), id).await;
+            let result = app.serve(axum::http::Request::from_parts(parts, body), id).await;
             let status = result.as_ref().map_or_else(|e| e.status(), |r| r.status());
             counts.request(status.as_u16(), started.elapsed().as_secs_f64());
             match &result {
@@ -132,7 +132,7 @@ async fn serve_here(site: &Site, request: Request, request_id: HeaderValue) -> R
                 _ => {}
             }
             match result {
-                Ok(response) => response.map(Body::from),
+                Ok(response) => response.map(Body::new),
                 Err(e) => {
                     if status.is_server_error() {
                         tracing::warn!(app = %name, request_id = id, %status, "{e}");

@@ -154,14 +154,14 @@ pub(crate) fn all_keys(store: &Store, ns: &Namespace) -> Outcome<Listed> {
             Err(e) => return Ok(Err(e)),
         };
         all.extend(keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()));
+        // More than the cap, whatever the page size: listed or still to come.
+        if all.len() > MAX_KEYS || (all.len() == MAX_KEYS && next.is_some()) {
+            all.truncate(MAX_KEYS);
+            let why =
+                format!("the store holds more than {MAX_KEYS} keys: only the first {MAX_KEYS} are listed");
+            return Ok(Ok((all, Some(Fail::Other(why)))));
+        }
         match next {
-            Some(_) if all.len() >= MAX_KEYS => {
-                all.truncate(MAX_KEYS);
-                let why = format!(
-                    "the store holds more than {MAX_KEYS} keys: only the first {MAX_KEYS} are listed"
-                );
-                return Ok(Ok((all, Some(Fail::Other(why)))));
-            }
             Some(cursor) => after = Some(cursor),
             None => return Ok(Ok((all, None))),
         }

@@ -4,6 +4,7 @@ mod keyvalue;
 mod limits;
 mod load;
 mod serve;
+mod stream;
 mod variables;
 
 use std::time::Duration;

@@ -13,6 +13,7 @@
 //! | `/env` | returns the guest's environment, one `KEY=value` per line |
 //! | `/echo` | returns the request body, and the path and query it saw in `x-probe-path` |
 //! | `/big?bytes=N` | returns a body of N bytes |
+//! | `/drip?n=N&ms=M` | returns N lines (`drip I`), one every M ms: a body streamed as it is written |
 //! | `/fetch?url=U` | makes an outbound GET to U and reports the status or the error |
 //! | `/files` | tries to read the filesystem and reports what it saw |
 //! | `/log?QUERY` | prints `probe says QUERY` to stdout and `probe warns QUERY` to stderr |
@@ -88,6 +89,18 @@ async fn main(mut request: Request<Body>) -> Result<Response<Body>, Error> {
         "/big" => {
             let n: usize = param("bytes").and_then(|v| v.parse().ok()).unwrap_or(0);
             Ok(Response::new(vec![b'x'; n].into()))
+        }
+        "/drip" => {
+            let n: u64 = param("n").and_then(|v| v.parse().ok()).unwrap_or(10);
+            let ms: u64 = param("ms").and_then(|v| v.parse().ok()).unwrap_or(50);
+            let lines = futures_lite::stream::unfold(0, move |i| async move {
+                if i == n {
+                    return None;
+                }
+                wstd::task::sleep(wstd::time::Duration::from_millis(ms)).await;
+                Some((format!("drip {i}\n"), i + 1))
+            });
+            Ok(Response::new(Body::from_stream(lines)))
         }
         "/fetch" => {
             let Some(url) = param("url") else {
