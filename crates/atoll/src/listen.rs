@@ -403,7 +403,8 @@ async fn connection<S>(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20))
-        // Responses are buffered whole: bound how many one connection may hold at once. A
+        // Each response holds up to its cap in memory (whole, or queued while it streams):
+        // bound how many one connection may hold at once. A
         // router multiplexes all its requests to this site from one server thread on one
         // connection: as many as the instance pool runs at once (1,000 by default).
         .max_concurrent_streams(1000)

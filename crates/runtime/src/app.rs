@@ -177,7 +177,7 @@ impl App {
         let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
         let deadline = limits.deadline;
         let request_id: Arc<str> = request_id.into();
-        let (mut reply, head) = Reply::new(inner.name.clone(), request_id.clone());
+        let (mut reply, mut head) = Reply::new(inner.name.clone(), request_id.clone());
         // The guest runs in a task of its own (as in wasmtime-wasi-http's serving example): run
         // inline, inside the connection's task, the same request cost ~20 µs more CPU on the
         // 2-core bench machine (`cargo xtask bench`; ARCHITECTURE.md, "Performance"). The task
@@ -189,24 +189,33 @@ impl App {
                 Ok(Err(e)) => reply.fail(e),
                 Err(_elapsed) => reply.fail(HandleError::Deadline { deadline }),
             }
-            // The app's share and the site's instance are held until the guest is done.
-            drop((instance, site_instance));
+            // The app's share, the site's instance and the request body's bytes are held until
+            // the guest is done.
+            drop((instance, site_instance, reservation));
+            reply.outcome()
         }));
-        let Ok(head) = head.await else {
-            let joined = task.join().await;
-            tracing::error!(app = %self.inner.name, "a request's task failed: {joined:?}");
-            return Err(HandleError::Internal("the request's task ended unexpectedly".into()));
+        // A whole response (nearly always) is the task's answer, once its guest is done, so that
+        // its instance is back before the caller sends another request; a streamed one's head
+        // comes first, and its body holds the task.
+        let streamed = tokio::select! {
+            biased;
+            joined = task.join() => match joined {
+                Ok(Some(outcome)) => return outcome,
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(app = %self.inner.name, "a request's task failed: {e}");
+                    None
+                }
+            },
+            Ok(response) = &mut head => Some(response),
         };
-        let mut response = head?;
-        // A whole response: its guest is done (or about to be); wait, so that its instance is
-        // back before the caller sends another request. A streamed one: the body holds the task.
-        if let Some(mut task) = response.body_mut().hold(task) {
-            let _ = task.join().await;
+        match streamed.or_else(|| head.try_recv().ok()) {
+            Some(mut response) => {
+                response.body_mut().hold(task);
+                Ok(response)
+            }
+            None => Err(HandleError::Internal("the request's task ended without an answer".into())),
         }
-        // The request body's bytes count until the guest is done with them, or, when the
-        // response streams, until its head (the guest has taken the body by then, or never will).
-        drop(reservation);
-        Ok(response)
     }
 
     /// Runs the guest on `request` and sends its response to `reply`.
@@ -296,7 +305,8 @@ impl App {
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, incoming, outparam)
                 .await
-                .map_err(|e| guest_error(e, limits.deadline))
+                .map_err(|e| guest_error(e, limits.deadline))?;
+            Ok(store)
         };
         let max_body = limits.max_response_body;
         let response = async move {
@@ -314,7 +324,13 @@ impl App {
             biased;
             guest_result = &mut guest => match guest_result {
                 Err(e) => Err(e),
-                Ok(()) => response.await,
+                // The store lives until the body has ended: a body the guest left open (never
+                // finished) stays open, to the deadline, rather than ending as if complete.
+                Ok(store) => {
+                    let result = response.await;
+                    drop(store);
+                    result
+                }
             },
             response_result = &mut response => response_result,
         }

@@ -22,8 +22,8 @@ pub(crate) struct BodyBudget {
 
 /// Bytes taken from a [`BodyBudget`], given back when dropped.
 #[derive(Debug)]
-pub(crate) struct Reservation<'a> {
-    budget: &'a BodyBudget,
+pub(crate) struct Reservation {
+    budget: Arc<BodyBudget>,
     bytes: usize,
 }
 
@@ -33,15 +33,15 @@ impl BodyBudget {
     }
 
     /// Nothing taken yet.
-    pub(crate) fn reservation(&self) -> Reservation<'_> {
-        Reservation { budget: self, bytes: 0 }
+    pub(crate) fn reservation(self: &Arc<Self>) -> Reservation {
+        Reservation { budget: self.clone(), bytes: 0 }
     }
 }
 
-impl Reservation<'_> {
+impl Reservation {
     /// Takes `more` bytes, unless the budget would pass its cap.
     fn grow(&mut self, more: usize) -> Result<(), HandleError> {
-        let budget = self.budget;
+        let budget = &self.budget;
         let taken = budget.held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
             held.checked_add(more).filter(|&total| total <= budget.cap)
         });
@@ -55,7 +55,7 @@ impl Reservation<'_> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
     }
@@ -68,7 +68,7 @@ pub(crate) async fn read_body<B>(
     body: B,
     declared: Option<u64>,
     limit: usize,
-    reservation: &mut Reservation<'_>,
+    reservation: &mut Reservation,
 ) -> Result<Bytes, HandleError>
 where
     B: http_body::Body<Data = Bytes>,
@@ -133,7 +133,7 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_count_against_the_budget_until_their_request_ends() {
-        let budget = BodyBudget::new(100);
+        let budget = Arc::new(BodyBudget::new(100));
         let mut first = budget.reservation();
         let body = read_body(Full::new(Bytes::from(vec![1u8; 60])), None, 1000, &mut first).await;
         assert_eq!(body.expect("fits").len(), 60);

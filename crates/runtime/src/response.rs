@@ -10,28 +10,133 @@
 //! closed; HTTP/2: the stream reset), never as a complete one.
 //!
 //! The guest never waits for the client: what it writes is queued here (at most the response
-//! cap, the memory a whole body takes anyway), so a client reading slowly holds bytes, not an
-//! instance, as when bodies were always read whole.
+//! cap, the memory a whole body takes anyway, small writes merged so that a body written byte by
+//! byte costs bytes, not a frame each), so a client reading slowly holds bytes, not an instance,
+//! as when bodies were always read whole.
+//!
+//! For a WASI 0.3 guest the switch to streaming happens inside the store's event loop: a guest
+//! computing without awaiting delays it (to its next await or epoch yield, 10 ms at most).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::HandleError;
 
 /// How long after its head a response's body may go on before it is streamed.
 pub const STREAM_AFTER: Duration = Duration::from_millis(100);
 
-/// What a streamed body's channel carries: data, then an end or an error.
-enum Event {
-    Data(Bytes),
-    End,
-    Failed(HandleError),
+/// Writes smaller than this are merged with their neighbours before they are queued.
+const MERGE_BELOW: usize = 4096;
+
+/// Chunks of a body in order, small ones merged.
+#[derive(Default)]
+struct Chunks {
+    list: VecDeque<Bytes>,
+    /// Small writes not yet a chunk of their own.
+    tail: BytesMut,
+}
+
+impl Chunks {
+    fn push(&mut self, data: Bytes) {
+        if data.len() < MERGE_BELOW {
+            self.tail.extend_from_slice(&data);
+            if self.tail.len() >= MERGE_BELOW {
+                self.list.push_back(self.tail.split().freeze());
+            }
+        } else {
+            if !self.tail.is_empty() {
+                self.list.push_back(self.tail.split().freeze());
+            }
+            self.list.push_back(data);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Bytes> {
+        self.list.pop_front().or_else(|| (!self.tail.is_empty()).then(|| self.tail.split().freeze()))
+    }
+
+    /// All of them as one buffer (without a copy when there is one chunk).
+    fn whole(mut self, total: usize) -> Bytes {
+        match (self.list.len(), self.tail.is_empty()) {
+            (0, _) => self.tail.freeze(),
+            (1, true) => self.list.pop_front().unwrap_or_default(),
+            _ => {
+                let mut all = BytesMut::with_capacity(total);
+                for chunk in self.list.drain(..) {
+                    all.extend_from_slice(&chunk);
+                }
+                all.extend_from_slice(&self.tail);
+                all.freeze()
+            }
+        }
+    }
+}
+
+/// The streamed rest of a body, between the guest's task (which feeds it) and the client (which
+/// drains it): never waits for the reader; bounded by the response cap the feeder counts.
+#[derive(Default)]
+struct Queue(Mutex<QueueState>);
+
+#[derive(Default)]
+struct QueueState {
+    chunks: Chunks,
+    /// How the body ended, once it has: `Err` cuts it short.
+    end: Option<Result<(), HandleError>>,
+    /// The feeder went without saying how the body ended.
+    abandoned: bool,
+    waker: Option<Waker>,
+}
+
+impl QueueState {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl Queue {
+    fn state(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The guest's end of a [`Queue`].
+struct Feed(Arc<Queue>);
+
+impl Feed {
+    /// Queues `data`; false if the reader has gone.
+    fn push(&self, data: Bytes) -> bool {
+        if Arc::strong_count(&self.0) == 1 {
+            return false;
+        }
+        let mut state = self.0.state();
+        state.chunks.push(data);
+        state.wake();
+        true
+    }
+
+    fn end(&self, how: Result<(), HandleError>) {
+        let mut state = self.0.state();
+        state.end = Some(how);
+        state.wake();
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.abandoned = true;
+        state.wake();
+    }
 }
 
 /// The body of a response served by [`crate::App::serve`]: the whole body, or a stream of it.
@@ -40,12 +145,16 @@ pub struct ResponseBody(Inner);
 enum Inner {
     Whole(Option<Bytes>),
     Stream {
-        events: mpsc::UnboundedReceiver<Event>,
+        queue: Arc<Queue>,
         ended: bool,
         /// The guest's task: aborted if the body is dropped before it ends (a client gone).
-        _task: Option<crate::app::Abortable<()>>,
+        _task: Option<crate::app::Abortable<Option<Outcome>>>,
     },
 }
+
+/// What a request's task answers: a whole response or the error that is its status (`None`: it
+/// streamed, or went without answering).
+pub(crate) type Outcome = Result<http::Response<ResponseBody>, HandleError>;
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,13 +179,9 @@ impl ResponseBody {
     }
 
     /// Ties the guest's task to a streamed body, so that dropping the body ends the guest.
-    pub(crate) fn hold(&mut self, task: crate::app::Abortable<()>) -> Option<crate::app::Abortable<()>> {
-        match &mut self.0 {
-            Inner::Stream { _task, .. } => {
-                *_task = Some(task);
-                None
-            }
-            Inner::Whole(_) => Some(task),
+    pub(crate) fn hold(&mut self, task: crate::app::Abortable<Option<Outcome>>) {
+        if let Inner::Stream { _task, .. } = &mut self.0 {
+            *_task = Some(task);
         }
     }
 }
@@ -89,35 +194,33 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, HandleError>>> {
-        match &mut self.0 {
+        let (queue, ended) = match &mut self.0 {
             Inner::Whole(bytes) => {
-                Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
+                return Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
             }
-            Inner::Stream { events, ended, .. } => {
-                if *ended {
-                    return Poll::Ready(None);
-                }
-                match events.poll_recv(cx) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(Some(Event::Data(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Poll::Ready(Some(Event::End)) => {
-                        *ended = true;
-                        Poll::Ready(None)
-                    }
-                    Poll::Ready(Some(Event::Failed(e))) => {
-                        *ended = true;
-                        Poll::Ready(Some(Err(e)))
-                    }
-                    // The guest's task went without saying how the body ended: never a
-                    // complete body.
-                    Poll::Ready(None) => {
-                        *ended = true;
-                        let e = HandleError::Internal("the response body ended unexpectedly".into());
-                        Poll::Ready(Some(Err(e)))
-                    }
-                }
-            }
+            Inner::Stream { queue, ended, .. } => (queue, ended),
+        };
+        if *ended {
+            return Poll::Ready(None);
         }
+        let mut state = queue.state();
+        if let Some(data) = state.chunks.pop() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        let end = match state.end.take() {
+            Some(how) => how,
+            // Never a complete body unless the guest's task said it was.
+            None if state.abandoned => {
+                Err(HandleError::Internal("the response body ended unexpectedly".into()))
+            }
+            None => {
+                state.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        };
+        drop(state);
+        *ended = true;
+        Poll::Ready(end.err().map(Err))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -135,33 +238,48 @@ impl Body for ResponseBody {
     }
 }
 
-/// Where a request's response goes: its head once (with the whole body, or the start of a
-/// stream), then, if streamed, the rest of the body and how it ended.
+/// Where a request's response goes: a whole one (or the error that is its status) is the task's
+/// answer; a streamed one's head goes out at once, then its body through a [`Queue`].
 pub(crate) struct Reply {
-    head: Option<oneshot::Sender<Result<http::Response<ResponseBody>, HandleError>>>,
-    stream: Option<mpsc::UnboundedSender<Event>>,
-    app: std::sync::Arc<str>,
-    request_id: std::sync::Arc<str>,
+    /// Set when the response is whole, or failed before any of it was sent.
+    outcome: Option<Outcome>,
+    /// The early head of a streamed response, until it is sent.
+    head: Option<oneshot::Sender<http::Response<ResponseBody>>>,
+    feed: Option<Feed>,
+    app: Arc<str>,
+    request_id: Arc<str>,
 }
 
-/// The receiving end of a [`Reply`].
-pub(crate) type Head = oneshot::Receiver<Result<http::Response<ResponseBody>, HandleError>>;
+/// Where a streamed response's head arrives.
+pub(crate) type Head = oneshot::Receiver<http::Response<ResponseBody>>;
 
 impl Reply {
-    pub(crate) fn new(app: std::sync::Arc<str>, request_id: std::sync::Arc<str>) -> (Reply, Head) {
+    pub(crate) fn new(app: Arc<str>, request_id: Arc<str>) -> (Reply, Head) {
         let (tx, rx) = oneshot::channel();
-        (Reply { head: Some(tx), stream: None, app, request_id }, rx)
+        (Reply { outcome: None, head: Some(tx), feed: None, app, request_id }, rx)
     }
 
-    /// Ends the response with `error`: its status if the head is not sent yet, else the
-    /// streamed body cut short.
+    /// The whole response or the error, for the task to answer (`None` once streamed).
+    pub(crate) fn outcome(&mut self) -> Option<Outcome> {
+        self.outcome.take()
+    }
+
+    /// Ends the response with `error`: its status if nothing is sent yet, else the streamed body
+    /// cut short.
     pub(crate) fn fail(&mut self, error: HandleError) {
-        if let Some(head) = self.head.take() {
-            let _ = head.send(Err(error));
-        } else if let Some(stream) = self.stream.take() {
-            tracing::warn!(app = %self.app, request_id = %self.request_id, "streamed response cut short: {error}");
-            metrics::counter!("atoll_responses_cut_total", "app" => self.app.to_string()).increment(1);
-            let _ = stream.send(Event::Failed(error));
+        if let Some(feed) = self.feed.take() {
+            let reason = match &error {
+                HandleError::Deadline { .. } => "deadline",
+                HandleError::ResponseBodyTooLarge { .. } => "cap",
+                HandleError::Trap(_) => "trap",
+                _ => "other",
+            };
+            tracing::warn!(app = %self.app, request_id = %self.request_id, reason, "streamed response cut short: {error}");
+            metrics::counter!("atoll_responses_cut_total", "app" => self.app.to_string(), "reason" => reason)
+                .increment(1);
+            feed.end(Err(error));
+        } else if self.head.is_some() && self.outcome.is_none() {
+            self.outcome = Some(Err(error));
         }
     }
 
@@ -179,7 +297,7 @@ impl Reply {
     {
         let (parts, body) = response.into_parts();
         let mut body = std::pin::pin!(body);
-        let mut taken = Taken { chunks: Vec::new(), total: 0, max: max_body };
+        let mut taken = Taken { chunks: Chunks::default(), total: 0, max: max_body };
         let stream_at = tokio::time::Instant::now() + STREAM_AFTER;
         // Nearly always the body is complete already: read without arming a timer first.
         let mut timer = None;
@@ -196,36 +314,36 @@ impl Reply {
             };
             match frame {
                 None => {
-                    let whole = taken.whole();
-                    if let Some(head) = self.head.take() {
-                        let _ = head.send(Ok(http::Response::from_parts(parts, ResponseBody::whole(whole))));
-                    }
+                    let whole = taken.chunks.whole(taken.total);
+                    self.outcome = Some(Ok(http::Response::from_parts(parts, ResponseBody::whole(whole))));
                     return Ok(());
                 }
-                Some(frame) => taken.add(frame)?,
+                Some(frame) => {
+                    if let Some(data) = taken.count(frame)? {
+                        taken.chunks.push(data);
+                    }
+                }
             }
         }
-        // Still being written: stream it.
-        let (tx, rx) = mpsc::unbounded_channel();
-        for chunk in taken.chunks.drain(..) {
-            let _ = tx.send(Event::Data(chunk));
-        }
-        let streamed = ResponseBody(Inner::Stream { events: rx, ended: false, _task: None });
-        if let Some(head) = self.head.take()
-            && head.send(Ok(http::Response::from_parts(parts, streamed))).is_err()
-        {
+        // Still being written: stream it, starting with what was written so far.
+        let queue = Arc::new(Queue::default());
+        queue.state().chunks = std::mem::take(&mut taken.chunks);
+        let streamed = ResponseBody(Inner::Stream { queue: queue.clone(), ended: false, _task: None });
+        let Some(head) = self.head.take() else { return Ok(()) };
+        if head.send(http::Response::from_parts(parts, streamed)).is_err() {
             return Ok(());
         }
-        let tx = self.stream.insert(tx);
+        let feed = self.feed.insert(Feed(queue));
         while let Some(frame) = body.frame().await {
-            let Some(data) = taken.count(frame)? else { continue };
-            if tx.send(Event::Data(data)).is_err() {
+            if let Some(data) = taken.count(frame)?
+                && !feed.push(data)
+            {
                 // The client has gone: nobody reads the rest.
                 return Ok(());
             }
         }
-        if let Some(tx) = self.stream.take() {
-            let _ = tx.send(Event::End);
+        if let Some(feed) = self.feed.take() {
+            feed.end(Ok(()));
         }
         Ok(())
     }
@@ -233,14 +351,14 @@ impl Reply {
 
 /// The body read so far, within the cap.
 struct Taken {
-    chunks: Vec<Bytes>,
+    chunks: Chunks,
     total: usize,
     max: usize,
 }
 
 impl Taken {
-    /// Counts a frame's data against the cap; trailers are dropped (as when bodies were read
-    /// whole).
+    /// Counts a frame's data against the cap: its data, unless empty. Trailers are dropped (as
+    /// when bodies were read whole).
     fn count<E>(&mut self, frame: Result<Frame<Bytes>, E>) -> Result<Option<Bytes>, HandleError>
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -252,34 +370,7 @@ impl Taken {
         if self.total > self.max {
             return Err(HandleError::ResponseBodyTooLarge { limit: self.max });
         }
-        Ok(Some(data))
-    }
-
-    fn add<E>(&mut self, frame: Result<Frame<Bytes>, E>) -> Result<(), HandleError>
-    where
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        if let Some(data) = self.count(frame)?
-            && !data.is_empty()
-        {
-            self.chunks.push(data);
-        }
-        Ok(())
-    }
-
-    /// The chunks as one buffer (without a copy when there is one chunk).
-    fn whole(&mut self) -> Bytes {
-        match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.pop().unwrap_or_default(),
-            _ => {
-                let mut all = Vec::with_capacity(self.total);
-                for chunk in self.chunks.drain(..) {
-                    all.extend_from_slice(&chunk);
-                }
-                Bytes::from(all)
-            }
-        }
+        Ok((!data.is_empty()).then_some(data))
     }
 }
 
@@ -289,7 +380,7 @@ type FrameOf<B> = Result<Frame<<B as Body>::Data>, <B as Body>::Error>;
 /// The body's next frame if it is ready now, without registering for a wake-up (the caller
 /// polls again, registered, if it is not).
 fn poll_now<B: Body>(body: Pin<&mut B>) -> Option<Option<FrameOf<B>>> {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut cx = Context::from_waker(Waker::noop());
     match body.poll_frame(&mut cx) {
         Poll::Ready(frame) => Some(frame),
         Poll::Pending => None,

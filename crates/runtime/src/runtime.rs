@@ -40,7 +40,7 @@ pub(crate) struct Shared {
     ticker: Mutex<Option<JoinHandle<()>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// Request bodies buffered for guests, all apps together.
-    pub(crate) bodies: crate::budget::BodyBudget,
+    pub(crate) bodies: Arc<crate::budget::BodyBudget>,
     /// Each app's share of the instance pool.
     pub(crate) shares: crate::budget::AppShares,
     /// Instances alive at once, both engines together: `max_instances` site-wide, although
@@ -131,7 +131,7 @@ impl Runtime {
                 p2,
                 p3,
                 p3_init: Mutex::new(()),
-                bodies: crate::budget::BodyBudget::new(config.max_buffered_body_bytes),
+                bodies: Arc::new(crate::budget::BodyBudget::new(config.max_buffered_body_bytes)),
                 shares: crate::budget::AppShares::new(config.max_instances_per_app),
                 instances: Arc::new(tokio::sync::Semaphore::new(config.max_instances as usize)),
                 config,

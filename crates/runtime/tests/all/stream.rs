@@ -119,3 +119,36 @@ async fn dropping_a_streamed_body_ends_its_guest_and_frees_its_instance() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_wasi_0_2_body_streaming_past_its_deadline_or_trapping_is_cut_short() {
+    let rt = runtime();
+    let app = load(&rt, atoll_test_guests::PROBE, with(700, 10 << 20));
+    let mut response = serve(&app, "/drip?n=100&ms=100").await;
+    assert!(response.body().is_streamed());
+    let (lines, end) = frames(response.body_mut()).await;
+    assert!(matches!(end, Some(HandleError::Deadline { .. })), "{end:?}");
+    assert!(!lines.is_empty() && lines.len() < 100);
+    let app = load(&rt, atoll_test_guests::PROBE, with(10_000, 10 << 20));
+    let mut response = serve(&app, "/drip?n=5&ms=150&trap=2").await;
+    assert!(response.body().is_streamed());
+    let (lines, end) = frames(response.body_mut()).await;
+    assert!(matches!(end, Some(HandleError::Trap(_))), "{end:?}");
+    let text: String = lines.iter().map(|f| String::from_utf8_lossy(f)).collect();
+    assert_eq!(text, "drip 0\ndrip 1\n");
+}
+
+#[tokio::test]
+async fn a_body_written_byte_by_byte_is_queued_as_bytes_not_a_frame_each() {
+    let rt = runtime();
+    let app = load(&rt, atoll_test_guests::PROBE, AppSettings::default());
+    let mut response = serve(&app, "/tiny?n=20000").await;
+    assert!(response.body().is_streamed());
+    // A client that does not read while the guest writes 20,000 one-byte writes: what waits for
+    // it is merged (in chunks of 4 KiB), not 20,000 frames.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (chunks, end) = frames(response.body_mut()).await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(chunks.iter().map(Bytes::len).sum::<usize>(), 20_000);
+    assert!(chunks.len() <= 8, "{} frames", chunks.len());
+}

@@ -13,7 +13,8 @@
 //! | `/env` | returns the guest's environment, one `KEY=value` per line |
 //! | `/echo` | returns the request body, and the path and query it saw in `x-probe-path` |
 //! | `/big?bytes=N` | returns a body of N bytes |
-//! | `/drip?n=N&ms=M` | returns N lines (`drip I`), one every M ms: a body streamed as it is written |
+//! | `/drip?n=N&ms=M[&trap=K]` | returns N lines (`drip I`), one every M ms: a body streamed as it is written (trapping instead of writing line K) |
+//! | `/tiny?n=N` | after 150 ms, returns N bytes written one byte at a time |
 //! | `/fetch?url=U` | makes an outbound GET to U and reports the status or the error |
 //! | `/files` | tries to read the filesystem and reports what it saw |
 //! | `/log?QUERY` | prints `probe says QUERY` to stdout and `probe warns QUERY` to stderr |
@@ -93,14 +94,26 @@ async fn main(mut request: Request<Body>) -> Result<Response<Body>, Error> {
         "/drip" => {
             let n: u64 = param("n").and_then(|v| v.parse().ok()).unwrap_or(10);
             let ms: u64 = param("ms").and_then(|v| v.parse().ok()).unwrap_or(50);
+            let trap: Option<u64> = param("trap").and_then(|v| v.parse().ok());
             let lines = futures_lite::stream::unfold(0, move |i| async move {
                 if i == n {
                     return None;
                 }
                 wstd::task::sleep(wstd::time::Duration::from_millis(ms)).await;
+                assert!(trap != Some(i), "probe was asked to trap at line {i}");
                 Some((format!("drip {i}\n"), i + 1))
             });
             Ok(Response::new(Body::from_stream(lines)))
+        }
+        "/tiny" => {
+            let n: u64 = param("n").and_then(|v| v.parse().ok()).unwrap_or(1000);
+            let bytes = futures_lite::stream::unfold(0, move |i| async move {
+                if i == 0 {
+                    wstd::task::sleep(wstd::time::Duration::from_millis(150)).await;
+                }
+                (i < n).then(|| (vec![b't'], i + 1))
+            });
+            Ok(Response::new(Body::from_stream(bytes)))
         }
         "/fetch" => {
             let Some(url) = param("url") else {
