@@ -177,7 +177,7 @@ impl App {
         let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
         let deadline = limits.deadline;
         let request_id: Arc<str> = request_id.into();
-        let (mut reply, mut head) = Reply::new(inner.name.clone(), request_id.clone());
+        let (mut reply, head) = Reply::new(inner.name.clone(), request_id.clone());
         // The guest runs in a task of its own (as in wasmtime-wasi-http's serving example): run
         // inline, inside the connection's task, the same request cost ~20 µs more CPU on the
         // 2-core bench machine (`cargo xtask bench`; ARCHITECTURE.md, "Performance"). The task
@@ -207,9 +207,9 @@ impl App {
                     None
                 }
             },
-            Ok(response) = &mut head => Some(response),
+            () = head.wait() => head.take(),
         };
-        match streamed.or_else(|| head.try_recv().ok()) {
+        match streamed.or_else(|| head.take()) {
             Some(mut response) => {
                 response.body_mut().hold(task);
                 Ok(response)

@@ -26,7 +26,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::sync::oneshot;
 
 use crate::HandleError;
 
@@ -46,7 +45,10 @@ struct Chunks {
 
 impl Chunks {
     fn push(&mut self, data: Bytes) {
-        if data.len() < MERGE_BELOW {
+        if self.list.is_empty() && self.tail.is_empty() {
+            // The first (nearly always the only) chunk: kept as it is, without a copy.
+            self.list.push_back(data);
+        } else if data.len() < MERGE_BELOW {
             self.tail.extend_from_slice(&data);
             if self.tail.len() >= MERGE_BELOW {
                 self.list.push_back(self.tail.split().freeze());
@@ -243,20 +245,38 @@ impl Body for ResponseBody {
 pub(crate) struct Reply {
     /// Set when the response is whole, or failed before any of it was sent.
     outcome: Option<Outcome>,
-    /// The early head of a streamed response, until it is sent.
-    head: Option<oneshot::Sender<http::Response<ResponseBody>>>,
+    /// Where the early head of a streamed response goes, until it is sent.
+    head: Option<Arc<HeadSlot>>,
     feed: Option<Feed>,
     app: Arc<str>,
     request_id: Arc<str>,
 }
 
-/// Where a streamed response's head arrives.
-pub(crate) type Head = oneshot::Receiver<http::Response<ResponseBody>>;
+/// Where a streamed response's head is put for the caller, who is woken only then: a task that
+/// ends without streaming wakes its caller once, by ending (a oneshot's closing would wake it
+/// twice, ~2 µs a request).
+#[derive(Default)]
+pub(crate) struct HeadSlot {
+    response: Mutex<Option<http::Response<ResponseBody>>>,
+    ready: tokio::sync::Notify,
+}
+
+impl HeadSlot {
+    /// Waits until a head is put (a head put before the wait counts).
+    pub(crate) async fn wait(&self) {
+        self.ready.notified().await;
+    }
+
+    /// The head, if one was put.
+    pub(crate) fn take(&self) -> Option<http::Response<ResponseBody>> {
+        self.response.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
 
 impl Reply {
-    pub(crate) fn new(app: Arc<str>, request_id: Arc<str>) -> (Reply, Head) {
-        let (tx, rx) = oneshot::channel();
-        (Reply { outcome: None, head: Some(tx), feed: None, app, request_id }, rx)
+    pub(crate) fn new(app: Arc<str>, request_id: Arc<str>) -> (Reply, Arc<HeadSlot>) {
+        let slot = Arc::new(HeadSlot::default());
+        (Reply { outcome: None, head: Some(slot.clone()), feed: None, app, request_id }, slot)
     }
 
     /// The whole response or the error, for the task to answer (`None` once streamed).
@@ -329,10 +349,14 @@ impl Reply {
         let queue = Arc::new(Queue::default());
         queue.state().chunks = std::mem::take(&mut taken.chunks);
         let streamed = ResponseBody(Inner::Stream { queue: queue.clone(), ended: false, _task: None });
-        let Some(head) = self.head.take() else { return Ok(()) };
-        if head.send(http::Response::from_parts(parts, streamed)).is_err() {
+        let Some(slot) = self.head.take() else { return Ok(()) };
+        if Arc::strong_count(&slot) == 1 {
+            // The caller has gone.
             return Ok(());
         }
+        *slot.response.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(http::Response::from_parts(parts, streamed));
+        slot.ready.notify_one();
         let feed = self.feed.insert(Feed(queue));
         while let Some(frame) = body.frame().await {
             if let Some(data) = taken.count(frame)?
