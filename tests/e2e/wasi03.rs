@@ -279,7 +279,8 @@ fn variables_set_at_deploy_are_read_at_every_site_and_never_shown() {
     let refused = request(
         "PUT",
         &format!("{}/_atoll/apps/counter", a.url),
-        &[("authorization", &auth), ("x-atoll-deploy-vars", &vars)],
+        // As `atoll deploy` does: the refusal comes before the component is sent.
+        &[("authorization", &auth), ("x-atoll-deploy-vars", &vars), ("expect", "100-continue")],
         Some(&read(atoll_test_guests::SPIN_COUNTER)),
     );
     assert_eq!(refused.status, 400, "{refused:?}");
