@@ -7,20 +7,33 @@ use std::time::{Duration, Instant};
 
 use crate::{ATOLL, eventually, request};
 
-#[test]
-fn atoll_dev_runs_sites_and_a_router_and_ctrl_c_stops_them_all() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// `atoll dev` started with `args` (and `--data DIR`), read until it says it is ready: the child,
+/// and the table's names and URLs.
+fn start_dev(args: &[&str], data: &std::path::Path) -> (std::process::Child, Vec<(String, String)>) {
     let mut dev = Command::new(ATOLL)
-        .args(["dev", "--sites", "us-east,eu-west", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
+        .arg("dev")
+        .args(args)
+        .arg("--data")
+        .arg(data)
         .args(["--deploy", atoll_test_guests::HELLO, "--app", "hello"])
         .env_remove("ATOLL_ADMIN_TOKEN")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn atoll dev");
     let stdout = dev.stdout.take().expect("stdout");
+    // Its log lines (and the sites' and router's, which it forwards), for a failure's message.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = dev.stderr.take().expect("stderr");
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut all = lines.lock().unwrap_or_else(|e| e.into_inner());
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -31,8 +44,18 @@ fn atoll_dev_runs_sites_and_a_router_and_ctrl_c_stops_them_all() {
     let mut urls: Vec<(String, String)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let line =
-            rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("atoll dev got ready");
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = dev.kill();
+                let _ = dev.wait();
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "atoll dev did not get ready ({e}):\n{}",
+                    log.lock().unwrap_or_else(|e| e.into_inner())
+                )
+            }
+        };
         let words: Vec<&str> = line.split_whitespace().collect();
         if let (Some(first), Some(url)) = (words.first(), words.last())
             && url.starts_with("http://")
@@ -42,9 +65,15 @@ fn atoll_dev_runs_sites_and_a_router_and_ctrl_c_stops_them_all() {
             urls.push((first.to_string(), url.to_string()));
         }
         if line.contains("atoll dev is ready") {
-            break;
+            return (dev, urls);
         }
     }
+}
+
+#[test]
+fn atoll_dev_runs_sites_and_a_router_and_ctrl_c_stops_them_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut dev, urls) = start_dev(&["--sites", "us-east,eu-west", "--listen", "127.0.0.1:0"], dir.path());
     let url_of = |name: &str| urls.iter().find(|(n, _)| n == name).map(|(_, u)| u.clone()).expect(name);
     let (router, east, west) = (url_of("router"), url_of("us-east-1"), url_of("eu-west-1"));
     assert_eq!(urls.len(), 3, "two sites and a router: {urls:?}");
@@ -71,4 +100,44 @@ fn atoll_dev_runs_sites_and_a_router_and_ctrl_c_stops_them_all() {
             "{url} still answers after Ctrl-C"
         );
     }
+}
+
+/// Three free ports in a row on 127.0.0.1 (the router's, then one per site); the first one.
+fn free_ports() -> u16 {
+    loop {
+        let first =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        if first < 65_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok()) {
+            return first;
+        }
+    }
+}
+
+/// Right after `atoll dev` prints its table, every region is answered by its own site, and says
+/// `nearest`, even on a restart over existing data (when each site must first sync with its
+/// peers). And an `atoll dev` SIGKILLed leaves no site behind: a second one comes up on the same
+/// ports.
+#[test]
+fn atoll_dev_tells_the_truth_from_its_first_line_and_leaves_no_orphans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_ports();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--sites", "us-east,eu-west", "--listen", listen.as_str()];
+    let (mut first, _) = start_dev(&args, dir.path());
+    first.kill().expect("SIGKILL atoll dev");
+    first.wait().expect("reaped");
+    let (mut second, urls) = start_dev(&args, dir.path());
+    let router = urls.iter().find(|(n, _)| n == "router").map(|(_, u)| u.clone()).expect("router");
+    assert_eq!(router, format!("http://{listen}"), "the same ports");
+    // No `eventually`: the first answer for each region must already be its own site's.
+    for (region, expected) in [("us-east", "us-east-1"), ("eu-west", "eu-west-1"), ("us-east", "us-east-1")] {
+        let r = request("GET", &format!("{router}/apps/hello/"), &[("x-atoll-region", region)], None);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.headers["x-atoll-site"], expected, "{region}: {r:?}");
+        assert_eq!(r.headers["x-atoll-route"], "nearest", "{region}: {r:?}");
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(second.id() as libc::pid_t, libc::SIGINT) };
+    let status = eventually(Duration::from_secs(30), "atoll dev exits", || second.try_wait().expect("wait"));
+    assert!(status.success(), "atoll dev exit status {status}");
 }

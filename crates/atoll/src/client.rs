@@ -206,6 +206,16 @@ pub fn is_deployed(args: &ClientArgs, app: &str) -> Result<bool> {
     Ok(response.status() == 200)
 }
 
+/// `GET path` at the site (or router) of `args` as JSON, if it answers 200 with JSON.
+pub fn get_json(args: &ClientArgs, path: &str) -> Option<serde_json::Value> {
+    let site = Site::new(args).ok()?;
+    let mut response = site.auth(site.agent.get(site.url(path))).call().ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()
+}
+
 pub fn apps(args: &ClientArgs) -> Result<()> {
     let site = Site::new(args)?;
     let body = site.check("listing apps", site.auth(site.agent.get(site.url("/_atoll/apps"))).call())?;

@@ -1,6 +1,7 @@
 //! `atoll dev`: several sites and a router on this machine, each its own process with its own
 //! data dir and port, the sites peered with each other. Ctrl-C (or SIGTERM) stops them all; a
-//! child also gets SIGTERM if `atoll dev` itself dies, so nothing is left running.
+//! child is killed if `atoll dev` itself dies (however: SIGKILL included), so nothing is left
+//! running, and a new `atoll dev` waits for their ports to be free.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -90,8 +91,10 @@ fn spawn(label: &str, args: &[String]) -> Result<Proc> {
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             command.pre_exec(|| {
-                // Stop with `atoll dev`, however it ends.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                // Stop with `atoll dev`, however it ends. Killed, not asked: a graceful stop would
+                // hold the port and the data dir a while longer, and a site is built to survive a
+                // SIGKILL (Ctrl-C still stops the children gracefully, one by one).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -149,6 +152,31 @@ fn address(base: SocketAddr, offset: usize) -> Result<SocketAddr> {
     Ok(SocketAddr::new(base.ip(), port))
 }
 
+/// Waits (up to 15 s) until the router's port and the sites' are free: the sites of an `atoll
+/// dev` that was killed stop when it dies (PR_SET_PDEATHSIG), but take a moment to, and hold
+/// their ports and data dirs until they have.
+fn wait_for_ports(listen: SocketAddr, sites: usize) -> Result<()> {
+    if listen.port() == 0 {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for i in 0..=sites {
+        let addr = address(listen, i)?;
+        let mut told = false;
+        while std::net::TcpListener::bind(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("{addr} is in use: stop what listens there, or give --listen another port");
+            }
+            if !told {
+                eprintln!("waiting for {addr} to be free (a previous atoll dev's site still stopping?)");
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: DevArgs) -> Result<()> {
     if args.deploy.len() != args.apps.len() {
         bail!(
@@ -176,6 +204,7 @@ pub fn run(args: DevArgs) -> Result<()> {
     }
 
     let names = site_names(&args.sites);
+    wait_for_ports(args.listen, names.len())?;
     let mut sites: Vec<(String, String, Proc)> = Vec::new();
     for (i, (name, region)) in names.iter().zip(&args.sites).enumerate() {
         let data = args.data.join(name);
@@ -219,6 +248,7 @@ pub fn run(args: DevArgs) -> Result<()> {
         crate::client::deploy(&deploy)?;
     }
     wait_until_deployed(&sites, &args.apps, token.as_deref())?;
+    wait_until_in_rotation(&sites, &router, token.as_deref())?;
 
     print_table(&sites, &router, &args.apps, &args.data);
     let restart_after = (args.restart_after_s > 0).then(|| Duration::from_secs(args.restart_after_s));
@@ -249,6 +279,45 @@ fn wait_until_deployed(sites: &[(String, String, Proc)], apps: &[String], token:
         }
     }
     Ok(())
+}
+
+/// Waits until every site is ready (its first sync done) and the router has heard from each and
+/// sends each site's region to it, so that what the table promises holds from its first line
+/// (a region the router's table does not know is served by whichever site is nearest to the
+/// default region: only its site's readiness is waited for).
+fn wait_until_in_rotation(
+    sites: &[(String, String, Proc)],
+    router: &Proc,
+    token: Option<&str>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let args = |url: &str| ClientArgs::plain(url.to_owned(), token.map(str::to_owned));
+    loop {
+        let ready = sites.iter().all(|(_, _, site)| {
+            crate::client::get_json(&args(&site.url), "/_atoll/health?ready=1").is_some()
+        });
+        let routed = ready
+            && crate::client::get_json(&args(&router.url), "/_atoll/router/status").is_some_and(|status| {
+                let heard = |name: &str| {
+                    status["sites"].as_array().is_some_and(|all| {
+                        all.iter()
+                            .any(|s| s["name"] == name && s["live"] == true && !s["last_ok_ms"].is_null())
+                    })
+                };
+                sites.iter().all(|(name, region, _)| {
+                    let serving = &status["table"][region.as_str()]["serving"];
+                    let unknown_region = status["table"][region.as_str()].is_null();
+                    heard(name) && (unknown_region || serving == name.as_str())
+                })
+            });
+        if routed {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the sites were not all ready and in the router's rotation within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn print_table(sites: &[(String, String, Proc)], router: &Proc, apps: &[String], data: &Path) {

@@ -24,7 +24,8 @@ pub use config::{RoutingConfig, Settings};
 pub use proxy::{Outcome, RouteInfo, set_http2, set_tls};
 pub use sites::{Health, SiteState};
 
-/// Response header: why this site served the request (`nearest`, `failover`).
+/// Response header: why this site served the request (`nearest`, `fallback`, `failover`,
+/// `forwarded`, `none`).
 pub const ROUTE_HEADER: &str = "x-atoll-route";
 /// Response header: the region the decision was made for.
 pub const ROUTE_REGION_HEADER: &str = "x-atoll-route-region";

@@ -129,7 +129,8 @@ pub enum Outcome {
 /// Why a request went where it went.
 #[derive(Debug, Clone)]
 pub struct RouteInfo {
-    /// `nearest`, `failover` or `forwarded` (another router or site chose this site).
+    /// `nearest`, `fallback`, `failover` (see [`reason`]) or `forwarded` (another router or site
+    /// chose this site).
     pub reason: &'static str,
     pub region: ClientRegion,
 }
@@ -148,6 +149,38 @@ impl RouteInfo {
         if let Some(why) = self.region.defaulted {
             headers.insert(crate::names::DEFAULT_REGION, HeaderValue::from_static(why));
         }
+    }
+}
+
+/// Why `target` serves a client whose candidates are `ranking` (nearest first):
+/// - `nearest`: it is the nearest site, and no site this router has not yet heard from (whose
+///   region it cannot know) might be nearer;
+/// - `fallback`: the nearest site has not been ready since this router started (it is starting,
+///   or has never answered), or one not yet heard from might be nearer;
+/// - `failover`: the nearest site was live once and is down now (or failed this request).
+pub(crate) fn reason(ranking: &[Target], target: &Target) -> &'static str {
+    let same = |a: &Target, b: &Target| match (a, b) {
+        (Target::Local, Target::Local) => true,
+        (Target::Site(a), Target::Site(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    };
+    let never_ready = |t: &Target| match t {
+        Target::Local => false,
+        Target::Site(s) => s.health().last_ok_ms.is_none(),
+    };
+    match ranking.first() {
+        Some(first) if same(first, target) => {
+            let unknown = |t: &Target| match t {
+                Target::Local => false,
+                Target::Site(s) => {
+                    let h = s.health();
+                    h.last_ok_ms.is_none() && h.known_region.is_none()
+                }
+            };
+            if ranking.iter().any(unknown) { "fallback" } else { "nearest" }
+        }
+        Some(first) if never_ready(first) => "fallback",
+        _ => "failover",
     }
 }
 
@@ -429,12 +462,7 @@ impl Router {
             return Outcome::Local(request, RouteInfo { reason: "forwarded", region });
         }
         let ranking = self.ranking(&region.region);
-        let is_nearest = |t: &Target| match (t, ranking.first()) {
-            (Target::Local, Some(Target::Local)) => true,
-            (Target::Site(a), Some(Target::Site(b))) => Arc::ptr_eq(a, b),
-            _ => false,
-        };
-        let reason = |t: &Target| if is_nearest(t) { "nearest" } else { "failover" };
+        let reason = |t: &Target| reason(&ranking, t);
         let live: Vec<&Target> = ranking
             .iter()
             .filter(|t| match t {
@@ -571,6 +599,28 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_route_reason_says_why_the_nearest_site_was_not_taken() {
+        let site = |port: u16, region: Option<&str>| {
+            let region = region.map(|r| (r.to_owned(), Some(r.to_owned())));
+            Arc::new(crate::SiteState::new(&format!("http://127.0.0.1:{port}"), None, region).expect("url"))
+        };
+        let (east, west) = (site(1, Some("us-east")), site(2, Some("eu-west")));
+        let ranking = [Target::Site(east.clone()), Target::Site(west.clone())];
+        assert_eq!(reason(&ranking, &ranking[0]), "nearest");
+        // The nearest has never been ready (it is starting): the next one is a fallback ...
+        assert_eq!(reason(&ranking, &ranking[1]), "fallback");
+        // ... and, once it has been ready, a failover.
+        east.passed(None, None, 1);
+        assert_eq!(reason(&ranking, &ranking[1]), "failover");
+        // A site not yet heard from, whose region is unknown, might be nearer: not `nearest`.
+        let unknown = site(3, None);
+        let ranking = [Target::Site(east), Target::Site(west), Target::Site(unknown.clone())];
+        assert_eq!(reason(&ranking, &ranking[0]), "fallback");
+        unknown.passed(None, Some(("ap-south".into(), Some("ap-south".into()))), 1);
+        assert_eq!(reason(&ranking, &ranking[0]), "nearest");
+    }
 
     #[test]
     fn hop_by_hop_headers_go() {
