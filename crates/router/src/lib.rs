@@ -140,6 +140,9 @@ pub struct Router {
     /// (the generation counts those changes): a request's routing decision reads it without
     /// locking every site or allocating.
     rankings: RwLock<(u64, Rankings)>,
+    /// Hedges for slowness this router may still send (a tenth per hedgeable request, at most
+    /// 10 saved).
+    hedge_budget: std::sync::Mutex<f64>,
 }
 
 /// Candidates per region, nearest first.
@@ -162,6 +165,7 @@ impl Router {
             me: None,
             sites: RwLock::new(Vec::new()),
             rankings: RwLock::new((0, HashMap::new())),
+            hedge_budget: std::sync::Mutex::new(10.0),
         }
     }
 

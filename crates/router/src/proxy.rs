@@ -26,6 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::health::log_transition;
+use crate::sites::SiteState;
 use crate::{ClientRegion, Router, Target};
 
 pub(crate) type Client = hyper_util::client::legacy::Client<Connector, ProxyBody>;
@@ -149,6 +150,145 @@ impl RouteInfo {
         if let Some(why) = self.region.defaulted {
             headers.insert(crate::names::DEFAULT_REGION, HeaderValue::from_static(why));
         }
+    }
+}
+
+/// What became of a request sent to a site.
+enum Sent {
+    Answer(Response<hyper::body::Incoming>),
+    /// Never sent (the connection could not be made): any method may go elsewhere.
+    Unreachable(String),
+    /// Sent, and no answer: the site may have applied it.
+    Failed(String),
+}
+
+/// Sends `request` to `site` and waits at most `wait` for the head of its answer.
+async fn exchange(site: &SiteState, request: Request<ProxyBody>, wait: Duration) -> Sent {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(wait, self::client().request(request)).await {
+        Ok(Ok(response)) => {
+            site.observe(started.elapsed());
+            Sent::Answer(response)
+        }
+        Ok(Err(e)) if e.is_connect() => Sent::Unreachable(describe(&e)),
+        Ok(Err(e)) => Sent::Failed(describe(&e)),
+        Err(_) => Sent::Failed(format!("no response within {wait:?}")),
+    }
+}
+
+/// Returns once `site` is out of the rotation (its health checks failed meanwhile).
+async fn left_rotation(site: &SiteState) {
+    while site.is_live() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a hedged request came to: the answer (from which site, and whether from the hedge),
+/// the failures, and whether the hedge was sent.
+struct Hedged {
+    answer: Option<(Arc<SiteState>, Response<hyper::body::Incoming>, bool)>,
+    failures: Vec<(Arc<SiteState>, Sent)>,
+    hedged: bool,
+}
+
+impl Router {
+    /// How long a request to `site` may wait for its answer's head: an idempotent one, the
+    /// response timeout (hedging spares it most of that); one that cannot be retried elsewhere,
+    /// what the site itself allows (its longest app deadline, for reading the body and again for
+    /// running the handler) and a second, when the site has said it: never a fixed 30 s for a POST
+    /// to a site that hangs.
+    fn wait_for(&self, site: &SiteState, idempotent: bool) -> Duration {
+        match site.health().max_deadline_ms {
+            Some(ms) if !idempotent => Duration::from_millis(ms.saturating_mul(2).saturating_add(1000)),
+            _ => self.settings.response_timeout,
+        }
+    }
+
+    /// Sends `request` to `site`; when no head has come after the site's hedge delay (what its
+    /// answers usually take, at most a second), or the site leaves the rotation meanwhile, sends
+    /// the same request (`hedge()`) to `other` too. The first answer wins; the other request is
+    /// cancelled. Hedges for slowness take from a budget of a tenth of the requests; hedges from a
+    /// site gone down are failovers and do not.
+    async fn hedged(
+        &self,
+        site: &Arc<SiteState>,
+        other: &Arc<SiteState>,
+        request: Request<ProxyBody>,
+        hedge: impl FnOnce() -> Option<Request<ProxyBody>>,
+        wait: Duration,
+    ) -> Hedged {
+        let single = |sent: Sent| match sent {
+            Sent::Answer(response) => {
+                Hedged { answer: Some((site.clone(), response, false)), failures: vec![], hedged: false }
+            }
+            failed => Hedged { answer: None, failures: vec![(site.clone(), failed)], hedged: false },
+        };
+        self.deposit_hedge_budget();
+        let mut first = std::pin::pin!(exchange(site, request, wait));
+        let trigger = async {
+            tokio::select! {
+                () = tokio::time::sleep(site.hedge_after()) => "slow",
+                () = left_rotation(site) => "down",
+            }
+        };
+        let mut why = tokio::select! {
+            biased;
+            sent = &mut first => return single(sent),
+            why = trigger => why,
+        };
+        if why == "slow" && !self.take_hedge_budget() {
+            // No budget left for slowness: hedged only if the site leaves the rotation.
+            why = tokio::select! {
+                biased;
+                sent = &mut first => return single(sent),
+                () = left_rotation(site) => "down",
+            };
+        }
+        let Some(second) = hedge() else { return single(first.await) };
+        counted("atoll_router_hedges_total", "trigger", why);
+        tracing::debug!(site = %site.label(), to = %other.label(), trigger = why, "hedged");
+        let mut second = std::pin::pin!(exchange(other, second, wait));
+        let (mut first_done, mut second_done) = (false, false);
+        let mut failures = Vec::new();
+        while !(first_done && second_done) {
+            let (by, sent, hedge) = tokio::select! {
+                sent = &mut first, if !first_done => {
+                    first_done = true;
+                    (site, sent, false)
+                }
+                sent = &mut second, if !second_done => {
+                    second_done = true;
+                    (other, sent, true)
+                }
+            };
+            match sent {
+                Sent::Answer(response) => {
+                    counted(
+                        "atoll_router_hedge_winners_total",
+                        "winner",
+                        if hedge { "hedge" } else { "first" },
+                    );
+                    return Hedged { answer: Some((by.clone(), response, hedge)), failures, hedged: true };
+                }
+                failed => failures.push((by.clone(), failed)),
+            }
+        }
+        Hedged { answer: None, failures, hedged: true }
+    }
+
+    /// Every request hedged may earn a tenth of a hedge for slowness (at most 10 saved).
+    fn deposit_hedge_budget(&self) {
+        let mut tokens = self.hedge_budget.lock().unwrap_or_else(|e| e.into_inner());
+        *tokens = (*tokens + 0.1).min(10.0);
+    }
+
+    fn take_hedge_budget(&self) -> bool {
+        let mut tokens = self.hedge_budget.lock().unwrap_or_else(|e| e.into_inner());
+        let ok = *tokens >= 1.0;
+        if ok {
+            *tokens -= 1.0;
+        }
+        ok
     }
 }
 
@@ -523,7 +663,17 @@ impl Router {
         let mut attempts = 0;
         let mut errors: Vec<String> = Vec::new();
         let mut sent_somewhere = false;
-        for target in live {
+        let request_for = |site: &SiteState| {
+            let body = prepared.attempt()?;
+            let mut request = Request::new(body);
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = site.uri(&path_and_query);
+            *request.headers_mut() = headers.clone();
+            Some(request)
+        };
+        let mut next = 0;
+        while let Some(&target) = live.get(next) {
+            next += 1;
             let site = match target {
                 Target::Local => {
                     // A nearer site failed; this site is next.
@@ -538,49 +688,74 @@ impl Router {
                 break;
             }
             attempts += 1;
-            let Some(body) = prepared.attempt() else { break };
-            let mut request = Request::new(body);
-            *request.method_mut() = method.clone();
-            *request.uri_mut() = site.uri(&path_and_query);
-            *request.headers_mut() = headers.clone();
-            let sent =
-                tokio::time::timeout(self.settings.response_timeout, self::client().request(request)).await;
-            let failure = match sent {
-                Ok(Ok(response)) => {
-                    let info = RouteInfo { reason: reason(target), region };
-                    tracing::debug!(
-                        site = %site.label(), region = %info.region.region, defaulted = ?info.region.defaulted,
-                        reason = info.reason, attempts, "routed"
-                    );
-                    let (mut parts, body) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    info.apply(&mut parts.headers);
-                    return Outcome::Response(Response::from_parts(parts, response_body(body).await));
+            let Some(request) = request_for(site) else { break };
+            // An idempotent request with its body at hand may also go to the next live site if
+            // this one is slow to answer or leaves the rotation meanwhile (a hedge).
+            let hedge_to = match live.get(next) {
+                Some(Target::Site(other))
+                    if idempotent && prepared.replayable() && attempts < self.settings.max_attempts =>
+                {
+                    Some(other)
                 }
-                Ok(Err(e)) if e.is_connect() => {
-                    // Not sent: any method may go to the next site.
-                    let reason = describe(&e);
-                    log_transition(site, site.unreachable(reason.clone(), self.settings.fall));
-                    errors.push(format!("{}: {reason}", site.label()));
-                    continue;
-                }
-                Ok(Err(e)) => describe(&e),
-                Err(_) => format!("no response within {:?}", self.settings.response_timeout),
+                _ => None,
             };
-            log_transition(site, site.failed(failure.clone(), self.settings.fall));
-            errors.push(format!("{}: {failure}", site.label()));
-            sent_somewhere = true;
-            if !(idempotent && prepared.replayable()) {
-                let request_id = headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
-                tracing::warn!(site = %site.label(), %method, request_id, "{failure}: not retried (the site may have applied it)");
-                return Outcome::Response(text(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "site {} failed after the request was sent ({failure}); a {method} request is not \
-                         retried elsewhere because it may have been applied\n",
-                        site.label()
-                    ),
-                ));
+            let wait = self.wait_for(site, idempotent);
+            let (answered, failures) = match hedge_to {
+                Some(other) => {
+                    let hedged = self.hedged(site, other, request, || request_for(other), wait).await;
+                    if hedged.hedged {
+                        attempts += 1;
+                        next += 1;
+                    }
+                    (hedged.answer, hedged.failures)
+                }
+                None => match exchange(site, request, wait).await {
+                    Sent::Answer(response) => (Some((site.clone(), response, false)), vec![]),
+                    failed => (None, vec![(site.clone(), failed)]),
+                },
+            };
+            if let Some((by, response, hedge)) = answered {
+                let reason = if hedge { "hedged" } else { reason(&Target::Site(by.clone())) };
+                let info = RouteInfo { reason, region };
+                tracing::debug!(
+                    site = %by.label(), region = %info.region.region, defaulted = ?info.region.defaulted,
+                    reason = info.reason, attempts, "routed"
+                );
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                info.apply(&mut parts.headers);
+                return Outcome::Response(Response::from_parts(parts, response_body(body).await));
+            }
+            for (failed_site, failure) in failures {
+                match failure {
+                    Sent::Answer(_) => {}
+                    Sent::Unreachable(reason) => {
+                        // Not sent: any method may go to the next site.
+                        log_transition(
+                            &failed_site,
+                            failed_site.unreachable(reason.clone(), self.settings.fall),
+                        );
+                        errors.push(format!("{}: {reason}", failed_site.label()));
+                    }
+                    Sent::Failed(failure) => {
+                        log_transition(&failed_site, failed_site.failed(failure.clone(), self.settings.fall));
+                        errors.push(format!("{}: {failure}", failed_site.label()));
+                        sent_somewhere = true;
+                        if !(idempotent && prepared.replayable()) {
+                            let request_id =
+                                headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
+                            tracing::warn!(site = %failed_site.label(), %method, request_id, "{failure}: not retried (the site may have applied it)");
+                            return Outcome::Response(text(
+                                StatusCode::BAD_GATEWAY,
+                                format!(
+                                    "site {} failed after the request was sent ({failure}); a {method} request is not \
+                                     retried elsewhere because it may have been applied\n",
+                                    failed_site.label()
+                                ),
+                            ));
+                        }
+                    }
+                }
             }
         }
         let mut response = if sent_somewhere {

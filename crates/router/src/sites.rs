@@ -38,7 +38,17 @@ pub struct Health {
     pub last_ok_ms: Option<u64>,
     /// Still named by the configuration or discovery; an unlisted site goes once it is dead.
     pub listed: bool,
+    /// The longest deadline of its apps, as its health answer says (how long a request it has
+    /// taken may rightly go unanswered).
+    pub max_deadline_ms: Option<u64>,
+    /// Its answers' observed time to the response head (an average and a deviation, moving):
+    /// when a request of its has waited past `mean + 4 × deviation`, it is hedged.
+    pub latency_ms: Option<(f64, f64)>,
 }
+
+/// The least and the most a request waits for a site before it is hedged to the next one.
+pub const HEDGE_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+pub const HEDGE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a state change was, for the caller to log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +94,8 @@ impl SiteState {
                 last_error: None,
                 last_ok_ms: None,
                 listed: true,
+                max_deadline_ms: None,
+                latency_ms: None,
             }),
         })
     }
@@ -168,6 +180,33 @@ impl SiteState {
         h.consecutive_failures = h.consecutive_failures.max(fall.saturating_sub(1));
         drop(h);
         self.failed(reason, fall)
+    }
+
+    /// One of its answers took `elapsed` to its head.
+    pub(crate) fn observe(&self, elapsed: std::time::Duration) {
+        let x = elapsed.as_secs_f64() * 1000.0;
+        let mut h = self.health();
+        h.latency_ms = Some(match h.latency_ms {
+            None => (x, x / 2.0),
+            Some((mean, dev)) => (mean + 0.05 * (x - mean), dev + 0.05 * ((x - mean).abs() - dev)),
+        });
+    }
+
+    /// How long a request to it waits for a head before it is hedged to the next site: well past
+    /// what its answers usually take, within [`HEDGE_MIN`] and [`HEDGE_MAX`] ([`HEDGE_MAX`] until
+    /// it has answered).
+    pub(crate) fn hedge_after(&self) -> std::time::Duration {
+        match self.health().latency_ms {
+            None => HEDGE_MAX,
+            Some((mean, dev)) => {
+                std::time::Duration::from_secs_f64((mean + 4.0 * dev) / 1000.0).clamp(HEDGE_MIN, HEDGE_MAX)
+            }
+        }
+    }
+
+    /// Its health answer said its longest app deadline.
+    pub(crate) fn set_max_deadline(&self, ms: Option<u64>) {
+        self.health().max_deadline_ms = ms;
     }
 
     fn set_live(&self, h: &mut Health, live: bool) {

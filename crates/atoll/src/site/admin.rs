@@ -150,6 +150,9 @@ struct Health<'a> {
     /// Why guests may not use the store now (resyncing, clock off, refused by peers), if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     store_closed: Option<String>,
+    /// The longest deadline of the apps here (or the default): a router waits that long (and a
+    /// margin) for a request that cannot be retried elsewhere.
+    max_deadline_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -162,7 +165,12 @@ struct HealthQuery {
 /// is not serving an empty or stale store after joining or a long outage; a site with no peers is
 /// ready at once, and any site after `[sync] ready_timeout_s` (a peer may be down for good).
 async fn health(State(site): State<Arc<Site>>, Query(query): Query<HealthQuery>) -> Response {
-    let apps = site.apps.read().unwrap_or_else(|e| e.into_inner()).len();
+    let (apps, max_deadline_ms) = {
+        let apps = site.apps.read().unwrap_or_else(|e| e.into_inner());
+        let longest = apps.values().map(|d| d.app.settings().limits.deadline).max();
+        let longest = longest.unwrap_or(site.default_limits.deadline);
+        (apps.len(), longest.as_millis() as u64)
+    };
     let ready = site.ready();
     let store_closed = site.sync.get().and_then(|n| n.guest_gate());
     let health = Health {
@@ -179,6 +187,7 @@ async fn health(State(site): State<Arc<Site>>, Query(query): Query<HealthQuery>)
         apps,
         ready,
         store_closed,
+        max_deadline_ms,
     };
     let status =
         if query.ready.is_some() && !ready { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
