@@ -225,16 +225,11 @@ impl Router {
         };
         self.deposit_hedge_budget();
         let mut first = std::pin::pin!(exchange(site, request, wait));
-        let trigger = async {
-            tokio::select! {
-                () = tokio::time::sleep(site.hedge_after()) => "slow",
-                () = left_rotation(site) => "down",
-            }
-        };
+        // One timer on the way of every request: the rotation is watched only past the delay.
         let mut why = tokio::select! {
             biased;
             sent = &mut first => return single(sent),
-            why = trigger => why,
+            () = tokio::time::sleep(site.hedge_after()) => if site.is_live() { "slow" } else { "down" },
         };
         if why == "slow" && !self.take_hedge_budget() {
             // No budget left for slowness: hedged only if the site leaves the rotation.
