@@ -88,14 +88,19 @@ fn spawn(label: &str, args: &[String]) -> Result<Proc> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // Stop with `atoll dev`, however it ends. Killed, not asked: a graceful stop would
                 // hold the port and the data dir a while longer, and a site is built to survive a
                 // SIGKILL (Ctrl-C still stops the children gracefully, one by one).
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // `atoll dev` died before the line above: nobody would kill this child.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("atoll dev is gone"));
                 }
                 Ok(())
             });
@@ -304,10 +309,13 @@ fn wait_until_in_rotation(
                             .any(|s| s["name"] == name && s["live"] == true && !s["last_ok_ms"].is_null())
                     })
                 };
+                // Each region served by a site of that region (two sites of one region: the router
+                // picks one of them).
                 sites.iter().all(|(name, region, _)| {
                     let serving = &status["table"][region.as_str()]["serving"];
                     let unknown_region = status["table"][region.as_str()].is_null();
-                    heard(name) && (unknown_region || serving == name.as_str())
+                    let own = sites.iter().any(|(other, r, _)| r == region && serving == other.as_str());
+                    heard(name) && (unknown_region || own)
                 })
             });
         if routed {

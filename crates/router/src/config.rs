@@ -25,6 +25,9 @@ pub struct RoutingConfig {
     pub max_attempts: Option<u32>,
     /// How long to wait for a site's response head before giving up on it (default 30 000).
     pub response_timeout_ms: Option<u64>,
+    /// Whether a safe request (GET, HEAD, OPTIONS, TRACE) slow to be answered, or whose site leaves
+    /// the rotation, is also sent to the next live site (default true).
+    pub hedging: Option<bool>,
     /// Idempotent requests with a body up to this size are buffered so they can be retried at
     /// another site after being sent (default 65 536). Larger bodies stream and are not retried
     /// once sent.
@@ -75,6 +78,7 @@ pub struct Settings {
     pub default_region: String,
     pub max_attempts: u32,
     pub response_timeout: Duration,
+    pub hedging: bool,
     pub replay_body_bytes: u64,
     pub interval: Duration,
     pub timeout: Duration,
@@ -164,6 +168,7 @@ impl RoutingConfig {
             default_region,
             max_attempts: self.max_attempts.unwrap_or(3),
             response_timeout: Duration::from_millis(self.response_timeout_ms.unwrap_or(30_000)),
+            hedging: self.hedging.unwrap_or(true),
             replay_body_bytes: self.replay_body_bytes.unwrap_or(64 << 10),
             interval: Duration::from_millis(self.health.interval_ms.unwrap_or(200)),
             timeout: Duration::from_millis(self.health.timeout_ms.unwrap_or(250)),

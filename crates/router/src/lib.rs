@@ -25,7 +25,7 @@ pub use proxy::{Outcome, RouteInfo, set_http2, set_tls};
 pub use sites::{Health, SiteState};
 
 /// Response header: why this site served the request (`nearest`, `fallback`, `failover`,
-/// `forwarded`, `none`).
+/// `hedged`, `forwarded`, `none`).
 pub const ROUTE_HEADER: &str = "x-atoll-route";
 /// Response header: the region the decision was made for.
 pub const ROUTE_REGION_HEADER: &str = "x-atoll-route-region";
@@ -140,9 +140,9 @@ pub struct Router {
     /// (the generation counts those changes): a request's routing decision reads it without
     /// locking every site or allocating.
     rankings: RwLock<(u64, Rankings)>,
-    /// Hedges for slowness this router may still send (a tenth per hedgeable request, at most
-    /// 10 saved).
-    hedge_budget: std::sync::Mutex<f64>,
+    /// Hedges for slowness this router may still send, in tenths (a tenth per hedgeable
+    /// request, at most 10 saved).
+    hedge_budget: std::sync::atomic::AtomicU32,
 }
 
 /// Candidates per region, nearest first.
@@ -165,7 +165,7 @@ impl Router {
             me: None,
             sites: RwLock::new(Vec::new()),
             rankings: RwLock::new((0, HashMap::new())),
-            hedge_budget: std::sync::Mutex::new(10.0),
+            hedge_budget: std::sync::atomic::AtomicU32::new(100),
         }
     }
 

@@ -192,14 +192,15 @@ struct Hedged {
 }
 
 impl Router {
-    /// How long a request to `site` may wait for its answer's head: an idempotent one, the
-    /// response timeout (hedging spares it most of that); one that cannot be retried elsewhere,
+    /// How long a request to `site` may wait for its answer's head: one that may be hedged, the
+    /// response timeout (the hedge spares it most of that); one that may not (a POST, a PUT, a
+    /// streamed body),
     /// what the site itself allows (its longest app deadline, for reading the body and again for
     /// running the handler) and a second, when the site has said it: never a fixed 30 s for a POST
     /// to a site that hangs.
-    fn wait_for(&self, site: &SiteState, idempotent: bool) -> Duration {
-        match site.health().max_deadline_ms {
-            Some(ms) if !idempotent => Duration::from_millis(ms.saturating_mul(2).saturating_add(1000)),
+    fn wait_for(&self, site: &SiteState, hedged: bool) -> Duration {
+        match site.max_deadline_ms() {
+            Some(ms) if !hedged => Duration::from_millis(ms.saturating_mul(2).saturating_add(1000)),
             _ => self.settings.response_timeout,
         }
     }
@@ -223,24 +224,15 @@ impl Router {
             }
             failed => Hedged { answer: None, failures: vec![(site.clone(), failed)], hedged: false },
         };
-        self.deposit_hedge_budget();
         let mut first = std::pin::pin!(exchange(site, request, wait));
-        // One timer on the way of every request: the rotation is watched only past the delay.
-        let mut why = tokio::select! {
-            biased;
-            sent = &mut first => return single(sent),
-            () = tokio::time::sleep(site.hedge_after()) => if site.is_live() { "slow" } else { "down" },
+        let why = match self.until_hedge(site, first.as_mut()).await {
+            Ok(sent) => return single(sent),
+            Err(why) => why,
         };
-        if why == "slow" && !self.take_hedge_budget() {
-            // No budget left for slowness: hedged only if the site leaves the rotation.
-            why = tokio::select! {
-                biased;
-                sent = &mut first => return single(sent),
-                () = left_rotation(site) => "down",
-            };
-        }
-        let Some(second) = hedge() else { return single(first.await) };
-        counted("atoll_router_hedges_total", "trigger", why);
+        let second = match other.is_live().then(hedge).flatten() {
+            Some(request) => request,
+            None => return single(first.await),
+        };
         tracing::debug!(site = %site.label(), to = %other.label(), trigger = why, "hedged");
         let mut second = std::pin::pin!(exchange(other, second, wait));
         let (mut first_done, mut second_done) = (false, false);
@@ -271,28 +263,62 @@ impl Router {
         Hedged { answer: None, failures, hedged: true }
     }
 
-    /// Every request hedged may earn a tenth of a hedge for slowness (at most 10 saved).
+    /// [`Router::hedged`] when the next choice is this site itself: `None` when the request is
+    /// to be served here instead (its site slow, within the budget, or out of the rotation),
+    /// the other request cancelled.
+    async fn or_here(&self, site: &SiteState, request: Request<ProxyBody>, wait: Duration) -> Option<Sent> {
+        let first = std::pin::pin!(exchange(site, request, wait));
+        self.until_hedge(site, first).await.ok()
+    }
+
+    /// Waits for `first`'s answer (`Ok`) or until a hedge is due (`Err` with the trigger): the
+    /// site's hedge delay has passed and the budget allows one for slowness, or the site has left
+    /// the rotation. One timer on the way of every request: the rotation is watched only past
+    /// the delay.
+    async fn until_hedge<F: Future<Output = Sent>>(
+        &self,
+        site: &SiteState,
+        mut first: Pin<&mut F>,
+    ) -> Result<Sent, &'static str> {
+        self.deposit_hedge_budget();
+        let mut why = tokio::select! {
+            biased;
+            sent = &mut first => return Ok(sent),
+            () = tokio::time::sleep(site.hedge_after()) => if site.is_live() { "slow" } else { "down" },
+        };
+        if why == "slow" && !self.take_hedge_budget() {
+            // No budget left for slowness: hedged only if the site leaves the rotation.
+            why = tokio::select! {
+                biased;
+                sent = &mut first => return Ok(sent),
+                () = left_rotation(site) => "down",
+            };
+        }
+        counted("atoll_router_hedges_total", "trigger", why);
+        Err(why)
+    }
+
+    /// Every hedgeable request earns a tenth of a hedge for slowness (at most 10 saved); the
+    /// budget counts tenths.
     fn deposit_hedge_budget(&self) {
-        let mut tokens = self.hedge_budget.lock().unwrap_or_else(|e| e.into_inner());
-        *tokens = (*tokens + 0.1).min(10.0);
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self.hedge_budget.fetch_update(Relaxed, Relaxed, |t| (t < 100).then_some(t + 1));
     }
 
     fn take_hedge_budget(&self) -> bool {
-        let mut tokens = self.hedge_budget.lock().unwrap_or_else(|e| e.into_inner());
-        let ok = *tokens >= 1.0;
-        if ok {
-            *tokens -= 1.0;
-        }
-        ok
+        use std::sync::atomic::Ordering::Relaxed;
+        self.hedge_budget.fetch_update(Relaxed, Relaxed, |t| t.checked_sub(10)).is_ok()
     }
 }
 
 /// Why `target` serves a client whose candidates are `ranking` (nearest first):
 /// - `nearest`: it is the nearest site, and no site this router has not yet heard from (whose
-///   region it cannot know) might be nearer;
+///   region it cannot know) might be nearer (a site silent for a minute since it was added is
+///   taken for dead, not for nearer);
 /// - `fallback`: the nearest site has not been ready since this router started (it is starting,
 ///   or has never answered), or one not yet heard from might be nearer;
-/// - `failover`: the nearest site was live once and is down now (or failed this request).
+/// - `failover`: the nearest site was live once and is down now (or failed this request);
+/// - (`hedged` is said by the proxy: the nearest was slow and the next site answered first).
 pub(crate) fn reason(ranking: &[Target], target: &Target) -> &'static str {
     let same = |a: &Target, b: &Target| match (a, b) {
         (Target::Local, Target::Local) => true,
@@ -301,18 +327,15 @@ pub(crate) fn reason(ranking: &[Target], target: &Target) -> &'static str {
     };
     let never_ready = |t: &Target| match t {
         Target::Local => false,
-        Target::Site(s) => s.health().last_ok_ms.is_none(),
+        Target::Site(s) => !s.heard_from(),
     };
     match ranking.first() {
         Some(first) if same(first, target) => {
-            let unknown = |t: &Target| match t {
+            let unplaced = |t: &Target| match t {
                 Target::Local => false,
-                Target::Site(s) => {
-                    let h = s.health();
-                    h.last_ok_ms.is_none() && h.known_region.is_none()
-                }
+                Target::Site(s) => s.unplaced(),
             };
-            if ranking.iter().any(unknown) { "fallback" } else { "nearest" }
+            if ranking.iter().any(unplaced) { "fallback" } else { "nearest" }
         }
         Some(first) if never_ready(first) => "fallback",
         _ => "failover",
@@ -504,6 +527,11 @@ fn is_reserved(path: &str) -> bool {
     path == "/_atoll" || path.starts_with("/_atoll/")
 }
 
+/// Safe methods (RFC 9110 §9.2.1): they write nothing, so two sites may both serve one.
+fn safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+}
+
 fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -673,7 +701,7 @@ impl Router {
                 Target::Local => {
                     // A nearer site failed; this site is next.
                     let Some(body) = prepared.into_body() else { break };
-                    let info = RouteInfo { reason: "failover", region };
+                    let info = RouteInfo { reason: reason(&Target::Local), region };
                     tracing::debug!(region = %info.region.region, errors = ?errors, "serving here after failover");
                     return Outcome::Local(Request::from_parts(parts, body), info);
                 }
@@ -684,17 +712,53 @@ impl Router {
             }
             attempts += 1;
             let Some(request) = request_for(site) else { break };
-            // An idempotent request with its body at hand may also go to the next live site if
-            // this one is slow to answer or leaves the rotation meanwhile (a hedge).
+            // A safe request (GET, HEAD, OPTIONS, TRACE: no writes) with its body at hand may also
+            // go to the next live site if this one is slow to answer or leaves the rotation
+            // meanwhile (a hedge). Not a PUT or DELETE: both copies could apply, the loser's
+            // later than the client's next write.
+            let retriable = idempotent && prepared.replayable();
+            let hedgeable = self.settings.hedging && safe(&method) && retriable;
             let hedge_to = match live.get(next) {
-                Some(Target::Site(other))
-                    if idempotent && prepared.replayable() && attempts < self.settings.max_attempts =>
-                {
+                Some(Target::Site(other)) if hedgeable && attempts < self.settings.max_attempts => {
                     Some(other)
                 }
                 _ => None,
             };
-            let wait = self.wait_for(site, idempotent);
+            // With somewhere to hedge to, the hedge bounds the wait; else the site's deadline does.
+            let wait = self.wait_for(site, hedgeable && live.get(next).is_some());
+            if hedgeable && matches!(live.get(next), Some(Target::Local)) {
+                // This site is next: the hedge is serving it here (giving up on the other).
+                match self.or_here(site, request, wait).await {
+                    Some(Sent::Answer(response)) => {
+                        let info = RouteInfo { reason: reason(target), region };
+                        let (mut parts, body) = response.into_parts();
+                        strip_hop_by_hop(&mut parts.headers);
+                        info.apply(&mut parts.headers);
+                        return Outcome::Response(Response::from_parts(parts, response_body(body).await));
+                    }
+                    Some(failed) => {
+                        let why = match &failed {
+                            Sent::Unreachable(why) => {
+                                log_transition(site, site.unreachable(why.clone(), self.settings.fall));
+                                why.clone()
+                            }
+                            Sent::Failed(why) => {
+                                log_transition(site, site.failed(why.clone(), self.settings.fall));
+                                sent_somewhere = true;
+                                why.clone()
+                            }
+                            Sent::Answer(_) => String::new(),
+                        };
+                        errors.push(format!("{}: {why}", site.label()));
+                        continue;
+                    }
+                    None => {
+                        let Some(body) = prepared.into_body() else { break };
+                        let info = RouteInfo { reason: "hedged", region };
+                        return Outcome::Local(Request::from_parts(parts, body), info);
+                    }
+                }
+            }
             let (answered, failures) = match hedge_to {
                 Some(other) => {
                     let hedged = self.hedged(site, other, request, || request_for(other), wait).await;
@@ -709,6 +773,17 @@ impl Router {
                     failed => (None, vec![(site.clone(), failed)]),
                 },
             };
+            for (failed_site, failure) in &failures {
+                match failure {
+                    Sent::Answer(_) => {}
+                    Sent::Unreachable(why) => {
+                        log_transition(failed_site, failed_site.unreachable(why.clone(), self.settings.fall));
+                    }
+                    Sent::Failed(why) => {
+                        log_transition(failed_site, failed_site.failed(why.clone(), self.settings.fall));
+                    }
+                }
+            }
             if let Some((by, response, hedge)) = answered {
                 let reason = if hedge { "hedged" } else { reason(&Target::Site(by.clone())) };
                 let info = RouteInfo { reason, region };
@@ -726,17 +801,12 @@ impl Router {
                     Sent::Answer(_) => {}
                     Sent::Unreachable(reason) => {
                         // Not sent: any method may go to the next site.
-                        log_transition(
-                            &failed_site,
-                            failed_site.unreachable(reason.clone(), self.settings.fall),
-                        );
                         errors.push(format!("{}: {reason}", failed_site.label()));
                     }
                     Sent::Failed(failure) => {
-                        log_transition(&failed_site, failed_site.failed(failure.clone(), self.settings.fall));
                         errors.push(format!("{}: {failure}", failed_site.label()));
                         sent_somewhere = true;
-                        if !(idempotent && prepared.replayable()) {
+                        if !retriable {
                             let request_id =
                                 headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
                             tracing::warn!(site = %failed_site.label(), %method, request_id, "{failure}: not retried (the site may have applied it)");

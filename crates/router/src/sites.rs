@@ -15,8 +15,20 @@ pub struct SiteState {
     url: String,
     uri_base: http::Uri,
     live: AtomicBool,
+    /// A health check has passed since it was added (what `reason` reads on every request,
+    /// without the lock).
+    heard: AtomicBool,
+    /// Its region is known (configured, or from a health answer).
+    placed: AtomicBool,
+    added: std::time::Instant,
+    /// `Health::max_deadline_ms`, 0 for unknown, without the lock.
+    max_deadline: std::sync::atomic::AtomicU64,
     state: Mutex<Health>,
 }
+
+/// How long a site not yet heard from, whose region is unknown, may be nearer than the nearest
+/// known one (then it is taken for dead).
+const UNPLACED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the health checks and the proxy have learned about a site.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -83,6 +95,10 @@ impl SiteState {
             url,
             uri_base,
             live: AtomicBool::new(true),
+            heard: AtomicBool::new(false),
+            placed: AtomicBool::new(region.as_ref().is_some_and(|r| r.1.is_some())),
+            added: std::time::Instant::now(),
+            max_deadline: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(Health {
                 name,
                 known_region: region.as_ref().and_then(|r| r.1.clone()),
@@ -154,6 +170,8 @@ impl SiteState {
             h.region = Some(region);
             h.known_region = known;
         }
+        self.heard.store(true, Ordering::Relaxed);
+        self.placed.store(h.known_region.is_some() || h.region.is_some(), Ordering::Relaxed);
         if !h.live && h.consecutive_passes >= rise {
             self.set_live(&mut h, true);
             return Transition::CameBack;
@@ -207,6 +225,23 @@ impl SiteState {
     /// Its health answer said its longest app deadline.
     pub(crate) fn set_max_deadline(&self, ms: Option<u64>) {
         self.health().max_deadline_ms = ms;
+        self.max_deadline.store(ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Its longest app deadline, if its health answer said it.
+    pub(crate) fn max_deadline_ms(&self) -> Option<u64> {
+        Some(self.max_deadline.load(Ordering::Relaxed)).filter(|&ms| ms > 0)
+    }
+
+    /// A health check has passed since it was added.
+    pub(crate) fn heard_from(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    /// Not heard from yet, its region unknown, and added within [`UNPLACED_GRACE`]: it might be
+    /// nearer than the nearest known site.
+    pub(crate) fn unplaced(&self) -> bool {
+        !self.heard_from() && !self.placed.load(Ordering::Relaxed) && self.added.elapsed() < UNPLACED_GRACE
     }
 
     fn set_live(&self, h: &mut Health, live: bool) {
