@@ -10,6 +10,7 @@
 //! | `atoll_requests_in_flight` | gauge | |
 //! | `atoll_instantiation_seconds` | histogram | `app` |
 //! | `atoll_guest_traps_total`, `atoll_guest_timeouts_total` | counter | `app` |
+//! | `atoll_responses_cut_total` | counter | `app`, `reason` |
 //! | `atoll_kv_operations_total` | counter | `op` |
 //! | `atoll_apps_deployed` | gauge | |
 //! | `atoll_sync_lag_seconds`, `atoll_sync_push_pending` | gauge | `peer` |
@@ -18,6 +19,8 @@
 //! | `atoll_router_site_up` | gauge | `target`, `region` |
 //! | `atoll_routing_decisions_total` | counter | `reason` |
 //! | `atoll_routing_default_region_total` | counter | `why` |
+//! | `atoll_router_hedges_total` | counter | `trigger` |
+//! | `atoll_router_hedge_winners_total` | counter | `winner` |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, Ordering};

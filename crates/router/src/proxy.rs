@@ -231,8 +231,14 @@ impl Router {
         };
         let second = match other.is_live().then(hedge).flatten() {
             Some(request) => request,
-            None => return single(first.await),
+            None => {
+                if why == "slow" {
+                    self.refund_hedge_budget();
+                }
+                return single(first.await);
+            }
         };
+        counted("atoll_router_hedges_total", "trigger", why);
         tracing::debug!(site = %site.label(), to = %other.label(), trigger = why, "hedged");
         let mut second = std::pin::pin!(exchange(other, second, wait));
         let (mut first_done, mut second_done) = (false, false);
@@ -268,7 +274,13 @@ impl Router {
     /// the other request cancelled.
     async fn or_here(&self, site: &SiteState, request: Request<ProxyBody>, wait: Duration) -> Option<Sent> {
         let first = std::pin::pin!(exchange(site, request, wait));
-        self.until_hedge(site, first).await.ok()
+        match self.until_hedge(site, first).await {
+            Ok(sent) => Some(sent),
+            Err(why) => {
+                counted("atoll_router_hedges_total", "trigger", why);
+                None
+            }
+        }
     }
 
     /// Waits for `first`'s answer (`Ok`) or until a hedge is due (`Err` with the trigger): the
@@ -294,7 +306,6 @@ impl Router {
                 () = left_rotation(site) => "down",
             };
         }
-        counted("atoll_router_hedges_total", "trigger", why);
         Err(why)
     }
 
@@ -303,6 +314,12 @@ impl Router {
     fn deposit_hedge_budget(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let _ = self.hedge_budget.fetch_update(Relaxed, Relaxed, |t| (t < 100).then_some(t + 1));
+    }
+
+    /// Gives back a hedge taken but not sent.
+    fn refund_hedge_budget(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self.hedge_budget.fetch_update(Relaxed, Relaxed, |t| Some((t + 10).min(100)));
     }
 
     fn take_hedge_budget(&self) -> bool {
