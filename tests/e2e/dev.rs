@@ -143,3 +143,66 @@ fn atoll_dev_tells_the_truth_from_its_first_line_and_leaves_no_orphans() {
     let status = eventually(Duration::from_secs(30), "atoll dev exits", || second.try_wait().expect("wait"));
     assert!(status.success(), "atoll dev exit status {status}");
 }
+
+/// `atoll dev kill|stop|start SITE` rehearse a site's failures on a running `atoll dev`: a kill
+/// is a crash the dev restarts; a stop keeps the site down (its region failed over) until a start.
+#[test]
+fn atoll_dev_kill_stop_and_start_rehearse_a_sites_failures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--sites", "us-east,eu-west", "--listen", "127.0.0.1:0", "--restart-after-s", "1"];
+    let (mut dev, urls) = start_dev(&args, dir.path());
+    let router = urls.iter().find(|(n, _)| n == "router").map(|(_, u)| u.clone()).expect("router");
+    let data = dir.path().to_str().expect("utf-8 path");
+    let act = |what: &str, site: &str| {
+        let out = Command::new(ATOLL).args(["dev", what, site, "--data", data]).output().expect("atoll dev");
+        assert!(out.status.success(), "atoll dev {what} {site}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let served_by = |expected: &'static str, what: &str| {
+        eventually(Duration::from_secs(30), what, || {
+            let r = request("GET", &format!("{router}/apps/hello/"), &[("x-atoll-region", "eu-west")], None);
+            (r.status == 200 && r.headers.get("x-atoll-site").is_some_and(|v| v == expected)).then_some(())
+        });
+    };
+    let pid_of = |site: &str| -> u64 {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("dev.json")).expect("dev.json"))
+                .expect("json");
+        let sites = state["sites"].as_array().expect("sites").clone();
+        sites.iter().find(|s| s["name"] == site).and_then(|s| s["pid"].as_u64()).expect("pid")
+    };
+    served_by("eu-west-1", "eu-west at eu-west-1");
+
+    // Stopped: failed over, and still down after the restart delay.
+    act("stop", "eu-west-1");
+    served_by("us-east-1", "eu-west failed over to us-east-1");
+    std::thread::sleep(Duration::from_secs(3));
+    let r = request("GET", &format!("{router}/apps/hello/"), &[("x-atoll-region", "eu-west")], None);
+    assert_eq!(r.headers["x-atoll-site"], "us-east-1", "a stopped site stays stopped: {r:?}");
+    assert_eq!(r.headers["x-atoll-route"], "failover");
+    act("start", "eu-west-1");
+    served_by("eu-west-1", "eu-west back at eu-west-1 after start");
+
+    // Killed: a crash, restarted by atoll dev (a new pid).
+    let before = pid_of("eu-west-1");
+    act("kill", "eu-west-1");
+    served_by("us-east-1", "eu-west failed over after the kill");
+    served_by("eu-west-1", "eu-west back at eu-west-1 after the restart");
+    assert_ne!(pid_of("eu-west-1"), before, "restarted");
+
+    // A bad site name, or no running atoll dev, is a clear error.
+    let out =
+        Command::new(ATOLL).args(["dev", "kill", "mars-1", "--data", data]).output().expect("atoll dev");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("us-east-1, eu-west-1"));
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(ATOLL)
+        .args(["dev", "kill", "eu-west-1", "--data"])
+        .arg(elsewhere.path())
+        .output()
+        .expect("atoll dev");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no running atoll dev"));
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGINT) };
+    let status = eventually(Duration::from_secs(30), "atoll dev exits", || dev.try_wait().expect("wait"));
+    assert!(status.success(), "atoll dev exit status {status}");
+}

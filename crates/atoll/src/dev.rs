@@ -15,7 +15,11 @@ use clap::Args;
 use crate::{ClientArgs, DeployArgs};
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DevArgs {
+    /// Rehearse a failure on a running `atoll dev` instead of starting one.
+    #[command(subcommand)]
+    action: Option<Action>,
     /// The regions to run a site in, comma-separated; site names are REGION-1 (REGION-2, ...).
     #[arg(long, value_delimiter = ',', default_value = "us-east,eu-west,ap-south")]
     sites: Vec<String>,
@@ -41,6 +45,106 @@ pub struct DevArgs {
     /// and `atoll dev` stops instead.
     #[arg(long, default_value_t = 10)]
     restart_after_s: u64,
+}
+
+/// A failure to rehearse on a running `atoll dev` (found through `DATA/dev.json`).
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// SIGKILL the site (a crash): `atoll dev` restarts it after --restart-after-s.
+    Kill(Target),
+    /// Stop the site (SIGTERM, a clean stop) and keep it stopped until `atoll dev start`.
+    Stop(Target),
+    /// Start a site stopped by `atoll dev stop`.
+    Start(Target),
+}
+
+#[derive(Debug, Args)]
+struct Target {
+    /// The site, as the table names it (`eu-west-1`).
+    site: String,
+    /// The data directory of the running `atoll dev`.
+    #[arg(long, default_value = ".atoll/dev")]
+    data: PathBuf,
+}
+
+/// What a running `atoll dev` is, in `DATA/dev.json` (rewritten when a site restarts).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct State {
+    pid: u32,
+    sites: Vec<StateSite>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StateSite {
+    name: String,
+    url: String,
+    pid: u32,
+}
+
+fn write_state(data: &Path, sites: &[(String, String, Proc)]) -> Result<()> {
+    let state = State {
+        pid: std::process::id(),
+        sites: sites
+            .iter()
+            .map(|(name, _, p)| StateSite { name: name.clone(), url: p.url.clone(), pid: p.child.id() })
+            .collect(),
+    };
+    let path = data.join("dev.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&state)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The marker that keeps a site stopped (`atoll dev stop`) until `atoll dev start` removes it.
+fn stopped_marker(data: &Path, site: &str) -> PathBuf {
+    data.join(format!("{site}.stopped"))
+}
+
+/// `atoll dev kill|stop|start SITE`.
+fn act(action: Action) -> Result<()> {
+    let (Action::Kill(target) | Action::Stop(target) | Action::Start(target)) = &action;
+    let path = target.data.join("dev.json");
+    let state: State =
+        std::fs::read(&path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).with_context(
+            || format!("no running atoll dev with --data {} (no {})", target.data.display(), path.display()),
+        )?;
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    if unsafe { libc::kill(state.pid as libc::pid_t, 0) } != 0 {
+        bail!("the atoll dev that wrote {} (pid {}) is not running", path.display(), state.pid);
+    }
+    let Some(site) = state.sites.iter().find(|s| s.name == target.site) else {
+        let names: Vec<&str> = state.sites.iter().map(|s| s.name.as_str()).collect();
+        bail!("no site {:?} in this atoll dev (its sites: {})", target.site, names.join(", "));
+    };
+    let marker = stopped_marker(&target.data, &site.name);
+    let signal = |sig: libc::c_int| {
+        // SAFETY: kill(2) on the pid atoll dev recorded for its child.
+        unsafe { libc::kill(site.pid as libc::pid_t, sig) };
+    };
+    match action {
+        Action::Kill(_) => {
+            signal(libc::SIGKILL);
+            println!(
+                "killed {} (pid {}); atoll dev restarts it after --restart-after-s",
+                site.name, site.pid
+            );
+        }
+        Action::Stop(_) => {
+            std::fs::write(&marker, b"").with_context(|| format!("cannot write {}", marker.display()))?;
+            signal(libc::SIGTERM);
+            println!(
+                "stopping {} (pid {}); `atoll dev start {}` starts it again",
+                site.name, site.pid, site.name
+            );
+        }
+        Action::Start(_) => {
+            if !marker.exists() {
+                bail!("{} was not stopped with `atoll dev stop`", site.name);
+            }
+            std::fs::remove_file(&marker).with_context(|| format!("cannot remove {}", marker.display()))?;
+            println!("starting {} again at {}", site.name, site.url);
+        }
+    }
+    Ok(())
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -183,6 +287,9 @@ fn wait_for_ports(listen: SocketAddr, sites: usize) -> Result<()> {
 }
 
 pub fn run(args: DevArgs) -> Result<()> {
+    if let Some(action) = args.action {
+        return act(action);
+    }
     if args.deploy.len() != args.apps.len() {
         bail!(
             "give each --deploy FILE an --app NAME ({} files, {} names)",
@@ -255,9 +362,13 @@ pub fn run(args: DevArgs) -> Result<()> {
     wait_until_deployed(&sites, &args.apps, token.as_deref())?;
     wait_until_in_rotation(&sites, &router, token.as_deref())?;
 
+    for (name, _, _) in &sites {
+        let _ = std::fs::remove_file(stopped_marker(&args.data, name));
+    }
+    write_state(&args.data, &sites)?;
     print_table(&sites, &router, &args.apps, &args.data);
     let restart_after = (args.restart_after_s > 0).then(|| Duration::from_secs(args.restart_after_s));
-    let stopped = wait_for_stop_or_exit(&mut sites, &mut router, restart_after)?;
+    let stopped = wait_for_stop_or_exit(&mut sites, &mut router, restart_after, &args.data)?;
     drop(router);
     drop(sites);
     match stopped {
@@ -364,6 +475,7 @@ fn wait_for_stop_or_exit(
     sites: &mut [(String, String, Proc)],
     router: &mut Proc,
     restart_after: Option<Duration>,
+    data: &Path,
 ) -> Result<Option<String>> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -380,17 +492,26 @@ fn wait_for_stop_or_exit(
         if let Some(status) = router.child.try_wait()? {
             return Ok(Some(format!("the router ({status})")));
         }
+        let mut changed = false;
         for ((name, _, site), dead) in sites.iter_mut().zip(&mut dead) {
             match dead {
                 None => {
                     let Some(status) = site.child.try_wait()? else { continue };
+                    if stopped_marker(data, name).exists() {
+                        println!(
+                            "{name} stopped ({status}); the router fails its traffic over until `atoll dev start {name}`"
+                        );
+                        // Restarted once the marker is gone.
+                        *dead = Some(Instant::now() + Duration::from_millis(200));
+                        continue;
+                    }
                     let Some(delay) = restart_after else { return Ok(Some(format!("{name} ({status})"))) };
                     println!(
                         "{name} exited ({status}); the router fails its traffic over; restarting it in {delay:?}"
                     );
                     *dead = Some(Instant::now() + delay);
                 }
-                Some(at) if Instant::now() >= *at => {
+                Some(at) if Instant::now() >= *at && !stopped_marker(data, name).exists() => {
                     // The same address, so the router and the peers find it where it was.
                     let mut args = site.args.clone();
                     if let Some(i) = args.iter().position(|a| a == "--listen") {
@@ -400,9 +521,13 @@ fn wait_for_stop_or_exit(
                     println!("{name} restarted at {}; it catches up on the writes it missed", restarted.url);
                     *site = restarted;
                     *dead = None;
+                    changed = true;
                 }
                 Some(_) => {}
             }
+        }
+        if changed {
+            write_state(data, sites)?;
         }
     }
 }
