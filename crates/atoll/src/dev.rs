@@ -116,21 +116,31 @@ fn act(action: Action) -> Result<()> {
         bail!("no site {:?} in this atoll dev (its sites: {})", target.site, names.join(", "));
     };
     let marker = stopped_marker(&target.data, &site.name);
-    let signal = |sig: libc::c_int| {
-        // SAFETY: kill(2) on the pid atoll dev recorded for its child.
+    // Only a process that is still that atoll dev's child is signalled (a pid of a site that has
+    // exited may belong to another process by now).
+    let running = parent_of(site.pid) == Some(state.pid);
+    let signal = |sig: libc::c_int| -> Result<()> {
+        if !running {
+            bail!("{} is not running (stopped, or being restarted)", site.name);
+        }
+        // SAFETY: kill(2) on a child of the running atoll dev, checked just above.
         unsafe { libc::kill(site.pid as libc::pid_t, sig) };
+        Ok(())
     };
     match action {
         Action::Kill(_) => {
-            signal(libc::SIGKILL);
+            signal(libc::SIGKILL)?;
             println!(
                 "killed {} (pid {}); atoll dev restarts it after --restart-after-s",
                 site.name, site.pid
             );
         }
         Action::Stop(_) => {
+            if marker.exists() || !running {
+                bail!("{} is not running (stopped already, or being restarted)", site.name);
+            }
             std::fs::write(&marker, b"").with_context(|| format!("cannot write {}", marker.display()))?;
-            signal(libc::SIGTERM);
+            signal(libc::SIGTERM)?;
             println!(
                 "stopping {} (pid {}); `atoll dev start {}` starts it again",
                 site.name, site.pid, site.name
@@ -145,6 +155,13 @@ fn act(action: Action) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The parent pid of `pid`, from `/proc` (Linux).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so split after the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
