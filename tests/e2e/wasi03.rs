@@ -287,6 +287,13 @@ fn variables_set_at_deploy_are_read_at_every_site_and_never_shown() {
     assert!(refused.body.contains("\\\"Bad-Name\\\""), "{}", refused.body);
     assert_eq!(get(&a, "us-east", "/counter/_var/api_key").body, format!("{SECRET}\n"));
 
+    // SIGKILLed and restarted on its data dir, a site still has them (its registry).
+    assert!(!c.stderr().contains(SECRET), "vars-c logged the secret");
+    let c = c.kill_and_restart();
+    eventually(WAIT, "the variables at vars-c after a restart", || {
+        (get(&c, "ap-south", "/counter/_var/api_key").body == format!("{SECRET}\n")).then_some(())
+    });
+
     // A deploy without variables leaves none (a deploy says everything the app runs with).
     a.deploy("counter", atoll_test_guests::SPIN_COUNTER, &[]);
     eventually(WAIT, "no variables at vars-c", || {
@@ -346,4 +353,39 @@ fn a_slow_body_streams_to_the_client_as_it_is_written() {
     }
     let (head, _) = raw_get(&site, "/apps/probe/big?bytes=1000");
     assert!(head.contains("content-length: 1000"), "{head}");
+}
+
+/// A site SIGKILLed while its response streams through a router: the client's body is cut short
+/// (no final chunk), never taken for complete.
+#[test]
+fn a_site_killed_mid_stream_cuts_the_body_through_a_router() {
+    use std::io::{BufRead, Read, Write};
+    let mut site = Site::start("killed-mid-stream");
+    site.deploy("probe", atoll_test_guests::PROBE, &[]);
+    let router = RouterProc::start(&[&site.url], None);
+    eventually(WAIT, "the router to route to the site", || {
+        (router.get("/apps/probe/static", None).status == 200).then_some(())
+    });
+    let stream = std::net::TcpStream::connect(router.url.trim_start_matches("http://")).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut reader = std::io::BufReader::new(stream);
+    write!(
+        reader.get_mut(),
+        "GET /apps/probe/drip?n=50&ms=200 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("drip 0") {
+        line.clear();
+        assert!(reader.read_line(&mut line).expect("read") > 0, "ended before the first line: {seen}");
+        seen.push_str(&line);
+    }
+    assert!(seen.to_ascii_lowercase().starts_with("http/1.1 200"), "{seen}");
+    site.kill();
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("drip 49"), "the body did not go on after the kill: {rest}");
+    assert!(!rest.ends_with("0\r\n\r\n"), "no final chunk: the body is not taken for complete: {rest:?}");
 }

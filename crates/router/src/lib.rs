@@ -325,6 +325,7 @@ impl Router {
             .map(|s| {
                 let mut v = serde_json::to_value(s.snapshot()).unwrap_or_default();
                 v["url"] = s.url().into();
+                v["max_deadline_ms"] = s.max_deadline_ms().into();
                 v
             })
             .collect();

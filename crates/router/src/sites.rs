@@ -21,7 +21,8 @@ pub struct SiteState {
     /// Its region is known (configured, or from a health answer).
     placed: AtomicBool,
     added: std::time::Instant,
-    /// `Health::max_deadline_ms`, 0 for unknown, without the lock.
+    /// The longest deadline of its apps, as its health answer says (how long a request it has
+    /// taken may rightly go unanswered), in ms; 0 while unknown.
     max_deadline: std::sync::atomic::AtomicU64,
     state: Mutex<Health>,
 }
@@ -50,9 +51,6 @@ pub struct Health {
     pub last_ok_ms: Option<u64>,
     /// Still named by the configuration or discovery; an unlisted site goes once it is dead.
     pub listed: bool,
-    /// The longest deadline of its apps, as its health answer says (how long a request it has
-    /// taken may rightly go unanswered).
-    pub max_deadline_ms: Option<u64>,
     /// Its answers' observed time to the response head (an average and a deviation, moving):
     /// when a request of its has waited past `mean + 4 × deviation`, it is hedged.
     pub latency_ms: Option<(f64, f64)>,
@@ -110,7 +108,6 @@ impl SiteState {
                 last_error: None,
                 last_ok_ms: None,
                 listed: true,
-                max_deadline_ms: None,
                 latency_ms: None,
             }),
         })
@@ -224,7 +221,6 @@ impl SiteState {
 
     /// Its health answer said its longest app deadline.
     pub(crate) fn set_max_deadline(&self, ms: Option<u64>) {
-        self.health().max_deadline_ms = ms;
         self.max_deadline.store(ms.unwrap_or(0), Ordering::Relaxed);
     }
 
