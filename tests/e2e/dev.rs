@@ -9,13 +9,30 @@ use crate::{ATOLL, eventually, request};
 
 /// `atoll dev` started with `args` (and `--data DIR`), read until it says it is ready: the child,
 /// and the table's names and URLs.
-fn start_dev(args: &[&str], data: &std::path::Path) -> (std::process::Child, Vec<(String, String)>) {
-    let mut dev = Command::new(ATOLL)
-        .arg("dev")
-        .args(args)
-        .arg("--data")
-        .arg(data)
-        .args(["--deploy", atoll_test_guests::HELLO, "--app", "hello"])
+pub(crate) fn start_dev(
+    args: &[&str],
+    data: &std::path::Path,
+) -> (std::process::Child, Vec<(String, String)>) {
+    start_dev_with(args, data, &[])
+}
+
+/// [`start_dev`], deploying `apps` (component, name) besides `hello`.
+pub(crate) fn start_dev_with(
+    args: &[&str],
+    data: &std::path::Path,
+    apps: &[(&str, &str)],
+) -> (std::process::Child, Vec<(String, String)>) {
+    let mut command = Command::new(ATOLL);
+    command.arg("dev").args(args).arg("--data").arg(data).args([
+        "--deploy",
+        atoll_test_guests::HELLO,
+        "--app",
+        "hello",
+    ]);
+    for (wasm, app) in apps {
+        command.args(["--deploy", wasm, "--app", app]);
+    }
+    let mut dev = command
         .env_remove("ATOLL_ADMIN_TOKEN")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -205,4 +222,152 @@ fn atoll_dev_kill_stop_and_start_rehearse_a_sites_failures() {
     unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGINT) };
     let status = eventually(Duration::from_secs(30), "atoll dev exits", || dev.try_wait().expect("wait"));
     assert!(status.success(), "atoll dev exit status {status}");
+}
+
+/// `atoll dev` runs `args` against the cluster in `data`; its stdout, or a panic with its stderr.
+pub(crate) fn dev_act(data: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(ATOLL).arg("dev").args(args).arg("--data").arg(data).output().expect("atoll dev");
+    assert!(out.status.success(), "atoll dev {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `atoll dev` refuses `args` with a message containing `expected`.
+fn dev_refuses(data: &std::path::Path, args: &[&str], expected: &str) {
+    let out = Command::new(ATOLL).arg("dev").args(args).arg("--data").arg(data).output().expect("atoll dev");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(expected), "atoll dev {args:?}: {stderr}");
+}
+
+fn json(url: &str) -> serde_json::Value {
+    let r = request("GET", url, &[], None);
+    assert_eq!(r.status, 200, "{url}: {r:?}");
+    serde_json::from_str(&r.body).expect("json")
+}
+
+/// The counter `name` at the site at `url`, read there.
+fn count_at(url: &str, name: &str) -> u64 {
+    let r = request("GET", &format!("{url}/apps/counter/{name}"), &[], None);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body.trim().parse().expect("a number")
+}
+
+#[test]
+fn atoll_dev_injects_partitions_latency_and_skew_into_the_sites_transports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    // Three sites: a clock is judged off against most of at least two peers.
+    let args = ["--sites", "us-east,eu-west,ap-south", "--listen", "127.0.0.1:0"];
+    let (mut dev, urls) = start_dev_with(&args, data, &[(atoll_test_guests::COUNTER, "counter")]);
+    let url = |name: &str| urls.iter().find(|(n, _)| n == name).map(|(_, u)| u.clone()).expect(name);
+    let (us, eu, ap, router) = (url("us-east-1"), url("eu-west-1"), url("ap-south-1"), url("router"));
+    let post = |site: &str| {
+        let r = request("POST", &format!("{site}/apps/counter/hits"), &[], Some(b""));
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+
+    // A partition: each side takes writes, neither sees the other's, and each side's router
+    // takes the other for down; the front-door router still reaches both.
+    let said = dev_act(data, &["partition", "eu-west-1"]);
+    assert!(said.contains("partitioned eu-west-1 from us-east-1, ap-south-1"), "{said}");
+    let health = json(&format!("{eu}/_atoll/health"));
+    assert_eq!(health["dev_faults"]["cut_from"][1]["site"], "us-east-1", "{health}");
+    post(&eu);
+    post(&us);
+    post(&us);
+    let status = json(&format!("{eu}/_atoll/router/status"));
+    let us_seen =
+        status["sites"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "us-east-1").cloned());
+    assert_eq!(
+        us_seen.as_ref().map(|s| (&s["live"], &s["cut"])),
+        Some((&false.into(), &true.into())),
+        "{status}"
+    );
+    let r = request("GET", &format!("{router}/apps/hello/"), &[("x-atoll-region", "eu-west")], None);
+    assert!(r.headers.get("x-atoll-site").is_some_and(|v| v == "eu-west-1"), "{r:?}");
+    // Replication would have carried them within milliseconds; a second and a half shows it did not.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(count_at(&eu, "hits"), 1, "eu-west-1 sees only its own write");
+    eventually(Duration::from_secs(10), "ap-south-1, on us-east-1's side, has its writes", || {
+        (count_at(&ap, "hits") == 2).then_some(())
+    });
+    assert_eq!(count_at(&us, "hits"), 2, "us-east-1 sees only its side's writes");
+    let page = json(&format!("{router}/_atoll/ui/state"));
+    let eu_row = page["sites"].as_array().and_then(|s| s.iter().find(|s| s["name"] == "eu-west-1").cloned());
+    assert_eq!(
+        eu_row.map(|s| s["faults"]["cut_from"][0]["site"].clone()),
+        Some("ap-south-1".into()),
+        "{page}"
+    );
+
+    // Healed: both sides converge, every increment counted once.
+    assert!(dev_act(data, &["heal"]).contains("healed"));
+    eventually(Duration::from_secs(20), "both sides converge after heal", || {
+        [&eu, &us, &ap].iter().all(|site| count_at(site, "hits") == 3).then_some(())
+    });
+
+    // Latency: the replication lag us-east-1 measures from eu-west-1 grows by it, and the
+    // router hedges eu-west's GETs to us-east-1.
+    dev_act(data, &["latency", "eu-west-1=400"]);
+    post(&eu);
+    eventually(Duration::from_secs(20), "the lag shows the latency", || {
+        let sync = json(&format!("{us}/_atoll/sync/status"));
+        let lag = sync["peers"].as_array()?.iter().find(|p| p["site"] == "eu-west-1")?["lag_ms"].as_u64()?;
+        (lag >= 400).then_some(())
+    });
+    eventually(Duration::from_secs(20), "a GET for eu-west is hedged to us-east-1", || {
+        let r = request("GET", &format!("{router}/apps/hello/"), &[("x-atoll-region", "eu-west")], None);
+        (r.headers.get("x-atoll-route").is_some_and(|v| v == "hedged")
+            && r.headers.get("x-atoll-site").is_some_and(|v| v == "us-east-1"))
+        .then_some(())
+    });
+    dev_act(data, &["latency", "eu-west-1=0"]);
+
+    // Skew past the clock bound: flagged by its peer, and the skewed site refuses guest writes.
+    dev_act(data, &["skew", "eu-west-1=+3000"]);
+    eventually(Duration::from_secs(30), "us-east-1 measures and flags eu-west-1's clock", || {
+        let sync = json(&format!("{us}/_atoll/sync/status"));
+        let peer = sync["peers"].as_array()?.iter().find(|p| p["site"] == "eu-west-1")?.clone();
+        (peer["clock_offset_ms"].as_i64()? >= 2500).then_some(())
+    });
+    eventually(Duration::from_secs(30), "eu-west-1 refuses guest writes", || {
+        let r = request("POST", &format!("{eu}/apps/counter/hits"), &[], Some(b""));
+        (r.status == 503).then_some(r.body.clone())
+    });
+    assert!(dev_act(data, &["skew", "eu-west-1=0"]).contains("no skew any more"));
+    eventually(Duration::from_secs(30), "eu-west-1 takes writes again", || {
+        let r = request("POST", &format!("{eu}/apps/counter/hits"), &[], Some(b""));
+        (r.status == 200).then_some(())
+    });
+
+    // Bad input: clear errors, nothing changed.
+    dev_refuses(data, &["partition", "mars-1"], "us-east-1, eu-west-1, ap-south-1");
+    dev_refuses(data, &["partition", "eu-west-1", "--from", "eu-west-1"], "both sides");
+    dev_refuses(data, &["latency", "eu-west-1"], "SITE=MS");
+    dev_refuses(data, &["skew", "eu-west-1=soon"], "whole number");
+    assert_eq!(json(&format!("{eu}/_atoll/health")).get("dev_faults"), None);
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGINT) };
+    let status = eventually(Duration::from_secs(30), "atoll dev exits", || dev.try_wait().expect("wait"));
+    assert!(status.success(), "atoll dev exit status {status}");
+}
+
+#[test]
+fn a_production_site_refuses_dev_faults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [vec!["--listen", "127.0.0.1:0"], vec!["--listen", "0.0.0.0:0", "--insecure-dev"]] {
+        let out = Command::new(ATOLL)
+            .args(["site", "--name", "a", "--region", "us-east", "--data"])
+            .arg(dir.path())
+            .args(["--dev-faults", "faults.json"])
+            .args(&args)
+            .env("ATOLL_ADMIN_TOKEN", "a-token-for-this-test")
+            .output()
+            .expect("atoll site");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--insecure-dev and loopback"),
+            "{args:?}: {stderr}"
+        );
+    }
 }

@@ -95,6 +95,10 @@ struct SiteArgs {
     /// development peer secret when ATOLL_PEER_SECRET is unset. Local development only.
     #[arg(long)]
     insecure_dev: bool,
+    /// Take the faults `atoll dev` injects (partition, latency, clock skew) from this file.
+    /// Development only: refused without --insecure-dev and loopback listen addresses.
+    #[arg(long, hide = true)]
+    dev_faults: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +264,16 @@ fn run_site(args: SiteArgs) -> Result<()> {
              --insecure-dev to run without one on a development machine"
         );
     }
+    if args.dev_faults.is_some() {
+        let loopback =
+            args.listen.ip().is_loopback() && args.admin_listen.is_none_or(|a| a.ip().is_loopback());
+        if !args.insecure_dev || !loopback {
+            bail!(
+                "--dev-faults injects failures for `atoll dev` rehearsals only: it needs --insecure-dev \
+                 and loopback listen addresses (127.0.0.1), so no production site can have it"
+            );
+        }
+    }
     let config = config::FileConfig::load_with(args.config.as_deref(), &args.sets, std::env::vars())?;
     let mut peers = args.peers;
     peers.extend(config.sync.peers.iter().cloned());
@@ -308,6 +322,7 @@ fn run_site(args: SiteArgs) -> Result<()> {
         name: args.name,
         region: args.region,
         listen: args.listen,
+        dev_faults: args.dev_faults,
         admin_listen: args.admin_listen,
         data: args.data,
         config,

@@ -110,7 +110,14 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
 /// default region reports them (a router holds neither).
 async fn ui_state(State(router): State<Arc<Router>>) -> Response {
     let name = router.name().to_owned();
-    let viewer = crate::ui::Viewer { kind: "router", name: &name, region: None, peers: vec![], apps: vec![] };
+    let viewer = crate::ui::Viewer {
+        kind: "router",
+        name: &name,
+        region: None,
+        peers: vec![],
+        apps: vec![],
+        faults: None,
+    };
     let mut state = crate::ui::state(&router, viewer);
     let region = router.client_region(&axum::http::HeaderMap::new()).region;
     match router.fetch_json(&region, "/_atoll/ui/state").await {

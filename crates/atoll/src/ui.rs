@@ -23,6 +23,8 @@ pub struct Viewer<'a> {
     pub peers: Vec<atoll_sync::Peer>,
     /// (name, version)
     pub apps: Vec<(String, String)>,
+    /// Faults `atoll dev` injected into this site, if any.
+    pub faults: Option<Value>,
 }
 
 /// What the page shows, as JSON.
@@ -36,7 +38,7 @@ pub fn state(router: &Router, viewer: Viewer<'_>) -> Value {
         let (lat, lon) = place(viewer.region);
         sites.push(json!({
             "name": viewer.name, "region": viewer.region, "live": true, "url": "(this site)",
-            "last_error": null, "lat": lat, "lon": lon,
+            "last_error": null, "lat": lat, "lon": lon, "faults": viewer.faults,
         }));
     }
     for site in router.sites() {
@@ -45,6 +47,7 @@ pub fn state(router: &Router, viewer: Viewer<'_>) -> Value {
         sites.push(json!({
             "name": h.name.unwrap_or_else(|| site.url().to_owned()), "region": h.region, "live": h.live,
             "url": site.url(), "last_error": if h.live { None } else { h.last_error }, "lat": lat, "lon": lon,
+            "faults": h.faults, "cut": site.is_cut(),
         }));
     }
     let status = router.status_json();
@@ -66,5 +69,6 @@ pub fn state(router: &Router, viewer: Viewer<'_>) -> Value {
         "table": table,
         "peers": viewer.peers.into_iter().filter(|p| p.active()).collect::<Vec<_>>(),
         "apps": apps,
+        "faults": viewer.faults,
     })
 }

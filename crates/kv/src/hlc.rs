@@ -6,6 +6,25 @@
 //! store hands the clock its persisted high-water mark ([`Clock::observe`]).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// An offset added to the system clock ([`wall_ms`]); see [`set_dev_skew_ms`].
+static DEV_SKEW_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Milliseconds since the Unix epoch from the system clock, moved by the injected skew (zero
+/// unless `atoll dev skew` set one). Every clock of a site reads this.
+pub fn wall_ms() -> u64 {
+    let system = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    system.saturating_add_signed(DEV_SKEW_MS.load(Ordering::Relaxed))
+}
+
+/// Moves this process's clock ([`wall_ms`], so [`Clock::system`]) by `ms`: a clock fault that
+/// `atoll dev skew` injects into a development site. Nothing else calls it.
+pub fn set_dev_skew_ms(ms: i64) {
+    DEV_SKEW_MS.store(ms, Ordering::Relaxed);
+}
 
 /// A hybrid logical clock reading. Ordered by physical time, then logical counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -59,13 +78,9 @@ impl std::fmt::Debug for Clock {
 }
 
 impl Clock {
-    /// A clock reading the system wall clock.
+    /// A clock reading the system wall clock ([`wall_ms`]).
     pub fn system() -> Clock {
-        Clock::with_source(Box::new(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64)
-        }))
+        Clock::with_source(Box::new(wall_ms))
     }
 
     /// A clock reading `wall_ms` for physical time.

@@ -52,6 +52,7 @@ async fn check(router: &Router, site: &SiteState) {
         let v: serde_json::Value =
             serde_json::from_slice(&body).map_err(|_| "health check answer is not JSON".to_owned())?;
         site.set_max_deadline(v["max_deadline_ms"].as_u64());
+        site.health().faults = v.get("dev_faults").cloned();
         Ok((v["site"].as_str().map(str::to_owned), v["region"].as_str().map(str::to_owned)))
     })
     .await;

@@ -326,6 +326,11 @@ impl Router {
                 let mut v = serde_json::to_value(s.snapshot()).unwrap_or_default();
                 v["url"] = s.url().into();
                 v["max_deadline_ms"] = s.max_deadline_ms().into();
+                if s.is_cut() {
+                    // An injected partition (atoll dev): down from here, whatever checks say.
+                    v["live"] = false.into();
+                    v["cut"] = true.into();
+                }
                 v
             })
             .collect();

@@ -15,6 +15,8 @@ pub struct SiteState {
     url: String,
     uri_base: http::Uri,
     live: AtomicBool,
+    /// Cut off from here by a partition `atoll dev` injected: not live, whatever checks say.
+    cut: AtomicBool,
     /// A health check has passed since it was added (what `reason` reads on every request,
     /// without the lock).
     heard: AtomicBool,
@@ -54,6 +56,9 @@ pub struct Health {
     /// Its answers' observed time to the response head (an average and a deviation, moving):
     /// when a request of its has waited past `mean + 4 × deviation`, it is hedged.
     pub latency_ms: Option<(f64, f64)>,
+    /// Faults injected into it for a rehearsal (`atoll dev`), as its health answer says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults: Option<serde_json::Value>,
 }
 
 /// The least and the most a request waits for a site before it is hedged to the next one.
@@ -93,6 +98,7 @@ impl SiteState {
             url,
             uri_base,
             live: AtomicBool::new(true),
+            cut: AtomicBool::new(false),
             heard: AtomicBool::new(false),
             placed: AtomicBool::new(region.as_ref().is_some_and(|r| r.1.is_some())),
             added: std::time::Instant::now(),
@@ -109,16 +115,17 @@ impl SiteState {
                 last_ok_ms: None,
                 listed: true,
                 latency_ms: None,
+                faults: None,
             }),
         })
     }
 
-    /// The base URL.
     /// The site's address, when its URL names one (not a DNS name).
     pub fn ip(&self) -> Option<std::net::IpAddr> {
         self.uri_base.host()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
     }
 
+    /// The base URL.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -132,7 +139,18 @@ impl SiteState {
 
     /// Whether it takes requests now.
     pub fn is_live(&self) -> bool {
-        self.live.load(Ordering::Relaxed)
+        self.live.load(Ordering::Relaxed) && !self.cut.load(Ordering::Relaxed)
+    }
+
+    /// Cuts it off from here, or ends that: a partition injected by `atoll dev` (development
+    /// only; see the binary's `site::faults`).
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+    }
+
+    /// Whether an injected partition cuts it off from here.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
     }
 
     pub(crate) fn health(&self) -> std::sync::MutexGuard<'_, Health> {

@@ -47,12 +47,10 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The path of the sync endpoint.
 pub const SYNC_PATH: &str = "/_atoll/sync";
 
-/// Milliseconds since the Unix epoch, from the system clock.
+/// Milliseconds since the Unix epoch, from the system clock (the store's, so an injected
+/// development skew moves both).
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    atoll_kv::hlc::wall_ms()
 }
 
 /// What the transport connects with: `http://` as is, `https://` with TLS.

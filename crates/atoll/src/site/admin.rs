@@ -153,6 +153,9 @@ struct Health<'a> {
     /// The longest deadline of the apps here (or the default): a router waits that long (and a
     /// margin) for a request that cannot be retried elsewhere.
     max_deadline_ms: u64,
+    /// Faults `atoll dev` injected into this site (development only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dev_faults: Option<super::faults::SiteFaults>,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +191,7 @@ async fn health(State(site): State<Arc<Site>>, Query(query): Query<HealthQuery>)
         ready,
         store_closed,
         max_deadline_ms,
+        dev_faults: site.faults.as_ref().and_then(|f| f.status()),
     };
     let status =
         if query.ready.is_some() && !ready { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
@@ -210,8 +214,9 @@ async fn ui_state(State(site): State<Arc<Site>>) -> Response {
         .collect();
     apps.sort();
     let peers = site.sync.get().map(|n| n.peers()).unwrap_or_default();
+    let faults = site.faults.as_ref().and_then(|f| f.status()).map(|f| serde_json::json!(f));
     let viewer =
-        crate::ui::Viewer { kind: "site", name: &site.name, region: Some(&site.region), peers, apps };
+        crate::ui::Viewer { kind: "site", name: &site.name, region: Some(&site.region), peers, apps, faults };
     Json(crate::ui::state(&site.router, viewer)).into_response()
 }
 

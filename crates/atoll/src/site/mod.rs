@@ -5,6 +5,7 @@
 
 mod admin;
 mod deploys;
+pub(crate) mod faults;
 mod guard;
 mod routing;
 
@@ -42,6 +43,8 @@ pub struct SiteOptions {
     pub peer_secret: Option<atoll_sync::auth::Secret>,
     /// The deploy keys this site trusts, and the one it signs with.
     pub trust: crate::signing::Trust,
+    /// Where `atoll dev` writes the faults it injects (`--dev-faults`; development only).
+    pub dev_faults: Option<PathBuf>,
 }
 
 /// The peer secret `--insecure-dev` uses when `ATOLL_PEER_SECRET` is unset: every dev site
@@ -79,6 +82,8 @@ pub(crate) struct Site {
     /// Who may deploy: the keys whose signed records this site runs.
     trust: crate::signing::Trust,
     max_upload: u64,
+    /// Faults injected by `atoll dev` (development only; see `faults`).
+    pub(crate) faults: Option<Arc<faults::Faults>>,
 }
 
 /// A deployed app: the loaded version and what the registry says about it.
@@ -169,6 +174,13 @@ pub fn run(options: SiteOptions) -> Result<()> {
     })?;
     atoll_router::set_http2(routing.http2);
     let router = Arc::new(atoll_router::Router::for_site(&options.name, &options.region, routing));
+    let dev_faults = options.dev_faults.map(|path| Arc::new(faults::Faults::new(path, options.name.clone())));
+    if let Some(f) = &dev_faults {
+        tracing::warn!(
+            "--dev-faults: atoll dev may inject partitions, latency and clock skew into this site"
+        );
+        faults::load_now(f, &router);
+    }
     let site = Arc::new(Site {
         name_header: axum::http::HeaderValue::from_str(&options.name).ok(),
         name: options.name,
@@ -190,6 +202,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         caps: options.config.caps(),
         trust: options.trust,
         max_upload: options.config.max_upload(),
+        faults: dev_faults,
     });
     // What other sites send passes this site's rules for reserved namespaces and deploys (the
     // store holds the rule, so a weak reference: the site owns the store).
@@ -257,6 +270,8 @@ pub fn run(options: SiteOptions) -> Result<()> {
         );
         let transport =
             Arc::new(atoll_sync::http::HttpTransport::with_connector(secret.clone(), timeout, connector));
+        // Replication goes through the injected faults (none outside atoll dev).
+        let faulty = Arc::new(faults::Faulty { inner: transport.clone(), faults: site.faults.clone() });
         let server = atoll_sync::http::Server {
             node: node.clone(),
             secret,
@@ -278,10 +293,13 @@ pub fn run(options: SiteOptions) -> Result<()> {
                 }
                 tokio::spawn(route_to_peers(site.router.clone(), node.clone()));
                 tokio::spawn(site.router.clone().run_health_checks());
+                if let Some(f) = &site.faults {
+                    tokio::spawn(faults::watch(f.clone(), site.router.clone()));
+                }
                 tokio::select! {
-                    _ = atoll_sync::driver::run(node.clone(), transport.clone(), changes, timing) => {}
+                    _ = atoll_sync::driver::run(node.clone(), faulty.clone(), changes, timing) => {}
                     _ = stop_rx => {
-                        let left = atoll_sync::driver::flush(&node, &*transport, flush_limit).await;
+                        let left = atoll_sync::driver::flush(&node, &*faulty, flush_limit).await;
                         let _ = done_tx.send(left);
                     }
                 }

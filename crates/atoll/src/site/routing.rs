@@ -85,6 +85,13 @@ pub(super) fn host_names_an_app(site: &Site, headers: &axum::http::HeaderMap) ->
 /// The fallback handler: every request that is not for `/_atoll/`. It goes to the nearest live
 /// site for its region: here, or forwarded (one hop at most, see atoll-router).
 pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Request) -> Response {
+    if let Some(faults) = &site.faults {
+        // Latency injected by atoll dev (development only).
+        let latency = faults.latency();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
     let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     // The request id goes with the request to whichever site serves it.
     let request_id = atoll_router::ensure_request_id(request.headers_mut());

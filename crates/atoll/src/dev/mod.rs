@@ -14,6 +14,9 @@ use clap::Args;
 
 use crate::{ClientArgs, DeployArgs};
 
+mod rehearse;
+use rehearse::{Action, State, StateSite, stopped_marker};
+
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct DevArgs {
@@ -47,40 +50,6 @@ pub struct DevArgs {
     restart_after_s: u64,
 }
 
-/// A failure to rehearse on a running `atoll dev` (found through `DATA/dev.json`).
-#[derive(Debug, clap::Subcommand)]
-enum Action {
-    /// SIGKILL the site (a crash): `atoll dev` restarts it after --restart-after-s.
-    Kill(Target),
-    /// Stop the site (SIGTERM, a clean stop) and keep it stopped until `atoll dev start`.
-    Stop(Target),
-    /// Start a site stopped by `atoll dev stop`.
-    Start(Target),
-}
-
-#[derive(Debug, Args)]
-struct Target {
-    /// The site, as the table names it (`eu-west-1`).
-    site: String,
-    /// The data directory of the running `atoll dev`.
-    #[arg(long, default_value = ".atoll/dev")]
-    data: PathBuf,
-}
-
-/// What a running `atoll dev` is, in `DATA/dev.json` (rewritten when a site restarts).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct State {
-    pid: u32,
-    sites: Vec<StateSite>,
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct StateSite {
-    name: String,
-    url: String,
-    pid: u32,
-}
-
 fn write_state(data: &Path, sites: &[(String, String, Proc)]) -> Result<()> {
     let state = State {
         pid: std::process::id(),
@@ -92,76 +61,6 @@ fn write_state(data: &Path, sites: &[(String, String, Proc)]) -> Result<()> {
     let path = data.join("dev.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&state)?)
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// The marker that keeps a site stopped (`atoll dev stop`) until `atoll dev start` removes it.
-fn stopped_marker(data: &Path, site: &str) -> PathBuf {
-    data.join(format!("{site}.stopped"))
-}
-
-/// `atoll dev kill|stop|start SITE`.
-fn act(action: Action) -> Result<()> {
-    let (Action::Kill(target) | Action::Stop(target) | Action::Start(target)) = &action;
-    let path = target.data.join("dev.json");
-    let state: State =
-        std::fs::read(&path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).with_context(
-            || format!("no running atoll dev with --data {} (no {})", target.data.display(), path.display()),
-        )?;
-    // SAFETY: kill(2) with signal 0 only checks that the process exists.
-    if unsafe { libc::kill(state.pid as libc::pid_t, 0) } != 0 {
-        bail!("the atoll dev that wrote {} (pid {}) is not running", path.display(), state.pid);
-    }
-    let Some(site) = state.sites.iter().find(|s| s.name == target.site) else {
-        let names: Vec<&str> = state.sites.iter().map(|s| s.name.as_str()).collect();
-        bail!("no site {:?} in this atoll dev (its sites: {})", target.site, names.join(", "));
-    };
-    let marker = stopped_marker(&target.data, &site.name);
-    // Only a process that is still that atoll dev's child is signalled (a pid of a site that has
-    // exited may belong to another process by now).
-    let running = parent_of(site.pid) == Some(state.pid);
-    let signal = |sig: libc::c_int| -> Result<()> {
-        if !running {
-            bail!("{} is not running (stopped, or being restarted)", site.name);
-        }
-        // SAFETY: kill(2) on a child of the running atoll dev, checked just above.
-        unsafe { libc::kill(site.pid as libc::pid_t, sig) };
-        Ok(())
-    };
-    match action {
-        Action::Kill(_) => {
-            signal(libc::SIGKILL)?;
-            println!(
-                "killed {} (pid {}); atoll dev restarts it after --restart-after-s",
-                site.name, site.pid
-            );
-        }
-        Action::Stop(_) => {
-            if marker.exists() || !running {
-                bail!("{} is not running (stopped already, or being restarted)", site.name);
-            }
-            std::fs::write(&marker, b"").with_context(|| format!("cannot write {}", marker.display()))?;
-            signal(libc::SIGTERM)?;
-            println!(
-                "stopping {} (pid {}); `atoll dev start {}` starts it again",
-                site.name, site.pid, site.name
-            );
-        }
-        Action::Start(_) => {
-            if !marker.exists() {
-                bail!("{} was not stopped with `atoll dev stop`", site.name);
-            }
-            std::fs::remove_file(&marker).with_context(|| format!("cannot remove {}", marker.display()))?;
-            println!("starting {} again at {}", site.name, site.url);
-        }
-    }
-    Ok(())
-}
-
-/// The parent pid of `pid`, from `/proc` (Linux).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so split after the last ')'.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -305,7 +204,7 @@ fn wait_for_ports(listen: SocketAddr, sites: usize) -> Result<()> {
 
 pub fn run(args: DevArgs) -> Result<()> {
     if let Some(action) = args.action {
-        return act(action);
+        return rehearse::act(action);
     }
     if args.deploy.len() != args.apps.len() {
         bail!(
@@ -334,6 +233,10 @@ pub fn run(args: DevArgs) -> Result<()> {
 
     let names = site_names(&args.sites);
     wait_for_ports(args.listen, names.len())?;
+    // A new dev cluster starts with no injected faults; its sites read the file as it changes.
+    std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    let faults = rehearse::faults_file(&args.data);
+    let _ = std::fs::remove_file(&faults);
     let mut sites: Vec<(String, String, Proc)> = Vec::new();
     for (i, (name, region)) in names.iter().zip(&args.sites).enumerate() {
         let data = args.data.join(name);
@@ -343,6 +246,7 @@ pub fn run(args: DevArgs) -> Result<()> {
             .collect();
         site_args.extend(["--listen".into(), address(args.listen, i + 1)?.to_string()]);
         site_args.extend(["--data".into(), data.display().to_string()]);
+        site_args.extend(["--dev-faults".into(), faults.display().to_string()]);
         // Every site is given every earlier one; membership spreads the rest.
         for (_, _, earlier) in &sites {
             site_args.extend(["--peer".into(), earlier.url.clone()]);
