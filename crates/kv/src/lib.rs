@@ -21,7 +21,7 @@ pub use entry::{Contribution, Entry, EntryError, Read, Register, SiteId, Stamp};
 pub use hlc::{Clock, Hlc};
 pub use identity::{Boot, Identity};
 pub use store::{
-    Admission, Bounds, Change, DIGEST_RANGES, KeyPage, KvError, Namespace, Origin, Store, StoreConfig, Write,
-    Written,
+    Admission, Bounds, Change, DIGEST_RANGES, KeyPage, KvError, Namespace, Origin, SeenVector, Store,
+    StoreConfig, Write, Written,
 };
 pub use tables::range_of;

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod driver;
+pub mod frontier;
 pub mod http;
 pub mod membership;
 pub mod message;

@@ -226,6 +226,26 @@ pub enum Request {
     Push(Sender, Vec<WireEntry>),
     /// One round of an anti-entropy session the sender leads.
     Reconcile(Sender, Round),
+    /// Fresh writes from the sender, after which the receiver holds every write the sender made
+    /// with a stamp at or before [`Covered::through`] (its frontier there; see
+    /// `crate::frontier`). With no entries: the end of an anti-entropy session the sender led.
+    /// Sites older than this variant refuse it (the sender then pushes without it).
+    PushCovered(Sender, Vec<WireEntry>, Covered),
+}
+
+/// What a [`Request::PushCovered`] says, and the state of the receiver it holds for: the
+/// receiver as the sender last heard it say hello. A receiver that has lost data since (a
+/// restore, a resync) is another boot or reaches back less far, and takes no frontier from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Covered {
+    /// Every write of the sender's stamped at or before this is merged at the receiver.
+    pub through: (u64, u32),
+    /// The receiver's incarnation.
+    pub incarnation: u64,
+    /// The receiver's boot.
+    pub boot_nonce: u64,
+    /// How far back the receiver's data reached.
+    pub since: (u64, u32),
 }
 
 /// The answer to a [`Request`].
@@ -318,7 +338,7 @@ impl Validate for Request {
     fn validate(&self) -> Result<(), String> {
         match self {
             Request::Hello(h) => validate_hello(h),
-            Request::Push(from, entries) => {
+            Request::Push(from, entries) | Request::PushCovered(from, entries, _) => {
                 validate_site(&from.site).and_then(|()| validate_entries(entries))
             }
             Request::Reconcile(from, round) => validate_site(&from.site).and_then(|()| validate_round(round)),

@@ -2,6 +2,8 @@
 //!
 //! Layout (store format version 4), in one redb file:
 //! - `meta`: `"format"` → u64, `"hlc"` → the highest HLC issued (physical u64, logical u32),
+//!   `"seen"` → what the store holds of each site's writes (see `seen.rs`; added without a
+//!   format change: a store without it starts from nothing),
 //!   `"stale_digests"` → the ranges whose `digests` row is behind (see below).
 //! - `entries`: composite key → encoded [`Entry`] (see [`crate::codec`]). The composite key is
 //!   `len(app) app len(bucket) bucket key`, so one app's keys can never be named by another app,
@@ -44,7 +46,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 pub(crate) mod derived;
 mod horizon;
+mod seen;
 mod writer;
+
+pub use seen::SeenVector;
 
 use crate::codec;
 use crate::entry::{Entry, EntryError, SiteId};
@@ -303,6 +308,8 @@ struct Inner {
     derived: Arc<RwLock<Derived>>,
     /// What decides which entries from other sites may be merged ([`Store::set_admission`]).
     admission: RwLock<Option<Admission>>,
+    /// What the store holds of each site's writes ([`Store::seen`]).
+    seen: Arc<RwLock<SeenVector>>,
 }
 
 /// Decides whether an entry from another site may be merged: `Err(reason)` refuses it.
@@ -354,6 +361,7 @@ impl Store {
         let resync;
         let aside;
         let derived;
+        let seen;
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let format = meta.get("format").map_err(storage)?.map(|v| v.value().to_vec());
@@ -372,6 +380,12 @@ impl Store {
             }
             identity = Identity::open(&mut meta, &config.site, fresh, &clock)?;
             resync = read_resync(&meta)?;
+            // Absent in a store written before session tokens: empty (see `seen`).
+            seen = match meta.get("seen").map_err(storage)? {
+                Some(row) => seen::decode(row.value())
+                    .ok_or_else(|| KvError::Storage("the store's \"seen\" row cannot be read".into()))?,
+                None => SeenVector::default(),
+            };
             // What this boot reports as its clock at open is on disk before anyone hears it, so
             // the next boot opens at or after it (peers check exactly that).
             meta.insert("hlc", encode_hlc(identity.opened_at).as_slice()).map_err(storage)?;
@@ -393,6 +407,7 @@ impl Store {
         let durable = Arc::new(Mutex::new(identity.opened_at));
         let floor = Arc::new(Mutex::new(Hlc::ZERO));
         let gate = Arc::new(RwLock::new(None));
+        let seen = Arc::new(RwLock::new(seen));
         let writer = {
             let shared = Shared {
                 gate: gate.clone(),
@@ -401,6 +416,7 @@ impl Store {
                 floor: floor.clone(),
                 aside: aside.clone(),
                 derived: derived.clone(),
+                seen: seen.clone(),
             };
 
             let (db, clock, max_batch, feed) =
@@ -427,6 +443,7 @@ impl Store {
                 aside,
                 derived,
                 admission: RwLock::new(None),
+                seen,
             }),
         })
     }
@@ -445,6 +462,13 @@ impl Store {
     /// sent anywhere is at most this (changes are published after their commit).
     pub fn durable_hlc(&self) -> Hlc {
         *self.inner.durable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What this store holds of each site's writes: per site name, a clock reading at or after
+    /// the stamp of every change of that site's it holds (see `store/seen.rs`). Moves before the
+    /// writes of a batch are acknowledged; kept in the store, so it survives a restart.
+    pub fn seen(&self) -> SeenVector {
+        self.inner.seen.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Takes a new random incarnation, durably, and stamps every later write with it: what a site

@@ -49,6 +49,8 @@ pub(super) struct Shared {
     pub(super) aside: Arc<AtomicBool>,
     /// The range digests and pending index changes (see `derived`).
     pub(super) derived: Arc<RwLock<Derived>>,
+    /// What the store holds of each site's writes (see `seen`).
+    pub(super) seen: Arc<RwLock<super::seen::SeenVector>>,
 }
 
 /// How long a batch may wait for more writes, at most, when the last one held several.
@@ -89,8 +91,12 @@ pub(super) fn write_loop(
         }
         last = batch.len();
         match commit_batch(db, clock, shared, &batch) {
-            Ok((results, changes, persisted)) => {
+            Ok((results, changes, persisted, seen)) => {
                 *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
+                // Before any writer is answered: a response made after its write carries it.
+                if let Some(seen) = seen {
+                    *shared.seen.write().unwrap_or_else(|e| e.into_inner()) = seen;
+                }
                 if !changes.is_empty() {
                     // No receiver is fine; a lagging one is told by the channel.
                     let _ = feed.send(Arc::new(changes));
@@ -115,7 +121,7 @@ fn commit_batch(
     clock: &Clock,
     shared: &Shared,
     batch: &[Job],
-) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
+) -> Result<(BatchResults, Vec<Change>, Hlc, Option<super::seen::SeenVector>), KvError> {
     let txn = db.begin_write().map_err(storage)?;
     // Read once this batch holds the write lock: a resync's discard committed just before
     // changed them.
@@ -132,6 +138,8 @@ fn commit_batch(
     let derived;
     let mut results = Vec::with_capacity(batch.len());
     let mut changes = Vec::new();
+    let mut seen = super::seen::Batch::default();
+    let next_seen;
     {
         let mut tables = {
             let d = shared.derived.read().unwrap_or_else(|e| e.into_inner());
@@ -153,6 +161,8 @@ fn commit_batch(
                     Some(bytes) => codec::decode(bytes).map_err(storage)?,
                     None => Entry::absent(),
                 };
+                // The incoming entry's greatest stamp, for a merge.
+                let mut incoming = None;
                 let mut origin = match write {
                     Op::Local(_) => Origin::Local,
                     Op::Merge(_) => Origin::Merged,
@@ -173,6 +183,7 @@ fn commit_batch(
                     }
                     Op::Merge(remote) => {
                         clock.observe(remote.changed.hlc);
+                        incoming = Some(remote.changed.hlc);
                         let mut merged = current.merge(remote);
                         if let Some(aside) = aside.as_mut()
                             && let Some(rescued) = rescue(aside, composite, &merged, clock, &site)?
@@ -205,6 +216,10 @@ fn commit_batch(
                 } else if old.is_some() && current.is_tombstone() {
                     tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
                 }
+                match (origin, incoming) {
+                    (Origin::Merged, Some(incoming)) => seen.merged(&current, &next, incoming),
+                    _ => seen.local(&next),
+                }
                 changes.push(Change { key: composite.clone(), entry: next, origin });
                 job_results.push(Ok(written));
             }
@@ -213,11 +228,17 @@ fn commit_batch(
         let mut meta = txn.open_table(META).map_err(storage)?;
         persisted = clock.last();
         meta.insert("hlc", encode_hlc(persisted).as_slice()).map_err(storage)?;
+        // Only the writer thread changes it: read here, published after the commit.
+        let current = shared.seen.read().unwrap_or_else(|e| e.into_inner()).clone();
+        next_seen = seen.next(&current);
+        if let Some(next) = &next_seen {
+            meta.insert("seen", super::seen::encode(next).as_slice()).map_err(storage)?;
+        }
         derived =
             tables.finish(&mut meta, &shared.derived.read().unwrap_or_else(|e| e.into_inner()).digests)?;
     }
     super::derived::commit(&shared.derived, derived, move || txn.commit().map_err(storage))?;
-    Ok((results, changes, persisted))
+    Ok((results, changes, persisted, next_seen))
 }
 
 /// Whether a set-aside row for `composite` is on the register stamped `stamp`.

@@ -56,31 +56,8 @@ impl<S: SyncStore> Node<S> {
                 }
                 Ok(Reply::Hello(self.hello(now_ms)?))
             }
-            Request::Push(from, wire) => {
-                if let Some(refusal) = self.refusal(self.admit(&from, now_ms)) {
-                    return Ok(refusal);
-                }
-                if from.resyncing {
-                    // Not merged until it has finished (anti-entropy brings it later).
-                    return Ok(Reply::Pushed(0));
-                }
-                let entries = crate::message::entries(wire);
-                let lag = lag(&entries, now_ms);
-                let n = entries.len() as u64;
-                let changed = match self.store.merge(entries, self.clock_bound(now_ms)).await {
-                    Ok(changed) => changed,
-                    Err(e) if self.flag_if_ahead(&from.site, &e) => {
-                        return Ok(Reply::AheadOfClock(format!("{e:#}")));
-                    }
-                    Err(e) => return Err(e),
-                };
-                self.with_site(&from.site, |p| {
-                    p.entries_received += n;
-                    p.lag_ms = lag.or(p.lag_ms);
-                    p.last_contact_ms = Some(now_ms);
-                });
-                Ok(Reply::Pushed(changed as u32))
-            }
+            Request::Push(from, wire) => self.pushed(from, wire, None, now_ms).await,
+            Request::PushCovered(from, wire, covered) => self.pushed(from, wire, Some(covered), now_ms).await,
             Request::Reconcile(from, round) => {
                 if let Some(refusal) = self.refusal(self.admit(&from, now_ms)) {
                     return Ok(refusal);
@@ -106,6 +83,56 @@ impl<S: SyncStore> Node<S> {
                 Ok(Reply::Reconcile(out))
             }
         }
+    }
+}
+
+impl<S: SyncStore> Node<S> {
+    /// A push from `from`: merged, and with `claim`, its frontier here moves (only once every
+    /// entry of the push is merged, for this very state of this site: not a restored copy or
+    /// one that has resynced since the sender heard from it, nor one that began to meanwhile).
+    async fn pushed(
+        &self,
+        from: crate::message::Sender,
+        wire: Vec<crate::message::WireEntry>,
+        claim: Option<crate::message::Covered>,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        let epoch = self.state().resync_epoch;
+        if let Some(refusal) = self.refusal(self.admit(&from, now_ms)) {
+            return Ok(refusal);
+        }
+        if from.resyncing {
+            // Not merged until it has finished (anti-entropy brings it later).
+            return Ok(Reply::Pushed(0));
+        }
+        let entries = crate::message::entries(wire);
+        let lag = lag(&entries, now_ms);
+        let n = entries.len() as u64;
+        let changed = match self.store.merge(entries, self.clock_bound(now_ms)).await {
+            Ok(changed) => changed,
+            Err(e) if self.flag_if_ahead(&from.site, &e) => {
+                return Ok(Reply::AheadOfClock(format!("{e:#}")));
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(claim) = claim {
+            let me = self.store.identity();
+            let state = self.state();
+            let same = state.resync_epoch == epoch
+                && state.starting_over == 0
+                && (claim.incarnation, claim.boot_nonce, claim.since)
+                    == (me.incarnation, me.boot_nonce, crate::message::hlc_wire(me.since));
+            if same {
+                // Under the state lock: a resync beginning now clears it after this.
+                self.frontiers.advance(&from.site, crate::message::hlc_from_wire(claim.through));
+            }
+        }
+        self.with_site(&from.site, |p| {
+            p.entries_received += n;
+            p.lag_ms = lag.or(p.lag_ms);
+            p.last_contact_ms = Some(now_ms);
+        });
+        Ok(Reply::Pushed(changed as u32))
     }
 }
 

@@ -163,6 +163,15 @@ impl<S: SyncStore> Node<S> {
         peer.is_self = false;
         peer.last_contact_ms = Some(now_ms);
         peer.clock_offset_ms = Some(offset_ms(hello.wall_ms, now_ms));
+        // It may have been upgraded since it refused a frontier: try again (one push at most
+        // fails per hello, and a failed push is repaired by anti-entropy at once).
+        peer.claims_refused = false;
+        let view = (hello.incarnation, hello.boot_nonce, hello.since);
+        if peer.view != Some(view) {
+            // Another boot, or it resynced: what it held may be gone.
+            peer.view = Some(view);
+            peer.needs_anti_entropy = true;
+        }
         peer.offset_at_ms = now_ms;
         peer.flag = None;
     }

@@ -148,6 +148,18 @@ pub struct Peer {
     pub push_pending: usize,
     /// The push path lost track (queue overflow or failed push): anti-entropy must catch up.
     pub needs_anti_entropy: bool,
+    /// Every write of its own stamped up to here (unix ms) is merged at this site, as it last
+    /// said (its frontier here; filled in by [`Node::peers`]).
+    pub frontier_ms: Option<u64>,
+    /// It refused a push carrying a frontier (a site older than them): it gets plain pushes
+    /// until it says hello again.
+    #[serde(skip)]
+    claims_refused: bool,
+    /// The site behind it as its last hello said (incarnation, boot, how far back its data
+    /// reaches): what a frontier sent to it holds for. When it changes, it may have lost data
+    /// (a restore, a resync): no frontier until an anti-entropy session after it.
+    #[serde(skip)]
+    view: Option<(u64, u64, (u64, u32))>,
     /// A hello with it succeeded since this process started (pushes and sessions wait for one).
     #[serde(skip)]
     introduced: bool,
@@ -181,6 +193,9 @@ impl Peer {
             lag_ms: None,
             push_pending: 0,
             needs_anti_entropy: true,
+            frontier_ms: None,
+            claims_refused: false,
+            view: None,
             introduced: false,
             pending: BTreeSet::new(),
         }
@@ -208,6 +223,11 @@ struct State {
     confirmed: BTreeSet<String>,
     /// A peer refused this site (duplicate name, retired incarnation): its URL and reason.
     refused: Option<(String, String)>,
+    /// The greatest stamp of this site's own writes taken from the change feed so far: every
+    /// write of its own stamped at or before it is queued for every peer (or was pushed, or the
+    /// peer is marked for anti-entropy). Stamps of local writes grow in commit order, and the
+    /// feed is in commit order.
+    noted: Hlc,
     /// What guests are told while they may not use the store.
     gate: Option<String>,
     /// The gate is closed for a reason that makes the site unready (not only starting up).
@@ -223,6 +243,8 @@ fn active(members: &BTreeMap<String, Member>, peer: &Peer) -> bool {
 /// One site's replication.
 pub struct Node<S> {
     store: S,
+    /// How far this site holds every other site's own writes (session tokens read it).
+    frontiers: std::sync::Arc<crate::frontier::Frontiers>,
     me: PeerInfo,
     config: NodeConfig,
     state: Mutex<State>,
@@ -266,6 +288,7 @@ impl<S: SyncStore> Node<S> {
         }
         let node = Node {
             store,
+            frontiers: Default::default(),
             me,
             config,
             state: Mutex::new(State {
@@ -276,6 +299,7 @@ impl<S: SyncStore> Node<S> {
                 resync_epoch: 0,
                 confirmed: BTreeSet::new(),
                 refused: None,
+                noted: Hlc::ZERO,
                 gate: None,
                 gate_unready: false,
             }),
@@ -292,6 +316,11 @@ impl<S: SyncStore> Node<S> {
     /// The store.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// How far this site holds every other site's own writes.
+    pub fn frontiers(&self) -> &std::sync::Arc<crate::frontier::Frontiers> {
+        &self.frontiers
     }
 
     /// This site.
@@ -328,6 +357,7 @@ impl<S: SyncStore> Node<S> {
             let mut copy = p.clone();
             copy.push_pending = pending.len();
             p.pending = pending;
+            copy.frontier_ms = copy.site.as_ref().and_then(|s| self.frontiers.get(s)).map(|h| h.physical_ms);
             if let Some(m) = copy.site.as_ref().and_then(|s| state.members.get(s)) {
                 copy.cut_off = m.record.cut_off;
                 copy.must_reincarnate = m.record.reincarnate;
@@ -393,8 +423,18 @@ impl<S: SyncStore> Node<S> {
         let mut state = self.state();
         let state = &mut *state;
         let cap = self.config.push_queue;
+        for change in changes.iter().filter(|c| c.origin == Origin::Local) {
+            state.noted = state.noted.max(change.entry.changed.hlc);
+        }
         let members = &state.members;
-        for peer in state.peers.values_mut().filter(|p| active(members, p)) {
+        let local = changes.iter().any(|c| c.origin == Origin::Local);
+        for peer in state.peers.values_mut() {
+            if !active(members, peer) {
+                // Not queued for it: once it is active again, anti-entropy must carry these
+                // (and no push may say it holds everything before it has).
+                peer.needs_anti_entropy |= local;
+                continue;
+            }
             for change in changes.iter().filter(|c| c.origin == Origin::Local) {
                 if peer.pending.len() >= cap {
                     if !peer.needs_anti_entropy {

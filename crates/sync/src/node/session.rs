@@ -167,7 +167,10 @@ impl<S: SyncStore> Node<S> {
                 p.needs_anti_entropy = true;
             }
         }
+        // What this site held of others' writes is going: their frontiers here with it.
+        self.frontiers.clear();
         let changed = change();
+        self.frontiers.clear();
         let mut state = self.state();
         state.resync_epoch += 1;
         state.starting_over -= 1;
@@ -213,15 +216,20 @@ impl<S: SyncStore> Node<S> {
     /// the peer is marked for anti-entropy, which carries the same entries.
     pub async fn push(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<usize> {
         self.introduce(transport, url, now_ms).await?;
-        let keys: Vec<Vec<u8>> = {
+        let (keys, mut claim) = {
             let mut state = self.state();
+            let noted = state.noted;
             let Some(peer) = state.peers.get_mut(url) else { return Ok(0) };
             let mut keys = Vec::new();
             while keys.len() < self.config.push_batch {
                 let Some(k) = peer.pending.pop_first() else { break };
                 keys.push(k);
             }
-            keys
+            // Everything queued for it goes now, and nothing was lost since the last session
+            // (a failed push or an overflow marks it for anti-entropy): once this is merged, it
+            // holds every write of this site's stamped up to what the feed had brought.
+            let complete = peer.pending.is_empty() && !peer.needs_anti_entropy && !peer.claims_refused;
+            (keys, peer.view.filter(|_| complete).map(|view| covered(noted, view)))
         };
         if keys.is_empty() {
             return Ok(0);
@@ -250,18 +258,62 @@ impl<S: SyncStore> Node<S> {
             taken += chunk.len();
         }
         if taken < keys.len() {
+            claim = None;
             let mut state = self.state();
             if let Some(peer) = state.peers.get_mut(url) {
                 peer.pending.extend(keys[taken..].iter().cloned());
             }
         }
         let n = wire.len();
-        match self.call(transport, url, Request::Push(self.sender(), wire), now_ms).await? {
-            Reply::Pushed(_) => {
+        let request = match claim {
+            Some(claim) => Request::PushCovered(self.sender(), wire, claim),
+            None => Request::Push(self.sender(), wire),
+        };
+        match self.call(transport, url, request, now_ms).await {
+            Ok(Reply::Pushed(_)) => {
                 self.with_peer(url, |p| p.entries_sent += n as u64);
                 Ok(n)
             }
-            other => bail!("unexpected answer to push: {other:?}"),
+            Ok(other) => bail!("unexpected answer to push: {other:?}"),
+            Err(e) => {
+                if claim.is_some() {
+                    self.note_claim_refused(url, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Tells `url` that it holds every write of this site's stamped up to `claim` (an
+    /// anti-entropy session this site led with it has just ended). A failure changes nothing.
+    async fn send_claim(
+        &self,
+        transport: &impl Transport,
+        url: &str,
+        claim: Hlc,
+        view: (u64, u64, (u64, u32)),
+        now_ms: u64,
+    ) {
+        if self.state().peers.get(url).is_none_or(|p| p.claims_refused) {
+            return;
+        }
+        let request = Request::PushCovered(self.sender(), Vec::new(), covered(claim, view));
+        if let Err(e) = self.call(transport, url, request, now_ms).await {
+            self.note_claim_refused(url, &e);
+            tracing::debug!(peer = %url, "could not send the frontier after anti-entropy: {e:#}");
+        }
+    }
+
+    /// A site older than frontiers answers a push carrying one with 400: it gets plain pushes
+    /// until it says hello again (an upgraded site does at its start).
+    fn note_claim_refused(&self, url: &str, e: &anyhow::Error) {
+        if format!("{e:#}").contains("answered 400") {
+            self.with_peer(url, |p| {
+                if !p.claims_refused {
+                    tracing::info!(peer = %p.url, "this peer does not take frontiers (an older build): plain pushes");
+                }
+                p.claims_refused = true;
+            });
         }
     }
 
@@ -285,7 +337,11 @@ impl<S: SyncStore> Node<S> {
         let mut round = reconcile::start(&self.store, salt)?;
         let mut rounds = 0;
         let (mut sent, mut received, mut merged) = (0, 0, 0);
-        let site = self.state().peers.get(url).and_then(|p| p.site.clone()).unwrap_or_default();
+        let (site, view) = {
+            let state = self.state();
+            let peer = state.peers.get(url);
+            (peer.and_then(|p| p.site.clone()).unwrap_or_default(), peer.and_then(|p| p.view))
+        };
         // A peer that resyncs: what it sends is not merged until it has finished.
         let take = !self.state().members.get(&site).is_some_and(|m| m.resyncing);
         let limits =
@@ -328,6 +384,8 @@ impl<S: SyncStore> Node<S> {
         let began = self.store.resync_began()?;
         let me = self.store.identity();
         let mut accepted_to_save = None;
+        // What the peer holds of this site's own writes now: all it held at the start.
+        let mut claim = None;
         let finished_resync = {
             let mut state = self.state();
             let state = &mut *state;
@@ -341,6 +399,7 @@ impl<S: SyncStore> Node<S> {
                 // Only a session the peer merged acknowledges anything (a resync that began
                 // during it stopped that).
                 if !resyncing && same_epoch {
+                    claim = Some(started);
                     m.acknowledged(started, now_ms);
                     let accepted = Accepted {
                         peer_incarnation: m.record.incarnation,
@@ -383,6 +442,20 @@ impl<S: SyncStore> Node<S> {
             tracing::info!(peer = %url, "resync finished: this site holds everything its peers kept");
             self.update_gate(now_ms);
         }
+        // The frontier holds for the peer as it was when the session began (its hello before).
+        if let (Some(claim), Some(view)) = (claim, view) {
+            self.send_claim(transport, url, claim, view, now_ms).await;
+        }
         Ok(rounds)
+    }
+}
+
+/// A frontier `through`, for the receiver `view` (incarnation, boot, since).
+fn covered(through: Hlc, view: (u64, u64, (u64, u32))) -> crate::message::Covered {
+    crate::message::Covered {
+        through: hlc_wire(through),
+        incarnation: view.0,
+        boot_nonce: view.1,
+        since: view.2,
     }
 }

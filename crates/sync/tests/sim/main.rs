@@ -200,6 +200,8 @@ struct Model {
     at_risk: Vec<(usize, usize, usize)>,
     /// Every (key, stamp) seen anywhere, with the register it stamped: a stamp is never reused.
     stamps: BTreeMap<(Vec<u8>, Stamp), Register>,
+    /// The stamp of each acknowledged set of `once` (what a frontier must cover).
+    once_stamps: BTreeMap<String, atoll_kv::Hlc>,
 }
 
 impl Model {
@@ -357,8 +359,15 @@ impl Sim {
     fn drain_feeds(&mut self) {
         for i in 0..self.n {
             let site = &mut self.sites[i];
-            while let Ok(batch) = site.feed.try_recv() {
-                site.node.note_changes(&batch);
+            // As the driver does: a feed that lost batches sends every peer to anti-entropy.
+            loop {
+                match site.feed.try_recv() {
+                    Ok(batch) => site.node.note_changes(&batch),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
+                        site.node.note_lost_changes()
+                    }
+                    Err(_) => break,
+                }
             }
             if self.net.node(i).is_some() {
                 site.node.update_gate(self.net.wall(i));
@@ -394,6 +403,11 @@ impl Sim {
                 if store.write(&ns, key.as_bytes(), Write::Set(value.clone().into_bytes())).await
                     == Ok(Written::Done)
                 {
+                    if let Ok(entries) = store.entries_at(&[ns.key(key.as_bytes())])
+                        && let Some((_, entry)) = entries.first()
+                    {
+                        self.model.once_stamps.insert(key.clone(), entry.stamp.hlc);
+                    }
                     self.model.once.insert(key, (value, i, step));
                 }
             }
@@ -643,10 +657,45 @@ impl Sim {
             }
             self.note_reincarnations();
             self.watch();
-            if let Err(e) = self.no_deleted_key_comes_back() {
+            if let Err(e) = self.no_deleted_key_comes_back().and_then(|()| self.frontiers_hold()) {
                 self.failure.get_or_insert(e);
             }
         }
+    }
+
+    /// Every site's frontier for another is kept: each acknowledged set that site made with a
+    /// stamp at or before it is here (what session tokens rely on). Sets a restore may have
+    /// undone, and keys deleted since, are not checked.
+    fn frontiers_hold(&self) -> Result<()> {
+        let ns = self.ns();
+        for b in (0..self.n).filter(|&b| self.up(b)) {
+            let frontiers = self.sites[b].node.frontiers().snapshot();
+            if frontiers.is_empty() {
+                continue;
+            }
+            for (key, (value, site, step)) in &self.model.once {
+                let (Some(stamp), Some(frontier)) =
+                    (self.model.once_stamps.get(key), frontiers.get(&format!("s{site}")))
+                else {
+                    continue;
+                };
+                if *site == b
+                    || stamp > frontier
+                    || self.model.deleted.contains_key(key)
+                    || self.model.risky(*site, *step)
+                {
+                    continue;
+                }
+                let got = self.sites[b].store.get(&ns, key.as_bytes())?;
+                if got.as_deref() != Some(value.as_bytes()) {
+                    bail!(
+                        "site s{b}: its frontier for s{site} is {frontier}, but {key} set there at {stamp} is {:?} here",
+                        show(got.as_deref())
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `ATOLL_SIM_WATCH=key` logs every change of that key's entry at every site.

@@ -1,0 +1,183 @@
+//! What this store holds of each site's writes, as a clock per site name: the basis of session
+//! tokens (a client that read here may have seen any of it; another site serving that client
+//! next should hold as much). Kept by the writer thread and updated before a batch's writers are
+//! answered, so a guest's own write is in it by the time its response is made.
+//!
+//! For each site, the clock reading is at least the stamp of every change of that site's the
+//! store holds (an upper bound: never less, sometimes more):
+//! - a local write: its own stamp;
+//! - a merged register that is new here: its stamp, for the site that wrote it;
+//! - a merged counter contribution that is new here: the incoming entry's `changed` stamp, for
+//!   the contributing site (a contribution has no stamp of its own; `changed` is the greatest
+//!   stamp of anything in the entry, so at least the contribution's).
+
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::RwLock;
+
+use crate::{Entry, Hlc};
+
+/// A clock reading per site name, sorted by name.
+pub type SeenVector = Arc<Vec<(String, Hlc)>>;
+
+/// The name a writer id (`name~incarnation`) belongs to.
+pub(crate) fn site_name(writer: &str) -> &str {
+    writer.split_once('~').map_or(writer, |(name, _)| name)
+}
+
+/// One batch's additions, folded into the shared vector once the batch is durable.
+#[derive(Default)]
+pub(super) struct Batch(Vec<(String, Hlc)>);
+
+impl Batch {
+    fn note(&mut self, writer: &str, at: Hlc) {
+        let name = site_name(writer);
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, seen)) => *seen = (*seen).max(at),
+            None => self.0.push((name.to_owned(), at)),
+        }
+    }
+
+    /// A local write stamped `next.changed` (also an increment set aside and rescued here).
+    pub(super) fn local(&mut self, next: &Entry) {
+        self.note(&next.changed.site, next.changed.hlc);
+    }
+
+    /// A merge that took `current` to `next`, the incoming entry changed at `incoming`.
+    pub(super) fn merged(&mut self, current: &Entry, next: &Entry, incoming: Hlc) {
+        if next.stamp != current.stamp {
+            self.note(&next.stamp.site, next.stamp.hlc);
+        }
+        for (site, contribution) in &next.counter {
+            if current.counter.get(site) != Some(contribution) {
+                self.note(site, incoming);
+            }
+        }
+    }
+
+    /// `current` with this batch folded in, if anything moved (to be stored in the batch's
+    /// transaction, then published once it is durable).
+    pub(super) fn next(self, current: &SeenVector) -> Option<SeenVector> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut next: Vec<(String, Hlc)> = current.as_ref().clone();
+        let mut moved = false;
+        for (name, at) in self.0 {
+            match next.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, seen)) if *seen >= at => {}
+                Some((_, seen)) => {
+                    *seen = at;
+                    moved = true;
+                }
+                None => {
+                    next.push((name, at));
+                    moved = true;
+                }
+            }
+        }
+        moved.then(|| {
+            next.sort();
+            Arc::new(next)
+        })
+    }
+
+    #[cfg(test)]
+    fn fold_into(self, shared: &RwLock<SeenVector>) {
+        let current = shared.read().expect("lock").clone();
+        if let Some(next) = self.next(&current) {
+            *shared.write().expect("lock") = next;
+        }
+    }
+}
+
+/// The vector as the `meta` table's `"seen"` row holds it: per site, the name's length (u8),
+/// the name, the clock (physical u64, logical u32), little-endian.
+pub(super) fn encode(seen: &[(String, Hlc)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(seen.len() * 24);
+    for (name, at) in seen {
+        let name = &name.as_bytes()[..name.len().min(255)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&at.physical_ms.to_le_bytes());
+        out.extend_from_slice(&at.logical.to_le_bytes());
+    }
+    out
+}
+
+/// The vector in a `"seen"` row, or `None` if it is not one.
+pub(super) fn decode(mut bytes: &[u8]) -> Option<SeenVector> {
+    let mut out = Vec::new();
+    while let Some((&len, rest)) = bytes.split_first() {
+        let len = len as usize;
+        if rest.len() < len + 12 {
+            return None;
+        }
+        let name = std::str::from_utf8(&rest[..len]).ok()?.to_owned();
+        let physical_ms = u64::from_le_bytes(rest[len..len + 8].try_into().ok()?);
+        let logical = u32::from_le_bytes(rest[len + 8..len + 12].try_into().ok()?);
+        out.push((name, Hlc { physical_ms, logical }));
+        bytes = &rest[len + 12..];
+    }
+    Some(Arc::new(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Stamp;
+
+    fn at(ms: u64) -> Hlc {
+        Hlc { physical_ms: ms, logical: 0 }
+    }
+
+    fn stamp(site: &str, ms: u64) -> Stamp {
+        Stamp { hlc: at(ms), site: site.into() }
+    }
+
+    #[test]
+    fn a_site_is_known_by_name_whatever_its_incarnation() {
+        let shared = RwLock::new(SeenVector::default());
+        let mut batch = Batch::default();
+        batch.local(&Entry::set(b"1".to_vec(), stamp("a~01", 10)));
+        batch.local(&Entry::set(b"2".to_vec(), stamp("a~02", 12)));
+        batch.fold_into(&shared);
+        assert_eq!(*shared.read().expect("lock").as_ref(), vec![("a".to_owned(), at(12))]);
+        // Never backwards.
+        let mut batch = Batch::default();
+        batch.local(&Entry::set(b"0".to_vec(), stamp("a~01", 5)));
+        let before = shared.read().expect("lock").clone();
+        batch.fold_into(&shared);
+        assert!(Arc::ptr_eq(&before, &shared.read().expect("lock")), "unchanged: the same vector");
+    }
+
+    #[test]
+    fn the_stored_row_round_trips_and_a_torn_one_is_refused() {
+        let seen =
+            vec![("a".to_owned(), at(12)), ("eu-west-1".to_owned(), Hlc { physical_ms: 7, logical: 3 })];
+        let bytes = encode(&seen);
+        assert_eq!(decode(&bytes).as_deref(), Some(&seen));
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode(&[]).as_deref(), Some(&Vec::new()));
+    }
+
+    #[test]
+    fn a_merge_counts_only_what_is_new_here() {
+        let current = Entry::set(b"1".to_vec(), stamp("a~1", 10));
+        let (incremented, _) = current.increment(3, stamp("b~1", 20)).expect("increment");
+        let mut batch = Batch::default();
+        // The register is the same; b's contribution is new, at most as old as the entry's change.
+        batch.merged(&current, &incremented, at(20));
+        let shared = RwLock::new(SeenVector::default());
+        batch.fold_into(&shared);
+        assert_eq!(*shared.read().expect("lock").as_ref(), vec![("b".to_owned(), at(20))]);
+        // A new register counts for its writer at its own stamp.
+        let mut batch = Batch::default();
+        batch.merged(&current, &Entry::set(b"9".to_vec(), stamp("c~1", 30)), at(30));
+        batch.fold_into(&shared);
+        assert_eq!(
+            *shared.read().expect("lock").as_ref(),
+            vec![("b".to_owned(), at(20)), ("c".to_owned(), at(30))]
+        );
+    }
+}
