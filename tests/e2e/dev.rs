@@ -44,8 +44,14 @@ pub(crate) fn start_dev_with(
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let stderr = dev.stderr.take().expect("stderr");
     let lines = log.clone();
+    // Also kept in DATA/dev.log, for a failure later in a test.
+    let mut file = std::fs::File::create(data.join("dev.log")).ok();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(f) = file.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
             let mut all = lines.lock().unwrap_or_else(|e| e.into_inner());
             all.push_str(&line);
             all.push('\n');

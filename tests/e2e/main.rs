@@ -14,6 +14,7 @@ mod restart;
 mod rotation;
 mod routing;
 mod security;
+mod session;
 mod shutdown;
 mod tls;
 mod ui;

@@ -90,6 +90,8 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
         allow_hosts: (!args.allow_hosts.is_empty()).then(|| args.allow_hosts.join(",")),
         kv_stores: (!args.kv_stores.is_empty()).then(|| args.kv_stores.join(",")),
         vars: signing::Vars(variables(args)?),
+        session_cookie: args.session_cookie.then_some(true),
+        stale_reads: args.stale_reads.clone(),
         ..Default::default()
     };
     let sent: Vec<String> = params.vars.0.keys().cloned().collect();
@@ -105,6 +107,12 @@ pub fn deploy(args: &DeployArgs) -> Result<()> {
     }
     if let Some(labels) = &params.kv_stores {
         request = request.query("kv_stores", labels);
+    }
+    if params.session_cookie == Some(true) {
+        request = request.query("session_cookie", "true");
+    }
+    if let Some(stale) = &params.stale_reads {
+        request = request.query("stale_reads", stale);
     }
     if !params.vars.is_empty() {
         // In a header, not the URL: proxies log URLs.

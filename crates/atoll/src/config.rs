@@ -33,6 +33,17 @@ pub struct FileConfig {
     pub server: ServerConfig,
     #[serde(default)]
     pub tls: crate::tls::TlsConfig,
+    #[serde(default)]
+    pub consistency: ConsistencyConfig,
+}
+
+/// `[consistency]`: session tokens (read-your-writes across sites).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencyConfig {
+    /// How long a site waits for replication to bring what a request's session token asks for
+    /// before forwarding it to a site that has it, or answering stale (default 250, at most 10000).
+    pub session_wait_ms: Option<u64>,
 }
 
 /// `[server]`: what one client connection may cost (sites and routers).
@@ -264,6 +275,8 @@ impl FileConfig {
             allow_hosts: None,
             kv_stores: None,
             vars: Default::default(),
+            session_cookie: None,
+            stale_reads: None,
         };
         defaults
             .settings(&Limits::default(), &self.caps())
@@ -399,6 +412,10 @@ impl FileConfig {
     }
 
     /// Bound on flushing replication at shutdown.
+    pub fn session_wait(&self) -> Duration {
+        Duration::from_millis(self.consistency.session_wait_ms.unwrap_or(250).min(10_000))
+    }
+
     pub fn flush(&self) -> Duration {
         Duration::from_millis(self.shutdown.flush_ms.unwrap_or(5_000))
     }

@@ -196,6 +196,14 @@ struct DeployArgs {
     /// file overrides an earlier one's names).
     #[arg(long = "var-file", value_name = "FILE")]
     var_files: Vec<PathBuf>,
+    /// Also carry the session token in a cookie (`atoll-session`), for browsers: reads then
+    /// see the client's own writes at any site (see README, "Sessions").
+    #[arg(long)]
+    session_cookie: bool,
+    /// When a site cannot show a session everything it has seen and no site that can is live:
+    /// serve (stale, with x-atoll-stale: 1; the default) or refuse (503).
+    #[arg(long, value_parser = ["serve", "refuse"])]
+    stale_reads: Option<String>,
 }
 
 #[derive(Debug, Args)]

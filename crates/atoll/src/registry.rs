@@ -56,6 +56,9 @@ pub struct StoredSettings {
     /// The app's variables: absent when there are none (so that older sites read the record).
     #[serde(default, skip_serializing_if = "Vars::is_empty")]
     pub variables: Vars,
+    /// The app's session choices: absent when default (so that older sites read the record).
+    #[serde(default, skip_serializing_if = "crate::signing::SessionPolicy::is_default")]
+    pub session: crate::signing::SessionPolicy,
 }
 
 impl From<&atoll_runtime::AppSettings> for StoredSettings {
@@ -68,6 +71,8 @@ impl From<&atoll_runtime::AppSettings> for StoredSettings {
             allowed_hosts: s.allowed_hosts.clone(),
             kv_stores: s.kv_stores.clone(),
             variables: Vars(s.variables.values().clone()),
+            // Not a runtime setting: set from the deploy's parameters by the caller.
+            session: Default::default(),
         }
     }
 }

@@ -72,6 +72,32 @@ pub struct DeployParams {
     /// interfaces and `wasi:config`. Values may be secrets: never shown nor logged.
     #[serde(default, skip_serializing_if = "Vars::is_empty")]
     pub vars: Vars,
+    /// Sessions through a cookie (`atoll deploy --session-cookie`): the site sets the session
+    /// token as a cookie too, for browsers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_cookie: Option<bool>,
+    /// What a site that cannot show a session everything it has seen does once the wait is
+    /// over and no site that can is live: `serve` (stale, flagged; the default) or `refuse` (503).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_reads: Option<String>,
+}
+
+/// An app's choices for session tokens (see ARCHITECTURE.md, "Sessions").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionPolicy {
+    /// The token is set as a cookie too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cookie: bool,
+    /// A stale read is answered 503 instead of being served with `x-atoll-stale: 1`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refuse_stale: bool,
+}
+
+impl SessionPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == SessionPolicy::default()
+    }
 }
 
 /// Variables' names and values; `Debug` shows the names only (values may be secrets), so no
@@ -130,6 +156,8 @@ impl DeployParams {
     /// The settings these parameters give on a site with `defaults` (and the site's caps), or why
     /// they are refused. The one validation for an upload and a replicated record.
     pub fn settings(&self, defaults: &Limits, caps: &Caps) -> Result<AppSettings, String> {
+        // Not a runtime setting, but checked wherever the others are (an upload, a record).
+        self.session()?;
         let mut limits = defaults.clone();
         if let Some(ms) = self.deadline_ms {
             if !(1..=MAX_DEADLINE_MS).contains(&ms) {
@@ -198,6 +226,21 @@ impl DeployParams {
         Ok(AppSettings { limits, allowed_hosts, kv_stores, variables })
     }
 
+    /// The app's session choices, or why they are not valid.
+    pub fn session(&self) -> Result<SessionPolicy, String> {
+        let refuse_stale = match self.stale_reads.as_deref() {
+            None | Some("serve") => false,
+            Some("refuse") => true,
+            Some(other) => {
+                return Err(format!(
+                    "stale_reads must be serve or refuse, not {:?}",
+                    other.chars().take(32).collect::<String>()
+                ));
+            }
+        };
+        Ok(SessionPolicy { cookie: self.session_cookie == Some(true), refuse_stale })
+    }
+
     /// The canonical text of the parameters (sorted `name=value` lines of those given).
     fn canonical(&self) -> String {
         let mut out = String::new();
@@ -212,6 +255,8 @@ impl DeployParams {
         line("max_request_body_bytes", self.max_request_body_bytes.map(|v| v.to_string()));
         line("max_response_body_bytes", self.max_response_body_bytes.map(|v| v.to_string()));
         line("memory_mb", self.memory_mb.map(|v| v.to_string()));
+        line("session_cookie", self.session_cookie.map(|v| v.to_string()));
+        line("stale_reads", self.stale_reads.clone());
         // JSON: escaped, so a value never spans lines; a map, so sorted by name.
         line("vars", (!self.vars.is_empty()).then(|| serde_json::to_string(&self.vars).unwrap_or_default()));
         out
@@ -377,6 +422,9 @@ impl Trust {
         }
         if record.params.kv_stores.as_deref().is_some_and(|h| h.chars().any(char::is_control)) {
             return Err("the deploy's kv_stores holds control characters".into());
+        }
+        if record.params.stale_reads.as_deref().is_some_and(|h| h.chars().any(char::is_control)) {
+            return Err("the deploy's stale_reads holds control characters".into());
         }
         let (Some(key), Some(signature)) = (&record.key, &record.signature) else {
             return Err("the deploy is not signed".into());
@@ -544,6 +592,22 @@ mod tests {
             p.settings(&defaults, &caps)
         };
         assert!(p(|_| {}).is_ok());
+        assert!(
+            p(|p| p.stale_reads = Some("sometimes".into())).expect_err("refused").contains("stale_reads")
+        );
+        let session = |f: fn(&mut DeployParams)| {
+            let mut p = DeployParams::default();
+            f(&mut p);
+            p.session().expect("valid")
+        };
+        assert_eq!(session(|_| {}), SessionPolicy::default());
+        assert_eq!(
+            session(|p| {
+                p.session_cookie = Some(true);
+                p.stale_reads = Some("refuse".into());
+            }),
+            SessionPolicy { cookie: true, refuse_stale: true }
+        );
         assert!(p(|p| p.deadline_ms = Some(u64::MAX)).expect_err("refused").contains("deadline_ms"));
         assert!(p(|p| p.deadline_ms = Some(0)).is_err());
         assert!(p(|p| p.memory_mb = Some(65)).expect_err("refused").contains("memory_mb"));
@@ -624,6 +688,8 @@ mod tests {
                     allow_hosts,
                     kv_stores,
                     vars: Vars(vars),
+                    session_cookie: None,
+                    stale_reads: None,
                 };
                 within_caps(&params);
                 let trust = Trust::new(&[], None, true, DEFAULT_CLUSTER).expect("dev key");

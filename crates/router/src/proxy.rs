@@ -642,7 +642,43 @@ impl Router {
             return Outcome::Local(request, RouteInfo { reason: "forwarded", region });
         }
         let ranking = self.ranking(&region.region);
-        let reason = |t: &Target| reason(&ranking, t);
+        self.send_ranked(request, region, &ranking, None).await
+    }
+
+    /// Sends `request` to the live site named `name`, or serves it here if that site cannot be
+    /// reached (as the retry rule allows); a response from there says `why` in
+    /// `x-atoll-route`. For a site that should not serve a request itself (it does not hold
+    /// what the request's session token asks for) and knows which site does. `Err`: no live
+    /// site of that name (the request is given back).
+    pub async fn route_to(
+        &self,
+        request: Request<Body>,
+        name: &str,
+        why: &'static str,
+    ) -> Result<Outcome, Request<Body>> {
+        let Some(site) =
+            self.sites().into_iter().find(|s| s.is_live() && s.snapshot().name.as_deref() == Some(name))
+        else {
+            return Err(request);
+        };
+        let region = self.client_region(request.headers());
+        let ranking = [Target::Site(site), Target::Local];
+        Ok(self.send_ranked(request, region, &ranking, Some(why)).await)
+    }
+
+    /// Proxies `request` to the first live site of `ranking` that answers, as the retry and
+    /// hedging rules allow (serving it here when this site comes up in the ranking).
+    async fn send_ranked(
+        &self,
+        request: Request<Body>,
+        region: ClientRegion,
+        ranking: &[Target],
+        why: Option<&'static str>,
+    ) -> Outcome {
+        let reason = |t: &Target| match (why, t) {
+            (Some(why), Target::Site(_)) => why,
+            _ => reason(ranking, t),
+        };
         let live: Vec<&Target> = ranking
             .iter()
             .filter(|t| match t {
@@ -734,7 +770,8 @@ impl Router {
             // meanwhile (a hedge). Not a PUT or DELETE: both copies could apply, the loser's
             // later than the client's next write.
             let retriable = idempotent && prepared.replayable();
-            let hedgeable = self.settings.hedging && safe(&method) && retriable;
+            // Not a request sent to one site on purpose (`route_to`): serving it elsewhere is what it avoids.
+            let hedgeable = self.settings.hedging && why.is_none() && safe(&method) && retriable;
             let hedge_to = match live.get(next) {
                 Some(Target::Site(other)) if hedgeable && attempts < self.settings.max_attempts => {
                     Some(other)

@@ -277,6 +277,8 @@ pub fn run(args: DevArgs) -> Result<()> {
             kv_stores: vec![],
             vars: vec![],
             var_files: vec![],
+            session_cookie: false,
+            stale_reads: None,
         };
         crate::client::deploy(&deploy)?;
     }

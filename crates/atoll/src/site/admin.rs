@@ -409,11 +409,14 @@ async fn upload(
         signature: None,
     };
     sign_or_verify(&site, &name, &mut deploy, &headers)?;
+    let mut stored: crate::registry::StoredSettings = (&settings).into();
+    // Checked by `settings` above.
+    stored.session = deploy.params.session().unwrap_or_default();
     let record = AppRecord {
         version: app.version().to_string(),
         size: wasm.len() as u64,
         uploaded_at_ms: deploy.signed_at_ms,
-        settings: (&settings).into(),
+        settings: stored,
     };
     {
         let (site, name, record, wasm) = (site.clone(), name.clone(), record.clone(), wasm.clone());

@@ -132,11 +132,14 @@ pub(crate) async fn apply(
                     .params
                     .settings(&site.default_limits, &site.caps)
                     .map_err(|e| anyhow::anyhow!("the deploy record of {name} is refused: {e}"))?;
+                let mut stored: crate::registry::StoredSettings = (&settings).into();
+                // Checked by `settings` above.
+                stored.session = deploy.params.session().unwrap_or_default();
                 Some(AppRecord {
                     version: version.clone(),
                     size: deploy.size,
                     uploaded_at_ms: deploy.signed_at_ms,
-                    settings: (&settings).into(),
+                    settings: stored,
                 })
             }
             None => None,
@@ -265,6 +268,8 @@ fn params_of(app: &AppRecord) -> crate::signing::DeployParams {
         allow_hosts: (!s.allowed_hosts.is_empty()).then(|| s.allowed_hosts.join(",")),
         kv_stores: (!s.kv_stores.is_empty()).then(|| s.kv_stores.join(",")),
         vars: s.variables.clone(),
+        session_cookie: s.session.cookie.then_some(true),
+        stale_reads: s.session.refuse_stale.then(|| "refuse".to_owned()),
     }
 }
 

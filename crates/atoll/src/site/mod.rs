@@ -8,6 +8,7 @@ mod deploys;
 pub(crate) mod faults;
 mod guard;
 mod routing;
+mod session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -84,6 +85,8 @@ pub(crate) struct Site {
     max_upload: u64,
     /// Faults injected by `atoll dev` (development only; see `faults`).
     pub(crate) faults: Option<Arc<faults::Faults>>,
+    /// How long a request waits for replication to cover its session token (`[consistency]`).
+    session_wait: Duration,
 }
 
 /// A deployed app: the loaded version and what the registry says about it.
@@ -120,10 +123,13 @@ impl Site {
         self.apps.read().unwrap_or_else(|e| e.into_inner()).get(name).map(|d| d.app.clone())
     }
 
-    /// The app deployed under `name` and its metrics, to serve a request.
-    pub(crate) fn serving(&self, name: &str) -> Option<(App, Arc<crate::metrics::AppMetrics>)> {
+    /// The app deployed under `name`, its metrics and its session choices, to serve a request.
+    pub(crate) fn serving(
+        &self,
+        name: &str,
+    ) -> Option<(App, Arc<crate::metrics::AppMetrics>, crate::signing::SessionPolicy)> {
         let apps = self.apps.read().unwrap_or_else(|e| e.into_inner());
-        apps.get(name).map(|d| (d.app.clone(), d.metrics.clone()))
+        apps.get(name).map(|d| (d.app.clone(), d.metrics.clone(), d.record.settings.session))
     }
 }
 
@@ -203,6 +209,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         trust: options.trust,
         max_upload: options.config.max_upload(),
         faults: dev_faults,
+        session_wait: options.config.session_wait(),
     });
     // What other sites send passes this site's rules for reserved namespaces and deploys (the
     // store holds the rule, so a weak reference: the site owns the store).

@@ -100,7 +100,11 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Reques
     match tracing::Instrument::instrument(site.router.route(request, client), span).await {
         Outcome::Response(response) => response,
         Outcome::Local(request, route) => {
-            let mut response = serve_here(&site, request, request_id).await;
+            let (request, session) = match super::session::arrive(&site, request).await {
+                super::session::Arrival::Serve(request, session) => (request, session),
+                super::session::Arrival::Answered(response) => return response,
+            };
+            let mut response = serve_here(&site, request, request_id, &session).await;
             route.apply(response.headers_mut());
             response
         }
@@ -108,12 +112,32 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Reques
 }
 
 /// Serves a request with an app deployed here.
-async fn serve_here(site: &Site, request: Request, request_id: HeaderValue) -> Response {
+async fn serve_here(
+    site: &Site,
+    request: Request,
+    request_id: HeaderValue,
+    session: &super::session::Session,
+) -> Response {
     let id = request_id.to_str().unwrap_or_default();
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target(host, request.uri(), |name| site.serving(name));
+    let mut cookie = false;
     let mut response = match target {
-        Target::App { app: (app, counts), name, path_and_query } => {
+        Target::App { app: (_, _, policy), name, .. } if policy.refuse_stale && !session.stale.is_empty() => {
+            cookie = policy.cookie;
+            let mut response = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "this site does not hold everything this session has seen yet (writes of {}), and {name} \
+                     refuses stale reads: retry\n",
+                    session.stale.join(", ")
+                ),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+        Target::App { app: (app, counts, policy), name, path_and_query } => {
+            cookie = policy.cookie;
             let (mut parts, body) = request.into_parts();
             // With a `Host` header the guest's authority is the Host: an HTTP/2 request forwarded
             // by a router carries the site's own address as its `:authority`.
@@ -168,10 +192,11 @@ async fn serve_here(site: &Site, request: Request, request_id: HeaderValue) -> R
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(site.kv.clock().last().to_string())) {
         headers.insert(HLC, v);
     }
+    session.apply(site, cookie, headers);
     response
 }
 
-fn text(status: StatusCode, body: String) -> Response {
+pub(super) fn text(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
