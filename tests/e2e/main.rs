@@ -5,6 +5,7 @@ mod bad_input;
 mod deploy;
 mod dev;
 mod faults;
+mod idempotency;
 mod keyvalue;
 mod limits;
 mod observability;

@@ -191,6 +191,10 @@ struct Hedged {
     hedged: bool,
 }
 
+/// The header of the IETF draft: a request carrying it is retried by the router like an
+/// idempotent one (sites run it at most once; see the binary's `site::idempotency`).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 impl Router {
     /// How long a request to `site` may wait for its answer's head: one that may be hedged, the
     /// response timeout (the hedge spares it most of that); one that may not (a POST, a PUT, a
@@ -724,7 +728,9 @@ impl Router {
 
         let (parts, body) = request.into_parts();
         let method = parts.method.clone();
-        let idempotent = idempotent(&method);
+        // A request with an Idempotency-Key may be sent again: the site that gets the retry
+        // runs it only if no site has (it answers the first response, or 409).
+        let idempotent = idempotent(&method) || parts.headers.contains_key(IDEMPOTENCY_KEY);
         let prepared = match Prepared::new(body, idempotent, self.settings.replay_body_bytes).await {
             Ok(p) => p,
             Err(e) => return Outcome::Response(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),

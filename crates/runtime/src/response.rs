@@ -175,6 +175,14 @@ impl ResponseBody {
         ResponseBody(Inner::Whole(Some(bytes)))
     }
 
+    /// The bytes of a whole body (not yet read), `None` for a streamed one.
+    pub fn whole_bytes(&self) -> Option<&Bytes> {
+        match &self.0 {
+            Inner::Whole(bytes) => bytes.as_ref(),
+            Inner::Stream { .. } => None,
+        }
+    }
+
     /// Whether the body is streamed (its end and any failure are still to come).
     pub fn is_streamed(&self) -> bool {
         matches!(self.0, Inner::Stream { .. })

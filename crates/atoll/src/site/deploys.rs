@@ -63,6 +63,9 @@ pub(crate) fn admit(site: &Site, key: &[u8], entry: &Entry) -> Result<(), String
         return super::admin::validate_name(ns.app())
             .map_err(|_| format!("namespace {:?} is not an app's", ns.app()));
     }
+    if ns.bucket() == super::idempotency::BUCKET {
+        return super::idempotency::admit(name, entry);
+    }
     if ns.bucket() != "apps" {
         return Err(format!("the reserved namespace _atoll/{} is not replicated", ns.bucket()));
     }

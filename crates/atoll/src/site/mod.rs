@@ -7,6 +7,7 @@ mod admin;
 mod deploys;
 pub(crate) mod faults;
 mod guard;
+mod idempotency;
 mod routing;
 mod session;
 
@@ -220,6 +221,14 @@ pub fn run(options: SiteOptions) -> Result<()> {
     }));
     if site.admin_token.is_none() {
         tracing::warn!("--insecure-dev: the admin API accepts requests without a token");
+    }
+    // Expired Idempotency-Key records go (on a thread of its own: a site may not replicate).
+    {
+        let site = site.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new()
+            .name("atoll-idem-sweep".into())
+            .spawn(move || rt.block_on(idempotency::sweep(site)))?;
     }
     let sync_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     sync_rt.block_on(deploys::startup(&site))?;

@@ -113,7 +113,7 @@ pub(super) async fn serve_app(State(site): State<Arc<Site>>, mut request: Reques
 
 /// Serves a request with an app deployed here.
 async fn serve_here(
-    site: &Site,
+    site: &Arc<Site>,
     request: Request,
     request_id: HeaderValue,
     session: &super::session::Session,
@@ -136,8 +136,51 @@ async fn serve_here(
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             response
         }
-        Target::App { app: (app, counts, policy), name, path_and_query } => {
+        Target::App { app: (app, counts, policy), name, path_and_query } => 'app: {
             cookie = policy.cookie;
+            // A retry of a request that is not safe, with an Idempotency-Key: run at most once.
+            let mut running = None;
+            match super::idempotency::key_of(request.method(), request.headers()) {
+                Err(e) => break 'app text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                Ok(None) => {}
+                // The session saw writes this site lacks: the first attempt may be among them.
+                Ok(Some(_)) if !session.stale.is_empty() => {
+                    break 'app text(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "this site does not hold every write this session has seen (of {}): a request \
+                             with this Idempotency-Key may have run there, so it is not run here\n",
+                            session.stale.join(", ")
+                        ),
+                    );
+                }
+                Ok(Some(key)) => {
+                    let what = format!(
+                        "{} {}",
+                        request.method(),
+                        request.uri().path_and_query().map_or("/", |p| p.as_str())
+                    );
+                    let deadline = app.settings().limits.deadline;
+                    match super::idempotency::begin(site, &name, &key, what, deadline).await {
+                        super::idempotency::Begin::Run(r) => running = Some(r),
+                        super::idempotency::Begin::Answer(response) => break 'app response,
+                        super::idempotency::Begin::Forward(to) => {
+                            match site.router.route_to(request, &to, "idempotent").await {
+                                Ok(Outcome::Response(response)) => return response,
+                                Ok(Outcome::Local(..)) | Err(_) => {
+                                    break 'app text(
+                                        StatusCode::CONFLICT,
+                                        format!(
+                                            "the first request with this Idempotency-Key runs at {to}, which cannot be \
+                                             reached now: retry later\n"
+                                        ),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
             let (mut parts, body) = request.into_parts();
             // With a `Host` header the guest's authority is the Host: an HTTP/2 request forwarded
             // by a router carries the site's own address as its `:authority`.
@@ -161,6 +204,17 @@ async fn serve_here(
                 Err(atoll_runtime::HandleError::Trap(_)) => counts.trap(),
                 Err(atoll_runtime::HandleError::Deadline { .. }) => counts.timeout(),
                 _ => {}
+            }
+            if let Some(running) = running {
+                match &result {
+                    Ok(r) => {
+                        running.finish(r.status(), r.headers(), r.body().whole_bytes().map(|b| &b[..])).await
+                    }
+                    Err(e) if super::idempotency::never_ran(e) => running.release().await,
+                    Err(e) => {
+                        running.finish(status, &Default::default(), Some(format!("{e}\n").as_bytes())).await
+                    }
+                }
             }
             match result {
                 Ok(response) => response.map(Body::new),

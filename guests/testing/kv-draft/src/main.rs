@@ -6,6 +6,7 @@
 //! | `PUT /BUCKET/KEY` (body) | set |
 //! | `DELETE /BUCKET/KEY` | delete |
 //! | `POST /BUCKET/KEY?by=N` | increment by N (default 1), answers the total |
+//! | `POST /BUCKET/KEY?wait_ms=M` | increment by 1, then wait M ms before answering (a site killed meanwhile has applied it) |
 //! | `GET /BUCKET/` | every key, one a line, following the cursor |
 
 mod bindings {
@@ -58,6 +59,10 @@ async fn main(mut request: Request<Body>) -> Result<Response<Body>, Error> {
         let by = query.strip_prefix("by=").and_then(|n| n.parse().ok()).unwrap_or(1);
         atomics::increment(&bucket, key, by).map(|n| (StatusCode::OK, n.to_string()))
     };
+    // After the write, before the answer: a request in flight that has taken effect.
+    if let Some(ms) = query.strip_prefix("wait_ms=").and_then(|n| n.parse().ok()) {
+        wstd::task::sleep(wstd::time::Duration::from_millis(ms)).await;
+    }
     match outcome {
         Ok((status, body)) => reply(status, body),
         Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, format!("store error: {e:?}")),
