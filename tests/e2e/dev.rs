@@ -9,10 +9,33 @@ use crate::{ATOLL, eventually, request};
 
 /// `atoll dev` started with `args` (and `--data DIR`), read until it says it is ready: the child,
 /// and the table's names and URLs.
-pub(crate) fn start_dev(
-    args: &[&str],
-    data: &std::path::Path,
-) -> (std::process::Child, Vec<(String, String)>) {
+/// A running `atoll dev`, SIGKILLed when dropped (a failing test leaves no cluster behind: its
+/// sites die with it).
+pub(crate) struct DevProc(std::process::Child);
+
+impl std::ops::Deref for DevProc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DevProc {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for DevProc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub(crate) fn start_dev(args: &[&str], data: &std::path::Path) -> (DevProc, Vec<(String, String)>) {
     start_dev_with(args, data, &[])
 }
 
@@ -21,7 +44,7 @@ pub(crate) fn start_dev_with(
     args: &[&str],
     data: &std::path::Path,
     apps: &[(&str, &str)],
-) -> (std::process::Child, Vec<(String, String)>) {
+) -> (DevProc, Vec<(String, String)>) {
     let mut command = Command::new(ATOLL);
     command.arg("dev").args(args).arg("--data").arg(data).args([
         "--deploy",
@@ -88,7 +111,7 @@ pub(crate) fn start_dev_with(
             urls.push((first.to_string(), url.to_string()));
         }
         if line.contains("atoll dev is ready") {
-            return (dev, urls);
+            return (DevProc(dev), urls);
         }
     }
 }

@@ -411,11 +411,12 @@ impl FileConfig {
         Duration::from_millis(self.shutdown.drain_ms.unwrap_or(10_000))
     }
 
-    /// Bound on flushing replication at shutdown.
+    /// How long a request waits for replication to cover its session token.
     pub fn session_wait(&self) -> Duration {
         Duration::from_millis(self.consistency.session_wait_ms.unwrap_or(250).min(10_000))
     }
 
+    /// Bound on flushing replication at shutdown.
     pub fn flush(&self) -> Duration {
         Duration::from_millis(self.shutdown.flush_ms.unwrap_or(5_000))
     }

@@ -5,6 +5,7 @@
 mod client;
 mod config;
 mod dev;
+mod drill;
 mod listen;
 mod metrics;
 mod registry;
@@ -41,6 +42,9 @@ enum Command {
     Router(RouterArgs),
     /// Run several local sites (separate processes, peered) and a router, for development.
     Dev(dev::DevArgs),
+    /// Run a failure drill: a client workload through a router while a scenario of faults plays,
+    /// then a report (failures per phase, failover, lag, convergence, stale reads, duplicates).
+    Drill(drill::DrillArgs),
     /// Upload a component as the new version of an app.
     Deploy(DeployArgs),
     /// List the apps deployed on a site.
@@ -222,6 +226,7 @@ fn main() -> ExitCode {
         Command::Site(args) => run_site(args),
         Command::Router(args) => run_router(args),
         Command::Dev(args) => dev::run(args),
+        Command::Drill(args) => drill::run(args),
         Command::Deploy(args) => client::deploy(&args),
         Command::Apps(args) => client::apps(&args),
         Command::Delete(args) => client::delete(&args),

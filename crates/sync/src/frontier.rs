@@ -1,7 +1,7 @@
 //! How far this site holds every other site's own writes: for each site name, a clock reading
 //! such that every write that site made with a stamp at or before it is merged here. The site's
 //! session tokens are checked against it (a client's token says how much of each site's writes
-//! it may have seen; see ALGORITHM.md, "Sessions").
+//! it may have seen; see ARCHITECTURE.md, "Sessions", and ALGORITHM.md, "Frontiers").
 //!
 //! A frontier moves only by what the site it is about says, in the message that makes it true:
 //! a push that carries every write it had queued for this site since its last anti-entropy

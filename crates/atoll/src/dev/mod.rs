@@ -48,6 +48,10 @@ pub struct DevArgs {
     /// and `atoll dev` stops instead.
     #[arg(long, default_value_t = 10)]
     restart_after_s: u64,
+    /// Once ready, play this scenario (see `atoll drill --help`) under a client workload on the
+    /// first --app (which must count, like the counter example) and print the drill's report.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
 }
 
 fn write_state(data: &Path, sites: &[(String, String, Proc)]) -> Result<()> {
@@ -291,15 +295,45 @@ pub fn run(args: DevArgs) -> Result<()> {
     write_state(&args.data, &sites)?;
     print_table(&sites, &router, &args.apps, &args.data);
     let restart_after = (args.restart_after_s > 0).then(|| Duration::from_secs(args.restart_after_s));
-    let stopped = wait_for_stop_or_exit(&mut sites, &mut router, restart_after, &args.data)?;
+    if let Some(scenario) = &args.scenario {
+        // Checked before anything runs for long.
+        crate::drill::parse_scenario(
+            &std::fs::read_to_string(scenario)
+                .with_context(|| format!("cannot read {}", scenario.display()))?,
+        )?;
+        let app = args
+            .apps
+            .first()
+            .cloned()
+            .context("--scenario needs an --app that counts (e.g. the counter example)")?;
+        let drill =
+            crate::drill::DrillArgs::for_dev(router.url.clone(), scenario.clone(), args.data.clone(), app);
+        // The drill's steps kill and restart sites: atoll dev keeps watching its children meanwhile.
+        let report = std::thread::spawn(move || crate::drill::drill(&drill));
+        match wait_for_stop_or_exit(&mut sites, &mut router, restart_after, &args.data, &|| {
+            report.is_finished()
+        })? {
+            Ended::Done => match report.join() {
+                Ok(Ok(report)) => crate::drill::print(&report),
+                Ok(Err(e)) => eprintln!("the drill failed: {e:#}"),
+                Err(_) => eprintln!("the drill failed"),
+            },
+            Ended::Signal => {
+                println!("atoll dev stopped during the drill; every site and the router have exited");
+                return Ok(());
+            }
+            Ended::Exited(which) => bail!("{which} exited on its own during the drill; stopped the others"),
+        }
+    }
+    let stopped = wait_for_stop_or_exit(&mut sites, &mut router, restart_after, &args.data, &|| false)?;
     drop(router);
     drop(sites);
     match stopped {
-        None => {
+        Ended::Signal | Ended::Done => {
             println!("atoll dev stopped; every site and the router have exited");
             Ok(())
         }
-        Some(which) => bail!("{which} exited on its own; stopped the others"),
+        Ended::Exited(which) => bail!("{which} exited on its own; stopped the others"),
     }
 }
 
@@ -394,12 +428,25 @@ fn print_table(sites: &[(String, String, Proc)], router: &Proc, apps: &[String],
 /// Returns `None` on Ctrl-C/SIGTERM, or the label of a child that exited by itself and was not
 /// restarted. A site that dies is restarted after `restart_after` (on the same address and data
 /// dir: it catches up on what it missed); the router dying stops everything.
+/// Why [`wait_for_stop_or_exit`] returned.
+enum Ended {
+    /// Ctrl-C or SIGTERM.
+    Signal,
+    /// A child exited for good (named).
+    Exited(String),
+    /// `done` said so.
+    Done,
+}
+
+/// Restarts sites that die (after `restart_after`) until a signal, a child that exits for good,
+/// or `done`.
 fn wait_for_stop_or_exit(
     sites: &mut [(String, String, Proc)],
     router: &mut Proc,
     restart_after: Option<Duration>,
     data: &Path,
-) -> Result<Option<String>> {
+    done: &dyn Fn() -> bool,
+) -> Result<Ended> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -410,10 +457,13 @@ fn wait_for_stop_or_exit(
     let mut dead: Vec<Option<Instant>> = vec![None; sites.len()];
     loop {
         if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
-            return Ok(None);
+            return Ok(Ended::Signal);
+        }
+        if done() {
+            return Ok(Ended::Done);
         }
         if let Some(status) = router.child.try_wait()? {
-            return Ok(Some(format!("the router ({status})")));
+            return Ok(Ended::Exited(format!("the router ({status})")));
         }
         let mut changed = false;
         for ((name, _, site), dead) in sites.iter_mut().zip(&mut dead) {
@@ -428,7 +478,9 @@ fn wait_for_stop_or_exit(
                         *dead = Some(Instant::now() + Duration::from_millis(200));
                         continue;
                     }
-                    let Some(delay) = restart_after else { return Ok(Some(format!("{name} ({status})"))) };
+                    let Some(delay) = restart_after else {
+                        return Ok(Ended::Exited(format!("{name} ({status})")));
+                    };
                     println!(
                         "{name} exited ({status}); the router fails its traffic over; restarting it in {delay:?}"
                     );

@@ -67,12 +67,32 @@ pub(crate) enum Begin {
     Forward(String),
 }
 
-/// A keyed request being run here.
+/// A keyed request being run here. Dropped before [`Running::finish`] or [`Running::release`]
+/// (the client went away and the guest's task with it), it is recorded as interrupted.
 pub(crate) struct Running {
     site: Arc<Site>,
     ns: Namespace,
     key: Vec<u8>,
     record: Record,
+    settled: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (site, ns, key, mut record) =
+            (self.site.clone(), self.ns.clone(), self.key.clone(), self.record.clone());
+        record.state = "interrupted".into();
+        runtime.spawn(async move {
+            let value = serde_json::to_vec(&record).unwrap_or_default();
+            if let Err(e) = site.kv.write(&ns, &key, Write::Set(value)).await {
+                tracing::warn!("cannot record an interrupted idempotent request: {e}");
+            }
+        });
+    }
 }
 
 fn namespace(site: &Site) -> Namespace {
@@ -94,6 +114,33 @@ pub(crate) fn key_of(method: &Method, headers: &HeaderMap) -> Result<Option<Stri
     Ok(Some(text.to_owned()))
 }
 
+/// What a key is bound to: the method, the path and query, and (hashed) the credentials, so a
+/// key another caller reuses or guesses does not replay someone else's response.
+pub(crate) fn describe(request: &axum::extract::Request) -> String {
+    use sha2::Digest;
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut line = format!("{} {path}", request.method());
+    if let Some(auth) = request.headers().get(header::AUTHORIZATION) {
+        let digest = sha2::Sha256::digest(auth.as_bytes());
+        let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        line.push_str(&format!(" (credentials {short})"));
+    }
+    line
+}
+
+/// Set on a retry forwarded to the site running the first attempt (which does not forward it on).
+const FORWARDED: HeaderName = HeaderName::from_static("x-atoll-idempotent-forwarded");
+
+pub(crate) fn forwarded(request: &axum::extract::Request) -> bool {
+    request.headers().contains_key(FORWARDED)
+}
+
+pub(crate) fn mark_forwarded(request: &mut axum::extract::Request, me: &str) {
+    if let Ok(v) = HeaderValue::from_str(me) {
+        request.headers_mut().insert(FORWARDED, v);
+    }
+}
+
 fn now_ms() -> u64 {
     atoll_kv::hlc::wall_ms()
 }
@@ -106,9 +153,14 @@ fn text(status: StatusCode, body: String) -> Response {
     r
 }
 
-fn read(site: &Site, ns: &Namespace, key: &[u8]) -> Result<Option<Record>, String> {
+/// The stored bytes (what a claim compares against) and the record, if one that has not expired.
+fn read(site: &Site, ns: &Namespace, key: &[u8]) -> Result<(Option<Vec<u8>>, Option<Record>), String> {
     let bytes = site.kv.get(ns, key).map_err(|e| format!("{e}"))?;
-    Ok(bytes.and_then(|b| serde_json::from_slice::<Record>(&b).ok()).filter(|r| r.expires_ms > now_ms()))
+    let record = bytes
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<Record>(b).ok())
+        .filter(|r| r.expires_ms > now_ms());
+    Ok((bytes, record))
 }
 
 /// Decides what a request with `key` for `app` does here.
@@ -124,8 +176,8 @@ pub(crate) async fn begin(
     let boot = site.kv.identity().boot_nonce;
     let waited_until = Instant::now() + deadline.min(Duration::from_secs(10));
     loop {
-        let held = match read(site, &ns, &composite) {
-            Ok(held) => held,
+        let (stored, held) = match read(site, &ns, &composite) {
+            Ok(read) => read,
             Err(e) => return Begin::Answer(text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))),
         };
         let Some(held) = held else {
@@ -141,11 +193,17 @@ pub(crate) async fn begin(
                 headers: vec![],
                 body: None,
             };
-            let expected = site.kv.get(&ns, &composite).ok().flatten();
+            // Against the very bytes read: a claim committed since (another server thread) fails it.
             let new = serde_json::to_vec(&record).unwrap_or_default();
-            match site.kv.write(&ns, &composite, Write::CompareAndSwap { expected, new }).await {
+            match site.kv.write(&ns, &composite, Write::CompareAndSwap { expected: stored, new }).await {
                 Ok(Written::Swapped(true)) => {
-                    return Begin::Run(Running { site: site.clone(), ns, key: composite, record });
+                    return Begin::Run(Running {
+                        site: site.clone(),
+                        ns,
+                        key: composite,
+                        record,
+                        settled: false,
+                    });
                 }
                 Ok(_) => continue,
                 Err(e) => {
@@ -164,6 +222,17 @@ pub(crate) async fn begin(
         }
         if held.state == "done" {
             return Begin::Answer(replay(&held));
+        }
+        if held.state == "interrupted" {
+            return Begin::Answer(text(
+                StatusCode::CONFLICT,
+                format!(
+                    "the first request with this Idempotency-Key was cut off at {} (its client went away) while \
+                     running: whether it took effect is not known, so it is not run again (use a new key to run it \
+                     anyway)\n",
+                    held.site
+                ),
+            ));
         }
         let here = held.site == site.name;
         if here && held.boot == boot {
@@ -229,6 +298,7 @@ fn replay(held: &Record) -> Response {
 impl Running {
     /// Records the response the handler gave (or its failure's status), for retries.
     pub(crate) async fn finish(mut self, status: StatusCode, headers: &HeaderMap, body: Option<&[u8]>) {
+        self.settled = true;
         metrics::counter!("atoll_idempotency_total", "outcome" => "ran").increment(1);
         self.record.state = "done".into();
         self.record.status = Some(status.as_u16());
@@ -250,7 +320,8 @@ impl Running {
 impl Running {
     /// The handler never ran (refused before it started: busy, a body too large or too slow):
     /// the key is free again.
-    pub(crate) async fn release(self) {
+    pub(crate) async fn release(mut self) {
+        self.settled = true;
         if let Err(e) = self.site.kv.write(&self.ns, &self.key, Write::Delete).await {
             tracing::warn!("cannot release an Idempotency-Key: {e}");
         }

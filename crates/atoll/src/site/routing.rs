@@ -155,16 +155,16 @@ async fn serve_here(
                     );
                 }
                 Ok(Some(key)) => {
-                    let what = format!(
-                        "{} {}",
-                        request.method(),
-                        request.uri().path_and_query().map_or("/", |p| p.as_str())
-                    );
+                    let what = super::idempotency::describe(&request);
                     let deadline = app.settings().limits.deadline;
                     match super::idempotency::begin(site, &name, &key, what, deadline).await {
                         super::idempotency::Begin::Run(r) => running = Some(r),
                         super::idempotency::Begin::Answer(response) => break 'app response,
-                        super::idempotency::Begin::Forward(to) => {
+                        super::idempotency::Begin::Forward(to)
+                            if !super::idempotency::forwarded(&request) =>
+                        {
+                            let mut request = request;
+                            super::idempotency::mark_forwarded(&mut request, &site.name);
                             match site.router.route_to(request, &to, "idempotent").await {
                                 Ok(Outcome::Response(response)) => return response,
                                 Ok(Outcome::Local(..)) | Err(_) => {
@@ -177,6 +177,15 @@ async fn serve_here(
                                     );
                                 }
                             }
+                        }
+                        // Forwarded once already: the sites disagree about where it runs.
+                        super::idempotency::Begin::Forward(to) => {
+                            break 'app text(
+                                StatusCode::CONFLICT,
+                                format!(
+                                    "the first request with this Idempotency-Key runs at {to}: retry later\n"
+                                ),
+                            );
                         }
                     }
                 }

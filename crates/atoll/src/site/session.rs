@@ -60,8 +60,14 @@ impl Token {
         if list.len() > MAX_SITES || list.iter().any(|(n, _, _)| n.is_empty() || n.len() > 255) {
             return Err(format!("{WHAT} (too many sites, or a bad site name)"));
         }
+        // No site issued a clock this far ahead (none merges stamps past its clock bound): a
+        // forged one would hold every request it rides on.
+        let horizon = atoll_kv::hlc::wall_ms().saturating_add(60_000);
         let mut token = Token::default();
         for (name, physical_ms, logical) in list {
+            if physical_ms > horizon {
+                return Err(format!("{WHAT} (a clock in the future)"));
+            }
             token.raise(&name, Hlc { physical_ms, logical });
         }
         Ok(token)
@@ -90,6 +96,8 @@ pub(crate) struct Session {
     token: Option<Token>,
     /// Served without everything the token asked for: the sites this site is behind on.
     pub(crate) stale: Vec<String>,
+    /// The sites this site knows (the token's other names are dropped from the response's).
+    known: Vec<String>,
 }
 
 /// What to do with a request, as far as its session goes.
@@ -131,21 +139,25 @@ pub(crate) async fn arrive(site: &Arc<Site>, mut request: axum::extract::Request
     };
     let Some(node) = site.sync.get() else {
         // A site that replicates nothing holds all there is.
-        return Arrival::Serve(request, Session { token: Some(token), stale: vec![] });
+        return Arrival::Serve(request, Session { token: Some(token), ..Session::default() });
     };
     let frontiers = node.frontiers();
-    // Only sites this one knows: a name it never heard of (a forged token, a site long gone)
-    // could never be satisfied.
+    // Only sites this one knows (every peer it ever met, cut off or not): a name it never heard
+    // of (a forged token, a site long gone) could never be satisfied.
+    let known: Vec<String> = node.peers().into_iter().filter_map(|p| p.site).collect();
     let sites = site.router.sites();
     let live = |name: &str| sites.iter().any(|s| s.is_live() && s.snapshot().name.as_deref() == Some(name));
-    let known = |name: &str| sites.iter().any(|s| s.snapshot().name.as_deref() == Some(name));
-    let needs: Vec<(String, Hlc)> =
-        token.0.iter().filter(|(name, _)| *name != site.name && known(name)).cloned().collect();
+    let needs: Vec<(String, Hlc)> = token
+        .0
+        .iter()
+        .filter(|(name, _)| *name != site.name && known.iter().any(|k| k == name))
+        .cloned()
+        .collect();
     let behind = |f: &atoll_sync::frontier::Frontiers| -> Vec<String> {
         needs.iter().filter(|(name, at)| !f.covers(name, *at)).map(|(name, _)| name.clone()).collect()
     };
     if behind(frontiers).is_empty() {
-        return Arrival::Serve(request, Session { token: Some(token), stale: vec![] });
+        return Arrival::Serve(request, Session { token: Some(token), stale: vec![], known: known.clone() });
     }
     // Only a live site's writes can still arrive: waiting on a dead one is pointless.
     if behind(frontiers).iter().any(|name| live(name)) {
@@ -154,7 +166,10 @@ pub(crate) async fn arrive(site: &Arc<Site>, mut request: axum::extract::Request
         metrics::histogram!("atoll_session_wait_seconds").record(started.elapsed().as_secs_f64());
         if held {
             metrics::counter!("atoll_session_reads_total", "outcome" => "waited").increment(1);
-            return Arrival::Serve(request, Session { token: Some(token), stale: vec![] });
+            return Arrival::Serve(
+                request,
+                Session { token: Some(token), stale: vec![], known: known.clone() },
+            );
         }
     }
     let stale = behind(frontiers);
@@ -176,7 +191,7 @@ pub(crate) async fn arrive(site: &Arc<Site>, mut request: axum::extract::Request
         }
     }
     metrics::counter!("atoll_session_reads_total", "outcome" => "stale").increment(1);
-    Arrival::Serve(request, Session { token: Some(token), stale })
+    Arrival::Serve(request, Session { token: Some(token), stale, known })
 }
 
 impl Session {
@@ -186,8 +201,30 @@ impl Session {
         let seen = site.kv.seen();
         let value = match &self.token {
             None => cached(&seen),
-            Some(token) => HeaderValue::from_str(&token.clone().merged(&seen).encode()).ok(),
+            Some(token) => {
+                // Names neither held here nor known are dropped: a token cannot grow without bound.
+                let mut token = token.clone().merged(&seen);
+                token.0.retain(|(name, _)| {
+                    *name == site.name
+                        || seen.iter().any(|(n, _)| n == name)
+                        || self.known.iter().any(|k| k == name)
+                });
+                HeaderValue::from_str(&token.encode()).ok()
+            }
         };
+        // Only Atoll sets its session cookie (an app sharing the host cannot plant one).
+        if headers.get_all(header::SET_COOKIE).iter().any(|v| v.as_bytes().starts_with(COOKIE.as_bytes())) {
+            let kept: Vec<HeaderValue> = headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .filter(|v| !v.as_bytes().starts_with(format!("{COOKIE}=").as_bytes()))
+                .cloned()
+                .collect();
+            headers.remove(header::SET_COOKIE);
+            for v in kept {
+                headers.append(header::SET_COOKIE, v);
+            }
+        }
         if let Some(value) = value {
             if cookie
                 && let Ok(set) = HeaderValue::from_str(&format!(

@@ -1,7 +1,7 @@
 //! What this store holds of each site's writes, as a clock per site name: the basis of session
 //! tokens (a client that read here may have seen any of it; another site serving that client
-//! next should hold as much). Kept by the writer thread and updated before a batch's writers are
-//! answered, so a guest's own write is in it by the time its response is made.
+//! next should hold as much). Kept by the writer thread and published just before a batch
+//! commits, so anything a reader can see (a guest's own write included) is in it.
 //!
 //! For each site, the clock reading is at least the stamp of every change of that site's the
 //! store holds (an upper bound: never less, sometimes more):

@@ -91,12 +91,8 @@ pub(super) fn write_loop(
         }
         last = batch.len();
         match commit_batch(db, clock, shared, &batch) {
-            Ok((results, changes, persisted, seen)) => {
+            Ok((results, changes, persisted)) => {
                 *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = persisted;
-                // Before any writer is answered: a response made after its write carries it.
-                if let Some(seen) = seen {
-                    *shared.seen.write().unwrap_or_else(|e| e.into_inner()) = seen;
-                }
                 if !changes.is_empty() {
                     // No receiver is fine; a lagging one is told by the channel.
                     let _ = feed.send(Arc::new(changes));
@@ -121,7 +117,7 @@ fn commit_batch(
     clock: &Clock,
     shared: &Shared,
     batch: &[Job],
-) -> Result<(BatchResults, Vec<Change>, Hlc, Option<super::seen::SeenVector>), KvError> {
+) -> Result<(BatchResults, Vec<Change>, Hlc), KvError> {
     let txn = db.begin_write().map_err(storage)?;
     // Read once this batch holds the write lock: a resync's discard committed just before
     // changed them.
@@ -216,9 +212,12 @@ fn commit_batch(
                 } else if old.is_some() && current.is_tombstone() {
                     tables.tombstones.remove(composite.as_slice()).map_err(storage)?;
                 }
-                match (origin, incoming) {
-                    (Origin::Merged, Some(incoming)) => seen.merged(&current, &next, incoming),
-                    _ => seen.local(&next),
+                // A rescued increment is both: what the merge brought, and a write of this site's.
+                if let Some(incoming) = incoming {
+                    seen.merged(&current, &next, incoming);
+                }
+                if origin == Origin::Local {
+                    seen.local(&next);
                 }
                 changes.push(Change { key: composite.clone(), entry: next, origin });
                 job_results.push(Ok(written));
@@ -237,8 +236,14 @@ fn commit_batch(
         derived =
             tables.finish(&mut meta, &shared.derived.read().unwrap_or_else(|e| e.into_inner()).digests)?;
     }
+    // Published before the commit: a reader that sees a value of this batch (on any thread, as
+    // soon as it is committed) finds it in the vector; if the commit fails, the vector says a
+    // little too much, which costs a session a wait, never a stale read.
+    if let Some(next) = next_seen {
+        *shared.seen.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
     super::derived::commit(&shared.derived, derived, move || txn.commit().map_err(storage))?;
-    Ok((results, changes, persisted, next_seen))
+    Ok((results, changes, persisted))
 }
 
 /// Whether a set-aside row for `composite` is on the register stamped `stamp`.

@@ -80,6 +80,7 @@ impl<S: SyncStore> Node<S> {
             for p in state.peers.values_mut() {
                 if p.site.as_ref().is_some_and(|s| cut.contains(s)) {
                     p.pending.clear();
+                    p.lost_track();
                 }
             }
             let watermark = match watermark {

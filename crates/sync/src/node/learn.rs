@@ -170,7 +170,7 @@ impl<S: SyncStore> Node<S> {
         if peer.view != Some(view) {
             // Another boot, or it resynced: what it held may be gone.
             peer.view = Some(view);
-            peer.needs_anti_entropy = true;
+            peer.lost_track();
         }
         peer.offset_at_ms = now_ms;
         peer.flag = None;

@@ -160,6 +160,17 @@ pub struct Peer {
     /// (a restore, a resync): no frontier until an anti-entropy session after it.
     #[serde(skip)]
     view: Option<(u64, u64, (u64, u32))>,
+    /// Counts the times the push path lost track of it (see [`Peer::lost_track`]).
+    #[serde(skip)]
+    lost: u64,
+    /// [`Peer::lost`] when the last completed anti-entropy session with it began: a push may
+    /// carry a frontier only while nothing was lost since.
+    #[serde(skip)]
+    synced_lost: u64,
+    /// Pushes to it under way (a frontier only from the one push in flight: another could fail
+    /// after it).
+    #[serde(skip)]
+    pushing: u32,
     /// A hello with it succeeded since this process started (pushes and sessions wait for one).
     #[serde(skip)]
     introduced: bool,
@@ -196,9 +207,21 @@ impl Peer {
             frontier_ms: None,
             claims_refused: false,
             view: None,
+            // Nothing pushed yet: no frontier until a session.
+            lost: 1,
+            synced_lost: 0,
+            pushing: 0,
             introduced: false,
             pending: BTreeSet::new(),
         }
+    }
+
+    /// The push path lost track of it (a queue overflow, a failed push, lost feed batches, a
+    /// write not queued for it, another state of it): anti-entropy must catch it up, and no
+    /// push says it holds everything until a session that began after this has ended.
+    pub(crate) fn lost_track(&mut self) {
+        self.needs_anti_entropy = true;
+        self.lost += 1;
     }
 
     /// Whether this site talks to it at all (as of the copy [`Node::peers`] made).
@@ -432,7 +455,9 @@ impl<S: SyncStore> Node<S> {
             if !active(members, peer) {
                 // Not queued for it: once it is active again, anti-entropy must carry these
                 // (and no push may say it holds everything before it has).
-                peer.needs_anti_entropy |= local;
+                if local {
+                    peer.lost_track();
+                }
                 continue;
             }
             for change in changes.iter().filter(|c| c.origin == Origin::Local) {
@@ -440,7 +465,7 @@ impl<S: SyncStore> Node<S> {
                     if !peer.needs_anti_entropy {
                         tracing::warn!(peer = %peer.url, "push queue full; anti-entropy will catch this peer up");
                     }
-                    peer.needs_anti_entropy = true;
+                    peer.lost_track();
                     break;
                 }
                 peer.pending.insert(change.key.clone());
@@ -451,7 +476,7 @@ impl<S: SyncStore> Node<S> {
     /// The change feed lost batches: every peer must be caught up by anti-entropy.
     pub fn note_lost_changes(&self) {
         for peer in self.state().peers.values_mut() {
-            peer.needs_anti_entropy = true;
+            peer.lost_track();
         }
     }
 
@@ -462,7 +487,7 @@ impl<S: SyncStore> Node<S> {
                 tracing::warn!(peer = %p.url, "sync failed: {text}");
             }
             p.last_error = Some(text);
-            p.needs_anti_entropy = true;
+            p.lost_track();
         });
     }
 

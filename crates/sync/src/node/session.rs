@@ -164,7 +164,7 @@ impl<S: SyncStore> Node<S> {
             self.store.set_gate(state.gate.clone(), false);
             for p in state.peers.values_mut() {
                 p.introduced = false;
-                p.needs_anti_entropy = true;
+                p.lost_track();
             }
         }
         // What this site held of others' writes is going: their frontiers here with it.
@@ -228,12 +228,21 @@ impl<S: SyncStore> Node<S> {
             // Everything queued for it goes now, and nothing was lost since the last session
             // (a failed push or an overflow marks it for anti-entropy): once this is merged, it
             // holds every write of this site's stamped up to what the feed had brought.
-            let complete = peer.pending.is_empty() && !peer.needs_anti_entropy && !peer.claims_refused;
+            let complete = peer.pending.is_empty()
+                && !peer.needs_anti_entropy
+                && peer.lost == peer.synced_lost
+                && peer.pushing == 0
+                && !peer.claims_refused;
+            if !keys.is_empty() {
+                peer.pushing += 1;
+            }
             (keys, peer.view.filter(|_| complete).map(|view| covered(noted, view)))
         };
         if keys.is_empty() {
             return Ok(0);
         }
+        // Counted down however this push ends (an error, or this future dropped).
+        let _pushing = Pushing { node: self, url };
         // The entries as they are now: a push never carries a state older than its signature.
         // Read in small chunks so that the byte budget holds while the message is assembled.
         let mut wire: Vec<WireEntry> = Vec::new();
@@ -246,7 +255,7 @@ impl<S: SyncStore> Node<S> {
             let read = match self.store.entries_at(chunk) {
                 Ok(read) => read,
                 Err(e) => {
-                    self.with_peer(url, |p| p.needs_anti_entropy = true);
+                    self.with_peer(url, |p| p.lost_track());
                     return Err(e);
                 }
             };
@@ -333,6 +342,9 @@ impl<S: SyncStore> Node<S> {
         // The durable clock after a barrier, read before the digests: every tombstone that arrived
         // before it is committed and in them; one in a batch not yet committed arrived after it,
         // so this session never counts as having carried it.
+        // Read before the barrier: whatever is lost after this (a write committed after the
+        // barrier, say) counts against the session; anything lost before was committed before it.
+        let lost_at_start = self.state().peers.get(url).map_or(0, |p| p.lost);
         let started = self.store.barrier().await?;
         let mut round = reconcile::start(&self.store, salt)?;
         let mut rounds = 0;
@@ -420,7 +432,9 @@ impl<S: SyncStore> Node<S> {
             }
             if let Some(p) = state.peers.get_mut(url) {
                 p.last_sync_ms = Some(now_ms);
-                p.needs_anti_entropy = false;
+                // What was lost while the session ran is still to repair.
+                p.needs_anti_entropy = p.lost != lost_at_start;
+                p.synced_lost = lost_at_start;
             }
             // Only a site known before the resync began can vouch for it (when there is one): one
             // met since may never have held what the others collected (a new site, say).
@@ -457,5 +471,17 @@ fn covered(through: Hlc, view: (u64, u64, (u64, u32))) -> crate::message::Covere
         incarnation: view.0,
         boot_nonce: view.1,
         since: view.2,
+    }
+}
+
+/// Counts a push to a peer as under way while it lives.
+struct Pushing<'a, S: SyncStore> {
+    node: &'a Node<S>,
+    url: &'a str,
+}
+
+impl<S: SyncStore> Drop for Pushing<'_, S> {
+    fn drop(&mut self) {
+        self.node.with_peer(self.url, |p| p.pushing = p.pushing.saturating_sub(1));
     }
 }
