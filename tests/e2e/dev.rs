@@ -400,3 +400,55 @@ fn a_production_site_refuses_dev_faults() {
         );
     }
 }
+
+#[test]
+fn a_drill_reports_what_happened_and_it_matches_what_the_sites_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let args = ["--sites", "us-east,eu-west,ap-south", "--listen", "127.0.0.1:0", "--restart-after-s", "2"];
+    let (mut dev, urls) = start_dev_with(&args, data, &[(atoll_test_guests::COUNTER, "counter")]);
+    let router = urls.iter().find(|(n, _)| n == "router").map(|(_, u)| u.clone()).expect("router");
+    let scenario = data.join("drill.scenario");
+    std::fs::write(&scenario, "2s kill eu-west-1\n7s partition ap-south-1\n10s heal\n").expect("write");
+    let out = Command::new(ATOLL)
+        .args(["drill", "--router", &router, "--duration", "13", "--json", "--scenario"])
+        .arg(&scenario)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .expect("atoll drill");
+    assert!(out.status.success(), "atoll drill: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    let phases = report["phases"].as_array().expect("phases").clone();
+    let events: Vec<&str> = phases.iter().filter_map(|p| p["event"].as_str()).collect();
+    assert_eq!(events, ["(start)", "kill eu-west-1", "partition ap-south-1", "heal"], "{report}");
+    assert!(phases.iter().all(|p| p["requests"].as_u64() > Some(0)), "every phase has traffic: {report}");
+    // The kill was failed over, and the heal converged.
+    let failover = report["failovers"].as_array().and_then(|f| f.iter().find(|f| f[1] == "eu-west").cloned());
+    let after =
+        failover.as_ref().and_then(|f| f[2].as_f64()).unwrap_or_else(|| panic!("no failover: {report}"));
+    assert!(after < 5.0, "eu-west answered elsewhere after {after} s");
+    assert!(report["convergence_s"][0][1].as_f64().is_some(), "converged after heal: {report}");
+    // Consistency: no silent stale read, nothing counted twice.
+    let c = &report["consistency"];
+    assert_eq!((c["stale_silent"].as_u64(), c["duplicates"].as_u64()), (Some(0), Some(0)), "{report}");
+    assert!(c["increments_acknowledged"].as_u64() > Some(0));
+    // What the test reads at every site itself agrees with what the drill counted.
+    let sites: Vec<&(String, String)> = urls.iter().filter(|(n, _)| n != "router").collect();
+    let keys = report["keys"].as_object().expect("keys").clone();
+    eventually(Duration::from_secs(30), "every site holds every acknowledged increment", || {
+        keys.iter()
+            .all(|(key, counts)| {
+                let (acked, unknown) = (counts[0].as_u64().unwrap_or(0), counts[1].as_u64().unwrap_or(0));
+                sites.iter().all(|(_, url)| {
+                    let r = request("GET", &format!("{url}/apps/counter/{key}"), &[], None);
+                    r.body.trim().parse::<u64>().is_ok_and(|n| n >= acked && n <= acked + unknown)
+                })
+            })
+            .then_some(())
+    });
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGINT) };
+    let status = eventually(Duration::from_secs(30), "atoll dev exits", || dev.try_wait().expect("wait"));
+    assert!(status.success(), "atoll dev exit status {status}");
+}

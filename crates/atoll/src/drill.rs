@@ -108,6 +108,9 @@ pub struct Consistency {
     /// Increments whose outcome the sites could not tell (409 for a key whose first attempt
     /// ran at a site that died in it).
     pub increments_unknown: u64,
+    /// Increments a site refused to run because the client's session had seen writes it lacks
+    /// (409 before the handler: they did not run).
+    pub increments_refused: u64,
     pub increments_failed: u64,
     /// Counted more times than acknowledged and unknown together allow.
     pub duplicates: u64,
@@ -136,6 +139,8 @@ pub struct Report {
     /// The greatest replication lag each site measured from its peers during the drill (ms).
     pub max_lag_ms: BTreeMap<String, u64>,
     pub consistency: Consistency,
+    /// Per client key: increments acknowledged, and increments whose outcome is unknown.
+    pub keys: BTreeMap<String, (u64, u64)>,
 }
 
 struct Shared {
@@ -240,6 +245,10 @@ fn client(shared: Arc<Shared>, router: String, app: String, region: String, id: 
                         .entry(key.clone())
                         .or_default()
                         .0 += 1;
+                    break;
+                }
+                (Some(a), true) if a.status == 409 && a.body.contains("so it is not run here") => {
+                    c.increments_refused += 1;
                     break;
                 }
                 (Some(a), true) if a.status == 409 => {
@@ -398,7 +407,7 @@ pub fn drill(args: &DrillArgs) -> Result<Report> {
         let label = step.command.join(" ");
         events.push((at_s, label.clone()));
         if matches!(step.command[0].as_str(), "heal" | "start") {
-            convergence.push((label, converge(&agent, &sites, &args.app, &shared, Duration::from_secs(20))));
+            convergence.push((label, caught_up(&agent, &sites, &args.app, &shared, Duration::from_secs(20))));
         }
     }
     if let Some(wait) = duration.checked_sub(shared.start.elapsed()) {
@@ -469,7 +478,7 @@ pub fn drill(args: &DrillArgs) -> Result<Report> {
         }
     }
     let max_lag_ms = lags.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ok(Report { phases, failovers, convergence_s: convergence, max_lag_ms, consistency })
+    Ok(Report { phases, failovers, convergence_s: convergence, max_lag_ms, consistency, keys })
 }
 
 /// An `atoll dev` rehearsal command against the cluster in `data`.
@@ -513,6 +522,36 @@ fn counts(
             Some(site)
         })
         .collect()
+}
+
+/// Seconds until every site holds every increment acknowledged so far (the workload goes on,
+/// so equal counts would be a moving target; `None`: not within `limit`).
+fn caught_up(
+    agent: &ureq::Agent,
+    sites: &[(String, String, String)],
+    app: &str,
+    shared: &Shared,
+    limit: Duration,
+) -> Option<f64> {
+    let started = Instant::now();
+    let acked: BTreeMap<String, u64> = shared
+        .keys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, (a, _))| (k.clone(), *a))
+        .collect();
+    let keys: Vec<String> = acked.keys().cloned().collect();
+    while started.elapsed() < limit {
+        let all = counts(agent, sites, app, &keys);
+        if all.len() == sites.len()
+            && all.iter().all(|site| acked.iter().all(|(k, a)| site.get(k).is_some_and(|n| n >= a)))
+        {
+            return Some(started.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 /// Seconds until every site answering holds the same counts (`None`: not within `limit`).
@@ -567,7 +606,9 @@ pub fn print(report: &Report) {
     }
     for (event, after) in &report.convergence_s {
         match after {
-            Some(s) => println!("convergence after `{event}`: every site agrees after {s:.2} s"),
+            Some(s) => println!(
+                "convergence after `{event}`: every site holds every acknowledged write after {s:.2} s"
+            ),
             None => println!("convergence after `{event}`: not within 20 s"),
         }
     }
@@ -576,12 +617,13 @@ pub fn print(report: &Report) {
     let c = &report.consistency;
     println!(
         "consistency: {} reads, {} stale and flagged, {} stale and NOT flagged; {} increments acknowledged, \
-         {} unknown (409), {} failed, {} counted twice",
+         {} unknown (409), {} refused (session behind), {} failed, {} counted twice",
         c.reads,
         c.stale_flagged,
         c.stale_silent,
         c.increments_acknowledged,
         c.increments_unknown,
+        c.increments_refused,
         c.increments_failed,
         c.duplicates
     );
