@@ -152,6 +152,19 @@ struct Shared {
     keys: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
+impl Shared {
+    /// Counts an increment of `key`: acknowledged, or of unknown outcome.
+    fn tally(&self, key: &str, acknowledged: bool) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let (acked, unknown) = keys.entry(key.to_owned()).or_default();
+        if acknowledged {
+            *acked += 1;
+        } else {
+            *unknown += 1;
+        }
+    }
+}
+
 fn new_agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -238,13 +251,7 @@ fn client(shared: Arc<Shared>, router: String, app: String, region: String, id: 
                 (Some(a), true) if a.status == 200 => {
                     acked += 1;
                     c.increments_acknowledged += 1;
-                    shared
-                        .keys
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .entry(key.clone())
-                        .or_default()
-                        .0 += 1;
+                    shared.tally(&key, true);
                     break;
                 }
                 (Some(a), true) if a.status == 409 && a.body.contains("so it is not run here") => {
@@ -253,13 +260,7 @@ fn client(shared: Arc<Shared>, router: String, app: String, region: String, id: 
                 }
                 (Some(a), true) if a.status == 409 => {
                     c.increments_unknown += 1;
-                    shared
-                        .keys
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .entry(key.clone())
-                        .or_default()
-                        .1 += 1;
+                    shared.tally(&key, false);
                     break;
                 }
                 (Some(a), false) if a.status == 200 => {
@@ -283,13 +284,7 @@ fn client(shared: Arc<Shared>, router: String, app: String, region: String, id: 
                     if write {
                         c.increments_failed += 1;
                         // Whether it ran is not known: it counts as unknown for duplicates.
-                        shared
-                            .keys
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .entry(key.clone())
-                            .or_default()
-                            .1 += 1;
+                        shared.tally(&key, false);
                     }
                     break;
                 }
