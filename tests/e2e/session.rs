@@ -142,3 +142,53 @@ fn a_session_reads_its_writes_across_a_failover_or_is_told_it_cannot() {
     let status = eventually(Duration::from_secs(30), "atoll dev exits", || dev.try_wait().expect("wait"));
     assert!(status.success(), "atoll dev exit status {status}");
 }
+
+/// A token asks for what its client saw, not for all the serving site held: a client that never
+/// read a cut-off site's writes is not held back by that site; one that read them is.
+#[test]
+fn a_session_waits_only_for_what_it_saw() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path();
+    let args = ["--sites", "us-east,eu-west,ap-south", "--listen", "127.0.0.1:0"];
+    let (mut dev, urls) = start_dev_with(&args, data, &[(atoll_test_guests::COUNTER, "counter")]);
+    let url = |name: &str| urls.iter().find(|(n, _)| n == name).map(|(_, u)| u.clone()).expect(name);
+    let (us, eu, ap) = (url("us-east-1"), url("eu-west-1"), url("ap-south-1"));
+    let at = |site: &str, key: &str| format!("{site}/apps/counter/{key}");
+
+    // ap-south-1 cannot reach us-east-1 (nor it ap-south-1); eu-west-1 reaches both.
+    dev_act(data, &["partition", "ap-south-1", "--from", "us-east-1"]);
+    let theirs = call("POST", &at(&ap, "theirs"), "ap-south", None);
+    assert_eq!((theirs.status, theirs.body.as_str()), (200, "1"));
+    eventually(Duration::from_secs(20), "ap-south-1's write reaches eu-west-1", || {
+        (call("GET", &at(&eu, "theirs"), "eu-west", None).body == "1").then_some(())
+    });
+
+    // A client writing its own key at eu-west-1 saw nothing of ap-south-1's: us-east-1 serves
+    // it, fresh, although eu-west-1 held ap-south-1 writes that us-east-1 lacks.
+    let mine = call("POST", &at(&eu, "mine"), "eu-west", None);
+    assert_eq!((mine.status, mine.body.as_str()), (200, "1"));
+    let read = call("GET", &at(&us, "mine"), "us-east", mine.token.as_deref());
+    assert_eq!(
+        (read.status, read.body.as_str(), read.stale, read.site.as_str()),
+        (200, "1", false, "us-east-1"),
+        "held only to eu-west-1's write"
+    );
+
+    // A client that read ap-south-1's write at eu-west-1 is held to it at us-east-1.
+    let saw = call("GET", &at(&eu, "theirs"), "eu-west", None);
+    assert_eq!(saw.body, "1");
+    let behind = call("GET", &at(&us, "theirs"), "us-east", saw.token.as_deref());
+    assert_eq!((behind.status, behind.body.as_str(), behind.stale), (200, "0", true), "flagged stale");
+
+    dev_act(data, &["heal"]);
+    let caught_up = eventually(Duration::from_secs(30), "us-east-1 catches up", || {
+        let a = call("GET", &at(&us, "theirs"), "us-east", behind.token.as_deref());
+        (!a.stale).then_some(a)
+    });
+    assert_eq!(caught_up.body, "1");
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(dev.id() as libc::pid_t, libc::SIGINT) };
+    let status = eventually(Duration::from_secs(30), "atoll dev exits", || dev.try_wait().expect("wait"));
+    assert!(status.success(), "atoll dev exit status {status}");
+}

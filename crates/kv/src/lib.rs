@@ -22,6 +22,6 @@ pub use hlc::{Clock, Hlc};
 pub use identity::{Boot, Identity};
 pub use store::{
     Admission, Bounds, Change, DIGEST_RANGES, KeyPage, KvError, Namespace, Origin, SeenVector, Store,
-    StoreConfig, Write, Written,
+    StoreConfig, Touched, Write, Written,
 };
 pub use tables::range_of;

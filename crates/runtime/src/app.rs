@@ -131,7 +131,9 @@ impl App {
         Ok(http::Response::from_parts(parts, crate::response::collect(body).await?))
     }
 
-    /// Serves one request with a fresh instance of the handler.
+    /// Serves one request with a fresh instance of the handler. An `Arc<atoll_kv::Touched>` in
+    /// the request's extensions learns the stamps of what the handler's key-value calls read and
+    /// wrote.
     ///
     /// The request body is read (up to the app's cap, within its deadline, counted against the
     /// runtime's body memory) before the guest starts, so a slow client never holds an
@@ -231,9 +233,9 @@ impl App {
         }
     }
 
-    /// A fresh store for one request: WASI with the guest's environment and its
+    /// A fresh store for one request (`touched`: where its key-value calls note what they saw): WASI with the guest's environment and its
     /// output as log events, the memory cap, and the deadline's epoch callback.
-    fn new_store(&self, request_id: Arc<str>) -> Store<Host> {
+    fn new_store(&self, request_id: Arc<str>, touched: Option<Arc<atoll_kv::Touched>>) -> Store<Host> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
         let (stdout, stderr) = GuestLog::pair(inner.name.clone(), request_id);
@@ -254,6 +256,7 @@ impl App {
                 app: inner.name.clone(),
                 labels: inner.kv_labels.clone(),
                 in_flight: Default::default(),
+                touched,
             },
             vars: inner.settings.variables.clone(),
         };
@@ -278,13 +281,13 @@ impl App {
     async fn run_p2(
         &self,
         pre: &ProxyPre<Host>,
-        request: http::Request<http_body_util::Full<Bytes>>,
+        mut request: http::Request<http_body_util::Full<Bytes>>,
         request_id: Arc<str>,
         reply: &mut Reply,
     ) -> Result<(), HandleError> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
-        let mut store = self.new_store(request_id);
+        let mut store = self.new_store(request_id, touched(&mut request));
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let incoming = store.data_mut().http().new_incoming_request(Scheme::Http, request);
         let outparam = store.data_mut().http().new_response_outparam(sender);
@@ -344,14 +347,14 @@ impl App {
     async fn run_p3(
         &self,
         pre: &ServicePre<Host>,
-        request: http::Request<http_body_util::Full<Bytes>>,
+        mut request: http::Request<http_body_util::Full<Bytes>>,
         request_id: Arc<str>,
         reply: &mut Reply,
     ) -> Result<(), HandleError> {
         let inner = &*self.inner;
         let limits = &inner.settings.limits;
         let (deadline, max_body) = (limits.deadline, limits.max_response_body);
-        let mut store = self.new_store(request_id);
+        let mut store = self.new_store(request_id, touched(&mut request));
         let started = std::time::Instant::now();
         let service = pre.instantiate_async(&mut store).await.map_err(instantiate_error)?;
         inner.instantiation.record(started.elapsed().as_secs_f64());
@@ -414,4 +417,11 @@ fn guest_error(e: wasmtime::Error, deadline: std::time::Duration) -> HandleError
         Some(Trap::Interrupt) => HandleError::Deadline { deadline },
         _ => HandleError::Trap(format!("{e:#}")),
     }
+}
+
+/// The request's [`atoll_kv::Touched`], taken out of its extensions (the guest does not see it):
+/// where the caller of [`App::serve`] asks to learn what the handler's key-value calls read and
+/// wrote (a site builds the response's session token from it).
+fn touched<B>(request: &mut http::Request<B>) -> Option<Arc<atoll_kv::Touched>> {
+    request.extensions_mut().remove::<Arc<atoll_kv::Touched>>()
 }

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoll_kv::{Namespace, Write, Written};
+use atoll_kv::{Namespace, Touched, Write, Written};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 use base64::Engine;
@@ -75,6 +75,8 @@ pub(crate) struct Running {
     key: Vec<u8>,
     record: Record,
     settled: bool,
+    /// The request's: the records it writes are part of what its client saw.
+    touched: Arc<Touched>,
 }
 
 impl Drop for Running {
@@ -154,8 +156,13 @@ fn text(status: StatusCode, body: String) -> Response {
 }
 
 /// The stored bytes (what a claim compares against) and the record, if one that has not expired.
-fn read(site: &Site, ns: &Namespace, key: &[u8]) -> Result<(Option<Vec<u8>>, Option<Record>), String> {
-    let bytes = site.kv.get(ns, key).map_err(|e| format!("{e}"))?;
+fn read(
+    site: &Site,
+    ns: &Namespace,
+    key: &[u8],
+    touched: &Touched,
+) -> Result<(Option<Vec<u8>>, Option<Record>), String> {
+    let bytes = site.kv.get_noting(ns, key, Some(touched)).map_err(|e| format!("{e}"))?;
     let record = bytes
         .as_deref()
         .and_then(|b| serde_json::from_slice::<Record>(b).ok())
@@ -163,20 +170,23 @@ fn read(site: &Site, ns: &Namespace, key: &[u8]) -> Result<(Option<Vec<u8>>, Opt
     Ok((bytes, record))
 }
 
-/// Decides what a request with `key` for `app` does here.
+/// Decides what a request with `key` for `app` does here. The records it reads and writes are
+/// noted in `touched` (the request's session token then covers them: a retry elsewhere with it
+/// finds the record, or is refused).
 pub(crate) async fn begin(
     site: &Arc<Site>,
     app: &str,
     key: &str,
     request: String,
     deadline: Duration,
+    touched: &Arc<Touched>,
 ) -> Begin {
     let ns = namespace(site);
     let composite = format!("{app}\n{key}").into_bytes();
     let boot = site.kv.identity().boot_nonce;
     let waited_until = Instant::now() + deadline.min(Duration::from_secs(10));
     loop {
-        let (stored, held) = match read(site, &ns, &composite) {
+        let (stored, held) = match read(site, &ns, &composite, touched) {
             Ok(read) => read,
             Err(e) => return Begin::Answer(text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))),
         };
@@ -197,12 +207,14 @@ pub(crate) async fn begin(
             let new = serde_json::to_vec(&record).unwrap_or_default();
             match site.kv.write(&ns, &composite, Write::CompareAndSwap { expected: stored, new }).await {
                 Ok(Written::Swapped(true)) => {
+                    site.kv.note_write(touched, &ns, None).ok();
                     return Begin::Run(Running {
                         site: site.clone(),
                         ns,
                         key: composite,
                         record,
                         settled: false,
+                        touched: touched.clone(),
                     });
                 }
                 Ok(_) => continue,
@@ -311,8 +323,9 @@ impl Running {
             .filter(|b| b.len() <= MAX_STORED_BODY)
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
         let value = serde_json::to_vec(&self.record).unwrap_or_default();
-        if let Err(e) = self.site.kv.write(&self.ns, &self.key, Write::Set(value)).await {
-            tracing::warn!("cannot record the response of an idempotent request: {e}");
+        match self.site.kv.write(&self.ns, &self.key, Write::Set(value)).await {
+            Ok(_) => self.site.kv.note_write(&self.touched, &self.ns, None).unwrap_or_default(),
+            Err(e) => tracing::warn!("cannot record the response of an idempotent request: {e}"),
         }
     }
 }

@@ -122,6 +122,8 @@ async fn serve_here(
     let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target(host, request.uri(), |name| site.serving(name));
     let mut cookie = false;
+    // What the request reads and writes here: the response's session token covers it.
+    let touched = Arc::new(atoll_kv::Touched::default());
     let mut response = match target {
         Target::App { app: (_, _, policy), name, .. } if policy.refuse_stale && !session.stale.is_empty() => {
             cookie = policy.cookie;
@@ -157,7 +159,7 @@ async fn serve_here(
                 Ok(Some(key)) => {
                     let what = super::idempotency::describe(&request);
                     let deadline = app.settings().limits.deadline;
-                    match super::idempotency::begin(site, &name, &key, what, deadline).await {
+                    match super::idempotency::begin(site, &name, &key, what, deadline, &touched).await {
                         super::idempotency::Begin::Run(r) => running = Some(r),
                         super::idempotency::Begin::Answer(response) => break 'app response,
                         super::idempotency::Begin::Forward(to)
@@ -191,6 +193,7 @@ async fn serve_here(
                 }
             }
             let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(touched.clone());
             // With a `Host` header the guest's authority is the Host: an HTTP/2 request forwarded
             // by a router carries the site's own address as its `:authority`.
             let with_host = parts.headers.contains_key(header::HOST);
@@ -255,7 +258,7 @@ async fn serve_here(
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(site.kv.clock().last().to_string())) {
         headers.insert(HLC, v);
     }
-    session.apply(site, cookie, headers);
+    session.apply(site, cookie, &touched.clocks(), headers);
     response
 }
 

@@ -1,9 +1,10 @@
 //! Session tokens: read-your-writes and monotonic reads for a client across sites.
 //!
 //! Every response carries `x-atoll-session`, a token saying how much of each site's writes the
-//! client may have seen: the serving site's seen vector (atoll-kv: per site, a clock at or after
-//! every change of that site's it holds), merged with the token the request brought. A client
-//! sends it back (the header, or with `atoll deploy --session-cookie` a cookie the site sets).
+//! client may have seen: the stamps of what the request read and wrote (atoll-kv's `Touched`:
+//! per site, a clock at or after every change of that site's the request saw; a listing counts
+//! as seeing all the site held), merged with the token the request brought. A client sends it
+//! back (the header, or with `atoll deploy --session-cookie` a cookie the site sets).
 //! A site that gets a token checks its frontiers (atoll-sync: how far it holds each other site's
 //! writes): if they cover the token it serves; else, while a site it is behind on is live, it
 //! waits for replication up to `[consistency] session_wait_ms`, then forwards the request to
@@ -28,6 +29,8 @@ pub(crate) const COOKIE: &str = "atoll-session";
 pub(crate) const STALE: HeaderName = HeaderName::from_static("x-atoll-stale");
 /// Set by a site forwarding a request for its session: the site it reaches serves it.
 const FORWARDED: HeaderName = HeaderName::from_static("x-atoll-session-forwarded");
+/// The token of a session that has seen nothing yet (`v1.` and `[]`).
+const EMPTY: &str = "v1.W10";
 /// The most a token may be: a site name per site, with its clock.
 const MAX_TOKEN_BYTES: usize = 4096;
 const MAX_SITES: usize = 64;
@@ -195,15 +198,23 @@ pub(crate) async fn arrive(site: &Arc<Site>, mut request: axum::extract::Request
 }
 
 impl Session {
-    /// The response's session headers: the token (this site's seen vector merged with the
-    /// request's), the cookie for apps that chose it, and the stale flag.
-    pub(crate) fn apply(&self, site: &Site, cookie: bool, headers: &mut HeaderMap) {
-        let seen = site.kv.seen();
+    /// The response's session headers: the token (the clocks of what the request read and
+    /// wrote, `touched`, merged with the request's), the cookie for apps that chose it, and the
+    /// stale flag.
+    pub(crate) fn apply(
+        &self,
+        site: &Site,
+        cookie: bool,
+        touched: &[(String, Hlc)],
+        headers: &mut HeaderMap,
+    ) {
         let value = match &self.token {
-            None => cached(&seen),
+            None if touched.is_empty() => Some(HeaderValue::from_static(EMPTY)),
+            None => HeaderValue::from_str(&Token(touched.to_vec()).encode()).ok(),
             Some(token) => {
                 // Names neither held here nor known are dropped: a token cannot grow without bound.
-                let mut token = token.clone().merged(&seen);
+                let seen = site.kv.seen();
+                let mut token = token.clone().merged(touched);
                 token.0.retain(|(name, _)| {
                     *name == site.name
                         || seen.iter().any(|(n, _)| n == name)
@@ -242,26 +253,6 @@ impl Session {
     }
 }
 
-/// The token of a request that brought none (this site's seen vector alone), encoded once per
-/// vector and server thread.
-fn cached(seen: &atoll_kv::SeenVector) -> Option<HeaderValue> {
-    thread_local! {
-        static LAST: std::cell::RefCell<Option<(atoll_kv::SeenVector, HeaderValue)>> =
-            const { std::cell::RefCell::new(None) };
-    }
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((vector, value)) = last.as_ref()
-            && Arc::ptr_eq(vector, seen)
-        {
-            return Some(value.clone());
-        }
-        let value = HeaderValue::from_str(&Token(seen.as_ref().clone()).encode()).ok()?;
-        *last = Some((seen.clone(), value.clone()));
-        Some(value)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +273,12 @@ mod tests {
             merged.0,
             vec![("ap-south-1".into(), at(5)), ("eu-west-1".into(), at(20)), ("us-east-1".into(), at(10))]
         );
+    }
+
+    #[test]
+    fn the_empty_token_is_what_encoding_nothing_gives() {
+        assert_eq!(Token::default().encode(), EMPTY);
+        assert_eq!(Token::parse(EMPTY), Ok(Token::default()));
     }
 
     #[test]

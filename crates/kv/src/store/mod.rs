@@ -49,7 +49,7 @@ mod horizon;
 mod seen;
 mod writer;
 
-pub use seen::SeenVector;
+pub use seen::{SeenVector, Touched};
 
 use crate::codec;
 use crate::entry::{Entry, EntryError, SiteId};
@@ -570,8 +570,44 @@ impl Store {
 
     /// The value of `key`: its bytes, a counter's total as decimal ASCII, or `None`.
     pub fn get(&self, ns: &Namespace, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.get_noting(ns, key, None)
+    }
+
+    /// [`Store::get`], noting what was read in `touched` (a request's, for its session token).
+    pub fn get_noting(
+        &self,
+        ns: &Namespace,
+        key: &[u8],
+        touched: Option<&Touched>,
+    ) -> Result<Option<Vec<u8>>, KvError> {
         check("key", key.len(), self.bounds().max_key)?;
-        Ok(self.entry(&ns.key(key))?.and_then(|e| e.read().into_bytes()))
+        let entry = self.entry(&ns.key(key))?;
+        if let (Some(touched), Some(entry)) = (touched, &entry) {
+            touched.read(entry, &self.seen());
+        }
+        Ok(entry.and_then(|e| e.read().into_bytes()))
+    }
+
+    /// Notes in `touched` an acknowledged write of this site's; with `read_back`, the key's
+    /// entry as it is now too (an increment's total or a failed swap showed the writer more than
+    /// its own write).
+    pub fn note_write(
+        &self,
+        touched: &Touched,
+        ns: &Namespace,
+        read_back: Option<&[u8]>,
+    ) -> Result<(), KvError> {
+        // The entry first: the vector read after it covers it (it moves before a commit).
+        let entry = match read_back {
+            Some(key) => self.entry(&ns.key(key))?,
+            None => None,
+        };
+        let seen = self.seen();
+        touched.wrote(self.site(), &seen);
+        if let Some(entry) = entry {
+            touched.read(&entry, &seen);
+        }
+        Ok(())
     }
 
     /// Whether `key` has a value.

@@ -91,6 +91,62 @@ impl Batch {
     }
 }
 
+/// What one reader (a request) read and wrote, as a clock per site name, sorted by name: for
+/// each site, a clock at or after the stamp of every change of that site's the reader saw. A
+/// session token built from it asks the next site for what the client saw, not for everything
+/// the serving site held (a token of the whole [`SeenVector`] would make a client whose data
+/// never touched a cut-off site wait on that site).
+#[derive(Debug, Default)]
+pub struct Touched(std::sync::Mutex<Vec<(String, Hlc)>>);
+
+impl Touched {
+    fn raise(&self, name: &str, at: Hlc) {
+        if name.is_empty() || at == Hlc::default() {
+            return; // a key never written: nothing of anyone's
+        }
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match list.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+            Ok(i) => list[i].1 = list[i].1.max(at),
+            Err(i) => list.insert(i, (name.to_owned(), at)),
+        }
+    }
+
+    /// An entry read (a tombstone too: a deletion is something seen). Its register counts for
+    /// the site that wrote it, at its stamp; each counter contribution for its site at the
+    /// entry's `changed` stamp (a contribution has no stamp of its own; `changed` is at or after
+    /// all of them), but no later than `seen`'s clock for that site (also at or after every
+    /// change of that site held here, and often earlier than `changed`). `seen` must be the
+    /// store's vector as read after the entry.
+    pub fn read(&self, entry: &Entry, seen: &[(String, Hlc)]) {
+        self.raise(site_name(&entry.stamp.site), entry.stamp.hlc);
+        for writer in entry.counter.keys() {
+            let name = site_name(writer);
+            let held = seen.iter().find(|(n, _)| n == name).map(|(_, at)| *at);
+            self.raise(name, held.map_or(entry.changed.hlc, |held| held.min(entry.changed.hlc)));
+        }
+    }
+
+    /// A write this store's site `site` made and acknowledged: the site's clock in `seen`, which
+    /// moved past the write's stamp before it committed.
+    pub fn wrote(&self, site: &str, seen: &[(String, Hlc)]) {
+        if let Some((_, at)) = seen.iter().find(|(n, _)| n == site) {
+            self.raise(site, *at);
+        }
+    }
+
+    /// Everything in `seen` (a listing: the keys it did not return are something seen too).
+    pub fn all(&self, seen: &[(String, Hlc)]) {
+        for (name, at) in seen {
+            self.raise(name, *at);
+        }
+    }
+
+    /// The clocks so far, sorted by name.
+    pub fn clocks(&self) -> Vec<(String, Hlc)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// The vector as the `meta` table's `"seen"` row holds it: per site, the name's length (u8),
 /// the name, the clock (physical u64, logical u32), little-endian.
 pub(super) fn encode(seen: &[(String, Hlc)]) -> Vec<u8> {
@@ -159,6 +215,27 @@ mod tests {
         assert_eq!(decode(&bytes).as_deref(), Some(&seen));
         assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
         assert_eq!(decode(&[]).as_deref(), Some(&Vec::new()));
+    }
+
+    #[test]
+    fn a_reader_is_held_to_what_it_read_and_wrote_only() {
+        let seen = vec![("a".to_owned(), at(50)), ("b".to_owned(), at(15)), ("c".to_owned(), at(90))];
+        let touched = Touched::default();
+        // A register counts for its writer at its stamp.
+        touched.read(&Entry::set(b"x".to_vec(), stamp("a~1", 10)), &seen);
+        // A counter: b's contribution at the entry's change, capped by what is held of b here.
+        let (counter, _) =
+            Entry::set(b"1".to_vec(), stamp("a~1", 12)).increment(1, stamp("b~2", 14)).expect("increment");
+        let (counter, _) = counter.increment(1, stamp("a~1", 40)).expect("increment");
+        touched.read(&counter, &seen);
+        // A key never written holds nobody to anything.
+        touched.read(&Entry::absent(), &seen);
+        assert_eq!(touched.clocks(), vec![("a".to_owned(), at(40)), ("b".to_owned(), at(15))]);
+        // A write counts for the writing site at its seen clock; c is never asked for.
+        touched.wrote("a", &seen);
+        assert_eq!(touched.clocks(), vec![("a".to_owned(), at(50)), ("b".to_owned(), at(15))]);
+        touched.all(&seen);
+        assert_eq!(touched.clocks(), seen);
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub(crate) mod spin2;
 
 use std::sync::Arc;
 
-use atoll_kv::{KvError, Namespace, Store, Write, Written};
+use atoll_kv::{KvError, Namespace, Store, Touched, Write, Written};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 /// The store failed (I/O error, corrupt file, shut down): the request fails with 503.
@@ -102,6 +102,9 @@ pub(crate) struct KvCtx {
     /// Spin key-value calls of this request in flight (its functions are async: a WASI 0.3
     /// guest may start many at once).
     pub(crate) in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where the request's calls note what they read and wrote (see [`atoll_kv::Touched`]), if
+    /// the caller asked.
+    pub(crate) touched: Option<Arc<Touched>>,
 }
 
 /// An open bucket.
@@ -168,6 +171,42 @@ pub(crate) fn all_keys(store: &Store, ns: &Namespace) -> Outcome<Listed> {
     }
 }
 
+/// Reads `key`, noting the entry in `touched`.
+pub(crate) fn read(
+    store: &Store,
+    touched: Option<&Touched>,
+    ns: &Namespace,
+    key: &str,
+) -> Outcome<Option<Vec<u8>>> {
+    outcome(store.get_noting(ns, key.as_bytes(), touched))
+}
+
+/// Writes `key`, noting the acknowledged write in `touched` (with the entry as it is after, for
+/// an increment or a swap: what they answer shows more than the write).
+pub(crate) async fn write(
+    store: &Store,
+    touched: Option<&Touched>,
+    ns: &Namespace,
+    key: &str,
+    write: Write,
+) -> Outcome<Written> {
+    let read_back = matches!(write, Write::Increment(_) | Write::CompareAndSwap { .. });
+    let written = outcome(store.guest_write(ns, key.as_bytes(), write).await)?;
+    if let (Ok(_), Some(touched)) = (&written, touched) {
+        outcome(store.note_write(touched, ns, read_back.then_some(key.as_bytes())))?.ok();
+    }
+    Ok(written)
+}
+
+/// A listing, noting everything the store holds in `touched` (the keys it did not return are
+/// something seen too).
+pub(crate) fn listed<T>(store: &Store, touched: Option<&Touched>, listing: Outcome<T>) -> Outcome<T> {
+    if let Some(touched) = touched {
+        touched.all(&store.seen());
+    }
+    listing
+}
+
 /// The outcome of an operation: `Err` traps (storage failure), `Ok(Err)` is the guest's error.
 pub(crate) type Outcome<T> = wasmtime::Result<Result<T, Fail>>;
 
@@ -212,7 +251,7 @@ impl KvView<'_> {
     /// Every live key of the bucket, up to [`MAX_KEYS`] (Spin's `get-keys`).
     fn keys(&self, bucket: &Resource<Bucket>) -> Outcome<Listed> {
         match self.listing(bucket)? {
-            Ok((store, ns)) => all_keys(store, &ns),
+            Ok((store, ns)) => listed(store, self.ctx.touched.as_deref(), all_keys(store, &ns)),
             Err(e) => Ok(Err(e)),
         }
     }
@@ -241,15 +280,15 @@ impl KvView<'_> {
                 // Checked on every read, not only at open: a resync may begin while a request
                 // holds a bucket.
                 outcome(store.gate())?.ok();
-                outcome(store.get(&ns, key.as_bytes()))
+                read(store, self.ctx.touched.as_deref(), &ns, key)
             }
             Err(e) => Ok(Err(e)),
         }
     }
 
-    async fn write(&mut self, bucket: &Resource<Bucket>, key: &str, write: Write) -> Outcome<Written> {
+    async fn write(&mut self, bucket: &Resource<Bucket>, key: &str, op_write: Write) -> Outcome<Written> {
         let ns = self.ns(bucket)?;
-        let op = match write {
+        let op = match op_write {
             Write::Set(_) => "set",
             Write::Delete => "delete",
             Write::Increment(_) => "increment",
@@ -261,7 +300,7 @@ impl KvView<'_> {
                 // Closed to guest writes while the site resyncs, has a clock off, is refused by
                 // its peers or waits for them to confirm it (the request fails with 503).
                 outcome(store.write_gate())?.ok();
-                outcome(store.guest_write(&ns, key.as_bytes(), write).await)
+                write(store, self.ctx.touched.as_deref(), &ns, key, op_write).await
             }
             Err(e) => Ok(Err(e)),
         }
@@ -289,7 +328,8 @@ impl KvView<'_> {
             Err(e) => return Ok(Err(e)),
         };
         let page = store.bounds().max_page;
-        Ok(outcome(store.list_keys(&ns, after.map(str::as_bytes), page))?.map(|(keys, next)| {
+        let listing = outcome(store.list_keys(&ns, after.map(str::as_bytes), page));
+        Ok(listed(store, self.ctx.touched.as_deref(), listing)?.map(|(keys, next)| {
             let keys = keys.into_iter().map(|k| String::from_utf8_lossy(&k).into_owned()).collect();
             (keys, next.map(|c| String::from_utf8_lossy(&c).into_owned()))
         }))
@@ -317,12 +357,17 @@ impl KvView<'_> {
             Ok(results) => results,
             Err(e) => return Ok(Err(e)),
         };
+        let (mut wrote, mut first_refused) = (false, None);
         for result in results {
-            if let Err(e) = outcome(result)? {
-                return Ok(Err(e));
+            match outcome(result)? {
+                Ok(_) => wrote = true,
+                Err(e) => first_refused = first_refused.or(Some(e)),
             }
         }
-        Ok(Ok(()))
+        if let (true, Some(touched)) = (wrote, &self.ctx.touched) {
+            outcome(store.note_write(touched, &ns, None))?.ok();
+        }
+        Ok(first_refused.map_or(Ok(()), Err))
     }
 
     fn get_many(
@@ -361,12 +406,13 @@ impl KvView<'_> {
             Ok(s) => s.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        let write = Write::CompareAndSwap { expected: current, new: value };
+        let swap = Write::CompareAndSwap { expected: current, new: value };
         outcome(store.write_gate())?.ok();
-        match outcome(store.guest_write(&ns, key.as_bytes(), write).await)? {
+        let touched = self.ctx.touched.clone();
+        match write(&store, touched.as_deref(), &ns, &key, swap).await? {
             Ok(Written::Swapped(true)) => Ok(Ok(Ok(()))),
             Ok(_) => {
-                let now = match outcome(store.get(&ns, key.as_bytes()))? {
+                let now = match read(&store, touched.as_deref(), &ns, &key)? {
                     Ok(v) => v,
                     Err(e) => return Ok(Err(e)),
                 };

@@ -76,21 +76,26 @@ fn target<U>(
     bucket: &Resource<Bucket>,
     op: &'static str,
     access: Access,
-) -> wasmtime::Result<Result<(Store, Namespace, Call), Fail>> {
-    let (store, ns, call) = match take(accessor, bucket)? {
+) -> wasmtime::Result<Result<Target, Fail>> {
+    let target = match take(accessor, bucket)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
     metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
+    let store = &target.0;
     let gate = if access == Access::Write { store.write_gate() } else { store.gate() };
-    Ok(outcome(gate)?.map(|()| (store, ns, call)))
+    Ok(outcome(gate)?.map(|()| target))
 }
+
+/// The request's store, the bucket's namespace, a place among its calls in flight, and where
+/// the request notes what it saw.
+type Target = (Store, Namespace, Call, Option<std::sync::Arc<atoll_kv::Touched>>);
 
 /// The request's store, the bucket's namespace and a place among its calls in flight.
 fn take<U>(
     accessor: &Accessor<U, HasKv>,
     bucket: &Resource<Bucket>,
-) -> wasmtime::Result<Result<(Store, Namespace, Call), Fail>> {
+) -> wasmtime::Result<Result<Target, Fail>> {
     accessor.with(|mut access| {
         let view = access.get();
         let ns = view.table.get(bucket)?.ns.clone();
@@ -101,7 +106,8 @@ fn take<U>(
                 "more than {MAX_IN_FLIGHT} key-value calls in flight in one request"
             ))));
         }
-        Ok(view.ctx.store.clone().map(|store| (store, ns, call)).ok_or(Fail::NoSuchStore))
+        let touched = view.ctx.touched.clone();
+        Ok(view.ctx.store.clone().map(|store| (store, ns, call, touched)).ok_or(Fail::NoSuchStore))
     })
 }
 
@@ -112,11 +118,11 @@ async fn write<U>(
     write: Write,
     op: &'static str,
 ) -> wasmtime::Result<Result<(), Fail>> {
-    let (store, ns, _call) = match target(accessor, bucket, op, Access::Write)? {
+    let (store, ns, _call, touched) = match target(accessor, bucket, op, Access::Write)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    Ok(outcome(store.guest_write(&ns, key.as_bytes(), write).await)?.map(drop))
+    Ok(super::write(&store, touched.as_deref(), &ns, key, write).await?.map(drop))
 }
 
 fn read(
@@ -124,11 +130,11 @@ fn read(
     bucket: &Resource<Bucket>,
     key: &str,
 ) -> wasmtime::Result<Result<Option<Vec<u8>>, Fail>> {
-    let (store, ns, _call) = match target(accessor, bucket, "get", Access::Read)? {
+    let (store, ns, _call, touched) = match target(accessor, bucket, "get", Access::Read)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    outcome(store.get(&ns, key.as_bytes()))
+    super::read(&store, touched.as_deref(), &ns, key)
 }
 
 /// Every live key of the bucket, up to [`super::MAX_KEYS`]; past them, the keys so far and why the
@@ -137,11 +143,11 @@ fn keys(
     accessor: &Accessor<impl Sized, HasKv>,
     bucket: &Resource<Bucket>,
 ) -> wasmtime::Result<Result<Listed, Fail>> {
-    let (store, ns, _call) = match target(accessor, bucket, "list", Access::Read)? {
+    let (store, ns, _call, touched) = match target(accessor, bucket, "list", Access::Read)? {
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    all_keys(&store, &ns)
+    super::listed(&store, touched.as_deref(), all_keys(&store, &ns))
 }
 
 impl kv::Host for KvView<'_> {}

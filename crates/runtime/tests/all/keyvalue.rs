@@ -270,3 +270,50 @@ async fn spins_get_keys_stops_at_10000_keys_and_says_so() {
     assert_eq!((status, body.lines().count()), (200, 10_000));
     assert_eq!(body.lines().last(), Some("k09999"));
 }
+
+/// Calls `app` with an `atoll_kv::Touched` in the request: what it noted.
+async fn noting(app: &App, method: &str, path: &str) -> Vec<(String, atoll_kv::Hlc)> {
+    let touched = std::sync::Arc::new(atoll_kv::Touched::default());
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://example.com{path}"))
+        .body(http_body_util::Full::new(Bytes::from_static(b"1")))
+        .expect("request");
+    request.extensions_mut().insert(touched.clone());
+    let response = app.handle(request, "touched").await.expect("served");
+    assert_eq!(response.status(), 200, "{method} {path}: {:?}", response.body());
+    touched.clocks()
+}
+
+/// A request given an `atoll_kv::Touched` learns what it read and wrote, whatever the interface:
+/// a read, the writer of the entry read (another site's); a write, this site; a listing, all.
+#[tokio::test]
+async fn every_interface_notes_what_a_request_read_and_wrote() {
+    use atoll_kv::{Entry, Hlc, Namespace, Stamp};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("kv.redb"), StoreConfig::new("test-site"), Clock::system())
+        .expect("store");
+    let rt =
+        Runtime::new(RuntimeConfig { kv: Some(store.clone()), ..RuntimeConfig::default() }).expect("runtime");
+    let far = Hlc { physical_ms: atoll_kv::hlc::wall_ms() - 60_000, logical: 7 };
+    let ns = Namespace::new("shared", "default", store.bounds()).expect("namespace");
+    let entry = Entry::set(b"from afar".to_vec(), Stamp { hlc: far, site: "far-site~1".into() });
+    assert_eq!(store.merge(vec![(ns.key(b"far"), entry)]).await.expect("merged"), 1);
+    let settings = AppSettings::default();
+    let load = |path: &str| {
+        rt.load("shared", &std::fs::read(path).expect("built"), settings.clone()).expect("loads")
+    };
+    let guests = [
+        (load(atoll_test_guests::KV_DRAFT), "/default/far", "/default/mine"),
+        (load(atoll_test_guests::SPIN_COUNTER), "/far", "/mine"),
+        (load(atoll_test_guests::SPIN2), "/kv/default/far", "/kv/default/mine"),
+    ];
+    for (app, read, write) in &guests {
+        assert_eq!(noting(app, "GET", read).await, vec![("far-site".to_owned(), far)], "{read}");
+        let wrote = noting(app, "PUT", write).await;
+        assert_eq!(wrote.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["test-site"], "{write}");
+        assert!(wrote[0].1 > far, "at this site's clock, after its write");
+    }
+    // A listing is held to everything the store holds.
+    assert_eq!(noting(&guests[1].0, "GET", "/").await, *store.seen());
+}
