@@ -9,6 +9,7 @@ mod idempotency;
 mod keyvalue;
 mod limits;
 mod observability;
+mod operate;
 mod refusals;
 mod replication;
 mod restart;

@@ -22,14 +22,14 @@ struct AppInfo {
     variables: Vec<String>,
 }
 
-struct Site {
-    base: String,
+pub(crate) struct Site {
+    pub(crate) base: String,
     token: Option<String>,
-    agent: ureq::Agent,
+    pub(crate) agent: ureq::Agent,
 }
 
 impl Site {
-    fn new(args: &ClientArgs) -> Result<Site> {
+    pub(crate) fn new(args: &ClientArgs) -> Result<Site> {
         let mut tls = ureq::tls::TlsConfig::builder();
         if let Some(path) = &args.ca_file {
             let certs = certificates(path)?;
@@ -54,11 +54,11 @@ impl Site {
         Ok(Site { base: args.site.trim_end_matches('/').to_owned(), token: args.token.clone(), agent })
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    pub(crate) fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
         match &self.token {
             Some(token) => request.header("authorization", format!("Bearer {token}")),
             None => request,
@@ -66,13 +66,28 @@ impl Site {
     }
 
     /// Turns a response into its body, or an error carrying the site's reason.
-    fn check(&self, what: &str, response: Result<http::Response<ureq::Body>, ureq::Error>) -> Result<String> {
+    pub(crate) fn check(
+        &self,
+        what: &str,
+        response: Result<http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<String> {
+        let body = self.check_bytes(what, response)?;
+        String::from_utf8(body).context("the site answered with text that is not UTF-8")
+    }
+
+    /// [`Site::check`] for a body of any bytes.
+    pub(crate) fn check_bytes(
+        &self,
+        what: &str,
+        response: Result<http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Vec<u8>> {
         let mut response = response.with_context(|| format!("cannot reach the site at {}", self.base))?;
         let status = response.status();
-        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let body = response.body_mut().with_config().limit(u64::MAX).read_to_vec().unwrap_or_default();
         if status.is_success() {
             return Ok(body);
         }
+        let body = String::from_utf8_lossy(&body).into_owned();
         let reason = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error")?.as_str().map(str::to_owned))

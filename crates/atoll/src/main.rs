@@ -6,6 +6,7 @@ mod client;
 mod config;
 mod dev;
 mod drill;
+mod kv_client;
 mod listen;
 mod metrics;
 mod registry;
@@ -53,6 +54,8 @@ enum Command {
     Delete(DeleteArgs),
     /// Make a deploy key: the private key into a file, the public key on stdout.
     Keygen(KeygenArgs),
+    /// Read and change an app's key-value data at a site: get, set, delete, incr, list.
+    Kv(kv_client::KvArgs),
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +234,7 @@ fn main() -> ExitCode {
         Command::Apps(args) => client::apps(&args),
         Command::Delete(args) => client::delete(&args),
         Command::Keygen(args) => keygen(&args),
+        Command::Kv(args) => kv_client::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

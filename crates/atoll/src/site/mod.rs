@@ -8,6 +8,7 @@ mod deploys;
 pub(crate) mod faults;
 mod guard;
 mod idempotency;
+mod kvapi;
 mod routing;
 mod session;
 

@@ -615,6 +615,12 @@ impl Store {
         Ok(self.get(ns, key)?.is_some())
     }
 
+    /// The entry of `key` (a tombstone too), as replication holds it: stamps and counter parts.
+    pub fn entry_of(&self, ns: &Namespace, key: &[u8]) -> Result<Option<Entry>, KvError> {
+        check("key", key.len(), self.bounds().max_key)?;
+        self.entry(&ns.key(key))
+    }
+
     fn entry(&self, composite: &[u8]) -> Result<Option<Entry>, KvError> {
         Ok(self.entries_at(std::slice::from_ref(&composite))?.pop().map(|(_, e)| e))
     }
@@ -658,13 +664,24 @@ impl Store {
     /// Up to `limit` keys of the bucket (tombstones skipped) after `cursor` (exclusive), in key
     /// order, and the cursor of the next page if there is one.
     pub fn list_keys(&self, ns: &Namespace, cursor: Option<&[u8]>, limit: usize) -> Result<KeyPage, KvError> {
+        self.list_prefix(ns, b"", cursor, limit)
+    }
+
+    /// [`Store::list_keys`] of the keys starting with `key_prefix` only.
+    pub fn list_prefix(
+        &self,
+        ns: &Namespace,
+        key_prefix: &[u8],
+        cursor: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KeyPage, KvError> {
         let limit = limit.clamp(1, self.bounds().max_page);
-        let prefix = ns.prefix();
+        let prefix = ns.key(key_prefix);
         let start = match cursor {
             Some(c) => {
                 let mut s = ns.key(c);
                 s.push(0); // the smallest key after the cursor
-                s
+                s.max(prefix.clone())
             }
             None => prefix.clone(),
         };
@@ -673,7 +690,10 @@ impl Store {
         let mut keys = Vec::new();
         for item in table.range(start.as_slice()..).map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
-            let Some(key) = k.value().strip_prefix(prefix.as_slice()) else { break };
+            if !k.value().starts_with(prefix.as_slice()) {
+                break;
+            }
+            let key = &k.value()[prefix.len() - key_prefix.len()..];
             if codec::decode(v.value()).map_err(storage)?.read().into_bytes().is_none() {
                 continue;
             }

@@ -82,6 +82,27 @@ async fn listing_pages_with_a_cursor_and_skips_tombstones() {
 }
 
 #[tokio::test]
+async fn a_prefix_listing_pages_within_the_prefix_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("kv.redb"), "a");
+    let n = ns(&store, "app", "list");
+    for key in ["a", "user:1", "user:2", "user:3", "users", "v"] {
+        set(&store, &n, key, "v").await;
+    }
+    let (page, next) = store.list_prefix(&n, b"user:", None, 2).expect("list");
+    assert_eq!(
+        (page, next.clone()),
+        (vec![b"user:1".to_vec(), b"user:2".to_vec()], Some(b"user:2".to_vec()))
+    );
+    let (page, next) = store.list_prefix(&n, b"user:", next.as_deref(), 2).expect("list");
+    assert_eq!((page, next), (vec![b"user:3".to_vec()], None));
+    // A cursor before the prefix starts at the prefix.
+    assert_eq!(store.list_prefix(&n, b"user", Some(b"a"), 10).expect("list").0.len(), 4);
+    let entry = store.entry_of(&n, b"v").expect("read").expect("present");
+    assert_eq!(entry.stamp.site.split('~').next(), Some("a"));
+}
+
+#[tokio::test]
 async fn oversize_keys_values_and_buckets_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir.path().join("kv.redb"), "a");

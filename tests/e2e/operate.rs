@@ -1,0 +1,172 @@
+//! Operating a cluster: `atoll kv` (an app's data through the admin API, written as guests write
+//! and replicated like any write).
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use crate::replication::{WAIT, mesh};
+use crate::{ATOLL, TOKEN, atoll, eventually, json, request};
+
+fn ok(args: &[&str]) -> Vec<u8> {
+    let out = atoll(args);
+    assert!(out.status.success(), "atoll {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn refused(args: &[&str]) -> String {
+    let out = atoll(args);
+    assert!(!out.status.success(), "atoll {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn atoll_kv_writes_as_a_guest_does_and_reads_say_where_and_how_fresh() {
+    let sites = mesh(&["ops-a", "ops-b"]);
+    let (a, b) = (&sites[0], &sites[1]);
+    a.deploy("kv", atoll_test_guests::KV_DRAFT, &[]);
+    eventually(WAIT, "the deploy reaches ops-b", || (b.get("/apps/kv/b/x").status == 404).then_some(()));
+    let at = |site: &crate::Site| site.url.clone();
+    let kv = |site: &crate::Site, op: &str, rest: &[&str]| -> Vec<String> {
+        let mut args = vec!["kv".to_owned(), op.to_owned(), "--site".to_owned(), at(site)];
+        args.extend(["--app", "kv", "--bucket", "b"].map(str::to_owned));
+        args.extend(rest.iter().map(|s| s.to_string()));
+        args
+    };
+    let run = |args: Vec<String>| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Set at ops-a, read by the guest at ops-b.
+    run(kv(a, "set", &["greeting", "hello"]));
+    eventually(WAIT, "the tool's write reaches the guest at ops-b", || {
+        (b.get("/apps/kv/b/greeting").body == "hello").then_some(())
+    });
+    // A file's bytes, exactly (not UTF-8), and stdin's.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = (0..=255u8).rev().collect();
+    let file = dir.path().join("value.bin");
+    std::fs::write(&file, &bytes).expect("write");
+    run(kv(a, "set", &["blob", "--file", file.to_str().expect("utf-8")]));
+    assert_eq!(run(kv(a, "get", &["blob"])), bytes, "raw bytes out as they went in");
+    let mut child = Command::new(ATOLL)
+        .args(kv(a, "set", &["piped"]))
+        .env("ATOLL_ADMIN_TOKEN", TOKEN)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("atoll kv set");
+    child.stdin.take().expect("stdin").write_all(b"from stdin").expect("write");
+    assert!(child.wait().expect("wait").success());
+    assert_eq!(a.get("/apps/kv/b/piped").body, "from stdin", "the guest reads what the tool wrote");
+
+    // A counter: the tool's increments and a guest's at the other site add up; --json shows
+    // both writers' parts, the answering site and its peer's lag.
+    assert_eq!(String::from_utf8(run(kv(a, "incr", &["hits", "--by", "5"]))).expect("utf-8"), "5\n");
+    eventually(WAIT, "the increment reaches ops-b", || (b.get("/apps/kv/b/hits").body == "5").then_some(()));
+    assert_eq!(request("POST", &format!("{}/apps/kv/b/hits?by=2", b.url), &[], Some(b"")).body, "7");
+    let shown = eventually(WAIT, "both parts at ops-a", || {
+        let shown = json(&String::from_utf8(run(kv(a, "get", &["hits", "--json"]))).expect("utf-8"));
+        (shown["value"] == "7").then_some(shown)
+    });
+    assert_eq!(shown["site"], "ops-a");
+    let parts = shown["counter"].as_array().expect("parts");
+    let writers: Vec<&str> = parts
+        .iter()
+        .map(|p| p["writer"].as_str().expect("writer").split('~').next().expect("name"))
+        .collect();
+    assert_eq!(writers, ["ops-a", "ops-b"], "{shown}");
+    let ups: Vec<u64> = parts.iter().map(|p| p["up"].as_u64().expect("up")).collect();
+    assert_eq!(ups, [5, 2]);
+    let fresh = shown["freshness"].as_array().expect("freshness");
+    assert!(fresh.iter().any(|p| p["site"] == "ops-b" && p["lag_ms"].is_u64()), "{shown}");
+    assert!(shown["stamp"]["hlc"].as_str().is_some_and(|h| h.contains('.')), "{shown}");
+
+    // Delete: a tombstone that replicates.
+    run(kv(b, "delete", &["greeting"]));
+    eventually(WAIT, "the delete reaches ops-a", || {
+        (a.get("/apps/kv/b/greeting").status == 404).then_some(())
+    });
+    let gone = json(&String::from_utf8(run(kv(a, "get", &["greeting", "--json"]))).expect("utf-8"));
+    assert_eq!(
+        (gone["deleted"].as_bool(), gone["stamp"]["writer"].as_str().map(|w| w.starts_with("ops-b"))),
+        (Some(true), Some(true))
+    );
+
+    // Every bad input is a clear error, and changes nothing.
+    let e = refused(&["kv", "get", "--site", &at(a), "--app", "kv", "--bucket", "b", "nope"]);
+    assert!(e.contains("no key \"nope\""), "{e}");
+    let e = refused(&["kv", "get", "--site", &at(a), "--app", "ghost", "hits"]);
+    assert!(e.contains("no app named \"ghost\""), "{e}");
+    let e = refused(&["kv", "incr", "--site", &at(a), "--app", "kv", "--bucket", "b", "piped"]);
+    assert!(e.contains("409") && e.contains("not a decimal integer"), "{e}");
+    let e = refused(&["kv", "incr", "--site", &at(a), "--app", "kv", "--bucket", "b", "hits", "--by", "x"]);
+    assert!(e.contains("invalid value 'x'"), "{e}");
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![b'x'; (1 << 20) + 1]).expect("write");
+    let e = refused(&[
+        "kv",
+        "set",
+        "--site",
+        &at(a),
+        "--app",
+        "kv",
+        "--bucket",
+        "b",
+        "piped",
+        "--file",
+        big.to_str().expect("utf-8"),
+    ]);
+    assert!(e.contains("413"), "{e}");
+    let out = Command::new(ATOLL)
+        .args(["kv", "set", "--site", &at(a), "--app", "kv", "--bucket", "b", "piped", "stolen"])
+        .env_remove("ATOLL_ADMIN_TOKEN")
+        .output()
+        .expect("atoll kv");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing admin token"));
+    assert_eq!(a.get("/apps/kv/b/piped").body, "from stdin", "nothing refused was written");
+    assert_eq!(a.get("/apps/kv/b/hits").body, "7");
+}
+
+#[test]
+fn atoll_kv_lists_ten_thousand_keys_in_pages() {
+    let sites = mesh(&["list-a"]);
+    let a = &sites[0];
+    a.deploy("kv", atoll_test_guests::KV_DRAFT, &[]);
+    // 10,000 keys through the admin API, from four clients at once (group commit).
+    let url = a.url.clone();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let agent = crate::agent(std::time::Duration::from_secs(30));
+                for i in (w..10_000).step_by(4) {
+                    let r = agent
+                        .put(format!("{url}/_atoll/apps/kv/kv/key{i:05}?bucket=b"))
+                        .header("authorization", format!("Bearer {TOKEN}"))
+                        .send(b"v".as_slice())
+                        .expect("put");
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    let base = ["kv", "list", "--site", &a.url, "--app", "kv", "--bucket", "b"];
+    let all = String::from_utf8(ok(&base)).expect("utf-8");
+    let expected: Vec<String> = (0..10_000).map(|i| format!("key{i:05}")).collect();
+    assert_eq!(all.lines().collect::<Vec<_>>(), expected, "every key once, in order, across ten pages");
+    // One page, and where the next begins.
+    let out = atoll(&[&base[..], &["--limit", "250", "--after", "key00999"]].concat());
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(page.lines().collect::<Vec<_>>(), expected[1000..1250]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--after \"key01249\""));
+    // A prefix, as JSON.
+    let listed = json(
+        &String::from_utf8(ok(&[&base[..], &["--prefix", "key099", "--json"]].concat())).expect("utf-8"),
+    );
+    assert_eq!(listed["keys"].as_array().map(Vec::len), Some(100));
+    assert_eq!(listed["next"], serde_json::Value::Null);
+    assert_eq!(listed["site"], "list-a");
+}
