@@ -170,3 +170,152 @@ fn atoll_kv_lists_ten_thousand_keys_in_pages() {
     assert_eq!(listed["next"], serde_json::Value::Null);
     assert_eq!(listed["site"], "list-a");
 }
+
+/// What a site pulled from its peers so far (payload bytes received, all peers).
+fn pulled(site: &crate::Site) -> u64 {
+    let status = json(&site.get("/_atoll/sync/status").body);
+    status["peers"].as_array().expect("peers").iter().filter_map(|p| p["bytes_received"].as_u64()).sum()
+}
+
+/// The acknowledged count of each writer's key, read at `site` (`None` until it holds them all).
+fn holds(site: &crate::Site, acked: &[(String, u64)]) -> bool {
+    acked.iter().all(|(key, n)| site.get(&format!("/apps/kv/b/{key}")).body == n.to_string())
+}
+
+#[test]
+fn a_backup_taken_under_load_seeds_new_sites_and_restores_its_own_losing_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut sites = mesh(&["bk-a", "bk-b"]);
+    let mut b = sites.pop().expect("bk-b");
+    let a = sites.pop().expect("bk-a");
+    a.deploy("kv", atoll_test_guests::KV_DRAFT, &[]);
+    eventually(WAIT, "the deploy reaches bk-b", || (b.get("/apps/kv/b/x").status == 404).then_some(()));
+    // Bulk data: 2,000 values of 1 KiB, which a seeded site need not pull again.
+    let value = vec![b'v'; 1024];
+    for i in 0..2000 {
+        let r = request("PUT", &format!("{}/apps/kv/bulk/k{i}", a.url), &[], Some(&value));
+        assert_eq!(r.status, 200);
+    }
+    // A writer at each site counts its acknowledged increments.
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let writers: Vec<_> = [a.url.clone(), b.url.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(w, url)| {
+            let (stop, count) = (stop.clone(), counts[w].clone());
+            std::thread::spawn(move || {
+                let agent = crate::agent(std::time::Duration::from_secs(10));
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(r) = agent.post(format!("{url}/apps/kv/b/w{w}")).send_empty()
+                        && r.status() == 200
+                    {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually(WAIT, "writes under way", || {
+        counts.iter().all(|c| c.load(Ordering::Relaxed) > 50).then_some(())
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bk-b.backup");
+    let out = ok(&["backup", "--site", &b.url, "--out", file.to_str().expect("utf-8")]);
+    let said = String::from_utf8_lossy(&out).into_owned();
+    assert!(said.contains("backup of bk-b") && said.contains("MiB/s"), "{said}");
+    let at_backup: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    eventually(WAIT, "more writes after the backup", || {
+        counts.iter().zip(&at_backup).all(|(c, at)| c.load(Ordering::Relaxed) > at + 50).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().expect("writer");
+    }
+    let acked: Vec<(String, u64)> =
+        counts.iter().enumerate().map(|(w, c)| (format!("w{w}"), c.load(Ordering::Relaxed))).collect();
+    eventually(WAIT, "both sites hold every acknowledged increment", || {
+        (holds(&a, &acked) && holds(&b, &acked)).then_some(())
+    });
+
+    // A new site seeded from the backup catches up by anti-entropy; an empty one pulls it all.
+    let seed = file.to_str().expect("utf-8");
+    let c =
+        crate::Site::start_with("bk-c", &["--peer", &a.url, "--seed", seed], Some(crate::replication::FAST));
+    eventually(WAIT, "bk-c holds every acknowledged write", || holds(&c, &acked).then_some(()));
+    assert_eq!(c.get("/apps/kv/bulk/k1999").body.len(), 1024, "the backup's data is there");
+    let d = crate::Site::start_with("bk-d", &["--peer", &a.url], Some(crate::replication::FAST));
+    eventually(WAIT, "bk-d holds every acknowledged write", || {
+        (holds(&d, &acked) && d.get("/apps/kv/bulk/k1999").status == 200).then_some(())
+    });
+    let (seeded, empty) = (pulled(&c), pulled(&d));
+    eprintln!("bytes pulled to catch up: seeded {seeded}, empty join {empty}");
+    assert!(seeded * 4 < empty, "a seeded site pulls far less: seeded {seeded}, empty {empty}");
+
+    // bk-b loses its disk and is restored from its own (older) backup: a new incarnation, and
+    // every increment it acknowledged after the backup comes back from its peers.
+    b.kill();
+    std::fs::remove_dir_all(&b.data).expect("wipe bk-b");
+    let restored = crate::Site::spawn(
+        "bk-b",
+        &b.data,
+        &["--peer".into(), a.url.clone(), "--seed".into(), seed.into(), "--config".into(), {
+            let path = dir.path().join("fast.toml");
+            std::fs::write(&path, crate::replication::FAST).expect("config");
+            path.display().to_string()
+        }],
+        dir.path(),
+        &[],
+    );
+    eventually(
+        std::time::Duration::from_secs(90),
+        "the restored bk-b holds every acknowledged write",
+        || holds(&restored, &acked).then_some(()),
+    );
+    // And its new increments count on top (a new incarnation: not absorbed by its old part).
+    assert_eq!(
+        request("POST", &format!("{}/apps/kv/b/w1", restored.url), &[], Some(b"")).body,
+        (acked[1].1 + 1).to_string()
+    );
+    let shown = json(
+        &String::from_utf8(ok(&[
+            "kv",
+            "get",
+            "--site",
+            &restored.url,
+            "--app",
+            "kv",
+            "--bucket",
+            "b",
+            "w1",
+            "--json",
+        ]))
+        .expect("utf-8"),
+    );
+    let writers: Vec<&str> =
+        shown["counter"].as_array().expect("parts").iter().filter_map(|p| p["writer"].as_str()).collect();
+    assert_eq!(writers.len(), 2, "the old and the new incarnation of bk-b each have a part: {shown}");
+    // A second start with the same --seed does not seed again.
+    let again = restored.kill_and_restart();
+    assert!(holds(&again, &[("w0".into(), acked[0].1)]));
+    assert!(
+        std::fs::read_to_string(&again.stderr_path).expect("log").contains("--seed"),
+        "seeded before: ignored"
+    );
+
+    // A cut or altered backup is refused whole, and starts nothing.
+    let bytes = std::fs::read(&file).expect("read");
+    let cut = dir.path().join("cut.backup");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
+    let out = std::process::Command::new(crate::ATOLL)
+        .args(["site", "--name", "bk-e", "--region", "us-east", "--listen", "127.0.0.1:0", "--insecure-dev"])
+        .arg("--data")
+        .arg(dir.path().join("e"))
+        .args(["--seed", cut.to_str().expect("utf-8")])
+        .output()
+        .expect("atoll site");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("cut short"), "{e}");
+}

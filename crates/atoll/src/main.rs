@@ -2,6 +2,7 @@
 //!
 //! `atoll site` is the server; `deploy`, `apps` and `delete` are clients of a site's admin API.
 
+mod backup;
 mod client;
 mod config;
 mod dev;
@@ -56,6 +57,9 @@ enum Command {
     Keygen(KeygenArgs),
     /// Read and change an app's key-value data at a site: get, set, delete, incr, list.
     Kv(kv_client::KvArgs),
+    /// Stream a consistent backup of a live site into a file (`atoll site --seed FILE` starts a
+    /// new site from one).
+    Backup(backup::BackupArgs),
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +110,10 @@ struct SiteArgs {
     /// Development only: refused without --insecure-dev and loopback listen addresses.
     #[arg(long, hide = true)]
     dev_faults: Option<PathBuf>,
+    /// Start this site from a backup (`atoll backup`) when its data dir holds no store yet; it
+    /// then catches up with its peers by anti-entropy. Ignored once seeded (a restart).
+    #[arg(long, env = "ATOLL_SEED")]
+    seed: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +243,7 @@ fn main() -> ExitCode {
         Command::Delete(args) => client::delete(&args),
         Command::Keygen(args) => keygen(&args),
         Command::Kv(args) => kv_client::run(&args),
+        Command::Backup(args) => backup::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -340,6 +349,7 @@ fn run_site(args: SiteArgs) -> Result<()> {
         region: args.region,
         listen: args.listen,
         dev_faults: args.dev_faults,
+        seed: args.seed,
         admin_listen: args.admin_listen,
         data: args.data,
         config,

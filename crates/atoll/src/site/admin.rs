@@ -8,6 +8,7 @@
 //! | PUT | `/_atoll/apps/NAME?deadline_ms=&memory_mb=&max_request_body_bytes=&max_response_body_bytes=&allow_hosts=a,b` | 201 `AppInfo` (body: the component) |
 //! | DELETE | `/_atoll/apps/NAME` | 204, 404 |
 //! | | `/_atoll/apps/NAME/kv...` | the app's key-value data: see `kvapi.rs` |
+//! | GET | `/_atoll/backup` | 200 a backup stream (see `backups.rs`) |
 //!
 //! Errors are `{"error": "reason"}` with 400 (bad component or parameter), 401 (token), 403
 //! (a signature that is missing, wrong or by a key the site does not trust), 404, 409 (older
@@ -50,6 +51,7 @@ fn status_routes() -> axum::Router<Arc<Site>> {
 pub(super) fn routes() -> axum::Router<Arc<Site>> {
     super::kvapi::routes(status_routes())
         .route("/_atoll/apps", get(list_apps))
+        .route("/_atoll/backup", get(super::backups::backup))
         .route("/_atoll/apps/{name}", get(get_app).put(upload).delete(delete_app))
         .route("/_atoll/{*rest}", axum::routing::any(unknown))
 }

@@ -4,6 +4,7 @@
 //! registry is written first, so what a client saw deployed is what a restarted site serves.
 
 mod admin;
+mod backups;
 mod deploys;
 pub(crate) mod faults;
 mod guard;
@@ -48,6 +49,8 @@ pub struct SiteOptions {
     pub trust: crate::signing::Trust,
     /// Where `atoll dev` writes the faults it injects (`--dev-faults`; development only).
     pub dev_faults: Option<PathBuf>,
+    /// A backup to start a new site from (`--seed`).
+    pub seed: Option<PathBuf>,
 }
 
 /// The peer secret `--insecure-dev` uses when `ATOLL_PEER_SECRET` is unset: every dev site
@@ -150,6 +153,7 @@ pub fn run(options: SiteOptions) -> Result<()> {
         vec![("ATOLL_SITE".into(), options.name.clone()), ("ATOLL_REGION".into(), options.region.clone())];
     runtime_config.cache_dir = Some(options.data.join("compiled"));
     let kv_path = options.data.join("kv.redb");
+    let existed = kv_path.exists();
     let kv = atoll_kv::Store::open(
         &kv_path,
         atoll_kv::StoreConfig::new(options.name.clone()),
@@ -232,6 +236,15 @@ pub fn run(options: SiteOptions) -> Result<()> {
             .spawn(move || rt.block_on(idempotency::sweep(site)))?;
     }
     let sync_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if let Some(path) = &options.seed {
+        // Before anyone hears of this site: its first hello says how far back its data reaches.
+        match backups::seeding(&site.kv, existed)? {
+            backups::Seeding::Fresh => sync_rt
+                .block_on(backups::seed(&site, path))
+                .with_context(|| format!("cannot seed this site from {}", path.display()))?,
+            backups::Seeding::Done => tracing::info!("seeded before: --seed {} ignored", path.display()),
+        }
+    }
     sync_rt.block_on(deploys::startup(&site))?;
 
     // TLS for the listeners and for connections to other sites (sync, forwarding, health).

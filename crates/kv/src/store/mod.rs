@@ -497,6 +497,41 @@ impl Store {
         Ok(next)
     }
 
+    /// Says durably that the data reaches back to `since` (if that is earlier than what the
+    /// identity says): what a site seeded from a backup taken at `since` does before anyone hears
+    /// it, so that peers that collected tombstones since then make it resync rather than take
+    /// values those tombstones deleted (see atoll-sync's ALGORITHM.md, "Membership and identity").
+    pub fn reach_back_to(&self, since: Hlc) -> Result<Identity, KvError> {
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        let next = {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut next = Identity::load(&meta)?;
+            next.since = next.since.min(since);
+            next.save(&mut meta)?;
+            next
+        };
+        txn.commit().map_err(storage)?;
+        let mut identity = self.inner.identity.write().unwrap_or_else(|e| e.into_inner());
+        identity.since = next.since;
+        Ok(identity.clone())
+    }
+
+    /// Calls `each` with every entry's composite key and stored bytes ([`crate::codec`]), in key
+    /// order, from one read transaction (a consistent snapshot, taken when this is called),
+    /// without holding the entries in memory: what a backup streams. Stops at `each`'s first error.
+    pub fn scan_encoded<E: From<KvError>>(
+        &self,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(ENTRIES).map_err(storage)?;
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            each(k.value(), v.value())?;
+        }
+        Ok(())
+    }
+
     /// Commits `txn`, which changes the writer id to `writer`: set before the commit, so that a
     /// batch the writer thread commits right after (it reads the id once it holds the write lock)
     /// stamps with it; put back if the commit fails.
