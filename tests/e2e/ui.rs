@@ -44,6 +44,7 @@ fn the_status_page_shows_sites_routes_replication_and_apps_and_a_killed_site_tur
     let a = Site::start_with("us-east-1", &["--region", "us-east"], Some("[sync]\nanti_entropy_ms = 300\n"));
     let mut b = Site::start_with("eu-west-1", &["--region", "eu-west", "--peer", &a.url], None);
     a.deploy("hello", atoll_test_guests::HELLO, &[]);
+    a.deploy("counter", atoll_test_guests::COUNTER, &[]);
     eventually(WAIT, "hello at eu-west-1", || {
         (b.admin("GET", "/_atoll/apps/hello", None).status == 200).then_some(())
     });
@@ -81,8 +82,67 @@ fn the_status_page_shows_sites_routes_replication_and_apps_and_a_killed_site_tur
     assert!(dom.contains(r#"<tr class="live" data-site="us-east-1">"#), "{dom}");
 
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-status-router.png");
-    browse(&browser, &page, Some(&shot));
-    let png = std::fs::read(&shot).expect("screenshot saved");
+    screenshot(&browser, &page, &shot);
+
+    // What happened, not only what is: a write at us-east-1 while eu-west-1 is down, then
+    // eu-west-1 restarts. us-east-1's timeline has the down and the up and the failover and
+    // back; eu-west-1's lag from us-east-1 spikes as it catches up (the write is that old).
+    let written = std::time::Instant::now();
+    assert_eq!(
+        crate::request("POST", &format!("{}/apps/counter/while-away", a.url), &[], Some(b"")).status,
+        200
+    );
+    eventually(WAIT, "us-east-1's history has eu-west-1 down, and time passes", || {
+        let history = crate::json(&a.get("/_atoll/ui/state").body)["history"].clone();
+        let down = history["events"].as_array()?.iter().any(|e| e["text"] == "eu-west-1 down");
+        (down && written.elapsed() > Duration::from_millis(1500)).then_some(())
+    });
+    let b = b.kill_and_restart();
+    let site_page = format!("{}/_atoll/ui", a.url);
+    let dom = eventually(WAIT, "us-east-1's page shows eu-west-1 down and up on its timeline", || {
+        let dom = browse(&browser, &site_page, None);
+        (dom.contains(r#"data-kind="down""#) && dom.contains(r#"data-kind="up""#)).then_some(dom)
+    });
+    for text in [
+        "eu-west-1 down",
+        "eu-west-1 up",
+        "failed over to us-east-1",
+        "served by eu-west-1 again",
+        "us-east-1 started",
+        "counter deployed",
+    ] {
+        assert!(dom.contains(text), "{text:?} on the timeline: {dom}");
+    }
+    for metric in [
+        "requests",
+        "errors",
+        "latency",
+        "instantiations",
+        "kv ops",
+        "routing",
+        "lag to eu-west-1",
+        "replication eu-west-1",
+    ] {
+        assert!(dom.contains(&format!(r#"data-metric="{metric}""#)), "a {metric} chart: {dom}");
+    }
+    assert!(dom.contains(r#"class="land""#), "the coastline on the map: {dom}");
+    let spike = eventually(WAIT, "eu-west-1's lag from us-east-1 spikes as it catches up", || {
+        let history = crate::json(&b.get("/_atoll/ui/state").body)["history"].clone();
+        history["samples"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["peers"]["us-east-1"]["lag_ms"].as_u64())
+            .find(|l| *l >= 1000)
+    });
+    eprintln!("eu-west-1's lag from us-east-1 after its restart: {spike} ms");
+    let dom = browse(&browser, &format!("{}/_atoll/ui", b.url), None);
+    assert!(dom.contains(r#"data-metric="lag to us-east-1""#), "{dom}");
+    screenshot(&browser, &site_page, &PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-status-site.png"));
+}
+
+fn screenshot(browser: &PathBuf, page: &str, shot: &PathBuf) {
+    browse(browser, page, Some(shot));
+    let png = std::fs::read(shot).expect("screenshot saved");
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot at {}", shot.display());
     eprintln!("screenshot: {}", shot.display());
 }

@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod dev;
 mod drill;
+mod history;
 mod kv_client;
 mod listen;
 mod metrics;

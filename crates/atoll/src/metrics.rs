@@ -156,8 +156,9 @@ impl AppMetrics {
         }
     }
 
-    /// Counts a request answered with `status` after `seconds`.
-    pub fn request(&self, status: u16, seconds: f64) {
+    /// Counts a request answered with `status` after `seconds` (`instantiated`: a guest ran).
+    pub fn request(&self, status: u16, seconds: f64, instantiated: bool) {
+        crate::history::record_request(status, seconds, instantiated);
         self.duration.record(seconds);
         if status == 200 {
             return self.ok.increment(1);

@@ -108,7 +108,10 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
 
 /// The router's view (sites, table), plus replication and apps as the nearest live site to the
 /// default region reports them (a router holds neither).
-async fn ui_state(State(router): State<Arc<Router>>) -> Response {
+async fn ui_state(
+    State(router): State<Arc<Router>>,
+    axum::extract::Query(query): axum::extract::Query<crate::ui::StateQuery>,
+) -> Response {
     let name = router.name().to_owned();
     let viewer = crate::ui::Viewer {
         kind: "router",
@@ -120,10 +123,12 @@ async fn ui_state(State(router): State<Arc<Router>>) -> Response {
     };
     let mut state = crate::ui::state(&router, viewer);
     let region = router.client_region(&axum::http::HeaderMap::new()).region;
-    match router.fetch_json(&region, "/_atoll/ui/state").await {
+    let path = format!("/_atoll/ui/state?since={}", query.since.unwrap_or(0));
+    match router.fetch_json(&region, &path).await {
         Ok((site, remote)) => {
             state["peers"] = remote["peers"].clone();
             state["apps"] = remote["apps"].clone();
+            state["history"] = remote["history"].clone();
             state["reported_by"] = site.into();
         }
         Err(e) => state["reported_by_error"] = format!("{e:#}").into(),

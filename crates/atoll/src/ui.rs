@@ -1,18 +1,30 @@
 //! The status page, `/_atoll/ui`, on every site and router: one self-contained HTML page (no
 //! external assets, works offline) that polls `/_atoll/ui/state` every second and shows the
-//! sites on a map with live/dead, the routing table, per-peer replication and the deployed apps.
+//! sites on a world map with live/dead, the last 15 minutes (a timeline of events, and charts
+//! per site and per peer from the site's history, `crate::history`), the routing table,
+//! per-peer replication and the deployed apps.
 
 use atoll_router::Router;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-const PAGE: &str = include_str!("ui.html");
+/// The page, with the coastline (`assets/land-110m.path`: Natural Earth's 1:110m land, public
+/// domain, made by `assets/make-land.py`) put in once.
+static PAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    include_str!("ui.html").replace("{{LAND}}", include_str!("../assets/land-110m.path").trim())
+});
 
 /// The page itself.
 pub async fn page() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], PAGE)
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], PAGE.as_str())
         .into_response()
+}
+
+/// `?since=MS`: only the history after it (the page asks for what is new each second).
+#[derive(Debug, serde::Deserialize)]
+pub struct StateQuery {
+    pub since: Option<u64>,
 }
 
 /// Who is asking for the state: a site (with its replication and apps) or a router.

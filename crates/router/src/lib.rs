@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 pub use config::{RoutingConfig, Settings};
-pub use proxy::{Outcome, RouteInfo, set_http2, set_tls};
+pub use proxy::{Outcome, RouteInfo, decisions, set_http2, set_tls};
 pub use sites::{Health, SiteState};
 
 /// Response header: why this site served the request (`nearest`, `fallback`, `failover`,

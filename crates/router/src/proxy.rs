@@ -366,7 +366,21 @@ pub(crate) fn reason(ranking: &[Target], target: &Target) -> &'static str {
 /// Counts one event in the counter `name` with the label `key` = `value`, through a handle each
 /// server thread resolves once per (name, value): no label hashing or registry lookup per
 /// request.
+/// The routing reasons counted process-wide (any other counts as the last).
+const REASONS: [&str; 8] =
+    ["nearest", "failover", "fallback", "forwarded", "session", "idempotent", "none", "other"];
+static DECISIONS: [std::sync::atomic::AtomicU64; 8] = [const { std::sync::atomic::AtomicU64::new(0) }; 8];
+
+/// Routing decisions made in this process so far, by reason (the status page's history).
+pub fn decisions() -> Vec<(&'static str, u64)> {
+    REASONS.iter().zip(&DECISIONS).map(|(r, n)| (*r, n.load(std::sync::atomic::Ordering::Relaxed))).collect()
+}
+
 fn counted(name: &'static str, key: &'static str, value: &'static str) {
+    if name == "atoll_routing_decisions_total" {
+        let i = REASONS.iter().position(|r| *r == value).unwrap_or(REASONS.len() - 1);
+        DECISIONS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     thread_local! {
         static COUNTERS: std::cell::RefCell<Vec<(&'static str, &'static str, metrics::Counter)>> =
             const { std::cell::RefCell::new(Vec::new()) };

@@ -49,6 +49,7 @@ pub use app::App;
 pub use config::{AppSettings, Limits, RuntimeConfig};
 pub use egress::{AllowedHost, is_internal};
 pub use error::{HandleError, LoadError, RuntimeError};
+pub use keyvalue::operations as kv_operations;
 pub use response::{ResponseBody, STREAM_AFTER};
 pub use runtime::{Runtime, engine_config};
 pub use variables::{Variables, check_name as check_variable_name, name_rule as variable_name_rule};

@@ -207,7 +207,7 @@ async fn router_status(State(site): State<Arc<Site>>) -> Response {
 }
 
 /// What the status page shows (no token, like health: names and versions of apps are visible).
-async fn ui_state(State(site): State<Arc<Site>>) -> Response {
+async fn ui_state(State(site): State<Arc<Site>>, Query(query): Query<crate::ui::StateQuery>) -> Response {
     let mut apps: Vec<(String, String)> = site
         .apps
         .read()
@@ -220,7 +220,9 @@ async fn ui_state(State(site): State<Arc<Site>>) -> Response {
     let faults = site.faults.as_ref().and_then(|f| f.status()).map(|f| serde_json::json!(f));
     let viewer =
         crate::ui::Viewer { kind: "site", name: &site.name, region: Some(&site.region), peers, apps, faults };
-    Json(crate::ui::state(&site.router, viewer)).into_response()
+    let mut state = crate::ui::state(&site.router, viewer);
+    state["history"] = crate::history::HISTORY.since(query.since.unwrap_or(0));
+    Json(state).into_response()
 }
 
 /// Prometheus metrics (no token, like health). An app on its own host owns its whole path

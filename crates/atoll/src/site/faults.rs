@@ -49,6 +49,24 @@ pub(crate) struct SiteFaults {
     pub(crate) skew_ms: i64,
 }
 
+impl SiteFaults {
+    /// In a few words, as the status page's timeline says it.
+    pub(crate) fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.cut_from.is_empty() {
+            let names: Vec<&str> = self.cut_from.iter().map(|c| c.site.as_str()).collect();
+            parts.push(format!("partitioned from {}", names.join(", ")));
+        }
+        if self.latency_ms > 0 {
+            parts.push(format!("+{} ms latency", self.latency_ms));
+        }
+        if self.skew_ms != 0 {
+            parts.push(format!("clock {:+} ms", self.skew_ms));
+        }
+        parts.join("; ")
+    }
+}
+
 /// A site on the other side of a partition.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

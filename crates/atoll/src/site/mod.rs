@@ -138,6 +138,57 @@ impl Site {
     }
 }
 
+/// What the history compares from one second to the next.
+fn look(site: &Site) -> crate::history::Look {
+    let mut sites: std::collections::BTreeMap<String, bool> = site
+        .router
+        .sites()
+        .iter()
+        .map(|s| (s.snapshot().name.unwrap_or_else(|| s.url().to_owned()), s.is_live() && !s.is_cut()))
+        .collect();
+    sites.insert(site.name.clone(), true);
+    let table = site.router.status_json()["table"].clone();
+    let serving = table
+        .as_object()
+        .map(|t| {
+            t.iter()
+                .map(|(region, row)| {
+                    let serving = row["serving"].as_str().map(str::to_owned);
+                    let first = serving.is_some() && row["order"][0].as_str() == serving.as_deref();
+                    (region.clone(), (serving, first))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let apps = site
+        .apps
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(n, d)| (n.clone(), d.record.version.clone()))
+        .collect();
+    let peers = site
+        .sync
+        .get()
+        .map(|node| {
+            node.peers()
+                .into_iter()
+                .filter(|p| p.active() && !p.is_self)
+                .filter_map(|p| Some((p.site?, (p.lag_ms, p.bytes_sent + p.bytes_received))))
+                .collect()
+        })
+        .unwrap_or_default();
+    crate::history::Look {
+        sites,
+        serving,
+        faults: site.faults.as_ref().and_then(|f| f.status()).map(|f| f.describe()).unwrap_or_default(),
+        apps,
+        peers,
+        kv_ops: atoll_runtime::kv_operations(),
+        routes: atoll_router::decisions().into_iter().collect(),
+    }
+}
+
 /// Opens the data dir, loads every registered app, and serves until SIGINT or SIGTERM.
 ///
 /// Serving runs one single-threaded tokio runtime per server thread, each accepting on its own
@@ -234,6 +285,13 @@ pub fn run(options: SiteOptions) -> Result<()> {
         std::thread::Builder::new()
             .name("atoll-idem-sweep".into())
             .spawn(move || rt.block_on(idempotency::sweep(site)))?;
+    }
+    // The last 15 minutes, a sample a second (the status page's charts and timeline).
+    {
+        let site = site.clone();
+        std::thread::Builder::new().name("atoll-history".into()).spawn(move || {
+            crate::history::run(&crate::history::HISTORY, &site.name.clone(), || look(&site))
+        })?;
     }
     let sync_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     if let Some(path) = &options.seed {

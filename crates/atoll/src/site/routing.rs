@@ -211,7 +211,8 @@ async fn serve_here(
             let _in_flight = crate::metrics::InFlight::start();
             let result = app.serve(axum::http::Request::from_parts(parts, body), id).await;
             let status = result.as_ref().map_or_else(|e| e.status(), |r| r.status());
-            counts.request(status.as_u16(), started.elapsed().as_secs_f64());
+            let instantiated = !matches!(&result, Err(e) if super::idempotency::never_ran(e));
+            counts.request(status.as_u16(), started.elapsed().as_secs_f64(), instantiated);
             match &result {
                 Err(atoll_runtime::HandleError::Trap(_)) => counts.trap(),
                 Err(atoll_runtime::HandleError::Deadline { .. }) => counts.timeout(),

@@ -88,6 +88,20 @@ use std::sync::Arc;
 use atoll_kv::{KvError, Namespace, Store, Touched, Write, Written};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
+static OPERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Guests' key-value operations in this process so far (what `atoll_kv_operations_total` counts,
+/// all ops together): read once a second for the status page's history.
+pub fn operations() -> u64 {
+    OPERATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one operation `op` (the metric and the process-wide total).
+pub(crate) fn count(op: &'static str) {
+    OPERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
+}
+
 /// The store failed (I/O error, corrupt file, shut down): the request fails with 503.
 #[derive(Debug, thiserror::Error)]
 #[error("the key-value store is unavailable: {0}")]
@@ -259,7 +273,7 @@ impl KvView<'_> {
     /// The store and the bucket's namespace for a listing: counted, past the read gate.
     fn listing(&self, bucket: &Resource<Bucket>) -> Outcome<(&Store, Namespace)> {
         let ns = self.ns(bucket)?;
-        metrics::counter!("atoll_kv_operations_total", "op" => "list").increment(1);
+        count("list");
         let store = match self.store() {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
@@ -274,7 +288,7 @@ impl KvView<'_> {
 
     fn get(&self, bucket: &Resource<Bucket>, key: &str) -> Outcome<Option<Vec<u8>>> {
         let ns = self.ns(bucket)?;
-        metrics::counter!("atoll_kv_operations_total", "op" => "get").increment(1);
+        count("get");
         match self.store() {
             Ok(store) => {
                 // Checked on every read, not only at open: a resync may begin while a request
@@ -294,7 +308,7 @@ impl KvView<'_> {
             Write::Increment(_) => "increment",
             Write::CompareAndSwap { .. } => "compare_and_swap",
         };
-        metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
+        count(op);
         match self.store() {
             Ok(store) => {
                 // Closed to guest writes while the site resyncs, has a clock off, is refused by

@@ -81,7 +81,7 @@ fn target<U>(
         Ok(t) => t,
         Err(e) => return Ok(Err(e)),
     };
-    metrics::counter!("atoll_kv_operations_total", "op" => op).increment(1);
+    super::count(op);
     let store = &target.0;
     let gate = if access == Access::Write { store.write_gate() } else { store.gate() };
     Ok(outcome(gate)?.map(|()| target))
