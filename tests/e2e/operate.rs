@@ -319,3 +319,38 @@ fn a_backup_taken_under_load_seeds_new_sites_and_restores_its_own_losing_nothing
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("cut short"), "{e}");
 }
+
+#[test]
+fn atoll_status_tells_the_story_in_a_terminal() {
+    let a = crate::Site::start_with("st-us", &["--region", "us-east"], Some(crate::replication::FAST));
+    let mut b = crate::Site::start_with(
+        "st-eu",
+        &["--region", "eu-west", "--peer", &a.url],
+        Some(crate::replication::FAST),
+    );
+    let router = crate::RouterProc::start(&[&a.url, &b.url], None);
+    eventually(WAIT, "the router sees both live", || {
+        let sites = router.status()["sites"].as_array()?.clone();
+        (sites.len() == 2 && sites.iter().all(|s| s["live"] == true)).then_some(())
+    });
+    let text = |args: &[&str]| String::from_utf8(ok(args)).expect("utf-8");
+    let out = eventually(WAIT, "st-us reports its peer synced", || {
+        let out = text(&["status", "--site", &a.url]);
+        (out.contains("2 sites, 2 live") && !out.contains("never")).then_some(out)
+    });
+    assert!(out.contains("Atoll site st-us (region us-east): 2 sites, 2 live, 0 down"), "{out}");
+    assert!(out.contains("Replication") && out.contains("st-us started"), "{out}");
+
+    b.kill();
+    let out = eventually(WAIT, "the router reports st-eu down, and the event", || {
+        let out = text(&["status", "--router", &router.url]);
+        (out.contains("1 down") && out.contains("st-eu down")).then_some(out)
+    });
+    assert!(out.contains("Atoll router"), "{out}");
+    assert!(out.contains("eu-west -> st-us"), "the failed-over region: {out}");
+    let json = json(&text(&["status", "--router", &router.url, "--json"]));
+    assert!(json["history"]["samples"].as_array().is_some_and(|s| !s.is_empty()), "{json}");
+    // Not a status page: a clear error.
+    let e = refused(&["status", "--site", &format!("{}/nothing-here", a.url)]);
+    assert!(e.contains("reading the status failed") || e.contains("did not answer"), "{e}");
+}

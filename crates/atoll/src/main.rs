@@ -16,6 +16,7 @@ mod router;
 /// Signed deploys live in their own crate (fuzzed there); `crate::signing` names it here.
 use atoll_deploy as signing;
 mod site;
+mod status_cli;
 mod tls;
 mod ui;
 
@@ -61,6 +62,9 @@ enum Command {
     /// Stream a consistent backup of a live site into a file (`atoll site --seed FILE` starts a
     /// new site from one).
     Backup(backup::BackupArgs),
+    /// What a site or router sees: sites live or down, replication, failed-over regions, the
+    /// last minute's traffic and the last events (`--json`: the status page's data).
+    Status(status_cli::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +249,7 @@ fn main() -> ExitCode {
         Command::Keygen(args) => keygen(&args),
         Command::Kv(args) => kv_client::run(&args),
         Command::Backup(args) => backup::run(&args),
+        Command::Status(args) => status_cli::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
