@@ -82,7 +82,7 @@ fn render(state: &Value, events: usize, now: u64) -> String {
         sites.len() - dead,
         dead
     );
-    let _ = writeln!(out, "\n{:<20} {:<14} {:<22} {}", "SITE", "REGION", "STATE", "FAULTS / LAST ERROR");
+    let _ = writeln!(out, "\n{:<20} {:<14} {:<22} FAULTS / LAST ERROR", "SITE", "REGION", "STATE");
     for x in &sites {
         let state = if x["live"] == true {
             "live"
