@@ -4,6 +4,7 @@
     python3 examples/three-sites/measure.py session US_URL EU_URL 300   # read after a write elsewhere
     python3 examples/three-sites/measure.py idem US_URL EU_URL 500      # keyed vs plain POST
     atoll dev latency eu-west-1=300 && python3 examples/three-sites/measure.py forward US_URL EU_URL 30
+    python3 examples/three-sites/measure.py page SITE_URL SITE_PID 60     # status page size and CPU
 """
 import http.client, json, sys, time, statistics, uuid, urllib.parse
 def call(url, method, path, headers):
@@ -51,3 +52,38 @@ elif mode == "idem":
             lat.append(d)
         el = time.perf_counter() - t0
         print(f"{'keyed' if keyed else 'plain'} POST x{n} (one client): p50 {pct(lat,.5):.2f} p99 {pct(lat,.99):.2f} ms, {n/el:.0f}/s")
+elif mode == "page":
+    # python3 measure.py page SITE_URL PID SECONDS: the status page's size, the history's CPU,
+    # and the site's CPU while a page polls it every second (as the page does) or not.
+    import gzip, os
+    pid, secs = int(eu), n
+    tick = os.sysconf("SC_CLK_TCK")
+    def cpu(path):
+        f = open(path).read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) * 1000 / tick  # utime + stime, ms
+    def thread(name):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            if open(f"/proc/{pid}/task/{tid}/comm").read().strip() == name:
+                return f"/proc/{pid}/task/{tid}/stat"
+    s, page, h, _ = call(us, "GET", "/_atoll/ui", {})
+    s, full, h, _ = call(us, "GET", "/_atoll/ui/state?since=0", {})
+    state = json.loads(full)
+    last = state["history"]["samples"][-1]["t"]
+    time.sleep(1.1)
+    s, new, h, _ = call(us, "GET", f"/_atoll/ui/state?since={last}", {})
+    print(f"page {len(page)/1024:.1f} KiB ({len(gzip.compress(page))/1024:.1f} KiB gzipped); state with the whole history "
+          f"({len(state['history']['samples'])} samples) {len(full)/1024:.1f} KiB, one second's update {len(new)/1024:.1f} KiB")
+    hist = thread("atoll-history")
+    h0, p0 = cpu(hist), cpu(f"/proc/{pid}/stat")
+    time.sleep(secs)
+    h1, p1 = cpu(hist), cpu(f"/proc/{pid}/stat")
+    since = last
+    t_end = time.time() + secs
+    while time.time() < t_end:
+        s, body, h, _ = call(us, "GET", f"/_atoll/ui/state?since={since}", {})
+        samples = json.loads(body)["history"]["samples"]
+        if samples: since = samples[-1]["t"]
+        time.sleep(1)
+    p2 = cpu(f"/proc/{pid}/stat")
+    print(f"over {secs} s: the history thread {(h1-h0)/secs:.2f} ms CPU/s; the site idle {(p1-p0)/secs:.2f} ms CPU/s, "
+          f"with a page open {(p2-p1)/secs:.2f} ms CPU/s")
