@@ -45,11 +45,14 @@ impl Batch {
 
     /// A merge that took `current` to `next`, the incoming entry changed at `incoming`.
     pub(super) fn merged(&mut self, current: &Entry, next: &Entry, incoming: Hlc) {
-        if next.stamp != current.stamp {
+        // On a new register every contribution is new here, even one whose value equals what
+        // the same site had on the old register (it was made since, on top of the new one).
+        let new_register = next.stamp != current.stamp;
+        if new_register {
             self.note(&next.stamp.site, next.stamp.hlc);
         }
         for (site, contribution) in &next.counter {
-            if current.counter.get(site) != Some(contribution) {
+            if new_register || current.counter.get(site) != Some(contribution) {
                 self.note(site, incoming);
             }
         }
@@ -248,6 +251,17 @@ mod tests {
         let shared = RwLock::new(SeenVector::default());
         batch.fold_into(&shared);
         assert_eq!(*shared.read().expect("lock").as_ref(), vec![("b".to_owned(), at(20))]);
+        // A contribution equal in value to the one on the old register, on a new register: new.
+        let reset = Entry::set(b"0".to_vec(), stamp("a~1", 25));
+        let (moved, _) = reset.increment(3, stamp("b~1", 28)).expect("increment");
+        let mut batch = Batch::default();
+        batch.merged(&incremented, &moved, at(28));
+        let shared_moved = RwLock::new(SeenVector::default());
+        batch.fold_into(&shared_moved);
+        assert_eq!(
+            *shared_moved.read().expect("lock").as_ref(),
+            vec![("a".to_owned(), at(25)), ("b".to_owned(), at(28))]
+        );
         // A new register counts for its writer at its own stamp.
         let mut batch = Batch::default();
         batch.merged(&current, &Entry::set(b"9".to_vec(), stamp("c~1", 30)), at(30));

@@ -202,6 +202,9 @@ struct Model {
     stamps: BTreeMap<(Vec<u8>, Stamp), Register>,
     /// The stamp of each acknowledged set of `once` (what a frontier must cover).
     once_stamps: BTreeMap<String, atoll_kv::Hlc>,
+    /// The stamp of every counter contribution made: (key, the register's stamp, writer, up,
+    /// down) → the increment that made it (what a store's seen vector must cover).
+    contributions: BTreeMap<(String, Stamp, String, u64, u64), atoll_kv::Hlc>,
 }
 
 impl Model {
@@ -437,6 +440,7 @@ impl Sim {
                 let delta = self.rng.i64(-5..=20);
                 if let Ok(Written::Total(t)) = store.write(&ns, key.as_bytes(), Write::Increment(delta)).await
                 {
+                    self.note_contribution(i, &key);
                     tracing::info!(step, site = i, key, delta, total = t, "incremented");
                     self.model.counters.entry(key).or_default().push((i, step, delta));
                 }
@@ -450,7 +454,12 @@ impl Sim {
                     1 => Write::Increment(self.rng.i64(1..5)),
                     _ => Write::Set(format!("{}", self.rng.u32(..1000)).into_bytes()),
                 };
-                let _ = store.write(&ns, key.as_bytes(), write).await;
+                let increment = matches!(write, Write::Increment(_));
+                if let Ok(Written::Total(_)) = store.write(&ns, key.as_bytes(), write).await
+                    && increment
+                {
+                    self.note_contribution(i, &key);
+                }
             }
             _ => {
                 // Compare-and-swap on the contested keys: atomic at this site only.
@@ -657,7 +666,11 @@ impl Sim {
             }
             self.note_reincarnations();
             self.watch();
-            if let Err(e) = self.no_deleted_key_comes_back().and_then(|()| self.frontiers_hold()) {
+            if let Err(e) = self
+                .no_deleted_key_comes_back()
+                .and_then(|()| self.frontiers_hold())
+                .and_then(|()| self.seen_covers_what_is_held())
+            {
                 self.failure.get_or_insert(e);
             }
         }
@@ -691,6 +704,51 @@ impl Sim {
                     bail!(
                         "site s{b}: its frontier for s{site} is {frontier}, but {key} set there at {stamp} is {:?} here",
                         show(got.as_deref())
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the contribution an increment at site `i` just made to `key` (its stamp is the
+    /// entry's `changed` there, right after it).
+    fn note_contribution(&mut self, i: usize, key: &str) {
+        let ns = self.ns();
+        if let Ok(Some((_, entry))) =
+            self.sites[i].store.entries_at(&[ns.key(key.as_bytes())]).map(|mut e| e.pop())
+            && let Some(c) = entry.counter.get(&entry.changed.site)
+        {
+            let id = (key.to_owned(), entry.stamp.clone(), entry.changed.site.clone(), c.up, c.down);
+            self.model.contributions.entry(id).or_insert(entry.changed.hlc);
+        }
+    }
+
+    /// Every store's seen vector covers what it holds (what session tokens are built from): a
+    /// register's stamp, and the increment that made each counter contribution it holds.
+    fn seen_covers_what_is_held(&self) -> Result<()> {
+        let ns = self.ns();
+        for b in 0..self.n {
+            let store = &self.sites[b].store;
+            let seen = store.seen();
+            let at = |writer: &str| {
+                let name = writer.split_once('~').map_or(writer, |(n, _)| n);
+                seen.iter().find(|(n, _)| n == name).map(|(_, h)| *h)
+            };
+            for (key, register, writer, up, down) in self.model.contributions.keys() {
+                let Some((_, entry)) = store.entries_at(&[ns.key(key.as_bytes())])?.pop() else { continue };
+                let held = entry.counter.get(writer);
+                if entry.stamp != *register || held.map(|c| (c.up, c.down)) != Some((*up, *down)) {
+                    continue;
+                }
+                let made =
+                    self.model.contributions[&(key.clone(), register.clone(), writer.clone(), *up, *down)];
+                if at(writer).is_none_or(|seen| seen < made) {
+                    bail!(
+                        "site s{b}: holds {writer}'s contribution ({up}, {down}) to {key}, made at {made}, but its seen \
+                         vector says {:?} for that site (step {})",
+                        at(writer),
+                        self.step
                     );
                 }
             }

@@ -517,3 +517,27 @@ async fn a_range_of_forty_values_of_one_mebibyte_converges() {
         assert_eq!(sim.get(1, key).map(|v| v.len()), Some(value.len()), "{key} at site 1");
     }
 }
+
+/// A store's seen vector must cover a counter contribution that arrives on a new register even
+/// when its value equals the one it had on the old register (session tokens are built from it:
+/// a client that read the counter here must be held to that increment elsewhere).
+#[tokio::test(flavor = "current_thread")]
+async fn a_contribution_moved_to_a_new_register_counts_in_the_seen_vector() {
+    let mut sim = Sim::quiet(3, node_config());
+    let (a, b, x) = (0, 1, 2);
+    sim.set(a, "k", "0").await;
+    sim.push(a).await;
+    sim.increment(b, "k", 1).await;
+    sim.note_contribution(b, "k");
+    sim.push(b).await;
+    // A sets k again (a new register, the counter restarts); B merges it and increments by the
+    // same 1 on top; X gets B's entry (A's push to X is cut off).
+    sim.cut(a, x);
+    sim.set(a, "k", "0").await;
+    sim.push(a).await;
+    sim.increment(b, "k", 1).await;
+    sim.note_contribution(b, "k");
+    sim.push(b).await;
+    assert_eq!(sim.get(x, "k").as_deref(), Some("1"), "X holds the new register with B's increment");
+    sim.seen_covers_what_is_held().expect("X's seen vector covers B's new increment");
+}
