@@ -122,6 +122,22 @@ fn atoll_kv_writes_as_a_guest_does_and_reads_say_where_and_how_fresh() {
         .expect("atoll kv");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing admin token"));
+    // HEAD reads (never deletes); another method is refused.
+    let auth = format!("Bearer {TOKEN}");
+    let head = request(
+        "HEAD",
+        &format!("{}/_atoll/apps/kv/kv/piped?bucket=b", a.url),
+        &[("authorization", &auth)],
+        None,
+    );
+    assert_eq!(head.status, 200);
+    let patch = request(
+        "PATCH",
+        &format!("{}/_atoll/apps/kv/kv/piped?bucket=b", a.url),
+        &[("authorization", &auth)],
+        Some(b"x"),
+    );
+    assert_eq!(patch.status, 405);
     assert_eq!(a.get("/apps/kv/b/piped").body, "from stdin", "nothing refused was written");
     assert_eq!(a.get("/apps/kv/b/hits").body, "7");
 }

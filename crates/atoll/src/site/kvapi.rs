@@ -209,13 +209,25 @@ async fn one(
     authorize(&site, &headers)?;
     let ns = namespace(&site, &name, &q.bucket)?;
     let store = &site.kv;
+    // HEAD is a GET without the body (axum runs `get` handlers for it): it reads, never writes.
+    let reads = method == Method::GET || method == Method::HEAD;
     let write = match method {
-        Method::GET => None,
+        Method::GET | Method::HEAD => None,
         Method::PUT => {
             let max = store.bounds().max_value;
-            let value = axum::body::to_bytes(body, max + 1)
-                .await
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the value: {e}")))?;
+            let too_large = || {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the value is over the limit of {max} bytes"),
+                )
+            };
+            let value = axum::body::to_bytes(body, max).await.map_err(|e| {
+                if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+                    too_large()
+                } else {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the value: {e}"))
+                }
+            })?;
             if value.len() > max {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -231,7 +243,13 @@ async fn one(
             })?;
             Some(Write::Increment(by))
         }
-        _ => Some(Write::Delete),
+        Method::DELETE => Some(Write::Delete),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{other} is not a key-value operation: GET, HEAD, PUT, POST (increment) or DELETE"),
+            ));
+        }
     };
     if let Some(write) = write {
         store.write_gate().map_err(kv_error)?;
@@ -242,7 +260,7 @@ async fn one(
     let entry = store.entry_of(&ns, key.as_bytes()).map_err(kv_error)?;
     let entry = match entry {
         Some(e) => e,
-        None if method == Method::GET => {
+        None if reads => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no key {key:?} in bucket {} of {name} at {}", ns.bucket(), site.name),
@@ -250,7 +268,7 @@ async fn one(
         }
         None => Entry::absent(),
     };
-    let json = q.format.as_deref() == Some("json") || method != Method::GET;
+    let json = q.format.as_deref() == Some("json") || !reads;
     if json {
         return Ok(with_site(&site, Json(Shown::new(&site, &ns, &key, &entry)).into_response()));
     }
