@@ -55,6 +55,43 @@ fn a_keyed_post_runs_once_and_a_retry_anywhere_gets_its_response() {
     // A GET ignores the header; without a key a POST runs every time.
     assert_eq!(post(&a, "free", None).body.trim(), "1");
     assert_eq!(post(&a, "free", None).body.trim(), "2");
+
+    // A replay's session token asks for what the first attempt saw: here b's write, which the
+    // first attempt's increment counted on.
+    let put = request("PUT", &format!("{}/apps/kv/b/shared", b.url), &[], Some(b"10"));
+    assert_eq!(put.status, 200);
+    eventually(WAIT, "b's write reaches a", || (count(&a, "shared") == "10").then_some(()));
+    let first = post(&a, "shared", Some("k-2"));
+    assert_eq!(first.body.trim(), "11");
+    let names = |r: &crate::Response| -> Vec<String> {
+        let token = r.headers.get("x-atoll-session").and_then(|v| v.to_str().ok()).expect("a token");
+        let json = base64_url(token.strip_prefix("v1.").expect("v1"));
+        let list: Vec<(String, u64, u32)> = serde_json::from_slice(&json).expect("a token's list");
+        list.into_iter().map(|(name, _, _)| name).collect()
+    };
+    assert!(names(&first).contains(&"b".to_owned()), "the first attempt read b's write: {:?}", names(&first));
+    let replayed = post(&a, "shared", Some("k-2"));
+    assert!(replayed.headers.get("idempotent-replayed").is_some());
+    assert!(names(&replayed).contains(&"b".to_owned()), "the replay shows it too: {:?}", names(&replayed));
+}
+
+/// Decodes base64url without padding (what session tokens use).
+fn base64_url(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        _ => 63,
+    };
+    let bits: Vec<u8> = text.bytes().map(value).collect();
+    bits.chunks(4)
+        .flat_map(|c| {
+            let n = c.iter().enumerate().fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            bytes.into_iter().take(c.len() - 1)
+        })
+        .collect()
 }
 
 #[test]

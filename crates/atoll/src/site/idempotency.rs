@@ -36,9 +36,9 @@ pub(crate) const MAX_STORED_BODY: usize = 512 << 10;
 /// The reserved bucket.
 pub(crate) const BUCKET: &str = "idem";
 
-/// One key's record.
+/// One key's record. Fields a later version adds are ignored (a site of this version still
+/// admits and replays such a record).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct Record {
     /// `running` or `done`.
     state: String,
@@ -55,6 +55,10 @@ pub(crate) struct Record {
     /// The body, base64; absent when it was too large or streamed to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     body: Option<String>,
+    /// What the first attempt read and wrote (site name, clock `physical_ms.logical`): a replay
+    /// shows what it showed, so its session token asks for as much.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    saw: Vec<(String, u64, u32)>,
 }
 
 /// What to do with a keyed request.
@@ -202,6 +206,7 @@ pub(crate) async fn begin(
                 status: None,
                 headers: vec![],
                 body: None,
+                saw: vec![],
             };
             // Against the very bytes read: a claim committed since (another server thread) fails it.
             let new = serde_json::to_vec(&record).unwrap_or_default();
@@ -233,6 +238,14 @@ pub(crate) async fn begin(
             ));
         }
         if held.state == "done" {
+            let saw: Vec<(String, atoll_kv::Hlc)> = held
+                .saw
+                .iter()
+                .map(|(name, physical_ms, logical)| {
+                    (name.clone(), atoll_kv::Hlc { physical_ms: *physical_ms, logical: *logical })
+                })
+                .collect();
+            touched.all(&saw);
             return Begin::Answer(replay(&held));
         }
         if held.state == "interrupted" {
@@ -322,6 +335,8 @@ impl Running {
         self.record.body = body
             .filter(|b| b.len() <= MAX_STORED_BODY)
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        self.record.saw =
+            self.touched.clocks().into_iter().map(|(name, at)| (name, at.physical_ms, at.logical)).collect();
         let value = serde_json::to_vec(&self.record).unwrap_or_default();
         match self.site.kv.write(&self.ns, &self.key, Write::Set(value)).await {
             Ok(_) => self.site.kv.note_write(&self.touched, &self.ns, None).unwrap_or_default(),

@@ -206,8 +206,15 @@ pub(crate) async fn write(
 ) -> Outcome<Written> {
     let read_back = matches!(write, Write::Increment(_) | Write::CompareAndSwap { .. });
     let written = outcome(store.guest_write(ns, key.as_bytes(), write).await)?;
-    if let (Ok(_), Some(touched)) = (&written, touched) {
-        outcome(store.note_write(touched, ns, read_back.then_some(key.as_bytes())))?.ok();
+    match (&written, touched) {
+        (Ok(_), Some(touched)) => {
+            outcome(store.note_write(touched, ns, read_back.then_some(key.as_bytes())))?.ok();
+        }
+        // A refused increment (not a number, an overflow) still told the guest what the key holds.
+        (Err(_), Some(touched)) if read_back => {
+            outcome(store.get_noting(ns, key.as_bytes(), Some(touched)))?.ok();
+        }
+        _ => {}
     }
     Ok(written)
 }
