@@ -284,16 +284,20 @@ fn a_backup_taken_under_load_seeds_new_sites_and_restores_its_own_losing_nothing
         dir.path(),
         &[],
     );
-    eventually(
-        std::time::Duration::from_secs(90),
-        "the restored bk-b holds every acknowledged write",
-        || holds(&restored, &acked).then_some(()),
-    );
+    // Accepted by its peer once the old incarnation has been silent for 30 s, then ready; it
+    // serves every acknowledged write itself (not forwarded).
+    eventually(std::time::Duration::from_secs(120), "the restored bk-b is accepted and ready", || {
+        let served_here =
+            restored.get("/apps/kv/b/w0").headers.get("x-atoll-site").is_some_and(|s| s == "bk-b");
+        (restored.get("/_atoll/health?ready=1").status == 200 && served_here).then_some(())
+    });
+    assert!(holds(&restored, &acked), "the restored bk-b holds every acknowledged write");
     // And its new increments count on top (a new incarnation: not absorbed by its old part).
-    assert_eq!(
-        request("POST", &format!("{}/apps/kv/b/w1", restored.url), &[], Some(b"")).body,
-        (acked[1].1 + 1).to_string()
-    );
+    let after = eventually(WAIT, "a write at the restored bk-b", || {
+        let r = request("POST", &format!("{}/apps/kv/b/w1", restored.url), &[], Some(b""));
+        (r.status == 200).then_some(r.body)
+    });
+    assert_eq!(after, (acked[1].1 + 1).to_string());
     let shown = json(
         &String::from_utf8(ok(&[
             "kv",
@@ -352,16 +356,29 @@ fn atoll_status_tells_the_story_in_a_terminal() {
     let text = |args: &[&str]| String::from_utf8(ok(args)).expect("utf-8");
     let out = eventually(WAIT, "st-us reports its peer synced", || {
         let out = text(&["status", "--site", &a.url]);
-        (out.contains("2 sites, 2 live") && !out.contains("never")).then_some(out)
+        let routed = !out.contains("not served by their nearest site");
+        (out.contains("2 sites, 2 live") && !out.contains("never") && routed).then_some(out)
     });
     assert!(out.contains("Atoll site st-us (region us-east): 2 sites, 2 live, 0 down"), "{out}");
     assert!(out.contains("Replication") && out.contains("st-us started"), "{out}");
 
     b.kill();
-    let out = eventually(WAIT, "the router reports st-eu down, and the event", || {
+    let deadline = std::time::Instant::now() + WAIT;
+    let out = loop {
         let out = text(&["status", "--router", &router.url]);
-        (out.contains("1 down") && out.contains("st-eu down")).then_some(out)
-    });
+        if out.contains("1 down") && out.contains("st-eu down") {
+            break out;
+        }
+        if std::time::Instant::now() >= deadline {
+            let raw = json(&text(&["status", "--site", &a.url, "--json"]));
+            let raw = format!("sites {} events {}", raw["sites"], raw["history"]["events"]);
+            panic!(
+                "the router never reported st-eu down, and the event:\n{out}\nst-us says: {raw}\nits log: {}",
+                a.stderr()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert!(out.contains("Atoll router"), "{out}");
     assert!(out.contains("eu-west -> st-us"), "the failed-over region: {out}");
     let json = json(&text(&["status", "--router", &router.url, "--json"]));

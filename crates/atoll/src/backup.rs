@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 const MAGIC: &[u8] = b"atoll-backup 1\n";
 /// The most any frame may claim: a composite key, an encoded entry, a component.
 const MAX_KEY: usize = 64 << 10;
-const MAX_ENTRY: usize = 16 << 20;
+const MAX_ENTRY: usize = 2 << 20;
 const MAX_COMPONENT: usize = 1 << 30;
 
 /// What a backup says about itself.
@@ -37,15 +37,18 @@ pub(crate) struct Header {
     /// The site's incarnation then (hex).
     pub incarnation: String,
     /// The site's durable clock when the snapshot was taken (every change that arrived before it
-    /// is in the backup): a site seeded from it says its data reaches back to here.
+    /// is in the backup).
     pub taken_at: (u64, u32),
+    /// How far back a site seeded from it says its data reaches: `taken_at` less two clock
+    /// bounds (peers compare it with their own clocks' collection watermarks).
+    pub since: (u64, u32),
     /// The Atoll version that wrote it.
     pub atoll: String,
 }
 
 impl Header {
-    pub(crate) fn taken_at(&self) -> Hlc {
-        Hlc { physical_ms: self.taken_at.0, logical: self.taken_at.1 }
+    pub(crate) fn since(&self) -> Hlc {
+        Hlc { physical_ms: self.since.0, logical: self.since.1 }
     }
 }
 
@@ -143,8 +146,13 @@ impl<R: Read> Reader<R> {
     }
 
     fn exact(&mut self, n: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0; n];
-        self.from.read_exact(&mut buf).context("the backup is cut short (no trailer): refused whole")?;
+        // Grown as bytes come, not allocated at once: a short file claiming a huge frame costs
+        // what it holds.
+        let mut buf = Vec::new();
+        (&mut self.from).take(n as u64).read_to_end(&mut buf)?;
+        if buf.len() != n {
+            bail!("the backup is cut short (no trailer): refused whole");
+        }
         self.hash.update(&buf);
         self.bytes += n as u64;
         Ok(buf)
@@ -185,6 +193,9 @@ impl<R: Read> Reader<R> {
                 if digest[..] != stored || (entries, components) != (self.entries, self.components) {
                     bail!("the backup is corrupt: its checksum does not match its contents");
                 }
+                if self.from.read(&mut [0u8; 1])? != 0 {
+                    bail!("the backup has bytes after its trailer: refused whole");
+                }
                 Ok(None)
             }
             other => bail!("the backup is corrupt: unknown frame {other:#04x} after {} bytes", self.bytes),
@@ -198,11 +209,18 @@ impl<R: Read> Reader<R> {
 }
 
 /// Reads a whole backup file, checking every frame and the trailer: its header and counts.
-pub(crate) fn verify(path: &Path) -> Result<(Header, u64, u64, u64)> {
+/// `check` sees every frame first (a seed decodes every entry and checks every component here,
+/// so that the pass that merges them cannot fail half-way on what the file holds).
+pub(crate) fn verify(
+    path: &Path,
+    mut check: impl FnMut(&Frame) -> Result<()>,
+) -> Result<(Header, u64, u64, u64)> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader = Reader::open(BufReader::with_capacity(1 << 20, file))
         .with_context(|| format!("{} is not a backup Atoll can read", path.display()))?;
-    while reader.next().with_context(|| format!("{} is refused", path.display()))?.is_some() {}
+    while let Some(frame) = reader.next().with_context(|| format!("{} is refused", path.display()))? {
+        check(&frame).with_context(|| format!("{} is refused", path.display()))?;
+    }
     let (entries, components) = reader.counts();
     Ok((reader.header.clone(), entries, components, reader.bytes))
 }
@@ -240,12 +258,17 @@ pub(crate) fn run(args: &BackupArgs) -> Result<()> {
                 .with_context(|| format!("cannot create {}", partial.display()))?,
         );
         let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
-        std::io::copy(&mut body, &mut file).context("the backup stream broke off")?;
-        file.flush()?;
-        file.get_ref().sync_all()?;
+        let copied = std::io::copy(&mut body, &mut file)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| Ok(file.flush()?))
+            .and_then(|()| Ok(file.get_ref().sync_all()?));
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.context("the backup stream broke off: nothing was kept"));
+        }
     }
     let took = started.elapsed();
-    let (header, entries, components, bytes) = match verify(&partial) {
+    let (header, entries, components, bytes) = match verify(&partial, |_| Ok(())) {
         Ok(v) => v,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
@@ -277,6 +300,7 @@ mod tests {
             region: "r".into(),
             incarnation: "1".into(),
             taken_at: (5, 1),
+            since: (3, 0),
             atoll: "0".into(),
         };
         let (mut w, mut out) = Writer::start(&header);
@@ -291,7 +315,7 @@ mod tests {
     fn a_backup_reads_back_frame_by_frame() {
         let bytes = sample();
         let mut r = Reader::open(&bytes[..]).expect("opens");
-        assert_eq!(r.header.taken_at(), Hlc { physical_ms: 5, logical: 1 });
+        assert_eq!(r.header.since(), Hlc { physical_ms: 3, logical: 0 });
         let mut seen = vec![];
         while let Some(frame) = r.next().expect("frame") {
             seen.push(match frame {
@@ -322,5 +346,15 @@ mod tests {
         altered[at] ^= 1;
         assert!(read_all(&altered).is_err());
         assert!(format!("{:#}", read_all(b"hello").expect_err("not one")).contains("not an Atoll backup"));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(format!("{:#}", read_all(&trailing).expect_err("trailing")).contains("after its trailer"));
+        // A frame claiming a gibibyte in a short file: refused, without allocating it.
+        let mut huge = bytes[..bytes.len() - 49].to_vec();
+        huge.push(b'C');
+        huge.extend(3u32.to_le_bytes());
+        huge.extend(b"abc");
+        huge.extend(((1u32 << 30) - 1).to_le_bytes());
+        assert!(format!("{:#}", read_all(&huge).expect_err("huge")).contains("cut short"));
     }
 }

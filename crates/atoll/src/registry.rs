@@ -211,6 +211,17 @@ impl Registry {
         Ok(components.get(version)?.map(|v| v.value().to_vec()))
     }
 
+    /// The versions of the components the apps run (each once).
+    pub fn versions(&self) -> Result<Vec<String>> {
+        let txn = self.db.begin_read()?;
+        let apps = txn.open_table(APPS)?;
+        let mut versions = std::collections::BTreeSet::new();
+        for entry in apps.iter()? {
+            versions.insert(decode(entry?.1.value())?.version);
+        }
+        Ok(versions.into_iter().collect())
+    }
+
     /// Every app with its record and component bytes.
     pub fn load_all(&self) -> Result<Vec<(String, AppRecord, Vec<u8>)>> {
         let txn = self.db.begin_read()?;

@@ -46,15 +46,51 @@ impl http_body::Body for Channel {
     }
 }
 
+/// Why this site may not be backed up now, if so: a backup is only as good as the site's
+/// standing with its peers (a site they cut off, or one out of touch, may still hold values
+/// they deleted and have since forgotten the tombstones of).
+fn refusal(site: &Site) -> Option<String> {
+    let node = site.sync.get()?;
+    if let Some(closed) = node.guest_gate() {
+        return Some(format!("its store is closed: {closed}"));
+    }
+    let now = atoll_sync::http::wall_ms();
+    let within = node.config().max_message_age_ms;
+    let out_of_touch: Vec<String> = node
+        .peers()
+        .into_iter()
+        .filter(|p| p.active() && !p.is_self)
+        .filter(|p| p.last_sync_ms.is_none_or(|t| now.saturating_sub(t) > within))
+        .map(|p| p.site.unwrap_or(p.url))
+        .collect();
+    (!out_of_touch.is_empty()).then(|| {
+        format!(
+            "it has not completed a sync with {} in the last {} s: it may hold values its peers deleted \
+             (back up a site in touch with its peers, or retry once it is)",
+            out_of_touch.join(", "),
+            within / 1000
+        )
+    })
+}
+
 /// `GET /_atoll/backup`: the site's data as a backup stream.
 pub(super) async fn backup(State(site): State<Arc<Site>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&site, &headers)?;
+    if let Some(why) = refusal(&site) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("this site cannot be backed up now: {why}"),
+        ));
+    }
     let taken_at = site.kv.barrier().await.map_err(|e| ApiError::from(anyhow::anyhow!("{e}")))?;
+    let bound = site.sync.get().map_or(0, |n| n.config().max_clock_offset_ms);
+    let since = atoll_kv::Hlc { physical_ms: taken_at.physical_ms.saturating_sub(2 * bound), logical: 0 };
     let header = Header {
         site: site.name.clone(),
         region: site.region.clone(),
         incarnation: format!("{:016x}", site.kv.identity().incarnation),
         taken_at: (taken_at.physical_ms, taken_at.logical),
+        since: (since.physical_ms, since.logical),
         atoll: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -90,10 +126,10 @@ fn stream(
         }
         Ok(())
     })?;
-    let mut versions = std::collections::BTreeSet::new();
-    for (_, record, wasm) in site.registry.load_all()? {
-        if versions.insert(record.version.clone()) {
-            writer.component(&mut buf, &record.version, &wasm);
+    // One component in memory at a time.
+    for version in site.registry.versions()? {
+        if let Some(wasm) = site.registry.component(&version)? {
+            writer.component(&mut buf, &version, &wasm);
             send(&mut buf)?;
         }
     }
@@ -107,6 +143,18 @@ pub(crate) enum Seeding {
     Fresh,
     /// Seeded before (a restart with the same `--seed`): nothing to do.
     Done,
+}
+
+/// Refuses to start a site whose seed was interrupted, unless `--seed` is given again: its store
+/// holds only part of a backup.
+pub(crate) fn interrupted(kv: &atoll_kv::Store) -> Result<()> {
+    if kv.meta(SEED_ROW)?.as_deref() == Some(b"started") {
+        bail!(
+            "this site's seed from a backup did not finish: start it again with the same --seed FILE \
+             (merging again is harmless), or with an empty data dir"
+        );
+    }
+    Ok(())
 }
 
 /// Whether `--seed` applies to the store at `kv_path` (checked before it is opened: `existed`).
@@ -123,13 +171,41 @@ pub(crate) fn seeding(kv: &atoll_kv::Store, existed: bool) -> Result<Seeding> {
     }
 }
 
-/// Seeds this site's new store from the backup at `path`: checks the whole file first (a corrupt
-/// or cut one changes nothing), then merges it, then stores its components.
-pub(crate) async fn seed(site: &Arc<Site>, path: &Path) -> Result<()> {
+/// Seeds this site's new store from the backup at `path`: checks the whole file first (every
+/// frame read, every entry decoded and within the store's bounds and the clock bound, every
+/// component hashed: a file that fails changes nothing), then merges it, then stores its
+/// components. `max_ahead_ms`: how far ahead of this site's clock a stamp may be (the clock
+/// bound replication holds entries to).
+pub(crate) async fn seed(site: &Arc<Site>, path: &Path, max_ahead_ms: u64) -> Result<()> {
     let started = std::time::Instant::now();
-    let (header, entries, components, bytes) = crate::backup::verify(path)?;
+    let horizon = atoll_kv::hlc::wall_ms().saturating_add(max_ahead_ms);
+    let max_key = site.kv.bounds().max_key + 2 + 2 * 255;
+    let (header, entries, components, bytes) = crate::backup::verify(path, |frame| match frame {
+        Frame::Entry(key, encoded) => {
+            if key.len() > max_key {
+                bail!("a key of {} bytes, over the store's bound", key.len());
+            }
+            let entry = atoll_kv::codec::decode(encoded)
+                .map_err(|e| anyhow::anyhow!("an entry this build cannot read: {e}"))?;
+            if entry.changed.hlc.physical_ms > horizon {
+                bail!(
+                    "an entry stamped {} ms ahead of this site's clock, past the clock bound",
+                    entry.changed.hlc.physical_ms - atoll_kv::hlc::wall_ms()
+                );
+            }
+            Ok(())
+        }
+        Frame::Component(version, wasm) => {
+            use sha2::Digest;
+            let hash: String = sha2::Sha256::digest(wasm).iter().map(|b| format!("{b:02x}")).collect();
+            if hash != *version {
+                bail!("a component said to be version {version} hashes to {hash}");
+            }
+            Ok(())
+        }
+    })?;
     site.kv.set_meta(SEED_ROW, b"started")?;
-    site.kv.reach_back_to(header.taken_at())?;
+    site.kv.reach_back_to(header.since())?;
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader = Reader::open(std::io::BufReader::with_capacity(1 << 20, file))?;
     let (mut batch, mut batch_bytes, mut merged) = (Vec::new(), 0usize, 0usize);

@@ -34,7 +34,8 @@ pub(crate) struct Guard {
 pub(crate) async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
     let site = &guard.site;
     let path = request.uri().path();
-    let admin_api = guard.admin && (path == "/_atoll/apps" || path.starts_with("/_atoll/apps/"));
+    let admin_api = guard.admin
+        && (path == "/_atoll/apps" || path.starts_with("/_atoll/apps/") || path == "/_atoll/backup");
     // `/metrics` on an app's own host is the app's (its handler serves it so); every other
     // status path is this site's on every host.
     let status = site.protect_status

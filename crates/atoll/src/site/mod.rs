@@ -144,7 +144,12 @@ fn look(site: &Site) -> crate::history::Look {
         .router
         .sites()
         .iter()
-        .map(|s| (s.snapshot().name.unwrap_or_else(|| s.url().to_owned()), s.is_live() && !s.is_cut()))
+        .map(|s| {
+            // Live as the status page's table says it (health), not as routing does (which
+            // also waits for the site to be ready): a site starting is up, not down.
+            let h = s.snapshot();
+            (h.name.unwrap_or_else(|| s.url().to_owned()), h.live && !s.is_cut())
+        })
         .collect();
     sites.insert(site.name.clone(), true);
     let table = site.router.status_json()["table"].clone();
@@ -294,14 +299,15 @@ pub fn run(options: SiteOptions) -> Result<()> {
         })?;
     }
     let sync_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    if let Some(path) = &options.seed {
+    match &options.seed {
         // Before anyone hears of this site: its first hello says how far back its data reaches.
-        match backups::seeding(&site.kv, existed)? {
+        Some(path) => match backups::seeding(&site.kv, existed)? {
             backups::Seeding::Fresh => sync_rt
-                .block_on(backups::seed(&site, path))
+                .block_on(backups::seed(&site, path, options.config.node_config().max_clock_offset_ms))
                 .with_context(|| format!("cannot seed this site from {}", path.display()))?,
             backups::Seeding::Done => tracing::info!("seeded before: --seed {} ignored", path.display()),
-        }
+        },
+        None => backups::interrupted(&site.kv)?,
     }
     sync_rt.block_on(deploys::startup(&site))?;
 
