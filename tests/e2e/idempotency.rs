@@ -162,8 +162,25 @@ fn before_replication_a_key_runs_once_per_site_unless_its_session_pins_it() {
     assert_eq!(pinned.status, 409, "{}", pinned.body);
     assert!(pinned.body.contains("eu-west-1"), "{}", pinned.body);
 
+    // Through the router: a keyed POST runs at eu-west-1 (whose record cannot replicate), which
+    // is killed before answering; the router's retry at another site names eu-west-1, and that
+    // site, finding no record, does not run it again.
+    let router = url("router");
+    let url_retried = format!("{router}/apps/kv/b/retried?wait_ms=3000");
+    let client = std::thread::spawn(move || {
+        request("POST", &url_retried, &[("x-atoll-region", "eu-west"), (KEY, "k3")], Some(b""))
+    });
+    eventually(WAIT, "the increment runs at eu-west-1", || (get(&eu, "retried") == "1").then_some(()));
+    dev_act(data, &["kill", "eu-west-1"]);
+    let answer = client.join().expect("client");
+    assert_eq!(answer.status, 409, "{}", answer.body);
+    assert!(answer.body.contains("sent to eu-west-1 first"), "{}", answer.body);
+    assert_eq!(get(&us, "retried"), "", "not run at us-east-1");
+    // (atoll dev restarts eu-west-1; its increment replicates after the heal.)
+
     dev_act(data, &["heal"]);
     eventually(WAIT, "converged", || (get(&us, "twice") == "2" && get(&eu, "twice") == "2").then_some(()));
+    eventually(WAIT, "the retried increment counted once", || (get(&us, "retried") == "1").then_some(()));
     eventually(WAIT, "pinned ran once", || {
         (get(&us, "pinned") == "1" && get(&eu, "pinned") == "1").then_some(())
     });

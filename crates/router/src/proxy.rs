@@ -744,6 +744,7 @@ impl Router {
         let method = parts.method.clone();
         // A request with an Idempotency-Key may be sent again: the site that gets the retry
         // runs it only if no site has (it answers the first response, or 409).
+        let keyed_once = !idempotent(&method) && parts.headers.contains_key(IDEMPOTENCY_KEY);
         let idempotent = idempotent(&method) || parts.headers.contains_key(IDEMPOTENCY_KEY);
         let prepared = match Prepared::new(body, idempotent, self.settings.replay_body_bytes).await {
             Ok(p) => p,
@@ -759,12 +760,19 @@ impl Router {
         let mut attempts = 0;
         let mut errors: Vec<String> = Vec::new();
         let mut sent_somewhere = false;
+        // A keyed request that is not idempotent, failed at a site after it was sent: the next
+        // site is told where it may have run (see `IDEMPOTENT_AFTER_HEADER`).
+        let after: std::sync::Mutex<Option<HeaderValue>> = std::sync::Mutex::new(None);
+        let after_now = || after.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let request_for = |site: &SiteState| {
             let body = prepared.attempt()?;
             let mut request = Request::new(body);
             *request.method_mut() = method.clone();
             *request.uri_mut() = site.uri(&path_and_query);
             *request.headers_mut() = headers.clone();
+            if let Some(v) = after_now() {
+                request.headers_mut().insert(crate::IDEMPOTENT_AFTER_HEADER, v);
+            }
             Some(request)
         };
         let mut next = 0;
@@ -776,6 +784,10 @@ impl Router {
                     let Some(body) = prepared.into_body() else { break };
                     let info = RouteInfo { reason: reason(&Target::Local), region };
                     tracing::debug!(region = %info.region.region, errors = ?errors, "serving here after failover");
+                    let mut parts = parts;
+                    if let Some(v) = after_now() {
+                        parts.headers.insert(crate::IDEMPOTENT_AFTER_HEADER, v);
+                    }
                     return Outcome::Local(Request::from_parts(parts, body), info);
                 }
                 Target::Site(site) => site,
@@ -880,6 +892,10 @@ impl Router {
                     Sent::Failed(failure) => {
                         errors.push(format!("{}: {failure}", failed_site.label()));
                         sent_somewhere = true;
+                        if keyed_once {
+                            *after.lock().unwrap_or_else(|e| e.into_inner()) =
+                                HeaderValue::from_str(&failed_site.label()).ok();
+                        }
                         if !retriable {
                             let request_id =
                                 headers.get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());

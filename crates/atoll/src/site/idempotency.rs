@@ -184,16 +184,35 @@ pub(crate) async fn begin(
     request: String,
     deadline: Duration,
     touched: &Arc<Touched>,
+    after: Option<&str>,
 ) -> Begin {
     let ns = namespace(site);
     let composite = format!("{app}\n{key}").into_bytes();
     let boot = site.kv.identity().boot_nonce;
     let waited_until = Instant::now() + deadline.min(Duration::from_secs(10));
+    // A router's retry after `after` failed with the request in flight: its record may still be
+    // on its way here.
+    let record_until = Instant::now() + site.session_wait;
     loop {
         let (stored, held) = match read(site, &ns, &composite, touched) {
             Ok(read) => read,
             Err(e) => return Begin::Answer(text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))),
         };
+        if let (None, Some(first)) = (&held, after) {
+            if Instant::now() < record_until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            metrics::counter!("atoll_idempotency_total", "outcome" => "unknown").increment(1);
+            return Begin::Answer(text(
+                StatusCode::CONFLICT,
+                format!(
+                    "this request was sent to {first} first, which failed with it in flight, and no record of it \
+                     has reached this site: whether it took effect there is not known, so it is not run again \
+                     (use a new key to run it anyway)\n"
+                ),
+            ));
+        }
         let Some(held) = held else {
             // Claim it here: a compare-and-swap on what was read, so two requests at this site
             // cannot both run (the loser reads the winner's record next round).

@@ -159,7 +159,23 @@ async fn serve_here(
                 Ok(Some(key)) => {
                     let what = super::idempotency::describe(&request);
                     let deadline = app.settings().limits.deadline;
-                    match super::idempotency::begin(site, &name, &key, what, deadline, &touched).await {
+                    // A router's retry after a site failed with it in flight names that site.
+                    let after = request
+                        .headers()
+                        .get(atoll_router::IDEMPOTENT_AFTER_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|first| *first != site.name)
+                        .map(str::to_owned);
+                    let begun = super::idempotency::begin(
+                        site,
+                        &name,
+                        &key,
+                        what,
+                        deadline,
+                        &touched,
+                        after.as_deref(),
+                    );
+                    match begun.await {
                         super::idempotency::Begin::Run(r) => running = Some(r),
                         super::idempotency::Begin::Answer(response) => break 'app response,
                         super::idempotency::Begin::Forward(to)
