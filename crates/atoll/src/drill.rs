@@ -528,7 +528,6 @@ fn caught_up(
     shared: &Shared,
     limit: Duration,
 ) -> Option<f64> {
-    let started = Instant::now();
     let acked: BTreeMap<String, u64> = shared
         .keys
         .lock()
@@ -537,16 +536,14 @@ fn caught_up(
         .map(|(k, (a, _))| (k.clone(), *a))
         .collect();
     let keys: Vec<String> = acked.keys().cloned().collect();
-    while started.elapsed() < limit {
-        let all = counts(agent, sites, app, &keys);
-        if all.len() == sites.len()
-            && all.iter().all(|site| acked.iter().all(|(k, a)| site.get(k).is_some_and(|n| n >= a)))
-        {
-            return Some(started.elapsed().as_secs_f64());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+    until_counts(
+        agent,
+        sites,
+        app,
+        || keys.clone(),
+        limit,
+        |all| all.iter().all(|site| acked.iter().all(|(k, a)| site.get(k).is_some_and(|n| n >= a))),
+    )
 }
 
 /// Seconds until every site answering holds the same counts (`None`: not within `limit`).
@@ -557,15 +554,27 @@ fn converge(
     shared: &Shared,
     limit: Duration,
 ) -> Option<f64> {
+    let keys = || shared.keys.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+    until_counts(agent, sites, app, keys, limit, |all| all.windows(2).all(|w| w[0] == w[1]))
+}
+
+/// Seconds until every site answers `keys()`'s counts and `done` holds for them (`None`: not
+/// within `limit`).
+fn until_counts(
+    agent: &ureq::Agent,
+    sites: &[(String, String, String)],
+    app: &str,
+    keys: impl Fn() -> Vec<String>,
+    limit: Duration,
+    done: impl Fn(&[BTreeMap<String, u64>]) -> bool,
+) -> Option<f64> {
     let started = Instant::now();
     while started.elapsed() < limit {
-        let keys: Vec<String> =
-            shared.keys.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        let all = counts(agent, sites, app, &keys);
-        if all.len() == sites.len() && all.windows(2).all(|w| w[0] == w[1]) {
+        let all = counts(agent, sites, app, &keys());
+        if all.len() == sites.len() && done(&all) {
             return Some(started.elapsed().as_secs_f64());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
     None
 }
