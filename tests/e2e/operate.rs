@@ -388,3 +388,55 @@ fn atoll_status_tells_the_story_in_a_terminal() {
     let e = refused(&["status", "--site", &format!("{}/nothing-here", a.url)]);
     assert!(e.contains("reading the status failed") || e.contains("did not answer"), "{e}");
 }
+
+/// A backup taken where the clock ran an hour fast (libfaketime) holds stamps a normal site's
+/// replication would refuse: seeding from it is refused whole, before anything is merged.
+#[test]
+fn a_backup_stamped_past_the_clock_bound_seeds_nothing() {
+    let lib = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    let Some(lib) = lib else {
+        assert!(std::env::var_os("CI").is_none(), "libfaketime is missing (apt-get install faketime)");
+        eprintln!("skipped: libfaketime is missing (apt-get install faketime)");
+        return;
+    };
+    let fast = crate::Site::start_with_env(
+        "fast-alone",
+        &[],
+        None,
+        &[("LD_PRELOAD", lib), ("FAKETIME", "+1h"), ("FAKETIME_DONT_FAKE_MONOTONIC", "1")],
+    );
+    fast.deploy("kv", atoll_test_guests::KV_DRAFT, &[]);
+    let put = request("PUT", &format!("{}/apps/kv/b/k", fast.url), &[], Some(b"from-the-future"));
+    assert_eq!(put.status, 200, "{}", put.body);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("fast.backup");
+    ok(&["backup", "--site", &fast.url, "--out", file.to_str().expect("utf-8")]);
+    let data = dir.path().join("seeded");
+    let out = Command::new(ATOLL)
+        .args([
+            "site",
+            "--name",
+            "seeded",
+            "--region",
+            "us-east",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-dev",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .args(["--seed", file.to_str().expect("utf-8")])
+        .output()
+        .expect("atoll site");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("ahead of this site's clock"), "{e}");
+    // Nothing was merged: the store holds no seed row and no entry (a start without --seed runs).
+    let site = crate::Site::spawn("seeded", &data, &["--insecure-dev".to_owned()], dir.path(), &[]);
+    assert_eq!(site.get("/_atoll/health").status, 200);
+}
