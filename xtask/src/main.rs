@@ -175,6 +175,12 @@ const MUTANTS: &[Mutant] = &[
         to: "|| (hello.boot > r.boot && hello.opened_at < r.durable);",
     },
     Mutant {
+        what: "a hello held up past its sender's restart is taken for an older copy (a needless resync)",
+        file: "crates/sync/src/membership.rs",
+        from: "if hello.boot < r.boot && delayed(hello, r) {",
+        to: "if false {",
+    },
+    Mutant {
         what: "acknowledgements count at once (no maturity)",
         file: "crates/sync/src/node/collect.rs",
         from: "m.mature(now_ms, maturity);",

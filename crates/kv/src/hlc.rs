@@ -103,6 +103,11 @@ impl Clock {
         *last = (*last).max(seen);
     }
 
+    /// The wall clock this clock reads (unix ms).
+    pub fn wall(&self) -> u64 {
+        (self.wall_ms)()
+    }
+
     /// The greatest reading issued or observed so far.
     pub fn last(&self) -> Hlc {
         *self.last.lock().unwrap_or_else(|e| e.into_inner())

@@ -16,10 +16,12 @@ use std::collections::VecDeque;
 use atoll_kv::Hlc;
 use serde::{Deserialize, Serialize};
 
-use crate::message::{Hello, Seen, Sender, hlc_from_wire};
+use crate::message::{BootSeen, Hello, Seen, Sender, hlc_from_wire};
 
 /// The version byte of a stored member record.
-const RECORD_VERSION: u8 = 3;
+const RECORD_VERSION: u8 = 4;
+/// Most boots of a member's lineage kept in its record (a hello carries its last 32).
+const MAX_LINEAGE: usize = 32;
 /// The version byte of a stored [`Accepted`].
 const ACCEPTED_VERSION: u8 = 1;
 /// Most retired incarnations remembered per site.
@@ -71,6 +73,11 @@ pub struct Record {
     /// otherwise. A resync from any other watermark is *uncounted*: tombstones were collected
     /// without it (cut off past the horizon, never known, or away while its resync was pending).
     pub counted_at: (u64, u32),
+    /// The recorded boot's lineage, as its hello said (its last boots, that one last; moved on
+    /// by witness gossip): a hello of an earlier boot in it, sent before the next one opened, is
+    /// a delayed message, not an older copy. Stored after the fields above (version 4).
+    #[serde(skip)]
+    pub lineage: Vec<BootSeen>,
 }
 
 impl Record {
@@ -82,19 +89,26 @@ impl Record {
 }
 
 impl Record {
-    /// The stored form.
+    /// The stored form: the version byte, the record's fields, then its lineage.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![RECORD_VERSION];
         out.extend(postcard::to_stdvec(self).unwrap_or_default());
+        out.extend(postcard::to_stdvec(&self.lineage).unwrap_or_default());
         out
     }
 
-    /// Reads a stored record (earlier versions were never released).
+    /// Reads a stored record: this version, or version 3 (no lineage: a hello of an earlier
+    /// boot is then taken for an older copy until the next hello records one).
     pub fn decode(bytes: &[u8]) -> anyhow::Result<Record> {
         match bytes.split_first() {
-            Some((&RECORD_VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
+            Some((&RECORD_VERSION, rest)) => {
+                let (mut record, rest): (Record, _) = postcard::take_from_bytes(rest)?;
+                record.lineage = postcard::from_bytes(rest)?;
+                Ok(record)
+            }
+            Some((3, rest)) => Ok(postcard::from_bytes(rest)?),
             Some((v, _)) => anyhow::bail!(
-                "member record version {v} is not supported (this build reads {RECORD_VERSION})"
+                "member record version {v} is not supported (this build reads {RECORD_VERSION} and 3)"
             ),
             None => anyhow::bail!("empty member record"),
         }
@@ -258,6 +272,8 @@ impl Member {
             r.boot_nonce = seen.boot_nonce;
             r.opened_at = seen.opened_at;
             r.durable = r.durable.max(seen.durable);
+            r.lineage.push(BootSeen { boot: seen.boot, nonce: seen.boot_nonce, opened_at: seen.opened_at });
+            r.lineage = last_boots(&r.lineage);
             self.dirty = true;
         } else if seen.boot == r.boot && seen.boot_nonce == r.boot_nonce && seen.durable > r.durable {
             r.durable = seen.durable;
@@ -298,6 +314,27 @@ impl Member {
 
 fn wire(h: Hlc) -> (u64, u32) {
     (h.physical_ms, h.logical)
+}
+
+/// The last [`MAX_LINEAGE`] boots of `boots`.
+fn last_boots(boots: &[BootSeen]) -> Vec<BootSeen> {
+    boots[boots.len().saturating_sub(MAX_LINEAGE)..].to_vec()
+}
+
+/// Whether `hello`, from an earlier boot than the one `known` records, is a message that boot
+/// sent before the next one opened (held up on the way, or answered late): the known boot's
+/// lineage holds that boot with the same nonce and clock at open (a copy started again is a new
+/// boot with a new nonce, never one of the lineage), and the hello's durable clock is not past
+/// the clock the next boot opened at. Every boot opens at or after everything the one before
+/// made durable, and a site moves its durable clock past everything before it as it says hello
+/// (a barrier): so a boot still running after the next one opened on a copy of the data dir,
+/// idle or not, says hello with a durable clock past that opening, and is told to reincarnate.
+fn delayed(hello: &Hello, known: &Record) -> bool {
+    let at = |boot: u64| known.lineage.iter().find(|b| b.boot == boot);
+    let (Some(that), Some(next)) = (at(hello.boot), at(hello.boot.saturating_add(1))) else {
+        return false;
+    };
+    that.nonce == hello.boot_nonce && that.opened_at == hello.opened_at && hello.durable <= next.opened_at
 }
 
 /// Whether the boots in `hello`, later than the one `known` records, continue that boot: its
@@ -363,6 +400,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
         introduced: wire(rules.now),
         since: hello.since,
         counted_at: (0, 0),
+        lineage: last_boots(&hello.boots),
     };
     let Some(mut m) = member else {
         let m = Member { dirty: true, resyncing: hello.resyncing, ..Member::from_record(fresh(Vec::new())) };
@@ -409,6 +447,10 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     if r.reincarnate {
         return (m, Verdict::Reincarnate);
     }
+    if hello.boot < r.boot && delayed(hello, r) {
+        // Sent by an earlier boot before the known one opened: it says nothing of the site now.
+        return (m, Verdict::Introduce);
+    }
     // The same boot count opened again (a copy taken while the site was stopped, started after
     // the site itself had started from it) differs by its nonce.
     let restored = hello.boot < r.boot
@@ -438,6 +480,7 @@ pub fn learn(member: Option<Member>, hello: &Hello, rules: Rules) -> (Member, Ve
     r.boot = hello.boot;
     r.boot_nonce = hello.boot_nonce;
     r.opened_at = hello.opened_at;
+    r.lineage = last_boots(&hello.boots);
     r.durable = r.durable.max(hello.durable);
     r.last_contact_ms = rules.now_ms;
     r.since = r.since.max(hello.since);
@@ -474,6 +517,18 @@ mod tests {
             since: (since, 0),
             resyncing: false,
             seen: vec![],
+        }
+    }
+
+    /// What another site says it saw of boot `boot` of incarnation 7 of site c.
+    fn seen(boot: u64, boot_nonce: u64, opened_at: u64, durable: u64) -> Seen {
+        Seen {
+            site: "c".into(),
+            incarnation: 7,
+            boot,
+            boot_nonce,
+            opened_at: (opened_at, 0),
+            durable: (durable, 0),
         }
     }
 
@@ -558,16 +613,53 @@ mod tests {
         assert_eq!(v, Verdict::Reincarnate);
         // Gossip of a boot two ahead is not taken on trust (the lineage is checked at the hello).
         let mut m = m;
-        let seen = Seen {
-            site: "c".into(),
-            incarnation: 7,
-            boot: 5,
-            boot_nonce: 1,
-            opened_at: (99, 0),
-            durable: (99, 0),
-        };
-        m.witness(&seen);
+        m.witness(&seen(5, 1, 99, 99));
         assert_eq!(m.record.boot, 3);
+    }
+
+    #[test]
+    fn a_hello_of_an_earlier_boot_sent_before_the_next_opened_is_stale_not_a_copy() {
+        let first = hello(7, 1, 10, 50, 5);
+        let (m, _) = learn(None, &first, rules(0, 100));
+        let second = then(&first, hello(7, 2, 60, 70, 5));
+        let (m, v) = learn(Some(m), &second, rules(0, 200));
+        assert_eq!(v, Verdict::Accept);
+        // Boot 1's hello, held up on the way, arrives after boot 2's: it changes nothing.
+        let (m, v) = learn(Some(m), &first, rules(0, 300));
+        assert_eq!(v, Verdict::Introduce);
+        assert!(!m.record.reincarnate);
+        assert_eq!((m.record.boot, m.record.lineage.len()), (2, 2));
+        // Boot 1 still running after boot 2 opened (on a copy) and writing: an older copy.
+        let (_, v) = learn(Some(m.clone()), &hello(7, 1, 10, 61, 5), rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
+        // Idle, it says hello all the same: its durable clock moved past boot 2's opening as it
+        // did (a barrier), so it is a copy too.
+        let (_, v) = learn(Some(m.clone()), &hello(7, 1, 10, 60, 5), rules(0, 300));
+        assert_eq!(v, Verdict::Introduce, "at boot 2's opening: sent before it");
+        let idle = Hello { durable: (60, 1), ..hello(7, 1, 10, 60, 5) };
+        let (_, v) = learn(Some(m.clone()), &idle, rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
+        // Another nonce for boot 1 (a copy started again): an older copy.
+        let mut copy = first.clone();
+        copy.boot_nonce += 1;
+        let (_, v) = learn(Some(m.clone()), &copy, rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
+        // The lineage survives the stored record; a version 3 record has none (a stale hello
+        // is then taken for a copy, as before).
+        let stored = Record::decode(&m.record.encode()).expect("decode");
+        assert_eq!(stored, m.record);
+        let mut v3 = vec![3];
+        v3.extend(postcard::to_stdvec(&m.record).expect("encode"));
+        let old = Record::decode(&v3).expect("a version 3 record reads");
+        assert_eq!(old, Record { lineage: vec![], ..m.record.clone() });
+        let (_, v) = learn(Some(Member::from_record(old)), &first, rules(0, 300));
+        assert_eq!(v, Verdict::Reincarnate);
+        // Gossip of the next boot extends the lineage.
+        let mut m = m;
+        m.witness(&seen(3, 3, 80, 85));
+        assert_eq!(m.record.lineage.last(), Some(&BootSeen { boot: 3, nonce: 3, opened_at: (80, 0) }));
+        let (_, v) = learn(Some(m), &second, rules(0, 400));
+        assert_eq!(v, Verdict::Introduce, "boot 2's hello, sent before boot 3 opened");
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub trait SyncStore: Send + Sync {
     fn now(&self) -> Hlc;
     /// The clock's high-water mark as of the last durable commit.
     fn durable_hlc(&self) -> Hlc;
+    /// The wall clock the store's clock reads (unix ms).
+    fn wall_ms(&self) -> u64;
     /// Waits until every write submitted before is committed; the durable clock after it.
     fn barrier(&self) -> impl Future<Output = Result<Hlc>> + Send;
     /// The digest of every leaf range, in order ([`atoll_kv::DIGEST_RANGES`] of them).
@@ -74,6 +76,10 @@ impl SyncStore for Store {
 
     fn durable_hlc(&self) -> Hlc {
         Store::durable_hlc(self)
+    }
+
+    fn wall_ms(&self) -> u64 {
+        self.clock().wall()
     }
 
     async fn barrier(&self) -> Result<Hlc> {

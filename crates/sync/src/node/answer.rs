@@ -54,7 +54,7 @@ impl<S: SyncStore> Node<S> {
                 if let Some(refusal) = self.refusal(verdict) {
                     return Ok(refusal);
                 }
-                Ok(Reply::Hello(self.hello(now_ms)?))
+                Ok(Reply::Hello(self.hello(now_ms).await?))
             }
             Request::Push(from, wire) => self.pushed(from, wire, None, now_ms).await,
             Request::PushCovered(from, wire, covered) => self.pushed(from, wire, Some(covered), now_ms).await,

@@ -10,8 +10,17 @@ use anyhow::Result;
 use super::{Node, Peer, State};
 
 impl<S: SyncStore> Node<S> {
-    /// This site's hello.
-    pub fn hello(&self, now_ms: u64) -> Result<Hello> {
+    /// This site's hello, at `now_ms`. It first moves the durable clock past everything before
+    /// (a barrier): a boot's hello then says how far it ran, so a later boot opened on a copy of
+    /// the data dir taken before it cannot be mistaken for its successor (see
+    /// `membership::learn`).
+    pub async fn hello(&self, now_ms: u64) -> Result<Hello> {
+        self.store.barrier().await?;
+        self.hello_at(now_ms)
+    }
+
+    /// This site's hello at `now_ms`, as its store is now (see [`Node::hello`]).
+    pub(super) fn hello_at(&self, now_ms: u64) -> Result<Hello> {
         let id = self.store.identity();
         let (peers, seen) = {
             let state = self.state();

@@ -179,7 +179,12 @@ impl<S: SyncStore> Node<S> {
 
     /// Says hello to `url` and learns the peers it knows.
     pub async fn say_hello(&self, transport: &impl Transport, url: &str, now_ms: u64) -> Result<()> {
-        match self.call(transport, url, Request::Hello(self.hello(now_ms)?), now_ms).await? {
+        let before = self.store.wall_ms();
+        self.store.barrier().await?;
+        // The hello says when it leaves (the barrier may have waited behind a busy writer):
+        // peers measure this site's clock offset from it.
+        let now_ms = now_ms.saturating_add(self.store.wall_ms().saturating_sub(before));
+        match self.call(transport, url, Request::Hello(self.hello_at(now_ms)?), now_ms).await? {
             Reply::Hello(hello) => {
                 let verdict = self.learn(url, &hello, now_ms, true);
                 let mut state = self.state();

@@ -572,6 +572,12 @@ impl Sim {
         self.fault("restores");
     }
 
+    /// Whether a restore may have undone the write site `site` acknowledged at `step`: in a
+    /// closed window, or after the copy of a restored site still on its old incarnation.
+    fn at_risk(&self, site: usize, step: usize) -> bool {
+        self.model.risky(site, step) || self.restored.get(&site).is_some_and(|&(taken, _)| step > taken)
+    }
+
     /// Ends the window of writes a restore of site `i` may undo.
     fn close_risk(&mut self, i: usize) {
         if let Some((taken, _)) = self.restored.remove(&i) {
@@ -695,7 +701,7 @@ impl Sim {
                 if *site == b
                     || stamp > frontier
                     || self.model.deleted.contains_key(key)
-                    || self.model.risky(*site, *step)
+                    || self.at_risk(*site, *step)
                 {
                     continue;
                 }
