@@ -412,15 +412,13 @@ pub(crate) async fn sweep(site: Arc<Site>) {
         let mut cursor: Option<Vec<u8>> = None;
         while let Ok((keys, next)) = site.kv.list_keys(&ns, cursor.as_deref(), 1000) {
             for key in keys {
-                let expired = site
-                    .kv
-                    .get(&ns, &key)
-                    .ok()
-                    .flatten()
-                    .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-                    .is_none_or(|r| r.expires_ms <= now_ms());
+                let Ok(Some(stored)) = site.kv.get(&ns, &key) else { continue };
+                let expired =
+                    serde_json::from_slice::<Record>(&stored).map_or(true, |r| r.expires_ms <= now_ms());
                 if expired {
-                    let _ = site.kv.write(&ns, &key, Write::Delete).await;
+                    // Only the expired record read: a claim made on it since (a retry's
+                    // compare-and-swap) stays.
+                    let _ = site.kv.write(&ns, &key, Write::DeleteIf { expected: stored }).await;
                 }
             }
             match next {

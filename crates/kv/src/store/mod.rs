@@ -239,6 +239,12 @@ pub enum Write {
         /// The value to set.
         new: Vec<u8>,
     },
+    /// Delete if the current value equals `expected`; atomic at this site (what was read is
+    /// what goes: a value written since stays).
+    DeleteIf {
+        /// The value expected now.
+        expected: Vec<u8>,
+    },
 }
 
 /// What a write returned.

@@ -321,5 +321,11 @@ fn apply(current: &Entry, write: &Write, stamp: Stamp) -> Result<Option<(Entry, 
             }
             (Entry::set(new.clone(), stamp), Written::Swapped(true))
         }
+        Write::DeleteIf { expected } => {
+            if current.read().into_bytes().as_ref() != Some(expected) {
+                return Ok(None);
+            }
+            (Entry::delete(stamp), Written::Swapped(true))
+        }
     }))
 }

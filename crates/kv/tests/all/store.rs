@@ -170,6 +170,17 @@ async fn increment_of_a_non_number_and_compare_and_swap() {
     assert_eq!(store.write(&n, b"fresh", cas(None, "new")).await, Ok(Written::Swapped(true)));
     assert_eq!(store.get(&n, b"word"), Ok(Some(b"bye".to_vec())));
     assert_eq!(store.get(&n, b"fresh"), Ok(Some(b"new".to_vec())));
+    // A conditional delete takes only the value read: one written since stays.
+    let delete_if = |expected: &str| Write::DeleteIf { expected: expected.as_bytes().to_vec() };
+    assert_eq!(store.write(&n, b"word", delete_if("hello")).await, Ok(Written::Swapped(false)));
+    assert_eq!(store.write(&n, b"absent", delete_if("x")).await, Ok(Written::Swapped(false)));
+    assert_eq!(store.get(&n, b"word"), Ok(Some(b"bye".to_vec())));
+    assert_eq!(store.write(&n, b"word", delete_if("bye")).await, Ok(Written::Swapped(true)));
+    assert_eq!(store.get(&n, b"word"), Ok(None));
+    assert!(
+        store.entries_at(&[n.key(b"absent")]).expect("read").is_empty(),
+        "a refused delete wrote nothing"
+    );
 }
 
 #[tokio::test]

@@ -311,7 +311,7 @@ impl KvView<'_> {
         let ns = self.ns(bucket)?;
         let op = match op_write {
             Write::Set(_) => "set",
-            Write::Delete => "delete",
+            Write::Delete | Write::DeleteIf { .. } => "delete",
             Write::Increment(_) => "increment",
             Write::CompareAndSwap { .. } => "compare_and_swap",
         };
