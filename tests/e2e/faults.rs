@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::replication::{FAST, WAIT, converge, deploy_kv, get, mesh, mesh_with, put, try_get};
+use crate::replication::{
+    FAST, WAIT, converge, deploy_kv, get, intruder_hello, mesh, mesh_with, put, sync_reply, try_get,
+};
 use crate::{Site, eventually, json, request};
 
 /// An increment of `key` at `site`: `Some(total)` if acknowledged.
@@ -313,4 +315,32 @@ fn chaos_kills_under_load_lose_nothing_acknowledged() {
         converge(&sites[1..], key, first.as_deref());
     }
     eprintln!("chaos: {secs} s, {kills} kills, {ops} operations; every check held");
+}
+
+/// A hello a site sent just before it was SIGKILLed that reaches a peer only after the restarted
+/// site's own hello (held up on a slow link, or answered late by a busy peer) says nothing of the
+/// site now: the peer must not take it for an older copy of the data dir, which would make the
+/// live site reincarnate and resync, dropping its increments no peer holds yet (the long
+/// simulation's seed 2252).
+#[test]
+fn a_hello_held_up_past_its_senders_restart_does_not_make_it_reincarnate() {
+    use atoll_sync::message::{Reply, Request};
+    let mut sites = mesh(&["a", "b"]);
+    deploy_kv(&sites);
+    // a's hello as it is now (its answer to a hello), held back.
+    let Reply::Hello(held) = sync_reply(&sites[0], &Request::Hello(intruder_hello())) else {
+        panic!("a did not answer a hello with its own")
+    };
+    let a = sites.remove(0).kill_and_restart();
+    let b = &sites[0];
+    // b has heard a's new boot: a write made at a since its restart reaches b. (a takes writes
+    // once its peers confirmed it, or after the confirmation timeout: the intruder never will.)
+    eventually(WAIT, "a takes writes again", || try_put(&a, "after-restart", "1").then_some(()));
+    converge(std::slice::from_ref(b), "after-restart", Some("1"));
+    // The held-up hello arrives now, within the signature window.
+    let reply = sync_reply(b, &Request::Hello(held));
+    assert_eq!(reply, Reply::Introduce, "b took a's previous boot's hello for an older copy");
+    put(&a, "later", "1");
+    converge(std::slice::from_ref(b), "later", Some("1"));
+    assert!(!a.stderr().contains("took a new incarnation"), "a was made to reincarnate: {}", a.stderr());
 }

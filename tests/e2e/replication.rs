@@ -238,9 +238,14 @@ pub(crate) fn intruder() -> atoll_sync::message::Sender {
 
 /// Says hello as the site "intruder", which holds the peer secret (a compromised peer).
 pub(crate) fn introduce_intruder(site: &Site) -> crate::Response {
-    use atoll_sync::message::{Hello, PeerInfo, Request};
+    send_sync(site, &atoll_sync::message::Request::Hello(intruder_hello()), Some(PEER_SECRET), |_| {})
+}
+
+/// The hello of the site "intruder" (see [`introduce_intruder`]).
+pub(crate) fn intruder_hello() -> atoll_sync::message::Hello {
+    use atoll_sync::message::{Hello, PeerInfo};
     let now = now_ms();
-    let hello = Hello {
+    Hello {
         me: PeerInfo { site: "intruder".into(), region: "us-east".into(), url: "http://127.0.0.1:9".into() },
         peers: vec![],
         wall_ms: now,
@@ -254,8 +259,28 @@ pub(crate) fn introduce_intruder(site: &Site) -> crate::Response {
         since: (1, 0),
         resyncing: false,
         seen: vec![],
-    };
-    send_sync(site, &Request::Hello(hello), Some(PEER_SECRET), |_| {})
+    }
+}
+
+/// Sends `message` to `site` signed with the peer secret, as a peer would, and decodes the reply.
+pub(crate) fn sync_reply(site: &Site, message: &atoll_sync::message::Request) -> atoll_sync::message::Reply {
+    let body = atoll_sync::message::encode(message);
+    let proof = atoll_sync::auth::Secret::new(PEER_SECRET).expect("secret").sign(
+        now_ms(),
+        &site.name,
+        "/_atoll/sync",
+        &body,
+    );
+    let call = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/_atoll/sync", site.url))
+        .header("x-atoll-sync-auth", proof)
+        .body(body)
+        .expect("request");
+    let mut response = crate::agent(Duration::from_secs(30)).run(call).expect("sync request");
+    assert_eq!(response.status(), 200, "a sync request to {}", site.name);
+    let bytes = response.body_mut().read_to_vec().expect("the reply");
+    atoll_sync::message::decode(&bytes).expect("a reply")
 }
 
 /// Sends a sync request signed with `secret` (None: unsigned), its encoding changed by `mangle`.
