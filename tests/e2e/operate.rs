@@ -328,16 +328,22 @@ fn a_backup_taken_under_load_seeds_new_sites_and_restores_its_own_losing_nothing
     let bytes = std::fs::read(&file).expect("read");
     let cut = dir.path().join("cut.backup");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
-    let out = std::process::Command::new(crate::ATOLL)
-        .args(["site", "--name", "bk-e", "--region", "us-east", "--listen", "127.0.0.1:0", "--insecure-dev"])
+    let e = refused_seed("bk-e", &dir.path().join("e"), &cut);
+    assert!(e.contains("cut short"), "{e}");
+}
+
+/// Starts a site named `name` on `data` with `--seed file`, which must refuse to start; its
+/// standard error.
+fn refused_seed(name: &str, data: &std::path::Path, file: &std::path::Path) -> String {
+    let out = Command::new(ATOLL)
+        .args(["site", "--name", name, "--region", "us-east", "--listen", "127.0.0.1:0", "--insecure-dev"])
         .arg("--data")
-        .arg(dir.path().join("e"))
-        .args(["--seed", cut.to_str().expect("utf-8")])
+        .arg(data)
+        .args(["--seed", file.to_str().expect("utf-8")])
         .output()
         .expect("atoll site");
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("cut short"), "{e}");
+    assert!(!out.status.success(), "the seed was taken");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -417,24 +423,7 @@ fn a_backup_stamped_past_the_clock_bound_seeds_nothing() {
     let file = dir.path().join("fast.backup");
     ok(&["backup", "--site", &fast.url, "--out", file.to_str().expect("utf-8")]);
     let data = dir.path().join("seeded");
-    let out = Command::new(ATOLL)
-        .args([
-            "site",
-            "--name",
-            "seeded",
-            "--region",
-            "us-east",
-            "--listen",
-            "127.0.0.1:0",
-            "--insecure-dev",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .args(["--seed", file.to_str().expect("utf-8")])
-        .output()
-        .expect("atoll site");
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
+    let e = refused_seed("seeded", &data, &file);
     assert!(e.contains("ahead of this site's clock"), "{e}");
     // Nothing was merged: the store holds no seed row and no entry (a start without --seed runs).
     let site = crate::Site::spawn("seeded", &data, &["--insecure-dev".to_owned()], dir.path(), &[]);
