@@ -239,17 +239,8 @@ pub(crate) struct BackupArgs {
 pub(crate) fn run(args: &BackupArgs) -> Result<()> {
     let site = crate::client::Site::new(&args.client)?;
     let started = std::time::Instant::now();
-    let response = site.auth(site.agent.get(site.url("/_atoll/backup"))).call();
-    let mut response = response.with_context(|| format!("cannot reach the site at {}", site.base))?;
-    if !response.status().is_success() {
-        let status = response.status();
-        let body = response.body_mut().read_to_string().unwrap_or_default();
-        let reason = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or(body);
-        bail!("backup failed: the site answered {status}: {reason}");
-    }
+    let mut response =
+        site.answered("backup", site.auth(site.agent.get(site.url("/_atoll/backup"))).call())?;
     let partial = args.out.with_extension("partial");
     {
         let mut file = std::io::BufWriter::with_capacity(

@@ -81,13 +81,23 @@ impl Site {
         what: &str,
         response: Result<http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Vec<u8>> {
+        let mut response = self.answered(what, response)?;
+        Ok(response.body_mut().with_config().limit(u64::MAX).read_to_vec().unwrap_or_default())
+    }
+
+    /// The response if it is a success (its body unread: it may be streamed), or an error
+    /// carrying the site's reason.
+    pub(crate) fn answered(
+        &self,
+        what: &str,
+        response: Result<http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<http::Response<ureq::Body>> {
         let mut response = response.with_context(|| format!("cannot reach the site at {}", self.base))?;
         let status = response.status();
-        let body = response.body_mut().with_config().limit(u64::MAX).read_to_vec().unwrap_or_default();
         if status.is_success() {
-            return Ok(body);
+            return Ok(response);
         }
-        let body = String::from_utf8_lossy(&body).into_owned();
+        let body = response.body_mut().read_to_string().unwrap_or_default();
         let reason = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error")?.as_str().map(str::to_owned))

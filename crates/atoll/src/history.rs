@@ -249,7 +249,9 @@ fn quantile(buckets: &[u64; BUCKETS], q: f64) -> Option<f64> {
     None
 }
 
-fn now_ms() -> u64 {
+/// The system clock (unix ms), without the skew `atoll dev skew` injects into the site's own
+/// clocks: the history is drawn against the viewer's time.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 

@@ -50,12 +50,8 @@ pub(crate) fn run(args: &StatusArgs) -> Result<()> {
         println!("{state}");
         return Ok(());
     }
-    print!("{}", render(&state, args.events, now_ms()));
+    print!("{}", render(&state, args.events, crate::history::now_ms()));
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 fn ago(now: u64, t: Option<u64>) -> String {

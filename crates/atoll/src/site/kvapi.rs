@@ -228,12 +228,6 @@ async fn one(
                     ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the value: {e}"))
                 }
             })?;
-            if value.len() > max {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the value is over the limit of {max} bytes"),
-                ));
-            }
             Some(Write::Set(value.to_vec()))
         }
         Method::POST => {

@@ -294,9 +294,9 @@ pub fn run(options: SiteOptions) -> Result<()> {
     // The last 15 minutes, a sample a second (the status page's charts and timeline).
     {
         let site = site.clone();
-        std::thread::Builder::new().name("atoll-history".into()).spawn(move || {
-            crate::history::run(&crate::history::HISTORY, &site.name.clone(), || look(&site))
-        })?;
+        std::thread::Builder::new()
+            .name("atoll-history".into())
+            .spawn(move || crate::history::run(&crate::history::HISTORY, &site.name, || look(&site)))?;
     }
     let sync_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match &options.seed {
